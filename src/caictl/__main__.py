@@ -1,0 +1,3 @@
+from caictl.cli import main
+
+main()

@@ -1,0 +1,49 @@
+"""Conversations: chat messages <-> Anthropic-style "\\n\\nHuman: ...\\n\\nAssistant: ..." transcripts.
+
+Base models (no chat template) are prompted with transcripts, as in the paper; chat models get messages
+through their own template. Message content is always treated as data: nothing here formats it as a
+template, so prompts containing `{`, `{{x}}` or `{% raw %}` pass through literally.
+"""
+
+from __future__ import annotations
+
+import re
+
+ROLES = ("system", "user", "assistant")
+TRANSCRIPT_NAMES = {"user": "Human", "assistant": "Assistant"}
+# A turn marker: two newlines, the speaker, a colon. hh-rlhf sometimes omits the space after the colon.
+_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
+
+
+def parse_transcript(text: str) -> list[dict]:
+    """Split an hh-rlhf style transcript into messages. Text before the first turn becomes a system message."""
+    parts = _TURN.split(text)
+    messages = []
+    head = parts[0].strip()
+    if head:
+        messages.append({"role": "system", "content": head})
+    for speaker, content in zip(parts[1::2], parts[2::2]):
+        role = "user" if speaker == "Human" else "assistant"
+        messages.append({"role": role, "content": content.strip()})
+    return messages
+
+
+def render_transcript(messages: list[dict], open_assistant_turn: bool = False) -> str:
+    """Messages as an Anthropic transcript; optionally end with an open "\\n\\nAssistant:" cue."""
+    text = ""
+    for message in messages:
+        if message["role"] == "system":
+            text += message["content"]
+        else:
+            text += f"\n\n{TRANSCRIPT_NAMES[message['role']]}: {message['content']}"
+    if open_assistant_turn:
+        text += "\n\nAssistant:"
+    return text
+
+
+def up_to_last_user_turn(messages: list[dict]) -> list[dict]:
+    """The conversation a prompt stands for: everything up to and including the last user message."""
+    for index in range(len(messages) - 1, -1, -1):
+        if messages[index]["role"] == "user":
+            return messages[: index + 1]
+    return []

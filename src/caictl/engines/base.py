@@ -1,0 +1,58 @@
+"""The engine contract: the only place text is generated or scored.
+
+Each request carries a `key` (the row id and step, say). Sampling is seeded by (seed, key), not by the order
+of the batch, so the same row gets the same text whatever it was batched with, and a resumed run equals an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()  # generation ends at the first of these; the stop string is not returned
+    seed: int = 0
+
+
+@dataclass
+class Generation:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of sequence or a stop string) or "length" (max_new_tokens reached)
+
+
+class Engine(Protocol):
+    name: str
+    model: str
+
+    def supports_chat(self) -> bool:
+        """Whether generate() can take chat messages (the model has a chat template)."""
+
+    def generate(self, chats: list[list[dict]], params: SamplingParams, keys: list[str]) -> list[Generation]:
+        """One assistant reply to each conversation."""
+
+    def complete(self, texts: list[str], params: SamplingParams, keys: list[str]) -> list[Generation]:
+        """A plain continuation of each text (base models, Anthropic-style transcripts)."""
+
+    def choice_logprobs(self, texts: list[str], choices: list[str]) -> list[list[float]]:
+        """For each text, the log-probability of each choice as its continuation (one forward pass)."""
+
+
+def request_seed(seed: int, key: str) -> int:
+    """A 63-bit seed for one request, stable across runs and batchings."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    """Text up to the earliest stop string, and whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)

@@ -1,0 +1,409 @@
+"""revise: the supervised stage's data. Critique -> revision, several rounds, a random principle each round.
+
+    caictl revise examples/red-team.jsonl -o runs/demo/revisions.jsonl --model models/tiny
+
+For every prompt the model answers; then, each round, a principle is drawn from the constitution, the model
+critiques its current response under it, and revises; the next round critiques that revision (paper, 3.1:
+four rounds). Few-shot exchanges keep the model in its role. Every step is recorded with its principle id,
+and revisions that come back empty or that copy the critique are flagged, never passed on silently.
+"""
+
+from __future__ import annotations
+
+import difflib
+import random
+import re
+import time
+from dataclasses import asdict, dataclass, field
+
+from caictl import __version__, settings
+from caictl.constitution import Constitution, CritiquePrinciple
+from caictl.constitution import load as load_constitution
+from caictl.conversation import render_transcript
+from caictl.engines import ENGINES, SamplingParams, load_engine
+from caictl.errors import UsageError
+from caictl.records import Prompt, RecordWriter, RejectWriter, read_prompts
+from caictl.ui import log, meter, summary_table
+
+PROMPT_STYLES = ("auto", "chat", "transcript")
+FORMATS = ("caictl", "hf")
+BATCHES_PER_WRITE = 4  # prompts are processed (and written) in windows of this many batches
+
+
+@dataclass
+class ReviseConfig:
+    prompts: str | None = None  # input file; None or "-" reads stdin
+    out: str | None = None  # output JSONL; None writes to stdout
+    model: str | None = None  # local folder or hub id (hf), or the server's model name (openai)
+    engine: str = "hf"
+    base_url: str | None = None  # openai engine only
+    constitution: str = "harmless"  # a shipped name or a file (several files: comma-separated)
+    principles: list[str] = field(default_factory=list)  # restrict the draw to these principle ids
+    rounds: int = 4  # critique -> revision rounds per prompt
+    few_shot: bool = True  # show the constitution's worked exchanges before each request
+    shots: int | None = None  # at most this many shared exchanges (one draw per run); None: all
+    critique: bool = True  # False: revise directly, without a critique (the paper's ablation)
+    prompt_style: str = "auto"  # chat (the model's chat template), transcript (Human:/Assistant:), auto
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256  # per generated response, critique or revision
+    batch_size: int = 16
+    concurrency: int = 8  # openai engine: requests in flight
+    seed: int = 0
+    limit: int | None = None  # only the first N prompts
+    format: str = "caictl"  # caictl (revision records) or hf (cai-conversation-harmless columns)
+    skip_invalid: bool = False  # set bad input rows aside in OUT.rejects.jsonl instead of stopping
+    overwrite: bool = False  # discard an existing OUT instead of resuming it
+
+    def check(self) -> None:
+        problems = []
+        if self.engine not in ENGINES:
+            problems.append(f"--engine {self.engine!r}: choose one of {', '.join(ENGINES)}")
+        if self.rounds < 1:
+            problems.append("--rounds must be at least 1")
+        if self.temperature < 0:
+            problems.append("--temperature must be >= 0 (0 is greedy)")
+        if not 0 < self.top_p <= 1:
+            problems.append("--top-p must be in (0, 1]")
+        if self.max_new_tokens < 1 or self.batch_size < 1 or self.concurrency < 1:
+            problems.append("--max-new-tokens, --batch-size and --concurrency must be at least 1")
+        if self.shots is not None and self.shots < 0:
+            problems.append("--shots must be >= 0")
+        if self.limit is not None and self.limit < 1:
+            problems.append("--limit must be at least 1")
+        if self.prompt_style not in PROMPT_STYLES:
+            problems.append(f"--prompt-style {self.prompt_style!r}: choose one of {', '.join(PROMPT_STYLES)}")
+        if self.format not in FORMATS:
+            problems.append(f"--format {self.format!r}: choose one of {', '.join(FORMATS)}")
+        if problems:
+            raise UsageError("; ".join(problems))
+
+
+def run(config: ReviseConfig) -> dict:
+    """Revise every prompt not yet in the output; return the summary."""
+    config.check()
+    model = settings.require_model(config.model)
+    constitution = load_constitution(config.constitution)
+    if config.principles:
+        constitution = constitution.restrict(config.principles)
+    if not constitution.critique_revision:
+        raise UsageError(f"constitution {constitution.name!r} has no critique/revision principles")
+
+    rejects = RejectWriter(config.out) if config.skip_invalid else None
+    prompts = read_prompts(config.prompts, on_invalid=rejects)
+    if config.limit:
+        prompts = prompts[: config.limit]
+    run_settings = _settings(config, model, constitution)
+    writer = RecordWriter(config.out, run_settings, overwrite=config.overwrite)
+    pending = [p for p in prompts if p.id not in writer.done]
+    if writer.done:
+        log(f"resuming {config.out}: {len(prompts) - len(pending)} of {len(prompts)} prompts already done"
+            + (" (dropped a truncated last line)" if writer.dropped_partial_line else ""))
+
+    totals = Totals()
+    start = time.perf_counter()
+    if pending:
+        engine = load_engine(config.engine, model, **_engine_options(config))
+        style = config.prompt_style
+        if style == "auto":
+            style = "chat" if engine.supports_chat() else "transcript"
+        reviser = Reviser(engine, constitution, config, style)
+        window = config.batch_size * BATCHES_PER_WRITE
+        try:
+            with meter(len(pending), "revise") as progress:
+                for first in range(0, len(pending), window):
+                    chunk = pending[first:first + window]
+                    records = reviser.revise(chunk, totals)
+                    if config.format == "hf":
+                        records = [to_hf_columns(r) for r in records]
+                    for record in records:
+                        record["meta"] = {**run_settings, **record["meta"]}
+                    writer.write(records)
+                    progress.advance(len(chunk), totals.tokens - progress.tokens)
+        finally:
+            writer.close()
+    else:
+        writer.close()
+
+    summary = {
+        "stage": "revise",
+        "out": config.out or "-",
+        "prompts": len(prompts),
+        "written": len(pending),
+        "resumed_from_existing": len(prompts) - len(pending),
+        "rounds": config.rounds,
+        "principle_counts": dict(sorted(totals.principles.items())),
+        "flagged_rows": totals.flagged_rows,
+        "flag_counts": dict(sorted(totals.flags.items())),
+        "prompt_tokens": totals.prompt_tokens,
+        "completion_tokens": totals.completion_tokens,
+        "seconds": round(time.perf_counter() - start, 2),
+        "rejected_rows": rejects.count if rejects else 0,
+    }
+    _print_summary(summary, rejects)
+    return summary
+
+
+@dataclass
+class Totals:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    flagged_rows: int = 0
+    principles: dict = field(default_factory=dict)
+    flags: dict = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> int:
+        return self.completion_tokens
+
+    def add(self, generations) -> None:
+        for g in generations:
+            self.prompt_tokens += g.prompt_tokens
+            self.completion_tokens += g.completion_tokens
+
+
+class Reviser:
+    """Runs the loop for a window of prompts: every step is one batched engine call."""
+
+    def __init__(self, engine, constitution: Constitution, config: ReviseConfig, style: str):
+        self.engine = engine
+        self.constitution = constitution
+        self.config = config
+        self.style = style
+
+    def revise(self, prompts: list[Prompt], totals: Totals) -> list[dict]:
+        config = self.config
+        drawn = [
+            self.constitution.draw_critique_principles(config.rounds, random.Random(f"{config.seed}:{p.id}"))
+            for p in prompts
+        ]
+        initial = self._generate([self._initial_request(p) for p in prompts],
+                                 [f"{p.id}/initial" for p in prompts], STOP_RESPONSE, totals)
+        current = [clean_response(g.text) for g in initial]
+        initial_responses = list(current)
+        steps: list[list[dict]] = [[] for _ in prompts]
+        for round_index in range(config.rounds):
+            principles = [d[round_index] for d in drawn]
+            critiques = [""] * len(prompts)
+            if config.critique:
+                requests = [self._critique_request(p, c, pr) for p, c, pr in zip(prompts, current, principles)]
+                results = self._generate(requests, [f"{p.id}/{round_index}/critique" for p in prompts],
+                                         STOP_CRITIQUE, totals)
+                critiques = [clean_response(g.text) for g in results]
+            requests = [self._revision_request(p, c, pr, cr)
+                        for p, c, pr, cr in zip(prompts, current, principles, critiques)]
+            results = self._generate(requests, [f"{p.id}/{round_index}/revision" for p in prompts],
+                                     STOP_REVISION, totals)
+            for i, generation in enumerate(results):
+                revision = clean_response(generation.text)
+                flags = revision_flags(revision, critiques[i], config.critique, generation.finish_reason)
+                step = {"round": round_index + 1, "principle": principles[i].id}
+                if config.critique:
+                    step |= {"critique_request": principles[i].critique_request, "critique": critiques[i]}
+                step |= {"revision_request": principles[i].revision_request, "revision": revision, "flags": flags}
+                steps[i].append(step)
+                # A flagged-empty or critique-copy revision is recorded but not built on: the next round
+                # critiques the last usable response.
+                if "empty_revision" not in flags and "revision_copies_critique" not in flags:
+                    current[i] = revision
+                totals.principles[principles[i].id] = totals.principles.get(principles[i].id, 0) + 1
+        records = []
+        for i, prompt in enumerate(prompts):
+            flags = sorted({f for step in steps[i] for f in step["flags"]})
+            if flags:
+                totals.flagged_rows += 1
+            for flag in flags:
+                totals.flags[flag] = totals.flags.get(flag, 0) + 1
+            records.append({
+                **prompt.extra,
+                "id": prompt.id,
+                "messages": prompt.messages,
+                "initial_response": initial_responses[i],
+                "steps": steps[i],
+                "response": current[i],
+                "flags": flags,
+                "meta": {"principles": [step["principle"] for step in steps[i]]},
+            })
+        return records
+
+    # Requests. A request is a chat (list of messages) or a transcript (text), by prompt style.
+
+    def _generate(self, requests: list, keys: list[str], stop: tuple[str, ...], totals: Totals):
+        config = self.config
+        if self.style == "chat":
+            params = SamplingParams(config.max_new_tokens, config.temperature, config.top_p, (), config.seed)
+            results = self.engine.generate(requests, params, keys)
+        else:
+            params = SamplingParams(config.max_new_tokens, config.temperature, config.top_p, stop, config.seed)
+            results = self.engine.complete(requests, params, keys)
+        totals.add(results)
+        return results
+
+    def _initial_request(self, prompt: Prompt):
+        if self.style == "chat":
+            return prompt.messages
+        return render_transcript(prompt.messages, open_assistant_turn=True)
+
+    def _critique_request(self, prompt: Prompt, response: str, principle: CritiquePrinciple):
+        conversation = prompt.messages + [{"role": "assistant", "content": response}]
+        if self.style == "chat":
+            return self._with_examples(prompt, principle, conversation + [
+                {"role": "user", "content": principle.critique_request}])
+        return (self._transcript_examples(prompt, principle) + render_transcript(conversation)
+                + f"\n\nCritiqueRequest: {principle.critique_request}\n\nCritique:")
+
+    def _revision_request(self, prompt: Prompt, response: str, principle: CritiquePrinciple, critique: str):
+        conversation = prompt.messages + [{"role": "assistant", "content": response}]
+        if self.style == "chat":
+            turns = []
+            if self.config.critique:
+                turns = [{"role": "user", "content": principle.critique_request},
+                         {"role": "assistant", "content": critique}]
+            turns.append({"role": "user", "content": principle.revision_request})
+            return self._with_examples(prompt, principle, conversation + turns)
+        text = self._transcript_examples(prompt, principle) + render_transcript(conversation)
+        if self.config.critique:
+            text += f"\n\nCritiqueRequest: {principle.critique_request}\n\nCritique: {critique}"
+        return text + f"\n\nRevisionRequest: {principle.revision_request}\n\nRevision:"
+
+    def _examples(self, prompt: Prompt, principle: CritiquePrinciple) -> list[tuple[list[dict], str, str, str, str]]:
+        """(conversation, critique request, critique, revision request, revision) for each example: the
+        shared ones (--shots of them), then the drawn principle's own, closest to the real request."""
+        if not self.config.few_shot:
+            return []
+        shared = self.constitution.few_shot
+        if self.config.shots is not None and self.config.shots < len(shared):
+            # One draw for the whole run: every request then starts with the same tokens, which the hf
+            # engine computes once per batch.
+            rng = random.Random(f"{self.config.seed}:shots")
+            shared = [shared[i] for i in sorted(rng.sample(range(len(shared)), self.config.shots))]
+        shots = [(s.messages, s.critique_request, s.critique, s.revision_request, s.revision) for s in shared]
+        shots += [(e.messages, principle.critique_request, e.critique, principle.revision_request, e.revision)
+                  for e in principle.examples]
+        return shots
+
+    def _with_examples(self, prompt: Prompt, principle: CritiquePrinciple, chat: list[dict]) -> list[dict]:
+        shown = []
+        for conversation, critique_request, critique, revision_request, revision in self._examples(prompt, principle):
+            shown += conversation
+            if self.config.critique:
+                shown += [{"role": "user", "content": critique_request}, {"role": "assistant", "content": critique}]
+            shown += [{"role": "user", "content": revision_request}, {"role": "assistant", "content": revision}]
+        # A system message stays first, ahead of the examples.
+        if chat and chat[0]["role"] == "system":
+            return chat[:1] + shown + chat[1:]
+        return shown + chat
+
+    def _transcript_examples(self, prompt: Prompt, principle: CritiquePrinciple) -> str:
+        text = ""
+        for conversation, critique_request, critique, revision_request, revision in self._examples(prompt, principle):
+            text += render_transcript(conversation)
+            if self.config.critique:
+                text += f"\n\nCritiqueRequest: {critique_request}\n\nCritique: {critique}"
+            text += f"\n\nRevisionRequest: {revision_request}\n\nRevision: {revision}"
+        return text
+
+
+# Transcript stops: a base model that has finished its part goes on to write the next label.
+STOP_RESPONSE = ("\n\nHuman:", "\n\nCritiqueRequest:")
+STOP_CRITIQUE = ("\n\nHuman:", "\n\nRevisionRequest:", "\n\nCritiqueRequest:", "\n\nRevision:")
+STOP_REVISION = ("\n\nHuman:", "\n\nCritiqueRequest:", "\n\nRevisionRequest:")
+
+_ROLE_PREFIX = re.compile(r"^\s*(?:assistant|ai|revision|revised response|critique)\s*:\s*", re.I)
+_OPENER = re.compile(
+    r"^\s*(?:(?:sure|okay|ok|certainly|of course)[,.!]?\s*)?"
+    r"here(?:'s| is)\s+(?:the|a|an|my)\s+(?:revised|rewritten|updated|improved|new|edited)\b[^\n:]{0,60}:\s*",
+    re.I,
+)
+
+
+def clean_response(text: str) -> str:
+    """Strip role prefixes ("Assistant:", "Revision:") and "Here is the revised response:"-style openers."""
+    previous = None
+    while previous != text:
+        previous = text
+        text = _OPENER.sub("", _ROLE_PREFIX.sub("", text))
+    return text.strip()
+
+
+def revision_flags(revision: str, critique: str, with_critique: bool, finish_reason: str) -> list[str]:
+    flags = []
+    if not revision:
+        flags.append("empty_revision")
+    elif with_critique and critique and _similar(revision, critique):
+        flags.append("revision_copies_critique")
+    if with_critique and not critique:
+        flags.append("empty_critique")
+    if finish_reason == "length":
+        flags.append("revision_truncated")
+    return flags
+
+
+def _similar(a: str, b: str) -> bool:
+    a, b = " ".join(a.lower().split()), " ".join(b.lower().split())
+    return a == b or difflib.SequenceMatcher(None, a, b, autojunk=False).ratio() >= 0.9
+
+
+def to_hf_columns(record: dict) -> dict:
+    """Hugging Face's cai-conversation-harmless columns: loads straight into TRL and alignment-handbook."""
+    last = record["steps"][-1]
+    conversation = record["messages"]
+    return {
+        "id": record["id"],
+        "init_prompt": conversation[-1]["content"],
+        "init_response": record["initial_response"],
+        "critic_prompt": last.get("critique_request", ""),
+        "critic_response": last.get("critique", ""),
+        "revision_prompt": last["revision_request"],
+        "revision_response": last["revision"],
+        "prompt": conversation[-1]["content"],
+        "messages": conversation + [{"role": "assistant", "content": record["response"]}],
+        "chosen": conversation + [{"role": "assistant", "content": record["response"]}],
+        "rejected": conversation + [{"role": "assistant", "content": record["initial_response"]}],
+        "flags": record["flags"],
+        "meta": record["meta"],
+    }
+
+
+def _settings(config: ReviseConfig, model: str, constitution: Constitution) -> dict:
+    """What made these records; the fields a resumed run must match."""
+    return {
+        "stage": "revise",
+        "model": model,
+        "engine": config.engine,
+        "constitution": constitution.name,
+        "constitution_hash": constitution.content_hash(),
+        "rounds": config.rounds,
+        "few_shot": config.few_shot,
+        "shots": config.shots,
+        "critique": config.critique,
+        "prompt_style": config.prompt_style,
+        "sampling": {"temperature": config.temperature, "top_p": config.top_p,
+                     "max_new_tokens": config.max_new_tokens},
+        "seed": config.seed,
+        "format": config.format,
+        "caictl_version": __version__,
+    }
+
+
+def _engine_options(config: ReviseConfig) -> dict:
+    if config.engine == "openai":
+        return {"base_url": settings.resolve("base_url", config.base_url), "concurrency": config.concurrency}
+    return {"batch_size": config.batch_size}
+
+
+def _print_summary(summary: dict, rejects) -> None:
+    rows = [
+        ("output", summary["out"]),
+        ("rows written", summary["written"]),
+        ("already done (resumed)", summary["resumed_from_existing"]),
+        ("rounds", summary["rounds"]),
+        ("principles", ", ".join(f"{k}: {v}" for k, v in summary["principle_counts"].items()) or "-"),
+        ("flagged rows", summary["flagged_rows"]),
+        ("flags", ", ".join(f"{k}: {v}" for k, v in summary["flag_counts"].items()) or "-"),
+        ("tokens (prompt / generated)", f"{summary['prompt_tokens']:,} / {summary['completion_tokens']:,}"),
+        ("seconds", summary["seconds"]),
+    ]
+    if rejects is not None:
+        rows.append(("rejected rows", f"{rejects.count} (see {rejects.path})" if rejects.count else 0))
+    summary_table("revise", rows)

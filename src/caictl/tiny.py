@@ -1,0 +1,169 @@
+"""Offline demo and test models: random weights, a tokenizer trained here.
+
+    caictl init-model --preset tiny --out models/tiny
+    caictl init-model --preset small --out models/small
+    caictl init-model --preset tiny --task seq-cls --out models/tiny-pm
+
+No weights can be downloaded on an offline machine, so caictl builds its own: a Llama-shaped model with
+random weights and a byte-level BPE tokenizer trained on caictl's own constitution text. The chat template is
+ChatML with `{% generation %}` markers, so TRL's assistant-only loss works on it. These models generate
+noise; they exist so that every stage runs end to end without a hub. `caictl.json` in the folder says so.
+
+A Llama config, not Qwen2: transformers 5 rebuilds a Qwen2 tokenizer's pre-tokenizer on reload, which
+changes the ids of a BPE trained with a plain byte-level pre-tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from caictl import __version__
+from caictl.errors import UsageError
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+# ChatML. Assistant content and its end marker sit inside the generation block: those are the tokens an
+# assistant-only loss trains on.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\n' }}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{%- else %}"
+    "{{- message['content'] + '<|im_end|>' }}"
+    "{%- endif %}"
+    "{{- '\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    vocab_size: int  # BPE target; the model's vocabulary is rounded up to a multiple of 64
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    max_position_embeddings: int
+
+
+PRESETS = {
+    # ~0.2M parameters: unit and stage tests.
+    "tiny": Preset(1024, 64, 128, 2, 4, 2, 4096),
+    # ~25M parameters: benchmarks and the offline demo.
+    "small": Preset(8192, 512, 2048, 6, 8, 4, 4096),
+}
+
+TASKS = ("causal-lm", "seq-cls")
+
+
+@dataclass
+class InitModelConfig:
+    out: Path
+    preset: str = "tiny"  # one of PRESETS
+    task: str = "causal-lm"  # causal-lm (a policy) or seq-cls (a scalar-head preference model)
+    seed: int = 0
+
+    def check(self) -> None:
+        problems = []
+        if self.preset not in PRESETS:
+            problems.append(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if self.task not in TASKS:
+            problems.append(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        if problems:
+            raise UsageError("; ".join(problems))
+
+
+def run(config: InitModelConfig) -> Path:
+    """Build the model folder and return its path."""
+    config.check()
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    preset = PRESETS[config.preset]
+    tokenizer = build_tokenizer(preset.vocab_size)
+    vocab = -(-len(tokenizer) // 64) * 64
+    model_config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=preset.hidden_size,
+        intermediate_size=preset.intermediate_size,
+        num_hidden_layers=preset.num_hidden_layers,
+        num_attention_heads=preset.num_attention_heads,
+        num_key_value_heads=preset.num_key_value_heads,
+        max_position_embeddings=preset.max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        num_labels=1,
+    )
+    torch.manual_seed(config.seed)
+    model_class = LlamaForCausalLM if config.task == "causal-lm" else LlamaForSequenceClassification
+    model = model_class(model_config)
+    if config.task == "causal-lm":
+        model.generation_config.eos_token_id = model_config.eos_token_id
+        model.generation_config.pad_token_id = model_config.pad_token_id
+        model.generation_config.bos_token_id = None
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    n_params = sum(p.numel() for p in model.parameters())
+    info = {
+        "stage": "init-model",
+        "caictl_version": __version__,
+        "random_weights": True,
+        "warning": "RANDOM WEIGHTS: this model was never trained and generates noise. "
+        "It exists so that caictl runs and tests offline.",
+        "preset": config.preset,
+        "task": config.task,
+        "seed": config.seed,
+        "parameters": n_params,
+    }
+    (out / "caictl.json").write_text(json.dumps(info, indent=2) + "\n")
+    return out
+
+
+def build_tokenizer(vocab_size: int):
+    """A byte-level BPE trained on caictl's own text; deterministic for a given caictl version."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(training_corpus(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+        padding_side="left",
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=4096,
+    )
+    return tokenizer
+
+
+def training_corpus() -> list[str]:
+    """Lines of English from the shipped constitution: enough for a small BPE, and always on disk."""
+    folder = Path(__file__).parent / "constitutions"
+    lines = []
+    for path in sorted(folder.glob("*.yaml")):
+        lines += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines += [
+        "Human: Assistant: Critique: Revision: The answer is: (A) (B)",
+        "0 1 2 3 4 5 6 7 8 9 10 100 1000 { } [ ] ( ) < > = + - * / % # @ ! ? . , ; : ' \"",
+    ]
+    return lines

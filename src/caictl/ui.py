@@ -1,0 +1,58 @@
+"""Progress bars, logs and summaries: all on stderr, so stdout stays free for records."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console(stderr=True)
+
+
+def log(message: str) -> None:
+    console.print(message, highlight=False, soft_wrap=True)
+
+
+class Meter:
+    """Counts rows and tokens for a progress bar that shows rows/s and tokens/s."""
+
+    def __init__(self, progress: Progress, task, unit: str):
+        self.progress, self.task, self.unit = progress, task, unit
+        self.start = time.perf_counter()
+        self.rows = 0
+        self.tokens = 0
+
+    def advance(self, rows: int, tokens: int = 0) -> None:
+        self.rows += rows
+        self.tokens += tokens
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        rate = f"{self.rows / elapsed:.2f} {self.unit}/s, {self.tokens / elapsed:,.0f} tok/s"
+        self.progress.update(self.task, advance=rows, rate=rate)
+
+
+@contextmanager
+def meter(total: int, description: str, unit: str = "prompts"):
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+        task = progress.add_task(description, total=total, rate="")
+        yield Meter(progress, task, unit)
+
+
+def summary_table(title: str, rows: list[tuple[str, object]]) -> None:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for name, value in rows:
+        table.add_row(name, str(value))
+    console.print(table)

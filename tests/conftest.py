@@ -1,0 +1,49 @@
+"""Shared fixtures: the tiny random-weight model, paths to shared test data, and a CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+EXAMPLES = ROOT / "examples"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from caictl import tiny
+
+    return tiny.run(tiny.InitModelConfig(out=tmp_path_factory.mktemp("models") / "tiny", preset="tiny"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.exists():
+        pytest.skip(f"shared test data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+def caictl(*args, input: str | None = None, cwd=None, env: dict | None = None, check: bool = True):
+    """Run the real command line in a subprocess; returns the CompletedProcess."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("CAICTL_")}
+    full_env.update(env or {})
+    result = subprocess.run([sys.executable, "-m", "caictl", *map(str, args)], input=input, cwd=cwd,
+                            env=full_env, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"caictl {' '.join(map(str, args))} exited {result.returncode}:\n{result.stderr}")
+    return result
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_jsonl(path, rows) -> Path:
+    Path(path).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return Path(path)

@@ -1,0 +1,88 @@
+"""The in-process engine on the tiny model: batching does not change results, seeds do, scores are exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from caictl.engines import SamplingParams, load_engine
+
+CHATS = [[{"role": "user", "content": "Tell me a story about a lighthouse keeper and a storm."}],
+         [{"role": "user", "content": "hi"}],
+         [{"role": "user", "content": "What is {{x}} and {% raw %}?"}]]
+KEYS = ["a", "b", "c"]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    return load_engine("hf", str(tiny_model), batch_size=8)
+
+
+def test_batched_sampling_equals_one_at_a_time(engine):
+    params = SamplingParams(max_new_tokens=24, temperature=1.0, seed=3)
+    batched = [g.text for g in engine.generate(CHATS, params, KEYS)]
+    engine.batch_size = 1
+    try:
+        single = [engine.generate([chat], params, [key])[0].text for chat, key in zip(CHATS, KEYS)]
+    finally:
+        engine.batch_size = 8
+    assert batched == single
+    assert len(set(batched)) == 3
+
+
+def test_seed_and_key_decide_the_sample(engine):
+    params = SamplingParams(max_new_tokens=24, seed=3)
+    first = [g.text for g in engine.generate(CHATS, params, KEYS)]
+    assert first == [g.text for g in engine.generate(CHATS, params, KEYS)]
+    reseeded = SamplingParams(max_new_tokens=24, seed=4)
+    assert first != [g.text for g in engine.generate(CHATS, reseeded, KEYS)]
+    assert first[0] != engine.generate(CHATS[:1], params, ["other-key"])[0].text
+
+
+def test_greedy_equals_argmax_of_the_model(engine):
+    params = SamplingParams(max_new_tokens=5, temperature=0.0)
+    text = "\n\nHuman: hello\n\nAssistant:"
+    out = engine.complete([text], params, ["k"])[0]
+    ids = engine.tokenizer(text).input_ids
+    for _ in range(5):
+        with torch.no_grad():
+            logits = engine.lm(torch.tensor([ids])).logits[0, -1]
+        next_id = int(logits.argmax())
+        if next_id == engine.tokenizer.eos_token_id:
+            break
+        ids.append(next_id)
+    expected = engine.tokenizer.decode(ids[len(engine.tokenizer(text).input_ids):], skip_special_tokens=True)
+    assert out.text == expected
+
+
+def test_token_counts_and_finish_reason(engine):
+    out = engine.generate(CHATS, SamplingParams(max_new_tokens=8, seed=1), KEYS)
+    for generation, chat in zip(out, CHATS):
+        assert 0 < generation.completion_tokens <= 8
+        assert generation.finish_reason in ("stop", "length")
+        rendered = engine.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        assert generation.prompt_tokens == len(engine.tokenizer(rendered, add_special_tokens=False).input_ids)
+
+
+def test_stop_strings_cut_the_text(engine):
+    params = SamplingParams(max_new_tokens=40, seed=0)
+    free = engine.complete(["Once upon a time"], params, ["s"])[0].text
+    assert len(free) > 4
+    stop = free[2:4]
+    cut = engine.complete(["Once upon a time"], SamplingParams(max_new_tokens=40, seed=0, stop=(stop,)), ["s"])[0]
+    assert stop not in cut.text and free.startswith(cut.text) and cut.finish_reason == "stop"
+
+
+def test_choice_logprobs_match_a_direct_computation(engine):
+    texts = ["The answer is:", "Which is better? The answer is:"]
+    choices = [" (A)", " (B)"]
+    scores = engine.choice_logprobs(texts, choices)
+    tokenizer = engine.tokenizer
+    for text, row in zip(texts, scores):
+        for choice, score in zip(choices, row):
+            prefix = tokenizer(text).input_ids
+            ids = prefix + tokenizer(choice, add_special_tokens=False).input_ids
+            with torch.no_grad():
+                logprobs = torch.log_softmax(engine.lm(torch.tensor([ids])).logits[0].float(), -1)
+            direct = sum(float(logprobs[i - 1, ids[i]]) for i in range(len(prefix), len(ids)))
+            assert score == pytest.approx(direct, abs=1e-4)

@@ -1,0 +1,180 @@
+"""The openai engine against real servers: llama.cpp serving the tiny model, and a small HTTP server of ours
+that answers 429s and 5xx on purpose to exercise retries and the concurrency limit."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import llama_server
+import pytest
+from conftest import EXAMPLES, caictl, read_jsonl
+
+from caictl.engines import SamplingParams, load_engine
+from caictl.errors import CaictlError, UsageError
+
+llama_server_url = llama_server.llama_server_url
+tiny_gguf = llama_server.tiny_gguf
+
+CHATS = [[{"role": "user", "content": "Say something about the sea."}],
+         [{"role": "user", "content": "Literal {{x}} and {% raw %}"}]]
+
+
+def test_chat_and_completion_through_llama_cpp(llama_server_url):
+    engine = load_engine("openai", "tiny", base_url=llama_server_url, concurrency=2)
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, seed=7)
+    chats = engine.generate(CHATS, params, ["a", "b"])
+    assert len(chats) == 2 and all(g.text and g.completion_tokens > 0 and g.prompt_tokens > 0 for g in chats)
+    assert [g.text for g in engine.generate(CHATS, params, ["a", "b"])] == [g.text for g in chats]
+    texts = engine.complete(["\n\nHuman: hello\n\nAssistant:"], params, ["c"])
+    assert texts[0].text and texts[0].finish_reason in ("stop", "length")
+
+
+def test_stop_strings_apply_beyond_the_servers_four(llama_server_url):
+    engine = load_engine("openai", "tiny", base_url=llama_server_url)
+    free = engine.complete(["Once upon a time"], SamplingParams(max_new_tokens=30, seed=1), ["s"])[0].text
+    assert len(free) > 6
+    stops = ("\x00a", "\x00b", "\x00c", "\x00d", free[3:6])  # the fifth is applied by caictl, not the server
+    cut = engine.complete(["Once upon a time"], SamplingParams(max_new_tokens=30, seed=1, stop=stops), ["s"])[0]
+    assert free[3:6] not in cut.text and free.startswith(cut.text) and cut.finish_reason == "stop"
+
+
+def test_choice_logprobs_from_echoed_prompt_logprobs(llama_server_url):
+    engine = load_engine("openai", "tiny", base_url=llama_server_url)
+    scores = engine.choice_logprobs(["Which is better? The answer is:", "Pick one:"], [" (A)", " (B)"])
+    assert len(scores) == 2
+    for a, b in scores:
+        assert math.isfinite(a) and math.isfinite(b) and a < 0 and b < 0 and a != b
+    # The same request again gives the same scores: nothing is sampled.
+    assert engine.choice_logprobs(["Pick one:"], [" (A)", " (B)"]) == scores[1:]
+
+
+def test_revise_through_the_server_never_writes_the_key(tmp_path, llama_server_url):
+    out = tmp_path / "r.jsonl"
+    secret = "sk-test-do-not-leak-1234567890"
+    result = caictl("revise", EXAMPLES / "red-team.jsonl", "-o", out, "--engine", "openai", "--base-url",
+                    llama_server_url, "--model", "tiny", "--limit", "3", "--rounds", "2", "--max-new-tokens", "12",
+                    "--shots", "1", env={"OPENAI_API_KEY": secret})
+    records = read_jsonl(out)
+    assert len(records) == 3 and all(len(r["steps"]) == 2 for r in records)
+    assert records[0]["meta"]["engine"] == "openai"
+    assert secret not in out.read_text() and secret not in result.stderr + result.stdout
+
+
+# A server that misbehaves on purpose ---------------------------------------------------------------------
+
+
+class FlakyServer:
+    """Answers the first `failures` requests with `status`, then a valid chat completion; counts requests
+    and the most that were in flight at once."""
+
+    def __init__(self, failures: int = 0, status: int = 429, delay: float = 0.0):
+        self.failures, self.status, self.delay = failures, status, delay
+        self.requests = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.lock = threading.Lock()
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with owner.lock:
+                    owner.requests += 1
+                    failing = owner.requests <= owner.failures
+                    owner.in_flight += 1
+                    owner.max_in_flight = max(owner.max_in_flight, owner.in_flight)
+                time.sleep(owner.delay)
+                with owner.lock:
+                    owner.in_flight -= 1
+                if failing:
+                    self._send(owner.status, {"error": {"message": "try later"}}, {"Retry-After": "0"})
+                    return
+                content = "echo: " + body["messages"][-1]["content"]
+                self._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                                 "choices": [{"index": 0, "finish_reason": "stop",
+                                              "message": {"role": "assistant", "content": content}}],
+                                 "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}})
+
+            def _send(self, status, payload, headers=None):
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def flaky():
+    servers = []
+
+    def make(**options):
+        servers.append(FlakyServer(**options))
+        return servers[-1]
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+@pytest.mark.parametrize("status", [429, 500, 503])
+def test_retries_with_backoff_on_429_and_5xx(flaky, status):
+    server = flaky(failures=2, status=status)
+    engine = load_engine("openai", "m", base_url=server.url, backoff=0.01, max_retries=3)
+    out = engine.generate([[{"role": "user", "content": "hi"}]], SamplingParams(), ["k"])
+    assert out[0].text == "echo: hi" and engine.retries == 2 and server.requests == 3
+
+
+def test_gives_up_after_max_retries_with_a_clear_error(flaky):
+    server = flaky(failures=10, status=503)
+    engine = load_engine("openai", "m", base_url=server.url, backoff=0.01, max_retries=2)
+    with pytest.raises(CaictlError, match=r"gave up after 3 attempts \(HTTP 503\)"):
+        engine.generate([[{"role": "user", "content": "hi"}]], SamplingParams(), ["k"])
+    assert server.requests == 3
+
+
+def test_client_errors_are_not_retried(flaky):
+    server = flaky(failures=10, status=404)
+    engine = load_engine("openai", "m", base_url=server.url, backoff=0.01)
+    with pytest.raises(UsageError, match="check --model and --base-url"):
+        engine.generate([[{"role": "user", "content": "hi"}]], SamplingParams(), ["k"])
+    assert server.requests == 1
+
+
+def test_time_outs_are_retried(flaky):
+    server = flaky(delay=0.5)
+    engine = load_engine("openai", "m", base_url=server.url, backoff=0.01, max_retries=1, timeout=0.1)
+    with pytest.raises(CaictlError, match="gave up after 2 attempts"):
+        engine.generate([[{"role": "user", "content": "hi"}]], SamplingParams(), ["k"])
+    assert engine.retries == 1
+
+
+def test_concurrency_stays_under_the_limit(flaky):
+    server = flaky(delay=0.05)
+    engine = load_engine("openai", "m", base_url=server.url, concurrency=3)
+    chats = [[{"role": "user", "content": str(i)}] for i in range(12)]
+    out = engine.generate(chats, SamplingParams(), [str(i) for i in range(12)])
+    assert [g.text for g in out] == [f"echo: {i}" for i in range(12)]  # answers stay in request order
+    assert 1 < server.max_in_flight <= 3
+
+
+def test_missing_base_url_is_a_usage_error():
+    with pytest.raises(UsageError, match="needs --base-url"):
+        load_engine("openai", "m")

@@ -1,0 +1,142 @@
+"""Reading every input form, the errors for bad input, and the resumable writer."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+from conftest import write_jsonl
+
+from caictl.errors import InputError, UsageError
+from caictl.records import RecordWriter, RejectWriter, read_prompts, stable_id, to_prompt
+
+USER = [{"role": "user", "content": "How do I pick a lock?"}]
+
+
+def test_every_prompt_form_normalises_to_messages():
+    transcript = "\n\nHuman: first\n\nAssistant: reply\n\nHuman: second\n\nAssistant: final answer"
+    assert to_prompt({"messages": USER}).messages == USER
+    assert to_prompt({"prompt": "How do I pick a lock?"}).messages == USER
+    assert to_prompt({"prompt": USER}).messages == USER
+    assert to_prompt({"init_prompt": "How do I pick a lock?"}).messages == USER
+    # hh-rlhf: the conversation up to the last human turn; the labelled response is dropped.
+    expected = [{"role": "user", "content": "first"}, {"role": "assistant", "content": "reply"},
+                {"role": "user", "content": "second"}]
+    assert to_prompt({"chosen": transcript, "rejected": transcript}).messages == expected
+    assert to_prompt({"transcript": transcript}).messages == expected
+
+
+def test_messages_ending_with_an_assistant_turn_are_cut_to_the_last_user_turn():
+    rows = USER + [{"role": "assistant", "content": "Sure."}]
+    assert to_prompt({"messages": rows}).messages == USER
+
+
+def test_ids_are_kept_or_stable_and_unknown_fields_carried():
+    assert to_prompt({"id": 7, "messages": USER}).id == "7"
+    generated = to_prompt({"messages": USER, "source": "red-team", "tags": [1]})
+    assert generated.id == stable_id(USER) == to_prompt({"prompt": "How do I pick a lock?"}).id
+    assert generated.id.startswith("p-")
+    assert generated.extra == {"source": "red-team", "tags": [1]}
+    assert stable_id([{"role": "user", "content": "other"}]) != generated.id
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".json"])
+def test_file_formats(tmp_path, suffix):
+    rows = [{"id": "a", "prompt": "one"}, {"id": "b", "prompt": "two"}]
+    path = tmp_path / f"in{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps(rows))
+    elif suffix == ".jsonl.gz":
+        with gzip.open(path, "wt") as handle:
+            handle.write("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        write_jsonl(path, rows)
+    assert [p.id for p in read_prompts(path)] == ["a", "b"]
+
+
+def test_repeated_conversations_without_ids_get_distinct_stable_ids(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "same"}, {"prompt": "same"}, {"prompt": "other"}])
+    ids = [p.id for p in read_prompts(path)]
+    assert len(set(ids)) == 3
+    assert ids == [p.id for p in read_prompts(path)]
+
+
+def test_explicit_duplicate_ids_are_an_error(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"id": "x", "prompt": "a"}, {"id": "x", "prompt": "b"}])
+    with pytest.raises(InputError, match=r"in.jsonl:2: duplicate id 'x'"):
+        read_prompts(path)
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b'{"prompt": "ok"}\n{"prompt": "broken"\n', r":2: invalid JSON"),
+    (b'{"prompt": "ok"}\n{"text": "no prompt"}\n', r":2: no prompt field"),
+    (b'{"prompt": "ok"}\n{"messages": [{"role": "robot", "content": "x"}]}\n', r":2: messages\[0\] has role"),
+    (b'{"prompt": "ok"}\n{"prompt": 5}\n', r":2: field 'prompt' has the wrong type"),
+    (b'{"prompt": "ok"}\n[1, 2]\n', r":2: expected a JSON object"),
+    (b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n', r":2: not valid UTF-8"),
+    (b"", r"the input is empty"),
+    (b"\n\n", r"the input is empty"),
+])
+def test_bad_input_names_file_and_line(tmp_path, content, expected):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=expected) as info:
+        read_prompts(path)
+    assert "bad.jsonl" in str(info.value)
+
+
+def test_truncated_gzip_is_reported_with_the_rows_read(tmp_path):
+    data = gzip.compress(b"".join(json.dumps({"prompt": f"row {i}"}).encode() + b"\n" for i in range(2000)))
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match=r"cut.jsonl.gz:\d+: truncated or corrupt gzip"):
+        read_prompts(path)
+
+
+def test_missing_file_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="no such file"):
+        read_prompts(tmp_path / "nope.jsonl")
+
+
+def test_skip_invalid_sets_rows_aside_with_the_reason(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"prompt": "good"}\nnot json\n{"text": 1}\n{"prompt": "also good"}\n')
+    rejects = RejectWriter(tmp_path / "out.jsonl")
+    prompts = read_prompts(path, on_invalid=rejects)
+    assert [p.messages[0]["content"] for p in prompts] == ["good", "also good"]
+    lines = [json.loads(x) for x in (tmp_path / "out.jsonl.rejects.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["error"].split(" ")[0]) for r in lines] == [(2, "invalid"), (3, "no")]
+
+
+def test_hh_rlhf_shared_file_reads_directly(shared_data):
+    prompts = read_prompts(shared_data / "hh-rlhf" / "harmless-base-test.part-a.jsonl.gz")
+    assert len(prompts) == 1500
+    assert all(p.messages[-1]["role"] == "user" for p in prompts)
+    assert len({p.id for p in prompts}) == 1500
+    assert "rejected" in prompts[0].extra
+
+
+def test_writer_resumes_and_drops_a_truncated_last_line(tmp_path):
+    out = tmp_path / "out.jsonl"
+    settings = {"stage": "t", "model": "m"}
+    writer = RecordWriter(out, settings)
+    writer.write([{"id": "a", "meta": settings}, {"id": "b", "meta": settings}])
+    writer.close()
+    with open(out, "a") as handle:
+        handle.write('{"id": "c", "meta": {"sta')  # a run killed mid-write
+    resumed = RecordWriter(out, settings)
+    assert resumed.done == {"a", "b"} and resumed.dropped_partial_line
+    resumed.write([{"id": "c", "meta": settings}])
+    resumed.close()
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["a", "b", "c"]
+
+
+def test_writer_refuses_to_append_under_other_settings(tmp_path):
+    out = tmp_path / "out.jsonl"
+    writer = RecordWriter(out, {"model": "m1", "rounds": 4})
+    writer.write([{"id": "a", "meta": {"model": "m1", "rounds": 4}}])
+    writer.close()
+    with pytest.raises(UsageError, match=r"out.jsonl:1: was written with other settings \(rounds: 4 there, 2 now\)"):
+        RecordWriter(out, {"model": "m1", "rounds": 2})
+    assert RecordWriter(out, {"model": "m1", "rounds": 2}, overwrite=True).done == set()

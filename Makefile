@@ -36,7 +36,9 @@ full-pipeline: $(BIN)/.core-installed
 		bash examples/full-pipeline.sh
 
 bench: $(BIN)/.core-installed
-	for preset in tiny small; do $(BIN)/python benchmarks/bench_revise.py --preset $$preset; done
+	$(BIN)/python benchmarks/bench_revise.py --preset tiny
+	$(BIN)/python benchmarks/bench_revise.py --preset small
+	$(BIN)/python benchmarks/bench_revise.py --preset small --no-few-shot
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=64, help="at most 100 (both example sets)")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--baseline-prompts", type=int, default=8)
+    parser.add_argument("--no-few-shot", action="store_true", help="short prompts: no worked examples shown")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="revise's default")
     args = parser.parse_args()
 
@@ -50,7 +51,7 @@ def main() -> None:
         model = tiny.run(tiny.InitModelConfig(out=Path(folder) / args.preset, preset=args.preset))
         prompts = (read_prompts(EXAMPLES / "red-team.jsonl") + read_prompts(EXAMPLES / "helpful.jsonl"))[: args.prompts]
         config = ReviseConfig(model=str(model), rounds=args.rounds, max_new_tokens=args.max_new_tokens, shots=1,
-                              batch_size=args.batch_size)
+                              few_shot=not args.no_few_shot, batch_size=args.batch_size)
         engine = load_engine("hf", str(model), batch_size=1)
         reviser = Reviser(engine, load_constitution("harmless"), config, "chat")
         measure(reviser, prompts[:1], one_at_a_time=True)  # warm-up: first-call allocations
@@ -67,6 +68,7 @@ def main() -> None:
         "prompts": len(prompts),
         "baseline_prompts": len(baseline),
         "rounds": args.rounds,
+        "few_shot": not args.no_few_shot,
         "max_new_tokens": args.max_new_tokens,
         "baseline_prompts_per_s": round(len(baseline) / baseline_s, 3),
         "batched_prompts_per_s": round(len(prompts) / batched_s, 3),

@@ -86,3 +86,26 @@ def test_choice_logprobs_match_a_direct_computation(engine):
                 logprobs = torch.log_softmax(engine.lm(torch.tensor([ids])).logits[0].float(), -1)
             direct = sum(float(logprobs[i - 1, ids[i]]) for i in range(len(prefix), len(ids)))
             assert score == pytest.approx(direct, abs=1e-4)
+
+
+def test_shared_prefixes_are_computed_once_and_change_nothing(tiny_model):
+    # Few-shot requests: a long common start, two rows that share more, one row that shares nothing.
+    shots = [{"role": "user", "content": "An example question about safety " * 8},
+             {"role": "assistant", "content": "An example answer that is careful " * 8}]
+    principle = [{"role": "user", "content": "A principle's own example " * 10},
+                 {"role": "assistant", "content": "Its worked answer " * 10}]
+    chats = [shots + principle + [{"role": "user", "content": "first"}],
+             shots + principle + [{"role": "user", "content": "second, a little longer"}],
+             shots + [{"role": "user", "content": "third"}],
+             [{"role": "user", "content": "no examples at all"}]]
+    keys = ["1", "2", "3", "4"]
+    params = SamplingParams(max_new_tokens=16, seed=5)
+    batched = load_engine("hf", str(tiny_model), batch_size=8)
+    together = [g.text for g in batched.generate(chats, params, keys)]
+    assert len(batched._prefix_cache) >= 1  # the shared start was computed once and kept
+    alone = load_engine("hf", str(tiny_model), batch_size=1)
+    separate = [g.text for g in alone.generate(chats, params, keys)]
+    assert not alone._prefix_cache  # one row at a time shares nothing
+    assert together == separate
+    # A second call finds the prefixes in the cache and still gives the same texts.
+    assert [g.text for g in batched.generate(chats, params, keys)] == together

@@ -55,7 +55,7 @@ PRESETS = {
     # ~0.2M parameters: unit and stage tests.
     "tiny": Preset(1024, 64, 128, 2, 4, 2, 4096),
     # ~25M parameters: benchmarks and the offline demo.
-    "small": Preset(8192, 512, 2048, 6, 8, 4, 4096),
+    "small": Preset(8192, 512, 2048, 6, 8, 2, 4096),
 }
 
 TASKS = ("causal-lm", "seq-cls")

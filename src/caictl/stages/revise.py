@@ -247,9 +247,9 @@ class Reviser:
     def _critique_request(self, prompt: Prompt, response: str, principle: CritiquePrinciple):
         conversation = prompt.messages + [{"role": "assistant", "content": response}]
         if self.style == "chat":
-            return self._with_examples(prompt, principle, conversation + [
+            return self._with_examples(principle, conversation + [
                 {"role": "user", "content": principle.critique_request}])
-        return (self._transcript_examples(prompt, principle) + render_transcript(conversation)
+        return (self._transcript_examples(principle) + render_transcript(conversation)
                 + f"\n\nCritiqueRequest: {principle.critique_request}\n\nCritique:")
 
     def _revision_request(self, prompt: Prompt, response: str, principle: CritiquePrinciple, critique: str):
@@ -260,13 +260,13 @@ class Reviser:
                 turns = [{"role": "user", "content": principle.critique_request},
                          {"role": "assistant", "content": critique}]
             turns.append({"role": "user", "content": principle.revision_request})
-            return self._with_examples(prompt, principle, conversation + turns)
-        text = self._transcript_examples(prompt, principle) + render_transcript(conversation)
+            return self._with_examples(principle, conversation + turns)
+        text = self._transcript_examples(principle) + render_transcript(conversation)
         if self.config.critique:
             text += f"\n\nCritiqueRequest: {principle.critique_request}\n\nCritique: {critique}"
         return text + f"\n\nRevisionRequest: {principle.revision_request}\n\nRevision:"
 
-    def _examples(self, prompt: Prompt, principle: CritiquePrinciple) -> list[tuple[list[dict], str, str, str, str]]:
+    def _examples(self, principle: CritiquePrinciple) -> list[tuple[list[dict], str, str, str, str]]:
         """(conversation, critique request, critique, revision request, revision) for each example: the
         shared ones (--shots of them), then the drawn principle's own, closest to the real request."""
         if not self.config.few_shot:
@@ -282,9 +282,9 @@ class Reviser:
                   for e in principle.examples]
         return shots
 
-    def _with_examples(self, prompt: Prompt, principle: CritiquePrinciple, chat: list[dict]) -> list[dict]:
+    def _with_examples(self, principle: CritiquePrinciple, chat: list[dict]) -> list[dict]:
         shown = []
-        for conversation, critique_request, critique, revision_request, revision in self._examples(prompt, principle):
+        for conversation, critique_request, critique, revision_request, revision in self._examples(principle):
             shown += conversation
             if self.config.critique:
                 shown += [{"role": "user", "content": critique_request}, {"role": "assistant", "content": critique}]
@@ -294,9 +294,9 @@ class Reviser:
             return chat[:1] + shown + chat[1:]
         return shown + chat
 
-    def _transcript_examples(self, prompt: Prompt, principle: CritiquePrinciple) -> str:
+    def _transcript_examples(self, principle: CritiquePrinciple) -> str:
         text = ""
-        for conversation, critique_request, critique, revision_request, revision in self._examples(prompt, principle):
+        for conversation, critique_request, critique, revision_request, revision in self._examples(principle):
             text += render_transcript(conversation)
             if self.config.critique:
                 text += f"\n\nCritiqueRequest: {critique_request}\n\nCritique: {critique}"

@@ -5,8 +5,8 @@
 #   MODEL=<folder or hub id>  the model to make harmless; empty builds an offline random-weight one
 #   ENGINE=hf|openai          BASE_URL=http://.../v1 for openai
 #
-# Stages that have landed so far: revise (the supervised stage's data). sft, sample, label, train-pm, ppo and
-# eval join this script as they land.
+# Stages that have landed so far: revise and sft (SL-CAI), sample (the RL stage's response pairs). label,
+# train-pm, ppo and eval join this script as they land.
 set -euo pipefail
 
 RUN=${RUN:-demo}
@@ -27,4 +27,22 @@ ENGINE_FLAGS=(--engine "$ENGINE")
 caictl revise examples/red-team.jsonl -o "$OUT/revisions.jsonl" --model "$MODEL" "${ENGINE_FLAGS[@]}" \
   --rounds 4 --shots 1 --max-new-tokens 48 --batch-size 32
 
-echo "revisions: $OUT/revisions.jsonl"
+# 2. SL-CAI model: fine-tune on the final revisions, mixed with helpfulness conversations so the model stays
+#    helpful (here: its own answers to the helpfulness prompts, the best we have offline).
+caictl sample examples/helpful.jsonl -o "$OUT/helpful-answers.jsonl" --model "$MODEL" "${ENGINE_FLAGS[@]}" \
+  -n 1 --max-new-tokens 48 --batch-size 32
+if [ "$ENGINE" = hf ]; then
+  [ -f "$OUT/models/sl-cai/caictl.json" ] || caictl sft "$OUT/revisions.jsonl" --mix "$OUT/helpful-answers.jsonl:0.5" \
+    --model "$MODEL" -o "$OUT/models/sl-cai" --epochs 1 --learning-rate 1e-4 --batch-size 8 --max-length 512
+  POLICY=$OUT/models/sl-cai
+else
+  POLICY=$MODEL  # a served model is not fine-tuned here: sample from it as it is
+fi
+
+# 3. RL-CAI data: two responses per red-team prompt from the SL-CAI model, for the feedback model to compare.
+caictl sample examples/red-team.jsonl -o "$OUT/pairs.jsonl" --model "$POLICY" "${ENGINE_FLAGS[@]}" \
+  -n 2 --max-new-tokens 48 --batch-size 32
+
+echo "revisions:     $OUT/revisions.jsonl"
+echo "SL-CAI model:  $POLICY"
+echo "pairs:         $OUT/pairs.jsonl"

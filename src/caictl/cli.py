@@ -107,9 +107,147 @@ def revise(
         principles=[p.strip() for p in principles.split(",") if p.strip()] if principles else [],
         rounds=rounds, few_shot=few_shot, shots=shots, critique=critique, prompt_style=prompt_style,
         temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        concurrency=concurrency, seed=int(settings.resolve("seed", seed, 0)), limit=limit, format=format,
+        concurrency=concurrency, seed=int(_seed(seed)), limit=limit, format=format,
         skip_invalid=skip_invalid, overwrite=overwrite,
     ))
+
+
+@app.command()
+def sample(
+    prompts: Input = None,
+    out: Out = None,
+    model: Model = None,
+    engine: Engine = None,
+    base_url: BaseUrl = None,
+    n: Annotated[int, typer.Option("-n", "--n", help="Responses per prompt (paper: 2).")] = 2,
+    from_revisions: Annotated[bool, typer.Option(
+        help="The input is revise output: make (initial response, final revision) pairs, no model.")] = False,
+    prompt_style: Annotated[str, typer.Option(help="chat, transcript or auto.")] = "auto",
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens per response.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Requests per forward pass (hf engine).")] = 16,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight (openai engine).")] = 8,
+    seed: Seed = None,
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N prompts.")] = None,
+    skip_invalid: Annotated[bool, typer.Option(help="Set bad rows aside in OUT.rejects.jsonl and go on.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Start OUT afresh instead of resuming it.")] = False,
+) -> None:
+    """Draw N responses per prompt from a policy: the pairs the feedback model will compare.
+
+    Example: caictl sample examples/red-team.jsonl --model models/sl-cai -n 2 -o pairs.jsonl
+    """
+    from caictl import settings
+    from caictl.stages import sample as stage
+
+    stage.run(stage.SampleConfig(
+        prompts=prompts, out=out, model=model, engine=settings.resolve("engine", engine, "hf"),
+        base_url=settings.resolve("base_url", base_url), n=n, temperature=temperature, top_p=top_p,
+        max_new_tokens=max_new_tokens, prompt_style=prompt_style, batch_size=batch_size, concurrency=concurrency,
+        seed=int(_seed(seed)), limit=limit, from_revisions=from_revisions,
+        skip_invalid=skip_invalid, overwrite=overwrite,
+    ))
+
+
+@app.command()
+def label(
+    pairs: Input = None,
+    out: Out = None,
+    model: Model = None,
+    engine: Engine = None,
+    base_url: BaseUrl = None,
+    constitution: ConstitutionOpt = None,
+    principles: Annotated[Optional[str], typer.Option(help="Comma-separated comparison principle ids.")] = None,
+    soft: Annotated[bool, typer.Option("--soft/--hard",
+                                       help="Soft: normalised P(A) vs P(B) (default). Hard: 0 or 1.")] = True,
+    cot: Annotated[bool, typer.Option(help="Chain of thought: reason first, then read the answer "
+                                           "probabilities (clamped to 0.4-0.6 unless --clamp says otherwise).")] = False,
+    clamp: Annotated[Optional[tuple[float, float]], typer.Option(
+        help="Clamp every probability into [LO, HI], e.g. --clamp 0.4 0.6 (the paper's CoT clamp).")] = None,
+    principles_per_pair: Annotated[int, typer.Option(help="Principles per comparison, averaged.")] = 1,
+    debias: Annotated[bool, typer.Option(help="Score both orders and average (position-bias control).")] = True,
+    few_shot: Annotated[bool, typer.Option(help="Show the constitution's labelling examples first.")] = False,
+    pairing: Annotated[str, typer.Option("--pairs", help="Rows with more than two responses: first-two or all.")] = "first-two",
+    max_new_tokens: Annotated[int, typer.Option(help="--cot reasoning length in tokens.")] = 256,
+    temperature: Annotated[float, typer.Option(help="--cot reasoning temperature.")] = 1.0,
+    batch_size: Annotated[int, typer.Option(help="Questions per forward pass (hf engine).")] = 16,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight (openai engine).")] = 8,
+    seed: Seed = None,
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N comparisons.")] = None,
+    skip_invalid: Annotated[bool, typer.Option(help="Set bad rows aside in OUT.rejects.jsonl and go on.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Start OUT afresh instead of resuming it.")] = False,
+) -> None:
+    """AI preference labels: a feedback model compares two responses under a constitution principle.
+
+    Example: caictl label pairs.jsonl --soft --clamp 0.4 0.6 --model models/feedback -o prefs.jsonl
+    """
+    from caictl import settings
+    from caictl.stages import label as stage
+
+    stage.run(stage.LabelConfig(
+        pairs=pairs, out=out, model=model, engine=settings.resolve("engine", engine, "hf"),
+        base_url=settings.resolve("base_url", base_url),
+        constitution=settings.resolve("constitution", constitution, "harmless"),
+        principles=[p.strip() for p in principles.split(",") if p.strip()] if principles else [],
+        hard=not soft, cot=cot, clamp=tuple(clamp) if clamp else None, principles_per_pair=principles_per_pair,
+        debias=debias, few_shot=few_shot, pairing=pairing, max_new_tokens=max_new_tokens,
+        temperature=temperature, batch_size=batch_size, concurrency=concurrency, seed=int(_seed(seed)),
+        limit=limit, skip_invalid=skip_invalid, overwrite=overwrite,
+    ))
+
+
+@app.command()
+def sft(
+    revisions: Annotated[list[str], typer.Argument(help="revise output file(s).")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Output model folder.")],
+    model: Model = None,
+    revisions_mode: Annotated[str, typer.Option(
+        "--revisions", help="final: each prompt's last revision; all: every round's revision (the paper).")] = "final",
+    revisions_weight: Annotated[float, typer.Option(help="The revisions' share weight against --mix.")] = 1.0,
+    mix: Annotated[Optional[list[str]], typer.Option(
+        help="FILE[:WEIGHT] of other chat data (messages, prompt/completion, hh-rlhf chosen). Repeatable.")] = None,
+    lora: Annotated[bool, typer.Option(help="Train a LoRA adapter instead of all weights.")] = False,
+    lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 16,
+    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = 32,
+    lora_dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.05,
+    lora_target: Annotated[str, typer.Option(help="all-linear, or comma-separated module names.")] = "all-linear",
+    merge: Annotated[bool, typer.Option(help="With --lora: save the merged model (adapter in OUT/adapter).")] = False,
+    epochs: Annotated[float, typer.Option(help="Passes over the data.")] = 1.0,
+    max_steps: Annotated[int, typer.Option(help="Stop after N optimizer steps (overrides --epochs).")] = -1,
+    learning_rate: Annotated[Optional[float], typer.Option(help="Default 2e-5, or 2e-4 with --lora.")] = None,
+    scheduler: Annotated[str, typer.Option(help="constant (the paper), linear, cosine, constant_with_warmup.")] = "constant",
+    warmup_steps: Annotated[int, typer.Option(help="Learning-rate warm-up steps.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Examples per device per step.")] = 8,
+    grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
+    max_length: Annotated[int, typer.Option(help="Tokens per example; longer ones are cut and counted.")] = 1024,
+    chat_template: Annotated[Optional[str], typer.Option(
+        help="Jinja chat template file with {% generation %} markers, replacing the model's.")] = None,
+    save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 100,
+    resume: Annotated[bool, typer.Option(help="Require a checkpoint to resume from (found ones resume anyway).")] = False,
+    seed: Seed = None,
+    overwrite: Annotated[bool, typer.Option(help="Discard an earlier model and checkpoints in OUT.")] = False,
+) -> None:
+    """Supervised fine-tuning on the revisions (SL-CAI), assistant tokens only, on TRL's SFTTrainer.
+
+    Example: caictl sft revisions.jsonl --mix helpful.jsonl:0.5 --model models/base -o models/sl-cai
+    Several GPUs: accelerate launch -m caictl sft ...
+    """
+    from caictl.stages import sft as stage
+
+    stage.run(stage.SFTConfig(
+        revisions=revisions, out=out, model=model, revisions_mode=revisions_mode, revisions_weight=revisions_weight,
+        mix=mix or [], lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+        lora_target=lora_target, merge=merge, epochs=epochs, max_steps=max_steps, learning_rate=learning_rate,
+        scheduler=scheduler, warmup_steps=warmup_steps, batch_size=batch_size, grad_accum=grad_accum,
+        max_length=max_length, chat_template=chat_template, save_steps=save_steps, resume=resume,
+        seed=int(_seed(seed)), overwrite=overwrite,
+    ))
+
+
+def _seed(flag):
+    from caictl import settings
+
+    return settings.resolve("seed", flag, 0)
 
 
 @constitution_app.command("show")

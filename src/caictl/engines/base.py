@@ -42,8 +42,11 @@ class Engine(Protocol):
     def complete(self, texts: list[str], params: SamplingParams, keys: list[str]) -> list[Generation]:
         """A plain continuation of each text (base models, Anthropic-style transcripts)."""
 
+    def chat_prompt(self, chat: list[dict]) -> str | None:
+        """The prompt text the model sees for a chat (its template), or None where it is not known here."""
+
     def choice_logprobs(self, texts: list[str], choices: list[str]) -> list[list[float]]:
-        """For each text, the log-probability of each choice as its continuation (one forward pass)."""
+        """For each text, the log-probability of each choice as its continuation (no generation)."""
 
 
 def request_seed(seed: int, key: str) -> int:

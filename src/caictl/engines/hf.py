@@ -67,28 +67,43 @@ class HFEngine:
     def complete(self, texts: list[str], params: SamplingParams, keys: list[str]) -> list[Generation]:
         return self._generate([self._encode(t, special=True) for t in texts], params, keys)
 
+    def chat_prompt(self, chat: list[dict]) -> str:
+        """The text the model sees for a chat, up to the open assistant turn (its own template)."""
+        return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+
     def choice_logprobs(self, texts: list[str], choices: list[str]) -> list[list[float]]:
+        """Choices that differ only in their last token (" (A" / " (B") cost one sequence per text: the
+        common part is scored once and the last tokens are read from the same final position."""
         import torch
 
         choice_ids = [self.tokenizer(c, add_special_tokens=False).input_ids for c in choices]
         if any(not ids for ids in choice_ids):
             raise UsageError("every choice must be at least one token long")
-        sequences = []  # (text index, choice index, ids, number of choice tokens)
-        for t, text in enumerate(texts):
-            prefix = self._encode(text, special=True)
-            for c, ids in enumerate(choice_ids):
-                sequences.append((t, c, (prefix + ids)[-self.max_positions:], len(ids)))
-        scores = [[0.0] * len(choices) for _ in texts]
-        for batch in self._length_batches([s[2] for s in sequences]):
-            input_ids, attention = self._pad([sequences[i][2] for i in batch])
+        common = choice_ids[0][:_common_prefix_length(choice_ids)]
+        if all(len(ids) == len(common) + 1 for ids in choice_ids):
+            sequences = [(self._encode(t, special=True) + common)[-self.max_positions:] for t in texts]
+            endings = [[ids[-1]] for ids in choice_ids]
+        else:
+            sequences = [(self._encode(t, special=True) + ids)[-self.max_positions:]
+                         for t in texts for ids in choice_ids]
+            endings = [None]
+        scored = len(common) if endings[0] else None
+        scores: list[list[float]] = [[0.0] * len(choices) for _ in texts]
+        for batch in self._length_batches(sequences):
+            input_ids, attention = self._pad([sequences[i] for i in batch])
             with torch.inference_mode():
                 logits = self.lm(input_ids=input_ids, attention_mask=attention).logits.float()
-            logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
-            targets = input_ids[:, 1:]
-            token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            logprobs = torch.log_softmax(logits, dim=-1)
+            # token t's log-prob is read at position t - 1
+            token_logprobs = logprobs[:, :-1].gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
             for row, index in enumerate(batch):
-                t, c, _, n = sequences[index]
-                scores[t][c] = float(token_logprobs[row, -n:].sum())
+                if scored is not None:
+                    base = float(token_logprobs[row, token_logprobs.shape[1] - scored:].sum()) if scored else 0.0
+                    for c, ending in enumerate(endings):
+                        scores[index][c] = base + float(logprobs[row, -1, ending[0]])
+                else:
+                    t, c = divmod(index, len(choices))
+                    scores[t][c] = float(token_logprobs[row, -len(choice_ids[c]):].sum())
         return scores
 
     # Internals ------------------------------------------------------------------------------------------

@@ -60,6 +60,9 @@ class OpenAIEngine:
 
         return self._map(one, texts, keys)
 
+    def chat_prompt(self, chat: list[dict]) -> None:
+        return None  # the server applies its own template; scoring goes through /v1/completions text
+
     def choice_logprobs(self, texts: list[str], choices: list[str]) -> list[list[float]]:
         """Log-prob of each choice as the continuation of each text, from the server's echoed prompt
         log-probs (/v1/completions with echo): one scoring request per (text, choice), nothing sampled."""

@@ -20,12 +20,12 @@ from caictl import __version__, settings
 from caictl.constitution import Constitution, CritiquePrinciple
 from caictl.constitution import load as load_constitution
 from caictl.conversation import render_transcript
-from caictl.engines import ENGINES, SamplingParams, load_engine
+from caictl.engines import ENGINES, SamplingParams
+from caictl.generation import PROMPT_STYLES, STOP_RESPONSE, open_engine, prompt_style, response_request
 from caictl.errors import UsageError
 from caictl.records import Prompt, RecordWriter, RejectWriter, read_prompts
 from caictl.ui import log, meter, summary_table
 
-PROMPT_STYLES = ("auto", "chat", "transcript")
 FORMATS = ("caictl", "hf")
 BATCHES_PER_WRITE = 4  # prompts are processed (and written) in windows of this many batches
 
@@ -103,11 +103,8 @@ def run(config: ReviseConfig) -> dict:
     totals = Totals()
     start = time.perf_counter()
     if pending:
-        engine = load_engine(config.engine, model, **_engine_options(config))
-        style = config.prompt_style
-        if style == "auto":
-            style = "chat" if engine.supports_chat() else "transcript"
-        reviser = Reviser(engine, constitution, config, style)
+        engine = open_engine(config.engine, model, config.base_url, config.batch_size, config.concurrency)
+        reviser = Reviser(engine, constitution, config, prompt_style(config.prompt_style, engine))
         window = config.batch_size * BATCHES_PER_WRITE
         try:
             with meter(len(pending), "revise") as progress:
@@ -177,7 +174,7 @@ class Reviser:
             self.constitution.draw_critique_principles(config.rounds, random.Random(f"{config.seed}:{p.id}"))
             for p in prompts
         ]
-        initial = self._generate([self._initial_request(p) for p in prompts],
+        initial = self._generate([response_request(self.style, p.messages) for p in prompts],
                                  [f"{p.id}/initial" for p in prompts], STOP_RESPONSE, totals)
         current = [clean_response(g.text) for g in initial]
         initial_responses = list(current)
@@ -238,11 +235,6 @@ class Reviser:
             results = self.engine.complete(requests, params, keys)
         totals.add(results)
         return results
-
-    def _initial_request(self, prompt: Prompt):
-        if self.style == "chat":
-            return prompt.messages
-        return render_transcript(prompt.messages, open_assistant_turn=True)
 
     def _critique_request(self, prompt: Prompt, response: str, principle: CritiquePrinciple):
         conversation = prompt.messages + [{"role": "assistant", "content": response}]
@@ -305,7 +297,6 @@ class Reviser:
 
 
 # Transcript stops: a base model that has finished its part goes on to write the next label.
-STOP_RESPONSE = ("\n\nHuman:", "\n\nCritiqueRequest:")
 STOP_CRITIQUE = ("\n\nHuman:", "\n\nRevisionRequest:", "\n\nCritiqueRequest:", "\n\nRevision:")
 STOP_REVISION = ("\n\nHuman:", "\n\nCritiqueRequest:", "\n\nRevisionRequest:")
 
@@ -384,12 +375,6 @@ def _settings(config: ReviseConfig, model: str, constitution: Constitution) -> d
         "format": config.format,
         "caictl_version": __version__,
     }
-
-
-def _engine_options(config: ReviseConfig) -> dict:
-    if config.engine == "openai":
-        return {"base_url": settings.resolve("base_url", config.base_url), "concurrency": config.concurrency}
-    return {"batch_size": config.batch_size}
 
 
 def _print_summary(summary: dict, rejects) -> None:

@@ -1,0 +1,152 @@
+"""sample: several responses per prompt from a policy, the pairs that the feedback model will compare.
+
+    caictl sample examples/red-team.jsonl --model runs/demo/models/sl-cai -n 2 -o pairs.jsonl
+    caictl sample --from-revisions revisions.jsonl -o pairs.jsonl
+
+The paper draws 2 responses per red-team prompt from the SL-CAI model (section 4.1). Each response is seeded
+by (seed, prompt id, index), so a resumed run equals an uninterrupted one. `--from-revisions` skips sampling:
+each revise record becomes the pair (initial response, final revision).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from caictl import __version__, settings
+from caictl.engines import ENGINES, SamplingParams
+from caictl.errors import InputError, UsageError
+from caictl.generation import PROMPT_STYLES, STOP_RESPONSE, open_engine, prompt_style, response_request
+from caictl.records import RecordWriter, RejectWriter, read_prompts, read_rows
+from caictl.ui import log, meter, summary_table
+
+BATCHES_PER_WRITE = 4
+
+
+@dataclass
+class SampleConfig:
+    prompts: str | None = None  # input file; None or "-" reads stdin
+    out: str | None = None  # output JSONL; None writes to stdout
+    model: str | None = None  # the policy: a folder or hub id (hf), or the server's model name (openai)
+    engine: str = "hf"
+    base_url: str | None = None
+    n: int = 2  # responses per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    prompt_style: str = "auto"  # chat, transcript (Human:/Assistant: for base models) or auto
+    batch_size: int = 16
+    concurrency: int = 8
+    seed: int = 0
+    limit: int | None = None
+    from_revisions: bool = False  # the input is revise output: pair each initial response with its revision
+    skip_invalid: bool = False
+    overwrite: bool = False
+
+    def check(self) -> None:
+        problems = []
+        if self.engine not in ENGINES:
+            problems.append(f"--engine {self.engine!r}: choose one of {', '.join(ENGINES)}")
+        if self.n < 1 and not self.from_revisions:
+            problems.append("-n must be at least 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            problems.append("--temperature must be >= 0 and --top-p in (0, 1]")
+        if self.max_new_tokens < 1 or self.batch_size < 1 or self.concurrency < 1:
+            problems.append("--max-new-tokens, --batch-size and --concurrency must be at least 1")
+        if self.limit is not None and self.limit < 1:
+            problems.append("--limit must be at least 1")
+        if self.prompt_style not in PROMPT_STYLES:
+            problems.append(f"--prompt-style {self.prompt_style!r}: choose one of {', '.join(PROMPT_STYLES)}")
+        if problems:
+            raise UsageError("; ".join(problems))
+
+
+def run(config: SampleConfig) -> dict:
+    config.check()
+    if config.from_revisions:
+        return _from_revisions(config)
+    model = settings.require_model(config.model)
+    rejects = RejectWriter(config.out) if config.skip_invalid else None
+    prompts = read_prompts(config.prompts, on_invalid=rejects)[: config.limit]
+    run_settings = {
+        "stage": "sample", "model": model, "engine": config.engine, "n": config.n,
+        "prompt_style": config.prompt_style,
+        "sampling": {"temperature": config.temperature, "top_p": config.top_p,
+                     "max_new_tokens": config.max_new_tokens},
+        "seed": config.seed, "caictl_version": __version__,
+    }
+    writer = RecordWriter(config.out, run_settings, overwrite=config.overwrite)
+    pending = [p for p in prompts if p.id not in writer.done]
+    if writer.done:
+        log(f"resuming {config.out}: {len(prompts) - len(pending)} of {len(prompts)} prompts already done")
+    start, tokens, cut_off = time.perf_counter(), 0, 0
+    try:
+        if pending:
+            engine = open_engine(config.engine, model, config.base_url, config.batch_size, config.concurrency)
+            style = prompt_style(config.prompt_style, engine)
+            params = SamplingParams(config.max_new_tokens, config.temperature, config.top_p,
+                                    STOP_RESPONSE if style == "transcript" else (), config.seed)
+            window = config.batch_size * BATCHES_PER_WRITE
+            with meter(len(pending), "sample") as progress:
+                for first in range(0, len(pending), window):
+                    chunk = pending[first:first + window]
+                    requests = [response_request(style, p.messages) for p in chunk for _ in range(config.n)]
+                    keys = [f"{p.id}/sample/{k}" for p in chunk for k in range(config.n)]
+                    call = engine.generate if style == "chat" else engine.complete
+                    results = call(requests, params, keys)
+                    records = []
+                    for i, prompt in enumerate(chunk):
+                        mine = results[i * config.n:(i + 1) * config.n]
+                        records.append({**prompt.extra, "id": prompt.id, "messages": prompt.messages,
+                                        "responses": [g.text.strip() for g in mine],
+                                        "finish_reasons": [g.finish_reason for g in mine],
+                                        "meta": run_settings})
+                        cut_off += sum(g.finish_reason == "length" for g in mine)
+                    writer.write(records)
+                    new_tokens = sum(g.completion_tokens for g in results)
+                    tokens += new_tokens
+                    progress.advance(len(chunk), new_tokens)
+    finally:
+        writer.close()
+    summary = {"stage": "sample", "out": config.out or "-", "prompts": len(prompts), "written": len(pending),
+               "resumed_from_existing": len(prompts) - len(pending), "responses_per_prompt": config.n,
+               "cut_off_at_max_new_tokens": cut_off, "completion_tokens": tokens,
+               "seconds": round(time.perf_counter() - start, 2)}
+    summary_table("sample", [(k.replace("_", " "), v) for k, v in summary.items() if k != "stage"])
+    return summary
+
+
+def _from_revisions(config: SampleConfig) -> dict:
+    """(initial response, final revision) pairs straight from revise output: no model involved."""
+    run_settings = {"stage": "sample", "source": "revisions", "caictl_version": __version__}
+    writer = RecordWriter(config.out, run_settings, overwrite=config.overwrite)
+    rejects = RejectWriter(config.out) if config.skip_invalid else None
+    records, skipped = [], 0
+    for row in read_rows(config.prompts, on_invalid=rejects):
+        data = row.data
+        problem = None
+        if not isinstance(data, dict) or not {"id", "messages", "initial_response", "response"} <= set(data):
+            problem = "not a revise record (needs id, messages, initial_response, response); run `caictl revise` first"
+        if problem:
+            if rejects is None:
+                raise InputError(f"{row.where}: {problem}")
+            rejects(row, problem)
+            continue
+        if str(data["id"]) in writer.done:
+            continue
+        if data["response"] == data["initial_response"]:
+            skipped += 1  # no revision made it: there is nothing to compare
+            continue
+        records.append({"id": str(data["id"]), "messages": data["messages"],
+                        "responses": [data["initial_response"], data["response"]],
+                        "meta": {**run_settings, "revise": data.get("meta", {})}})
+        if config.limit and len(records) >= config.limit:
+            break
+    try:
+        writer.write(records)
+    finally:
+        writer.close()
+    summary = {"stage": "sample", "out": config.out or "-", "written": len(records),
+               "skipped_unrevised": skipped}
+    summary_table("sample --from-revisions", [(k.replace("_", " "), v) for k, v in summary.items() if k != "stage"])
+    return summary

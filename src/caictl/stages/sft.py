@@ -1,0 +1,337 @@
+"""sft: supervised fine-tuning on the revisions (SL-CAI), mixed with helpfulness data, on TRL's SFTTrainer.
+
+    caictl sft runs/demo/revisions.jsonl --mix helpful-chats.jsonl:0.5 --model models/base -o models/sl-cai
+
+Each prompt trains on its final revision, or with `--revisions all` on every round's revision as the paper
+did (section 3.1). Only assistant tokens carry loss. `--mix FILE[:WEIGHT]` adds other chat data; the weights
+set each source's share of the training set (the revisions' weight is `--revisions-weight`). The output
+folder loads with `AutoModelForCausalLM.from_pretrained`; `caictl.json` beside it records the inputs with
+their hashes, the options, and the metrics with the loss history. Several GPUs:
+`accelerate launch -m caictl sft ...`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from caictl import __version__, settings
+from caictl.conversation import parse_transcript
+from caictl.errors import InputError, UsageError
+from caictl.records import file_hash, read_rows
+from caictl.ui import log, summary_table
+
+REVISION_MODES = ("final", "all")
+SCHEDULERS = ("constant", "linear", "cosine", "constant_with_warmup")
+UNUSABLE = {"empty_revision", "revision_copies_critique"}  # revise flags that rule a revision out
+
+
+@dataclass
+class SFTConfig:
+    revisions: list[str]  # revise output files (caictl or --format hf records)
+    out: str  # output model folder
+    model: str | None = None  # the base model to fine-tune (folder or hub id)
+    revisions_mode: str = "final"  # final: the last usable revision per prompt; all: every round's revision
+    revisions_weight: float = 1.0  # the revisions' share weight against --mix sources
+    mix: list[str] = field(default_factory=list)  # FILE[:WEIGHT]: other chat data mixed in
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target: str = "all-linear"  # peft target_modules: "all-linear" or comma-separated module names
+    merge: bool = False  # with --lora: write the merged model as the folder (adapter in DIR/adapter)
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    learning_rate: float | None = None  # default: 2e-5 full fine-tuning, 2e-4 LoRA
+    scheduler: str = "constant"  # the paper used a constant learning rate
+    warmup_steps: int = 0
+    batch_size: int = 8  # per device
+    grad_accum: int = 1
+    max_length: int = 1024  # tokens; longer examples are cut (and counted)
+    seed: int = 0
+    chat_template: str | None = None  # a Jinja file with {% generation %} markers, replacing the model's
+    save_steps: int = 100  # checkpoint every N optimizer steps (resume picks up the last one)
+    resume: bool = False  # require a checkpoint to resume from (a re-run resumes by itself when one exists)
+    overwrite: bool = False  # discard earlier output and checkpoints
+
+    def check(self) -> None:
+        problems = []
+        if not self.revisions:
+            problems.append("give at least one revisions file (output of `caictl revise`)")
+        for path in self.revisions + [spec.rsplit(":", 1)[0] if _has_weight(spec) else spec for spec in self.mix]:
+            if not Path(path).exists():
+                problems.append(f"{path}: no such file")
+        for spec in self.mix:
+            if _has_weight(spec) and not float(spec.rsplit(":", 1)[1]) > 0:
+                problems.append(f"--mix {spec}: the weight must be > 0")
+        if self.revisions_mode not in REVISION_MODES:
+            problems.append(f"--revisions {self.revisions_mode!r}: choose one of {', '.join(REVISION_MODES)}")
+        if self.scheduler not in SCHEDULERS:
+            problems.append(f"--scheduler {self.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+        if self.merge and not self.lora:
+            problems.append("--merge only applies with --lora")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.max_length < 16 or self.revisions_weight <= 0:
+            problems.append("--batch-size and --grad-accum must be >= 1, --max-length >= 16, --revisions-weight > 0")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            problems.append("--epochs must be > 0 (or set --max-steps)")
+        if problems:
+            raise UsageError("; ".join(problems))
+
+
+def _has_weight(spec: str) -> bool:
+    head, _, tail = spec.rpartition(":")
+    if not head:
+        return False
+    try:
+        float(tail)
+    except ValueError:
+        return False
+    return True
+
+
+def run(config: SFTConfig) -> dict:
+    """Train and save; return the metrics written to caictl.json."""
+    config.check()
+    model_name = settings.require_model(config.model)
+    out = Path(config.out)
+    if (out / "caictl.json").exists() and not config.overwrite:
+        raise UsageError(f"{out} already holds a trained model; pass --overwrite to train again, or -o elsewhere")
+    if config.overwrite and out.exists():
+        shutil.rmtree(out)
+    sources = load_sources(config)
+    examples, counts = mix_sources(sources, config.seed)
+    if not examples:
+        raise UsageError("no training examples left after reading the inputs (are all revisions flagged?)")
+
+    trainer, tokenizer, truncated = prepare(config, model_name, examples)
+    if truncated:
+        log(f"[yellow]{truncated} of {len(examples)} examples are longer than --max-length {config.max_length} "
+            "tokens and were cut; raise --max-length to keep them whole[/yellow]")
+    checkpoint = _checkpoint_to_resume(config, out)
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):  # the trainer prints its logs; stdout stays for records
+        trainer.train(resume_from_checkpoint=checkpoint)
+    seconds = time.perf_counter() - start
+
+    history = [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e]
+    steps = trainer.state.global_step
+    metrics = {
+        "examples": len(examples),
+        "examples_per_source": counts,
+        "truncated_examples": truncated,
+        "steps": steps,
+        "train_loss_first": history[0]["loss"] if history else None,
+        "train_loss_last": history[-1]["loss"] if history else None,
+        "loss_history": history,
+        "seconds": round(seconds, 2),
+        "seconds_per_step": round(seconds / max(steps, 1), 4),
+    }
+    _save(trainer, tokenizer, config, out)
+    info = {
+        "stage": "sft",
+        "caictl_version": __version__,
+        "base_model": model_name,
+        "inputs": [{"path": str(p), "sha256": file_hash(p)} for p in config.revisions + [s[0] for s in sources[1:]]],
+        "options": asdict(config),
+        "metrics": metrics,
+    }
+    (out / "caictl.json").write_text(json.dumps(info, indent=2) + "\n")
+    plot_loss(history, out / "loss.png")
+    summary_table("sft", [("output", out), ("examples", f"{len(examples)} {counts}"), ("steps", steps),
+                          ("loss first -> last", f"{metrics['train_loss_first']} -> {metrics['train_loss_last']}"),
+                          ("seconds per step", metrics["seconds_per_step"])])
+    return metrics
+
+
+# Data ---------------------------------------------------------------------------------------------------
+
+
+def load_sources(config: SFTConfig) -> list[tuple[str, float, list[list[dict]]]]:
+    """(name, weight, conversations) per source: the revisions first, then each --mix file."""
+    revisions = []
+    for path in config.revisions:
+        for row in read_rows(path):
+            revisions += revision_conversations(row, config.revisions_mode)
+    sources = [("revisions", config.revisions_weight, revisions)]
+    for spec in config.mix:
+        path, weight = (spec.rsplit(":", 1)[0], float(spec.rsplit(":", 1)[1])) if _has_weight(spec) else (spec, 1.0)
+        sources.append((path, weight, [chat_conversation(row) for row in read_rows(path)]))
+    return sources
+
+
+def revision_conversations(row, mode: str) -> list[list[dict]]:
+    """Training conversations from one revise record (caictl or --format hf)."""
+    data = row.data
+    if not isinstance(data, dict) or "messages" not in data:
+        raise InputError(f"{row.where}: not a revise record (no 'messages'); run `caictl revise` first")
+    if "steps" not in data:  # --format hf: `messages` already ends with the final revision
+        return [data["messages"]] if data["messages"] and data["messages"][-1]["role"] == "assistant" else []
+    prompt = data["messages"]
+    if mode == "final":
+        if data.get("response") in (None, "", data.get("initial_response")) and not data["steps"]:
+            return []
+        return [prompt + [{"role": "assistant", "content": data["response"]}]]
+    return [prompt + [{"role": "assistant", "content": step["revision"]}]
+            for step in data["steps"] if step["revision"] and not UNUSABLE & set(step.get("flags", []))]
+
+
+def chat_conversation(row) -> list[dict]:
+    """A --mix row as messages: `messages`, `prompt` + `completion`, an hh-rlhf `chosen` transcript, or a
+    `caictl sample` record (its first response)."""
+    data = row.data
+    if isinstance(data, dict) and isinstance(data.get("messages"), list) and data.get("responses"):
+        messages = data["messages"] + [{"role": "assistant", "content": data["responses"][0]}]
+    elif isinstance(data, dict) and isinstance(data.get("messages"), list):
+        messages = data["messages"]
+    elif isinstance(data, dict) and "prompt" in data and "completion" in data:
+        prompt, completion = data["prompt"], data["completion"]
+        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        completion = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion
+        messages = prompt + completion
+    elif isinstance(data, dict) and isinstance(data.get("chosen"), str):
+        messages = parse_transcript(data["chosen"])
+    else:
+        raise InputError(f"{row.where}: a --mix row needs 'messages', 'prompt' + 'completion', an hh-rlhf 'chosen', "
+                         "or 'messages' + 'responses' (caictl sample)")
+    if not messages or messages[-1].get("role") != "assistant":
+        raise InputError(f"{row.where}: the conversation must end with an assistant message to train on")
+    return messages
+
+
+def mix_sources(sources, seed: int) -> tuple[list[list[dict]], dict]:
+    """Every revision once; each other source sampled so that its share of the set is weight / total weight
+    (drawn without replacement while it has enough rows, then cycled)."""
+    rng = random.Random(seed)
+    (_, revision_weight, revisions), others = sources[0], sources[1:]
+    total_weight = revision_weight + sum(weight for _, weight, _ in others)
+    size = len(revisions) * total_weight / revision_weight
+    examples, counts = list(revisions), {"revisions": len(revisions)}
+    for name, weight, rows in others:
+        wanted = round(size * weight / total_weight)
+        if not rows or not wanted:
+            counts[name] = 0
+            continue
+        order = rows[:]
+        rng.shuffle(order)
+        picked = [order[i % len(order)] for i in range(wanted)]
+        examples += picked
+        counts[name] = len(picked)
+    rng.shuffle(examples)
+    return examples, counts
+
+
+# Training -----------------------------------------------------------------------------------------------
+
+
+def prepare(config: SFTConfig, model_name: str, examples: list[list[dict]]):
+    """The TRL trainer, ready to train; also the tokenizer and how many examples exceed --max-length."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig as TRLSFTConfig
+    from trl import SFTTrainer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_name)
+    except OSError as error:
+        raise UsageError(f"cannot load model {model_name!r} ({str(error).splitlines()[0]})")
+    if config.chat_template:
+        tokenizer.chat_template = Path(config.chat_template).read_text(encoding="utf-8")
+    template = tokenizer.chat_template or ""
+    if "{% generation %}" not in template.replace("{%- generation %}", "{% generation %}"):
+        raise UsageError(
+            f"the chat template of {model_name!r} has no {{% generation %}} markers, so the assistant tokens "
+            "cannot be told apart for an assistant-only loss; pass --chat-template FILE with the markers "
+            "(caictl init-model writes such a template)"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    lengths = [len(tokenizer.apply_chat_template(e, tokenize=True, return_dict=True)["input_ids"]) for e in examples]
+    truncated = sum(n > config.max_length for n in lengths)
+
+    cuda = torch.cuda.is_available()
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    model = AutoModelForCausalLM.from_pretrained(model_name, dtype=torch.bfloat16 if bf16 else torch.float32)
+    learning_rate = config.learning_rate or (2e-4 if config.lora else 2e-5)
+    # transformers 5 renamed gradient_checkpointing to activation_checkpointing; use whichever this one has.
+    fields = TRLSFTConfig.__dataclass_fields__
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    args = TRLSFTConfig(
+        output_dir=str(Path(config.out) / "checkpoints"),
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        learning_rate=learning_rate,
+        lr_scheduler_type=config.scheduler,
+        warmup_steps=config.warmup_steps,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        max_length=config.max_length,
+        assistant_only_loss=True,
+        seed=config.seed,
+        data_seed=config.seed,
+        # TRL defaults to bf16 and activation checkpointing: on a CPU the first fails, the second costs ~40%.
+        use_cpu=not cuda,
+        bf16=bf16,
+        **{checkpointing: False},
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=2,
+        report_to="none",
+        dataset_num_proc=None,
+    )
+    peft_config = None
+    if config.lora:
+        from peft import LoraConfig
+
+        target = config.lora_target if config.lora_target == "all-linear" else config.lora_target.split(",")
+        peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                                 target_modules=target, task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"messages": e} for e in examples]),
+                         processing_class=tokenizer, peft_config=peft_config)
+    return trainer, tokenizer, truncated
+
+
+def _checkpoint_to_resume(config: SFTConfig, out: Path) -> str | None:
+    checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    if config.resume and not checkpoints:
+        raise UsageError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+    if checkpoints:
+        log(f"resuming from {checkpoints[-1]}")
+        return str(checkpoints[-1])
+    return None
+
+
+def _save(trainer, tokenizer, config: SFTConfig, out: Path) -> None:
+    """Full model, LoRA adapter, or (--merge) the merged model with its adapter beside it in adapter/."""
+    if config.lora and config.merge:
+        trainer.model.save_pretrained(out / "adapter")
+        tokenizer.save_pretrained(out / "adapter")
+        merged = trainer.model.merge_and_unload()
+        merged.save_pretrained(out)
+    else:
+        trainer.save_model(str(out))
+    tokenizer.save_pretrained(out)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # training finished: nothing left to resume
+
+
+def plot_loss(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    axis.plot([h["step"] for h in history], [h["loss"] for h in history])
+    axis.set_xlabel("step")
+    axis.set_ylabel("training loss (assistant tokens)")
+    axis.set_title("caictl sft")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

@@ -1,0 +1,46 @@
+"""caictl sample: n responses per prompt, seeded per response, resumable; pairs straight from revisions."""
+
+from __future__ import annotations
+
+from conftest import EXAMPLES, caictl, read_jsonl, write_jsonl
+
+FAST = ["--max-new-tokens", "10", "--batch-size", "8"]
+
+
+def test_n_responses_per_prompt_deterministic_for_a_seed(tmp_path, tiny_model):
+    args = ["sample", EXAMPLES / "red-team.jsonl", "--model", tiny_model, "-n", "3", "--limit", "5", *FAST]
+    caictl(*args, "-o", tmp_path / "a.jsonl")
+    caictl(*args, "-o", tmp_path / "b.jsonl")
+    caictl(*args, "-o", tmp_path / "c.jsonl", "--seed", "9")
+    a, b, c = (read_jsonl(tmp_path / f"{name}.jsonl") for name in "abc")
+    assert a == b and len(a) == 5
+    assert all(len(r["responses"]) == 3 and len(set(r["responses"])) == 3 for r in a)
+    assert [r["responses"] for r in a] != [r["responses"] for r in c]
+    assert a[0]["meta"]["stage"] == "sample" and a[0]["meta"]["n"] == 3
+    assert [r["id"] for r in a] == [r["id"] for r in read_jsonl(EXAMPLES / "red-team.jsonl")[:5]]
+
+
+def test_a_partial_run_resumes_to_what_an_uninterrupted_run_writes(tmp_path, tiny_model):
+    prompts = write_jsonl(tmp_path / "p.jsonl", read_jsonl(EXAMPLES / "helpful.jsonl")[:12])
+    out = tmp_path / "pairs.jsonl"
+    caictl("sample", prompts, "--model", tiny_model, "-o", out, "--limit", "5", *FAST)
+    resumed = caictl("sample", prompts, "--model", tiny_model, "-o", out, *FAST)
+    assert "5 of 12 prompts already done" in " ".join(resumed.stderr.split())
+    caictl("sample", prompts, "--model", tiny_model, "-o", tmp_path / "straight.jsonl", *FAST)
+    assert read_jsonl(out) == read_jsonl(tmp_path / "straight.jsonl")
+
+
+def test_pairs_from_revisions_need_no_model(tmp_path):
+    revisions = write_jsonl(tmp_path / "r.jsonl", [
+        {"id": "a", "messages": [{"role": "user", "content": "q"}], "initial_response": "bad",
+         "steps": [], "response": "better", "meta": {"model": "m"}},
+        {"id": "b", "messages": [{"role": "user", "content": "q2"}], "initial_response": "same",
+         "steps": [], "response": "same", "meta": {}},
+    ])
+    result = caictl("sample", "--from-revisions", revisions)
+    rows = [__import__("json").loads(line) for line in result.stdout.splitlines()]
+    assert [(r["id"], r["responses"]) for r in rows] == [("a", ["bad", "better"])]
+    assert rows[0]["meta"]["revise"] == {"model": "m"}
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"id": "x", "messages": []}])
+    result = caictl("sample", "--from-revisions", bad, check=False)
+    assert result.returncode == 2 and "bad.jsonl:1: not a revise record" in result.stderr

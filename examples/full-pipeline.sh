@@ -5,8 +5,10 @@
 #   MODEL=<folder or hub id>  the model to make harmless; empty builds an offline random-weight one
 #   ENGINE=hf|openai          BASE_URL=http://.../v1 for openai
 #
-# Stages that have landed so far: revise and sft (SL-CAI), sample (the RL stage's response pairs). label,
-# train-pm, ppo and eval join this script as they land.
+#   PM_MODEL=<folder or hub id>  the preference model's backbone; empty builds a random-weight one
+#
+# Stages that have landed so far: revise and sft (SL-CAI), sample, label and train-pm (RL-CAI feedback).
+# ppo and eval join this script as they land.
 set -euo pipefail
 
 RUN=${RUN:-demo}
@@ -43,6 +45,21 @@ fi
 caictl sample examples/red-team.jsonl -o "$OUT/pairs.jsonl" --model "$POLICY" "${ENGINE_FLAGS[@]}" \
   -n 2 --max-new-tokens 48 --batch-size 32
 
+# 4. AI feedback: the feedback model (here the base model, as in the paper) compares each pair under a
+#    comparison principle; soft labels, both orders averaged.
+caictl label "$OUT/pairs.jsonl" -o "$OUT/prefs.jsonl" --model "$MODEL" "${ENGINE_FLAGS[@]}" --batch-size 16
+
+# 5. Preference model on the AI labels, soft targets, 10% held out.
+if [ -z "${PM_MODEL:-}" ]; then
+  PM_MODEL=$OUT/models/pm-base
+  [ -f "$PM_MODEL/caictl.json" ] || caictl init-model --preset small --task seq-cls --out "$PM_MODEL" >/dev/null
+fi
+[ -f "$OUT/models/pm/caictl.json" ] || caictl train-pm "$OUT/prefs.jsonl" --model "$PM_MODEL" -o "$OUT/models/pm" \
+  --eval-split 0.1 --epochs 2 --learning-rate 1e-4 --max-length 256
+caictl score --pm "$OUT/models/pm" "$OUT/pairs.jsonl" -o "$OUT/pairs.scored.jsonl"
+
 echo "revisions:     $OUT/revisions.jsonl"
 echo "SL-CAI model:  $POLICY"
 echo "pairs:         $OUT/pairs.jsonl"
+echo "preferences:   $OUT/prefs.jsonl"
+echo "PM:            $OUT/models/pm"

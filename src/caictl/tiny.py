@@ -84,6 +84,9 @@ def run(config: InitModelConfig) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
+    from caictl.ui import quiet_transformers
+
+    quiet_transformers()
     preset = PRESETS[config.preset]
     tokenizer = build_tokenizer(preset.vocab_size)
     vocab = -(-len(tokenizer) // 64) * 64

@@ -29,7 +29,9 @@ class Meter:
         self.rows += rows
         self.tokens += tokens
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        rate = f"{self.rows / elapsed:.2f} {self.unit}/s, {self.tokens / elapsed:,.0f} tok/s"
+        rate = f"{self.rows / elapsed:.2f} {self.unit}/s"
+        if self.tokens:
+            rate += f", {self.tokens / elapsed:,.0f} tok/s"
         self.progress.update(self.task, advance=rows, rate=rate)
 
 
@@ -56,3 +58,10 @@ def summary_table(title: str, rows: list[tuple[str, object]]) -> None:
     for name, value in rows:
         table.add_row(name, str(value))
     console.print(table)
+
+
+def quiet_transformers() -> None:
+    """transformers' own loading and saving bars would interleave with ours."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()

@@ -23,9 +23,10 @@ class HFEngine:
     def __init__(self, model: str, batch_size: int = 16, device: str = "auto", dtype: str = "auto"):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()  # our own progress bar is the one on stderr
+        from caictl.ui import quiet_transformers
+
+        quiet_transformers()
 
         self.model_name = self.model = model
         self.batch_size = batch_size
@@ -88,14 +89,17 @@ class HFEngine:
                          for t in texts for ids in choice_ids]
             endings = [None]
         scored = len(common) if endings[0] else None
+        # Logits only where they are read: the last choice tokens' positions (and the one before them).
+        keep = (scored + 1) if scored is not None else max(len(ids) for ids in choice_ids) + 1
         scores: list[list[float]] = [[0.0] * len(choices) for _ in texts]
         for batch in self._length_batches(sequences):
             input_ids, attention = self._pad([sequences[i] for i in batch])
             with torch.inference_mode():
-                logits = self.lm(input_ids=input_ids, attention_mask=attention).logits.float()
+                logits = self.lm(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep).logits.float()
             logprobs = torch.log_softmax(logits, dim=-1)
             # token t's log-prob is read at position t - 1
-            token_logprobs = logprobs[:, :-1].gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            targets = input_ids[:, -keep + 1:] if keep > 1 else input_ids[:, :0]
+            token_logprobs = logprobs[:, :-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
             for row, index in enumerate(batch):
                 if scored is not None:
                     base = float(token_logprobs[row, token_logprobs.shape[1] - scored:].sum()) if scored else 0.0

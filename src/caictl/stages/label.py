@@ -19,8 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from caictl import __version__, settings
-from caictl.constitution import ComparisonPrinciple, Constitution
-from caictl.constitution import load as load_constitution
+from caictl.constitution import ComparisonPrinciple, Constitution, load_for_stage
 from caictl.conversation import render_transcript
 from caictl.engines import ENGINES, SamplingParams
 from caictl.errors import InputError, UsageError
@@ -105,11 +104,7 @@ class Comparison:
 def run(config: LabelConfig) -> dict:
     config.check()
     model = settings.require_model(config.model)
-    constitution = load_constitution(config.constitution)
-    if config.principles:
-        constitution = constitution.restrict(config.principles)
-    if not constitution.comparison:
-        raise UsageError(f"constitution {constitution.name!r} has no comparison principles")
+    constitution = load_for_stage(config.constitution, config.principles, "comparison")
     rejects = RejectWriter(config.out) if config.skip_invalid else None
     comparisons = read_comparisons(config, constitution, rejects)
     if config.limit:

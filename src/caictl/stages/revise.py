@@ -17,8 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from caictl import __version__, settings
-from caictl.constitution import Constitution, CritiquePrinciple
-from caictl.constitution import load as load_constitution
+from caictl.constitution import Constitution, CritiquePrinciple, load_for_stage
 from caictl.conversation import render_transcript
 from caictl.engines import ENGINES, SamplingParams
 from caictl.generation import PROMPT_STYLES, STOP_RESPONSE, open_engine, prompt_style, response_request
@@ -83,11 +82,7 @@ def run(config: ReviseConfig) -> dict:
     """Revise every prompt not yet in the output; return the summary."""
     config.check()
     model = settings.require_model(config.model)
-    constitution = load_constitution(config.constitution)
-    if config.principles:
-        constitution = constitution.restrict(config.principles)
-    if not constitution.critique_revision:
-        raise UsageError(f"constitution {constitution.name!r} has no critique/revision principles")
+    constitution = load_for_stage(config.constitution, config.principles, "critique_revision")
 
     rejects = RejectWriter(config.out) if config.skip_invalid else None
     prompts = read_prompts(config.prompts, on_invalid=rejects)

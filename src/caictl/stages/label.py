@@ -13,10 +13,12 @@ model's preference for a slot. Output: TRL's conversational preference format pl
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from caictl import __version__, settings
 from caictl.constitution import ComparisonPrinciple, Constitution, load_for_stage
@@ -333,12 +335,15 @@ def summarise(records: list[dict], comparisons: list[Comparison], seconds: float
         "seconds": round(seconds, 2),
         "comparisons_per_s": round(len(records) / seconds, 2) if seconds > 0 else None,
     }
-    summary_table("label", [
-        ("output", summary["out"]), ("labelled", f"{len(records)} of {len(comparisons)}"),
-        ("label", summary["label"]), ("mean p_chosen", summary["mean_p_chosen"]),
-        ("position consistency", summary["position_consistency"]),
-        ("first-slot preference", summary["first_slot_preference"]),
-        ("principles", ", ".join(f"{k}: {v['votes']}" for k, v in principles.items())),
-        ("comparisons/s", summary["comparisons_per_s"]),
-    ])
+    rows = [("output", summary["out"]), ("labelled", f"{len(records)} of {len(comparisons)}"),
+            ("label", summary["label"]), ("mean p_chosen", summary["mean_p_chosen"]),
+            ("position consistency", summary["position_consistency"]),
+            ("first-slot preference", summary["first_slot_preference"]),
+            ("comparisons/s", summary["comparisons_per_s"])]
+    rows += [(f"  {pid}", f"{p['votes']} votes, confidence {p['mean_confidence']}, consistency "
+                          f"{p['position_consistency']}, first slot {p['first_slot_preference']}")
+             for pid, p in principles.items()]
+    summary_table("label", rows)
+    if config.out not in (None, "-"):
+        Path(f"{config.out}.summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

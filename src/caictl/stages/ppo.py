@@ -1,0 +1,480 @@
+"""ppo: reinforcement learning of the policy against the preference model, with a KL penalty.
+
+    caictl ppo examples/red-team.jsonl --policy models/sl-cai --pm models/pm -o models/rl-cai
+
+caictl's own compact PPO (Schulman et al. 2017, as used for RLHF by Ziegler et al. 2019 and the paper):
+rollouts are sampled from the policy in-process; the reward is the PM's score of prompt + response (the PM
+re-tokenises the text with its own tokenizer); every response token pays a KL penalty to the frozen starting
+policy (fixed `--kl-coef`, or adapted towards `--target-kl`); GAE gives advantages; the policy ratio and the
+value loss are clipped; several minibatch epochs run per rollout batch. The value head is one linear layer
+on the policy's last hidden state: it shares the policy's trunk, so no second model sits in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from caictl import __version__
+from caictl.errors import UsageError
+from caictl.records import read_prompts
+from caictl.ui import log, meter, quiet_transformers, summary_table
+
+
+@dataclass
+class PPOConfig:
+    prompts: str | None  # prompt file (revise/sample inputs); None or "-" reads stdin
+    policy: str  # the starting policy folder (the SL-CAI model)
+    pm: str  # a train-pm folder
+    out: str
+    steps: int = 50  # rollout batches (PPO iterations)
+    batch_size: int = 16  # rollouts per step
+    minibatch_size: int = 8
+    ppo_epochs: int = 4  # passes over each rollout batch
+    learning_rate: float = 1e-5
+    kl_coef: float = 0.05  # initial coefficient of the per-token KL penalty
+    target_kl: float | None = None  # adapt kl_coef towards this KL per response (Ziegler et al.)
+    max_kl: float | None = None  # stop the run when the mean KL per response exceeds this
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    value_coef: float = 0.1
+    whiten_advantages: bool = True
+    normalise_rewards: bool = True  # scale PM scores by the running mean and std
+    reward_clip: float = 5.0  # after normalisation
+    missing_eos_penalty: float = 1.0  # subtracted from responses cut off without an end of sequence
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    heldout: float = 0.1  # share of prompts held out to measure reward before and after
+    sample_every: int = 10  # log sample responses every N steps
+    save_every: int = 25  # checkpoint every N steps
+    lora: bool = False  # train a LoRA adapter; the reference is the base with the adapter switched off
+    lora_r: int = 16
+    lora_alpha: int = 32
+    pm_max_length: int = 512
+    seed: int = 0
+    overwrite: bool = False
+
+    def check(self) -> None:
+        problems = []
+        for name, path in (("--policy", self.policy), ("--pm", self.pm)):
+            if not path or not Path(path).exists():
+                problems.append(f"{name} {path}: no such folder (a caictl sft / train-pm output)")
+        if self.batch_size < 2 or self.minibatch_size < 1 or self.minibatch_size > self.batch_size:
+            problems.append("--batch-size must be >= 2 and --minibatch-size in [1, batch size]")
+        if self.steps < 1 or self.ppo_epochs < 1 or self.max_new_tokens < 1:
+            problems.append("--steps, --ppo-epochs and --max-new-tokens must be at least 1")
+        if not 0 <= self.heldout < 1:
+            problems.append("--heldout must be in [0, 1)")
+        if self.kl_coef < 0:
+            problems.append("--kl-coef must be >= 0")
+        if problems:
+            raise UsageError("; ".join(problems))
+
+
+def run(config: PPOConfig) -> dict:
+    config.check()
+    out = Path(config.out)
+    if (out / "caictl.json").exists() and not config.overwrite:
+        raise UsageError(f"{out} already holds a trained policy; pass --overwrite to train again")
+    if config.overwrite and out.exists():
+        shutil.rmtree(out)
+    prompts = read_prompts(config.prompts)
+    rng = random.Random(config.seed)
+    order = list(range(len(prompts)))
+    rng.shuffle(order)
+    n_heldout = round(len(prompts) * config.heldout) if config.heldout else 0
+    heldout = [prompts[i] for i in order[:n_heldout]]
+    train = [prompts[i] for i in order[n_heldout:]]
+    if len(train) < 2:
+        raise UsageError("ppo needs at least 2 training prompts (after holding some out)")
+    return PPO(config).train(train, heldout)
+
+
+class PPO:
+    def __init__(self, config: PPOConfig):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from caictl.pm import Scorer
+
+        quiet_transformers()
+        self.config = config
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        torch.manual_seed(config.seed)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.policy)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        policy = AutoModelForCausalLM.from_pretrained(config.policy).to(self.device)
+        if config.lora:
+            from peft import LoraConfig, get_peft_model
+
+            policy = get_peft_model(policy, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
+                                                       target_modules="all-linear", task_type="CAUSAL_LM"))
+            self.reference = None  # the same model with its adapter switched off
+        else:
+            self.reference = AutoModelForCausalLM.from_pretrained(config.policy).to(self.device).eval()
+            self.reference.requires_grad_(False)
+        self.policy = policy
+        hidden = policy.config.hidden_size if hasattr(policy.config, "hidden_size") else policy.config.d_model
+        self.value_head = torch.nn.Linear(hidden, 1).to(self.device)
+        torch.nn.init.zeros_(self.value_head.weight)
+        torch.nn.init.zeros_(self.value_head.bias)
+        parameters = [p for p in policy.parameters() if p.requires_grad] + list(self.value_head.parameters())
+        self.optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate)
+        self.scorer = Scorer(config.pm, max_length=config.pm_max_length)
+        self.kl_coef = config.kl_coef
+        self.reward_stats = RunningMoments()
+        self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
+
+    # The loop -------------------------------------------------------------------------------------------
+
+    def train(self, train, heldout) -> dict:
+        config = self.config
+        out = Path(config.out)
+        start_step, history = self._resume(out)
+        before = self.heldout_reward(heldout) if heldout else None
+        if before is not None and start_step == 0:
+            log(f"held-out reward before: {before:.4f}")
+        rng = random.Random(config.seed)
+        start = time.perf_counter()
+        stopped = None
+        with meter(config.steps - start_step, "ppo", unit="steps") as progress:
+            for step in range(start_step + 1, config.steps + 1):
+                batch = [train[rng.randrange(len(train))] for _ in range(config.batch_size)]
+                stats = self.step(batch, step)
+                history.append(stats)
+                progress.advance(1)
+                if config.sample_every and step % config.sample_every == 0:
+                    log(f"step {step}: reward {stats['reward_mean']:.3f}, kl {stats['kl']:.3f}, sample: "
+                        f"{stats['sample']!r}")
+                if config.save_every and step % config.save_every == 0 and step < config.steps:
+                    self._checkpoint(out, step, history)
+                if config.max_kl is not None and stats["kl"] > config.max_kl:
+                    stopped = f"KL {stats['kl']:.3f} exceeded --max-kl {config.max_kl} at step {step}"
+                    log(f"[red]stopping: {stopped}[/red]")
+                    break
+        seconds = time.perf_counter() - start
+        after = self.heldout_reward(heldout) if heldout else None
+        metrics = {
+            "steps": len(history),
+            "heldout_prompts": len(heldout),
+            "heldout_reward_before": before,
+            "heldout_reward_after": after,
+            "kl": history[-1]["kl"] if history else None,
+            "mean_kl_last_5": sum(h["kl"] for h in history[-5:]) / max(len(history[-5:]), 1),
+            "kl_coef_final": self.kl_coef,
+            "stopped": stopped,
+            "seconds": round(seconds, 2),
+            "seconds_per_step": round(seconds / max(len(history) - start_step, 1), 3),
+            "history": [{k: v for k, v in h.items() if k != "sample"} for h in history],
+        }
+        self.save(out, metrics)
+        summary_table("ppo", [("output", out), ("steps", len(history)),
+                              ("held-out reward before -> after", f"{before} -> {after}"),
+                              ("KL (last step)", metrics["kl"]), ("seconds per step", metrics["seconds_per_step"]),
+                              ("stopped early", stopped or "no")])
+        return metrics
+
+    def step(self, prompts, step: int) -> dict:
+        import torch
+
+        config = self.config
+        rollout = self.rollout(prompts)
+        scores = torch.tensor(self.scorer.score(rollout["texts"]), dtype=torch.float32)
+        raw_scores = scores.clone()
+        if config.normalise_rewards:
+            self.reward_stats.update(scores.tolist())
+            scores = (scores - self.reward_stats.mean) / max(self.reward_stats.std, 1e-6)
+        scores = scores.clamp(-config.reward_clip, config.reward_clip)
+        scores = scores - config.missing_eos_penalty * (~rollout["ended"]).float()
+
+        mask = rollout["mask"]
+        with torch.no_grad():
+            old_logprobs, values, _ = self.forward(rollout["ids"], rollout["attention"], rollout["start"])
+            ref_logprobs = self.reference_logprobs(rollout)
+        kl_tokens = (old_logprobs - ref_logprobs) * mask
+        rewards = -self.kl_coef * kl_tokens
+        last = mask.sum(1).long() - 1  # index of each response's last token
+        rewards[torch.arange(len(last)), last.clamp(min=0)] += scores
+        advantages, returns = gae(rewards, values, mask, config.gamma, config.lam)
+        if config.whiten_advantages:
+            advantages = whiten(advantages, mask)
+
+        stats = Counter()
+        n = len(prompts)
+        for _ in range(config.ppo_epochs):
+            order = torch.randperm(n, generator=self.generator)
+            for first in range(0, n, config.minibatch_size):
+                idx = order[first:first + config.minibatch_size]
+                logprobs, new_values, entropy = self.forward(rollout["ids"][idx], rollout["attention"][idx],
+                                                             rollout["start"])
+                m = mask[idx]
+                pg_loss, clip_fraction = policy_loss(logprobs, old_logprobs[idx], advantages[idx], m,
+                                                     config.clip_range)
+                v_loss = value_loss(new_values, values[idx], returns[idx], m, config.clip_range_value)
+                loss = pg_loss + config.value_coef * v_loss
+                self.optimizer.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(
+                    [p for p in self.policy.parameters() if p.requires_grad] + list(self.value_head.parameters()), 1.0)
+                self.optimizer.step()
+                stats["policy_loss"] += pg_loss.item()
+                stats["value_loss"] += v_loss.item()
+                stats["clip_fraction"] += clip_fraction
+                stats["entropy"] += masked_mean(entropy, m).item()
+                stats["updates"] += 1
+        # Reported KL per response: the k3 estimator (exp(-x) - 1 + x of the log-ratio x) is never negative,
+        # unlike the plain log-ratio that the penalty uses (Schulman, "Approximating KL divergence").
+        kl = (((-kl_tokens).exp() - 1 + kl_tokens) * mask).sum(1).mean().item()
+        if config.target_kl is not None:
+            self.kl_coef = adaptive_kl(self.kl_coef, kl, config.target_kl, config.batch_size)
+        updates = stats.pop("updates")
+        lengths = mask.sum(1)
+        return {
+            "step": step,
+            "reward_mean": raw_scores.mean().item(),
+            "reward_std": raw_scores.std().item(),
+            "kl": kl,
+            "kl_coef": self.kl_coef,
+            **{k: v / updates for k, v in stats.items()},
+            "response_length": lengths.float().mean().item(),
+            "ended_with_eos": rollout["ended"].float().mean().item(),
+            "boilerplate_share": boilerplate_share(rollout["responses"]),
+            "sample": rollout["responses"][0],
+        }
+
+    # Model calls ----------------------------------------------------------------------------------------
+
+    def rollout(self, prompts) -> dict:
+        """Sample one response per prompt. ids: [batch, prompt width + response width], prompts left-padded."""
+        import torch
+
+        config = self.config
+        texts = [self.tokenizer.apply_chat_template(p.messages, tokenize=False, add_generation_prompt=True)
+                 for p in prompts]
+        encoded = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        self.policy.eval()
+        with torch.no_grad():
+            output = self.policy.generate(**encoded, max_new_tokens=config.max_new_tokens, do_sample=True,
+                                          temperature=config.temperature, top_k=0, top_p=1.0,
+                                          pad_token_id=self.tokenizer.pad_token_id,
+                                          eos_token_id=self.tokenizer.eos_token_id)
+        self.policy.train()
+        start = encoded["input_ids"].shape[1]
+        response = output[:, start:]
+        eos = self.tokenizer.eos_token_id
+        is_eos = response == eos
+        ended = is_eos.any(1)
+        # Response tokens up to and including the first end of sequence.
+        first_eos = torch.where(ended, is_eos.float().argmax(1), torch.full_like(ended, response.shape[1], dtype=torch.long))
+        positions = torch.arange(response.shape[1], device=response.device).unsqueeze(0)
+        mask = (positions <= first_eos.unsqueeze(1)).float()
+        mask = mask * (positions < response.shape[1]).float()
+        attention = torch.cat([encoded["attention_mask"], mask.long()], dim=1)
+        responses = [self.tokenizer.decode(r[m.bool()], skip_special_tokens=True).strip()
+                     for r, m in zip(response, mask)]
+        from caictl.pm import conversation_text
+
+        return {"ids": output, "attention": attention, "start": start, "mask": mask, "ended": ended.cpu(),
+                "responses": responses,
+                "texts": [conversation_text(p.messages, r) for p, r in zip(prompts, responses)]}
+
+    def forward(self, ids, attention, start: int):
+        """Per response token: log-prob under the policy, value, entropy. Shapes [batch, response width]."""
+        import torch
+
+        output = self.policy(input_ids=ids, attention_mask=attention, output_hidden_states=True)
+        logits = output.logits[:, start - 1:-1].float()
+        logprobs_all = torch.log_softmax(logits, dim=-1)
+        logprobs = logprobs_all.gather(-1, ids[:, start:].unsqueeze(-1)).squeeze(-1)
+        entropy = -(logprobs_all.exp() * logprobs_all).sum(-1)
+        hidden = output.hidden_states[-1][:, start - 1:-1].float()
+        values = self.value_head(hidden).squeeze(-1)
+        return logprobs, values, entropy
+
+    def reference_logprobs(self, rollout):
+        import torch
+
+        ids, attention, start = rollout["ids"], rollout["attention"], rollout["start"]
+        if self.reference is None:
+            with self.policy.disable_adapter():
+                logits = self.policy(input_ids=ids, attention_mask=attention).logits
+        else:
+            logits = self.reference(input_ids=ids, attention_mask=attention).logits
+        logprobs = torch.log_softmax(logits[:, start - 1:-1].float(), dim=-1)
+        return logprobs.gather(-1, ids[:, start:].unsqueeze(-1)).squeeze(-1)
+
+    def heldout_reward(self, prompts) -> float:
+        """Mean PM score of responses to held-out prompts, sampled with a fixed seed."""
+        import torch
+
+        state = torch.random.get_rng_state()
+        torch.manual_seed(self.config.seed + 1)
+        scores = []
+        for first in range(0, len(prompts), self.config.batch_size):
+            rollout = self.rollout(prompts[first:first + self.config.batch_size])
+            scores += self.scorer.score(rollout["texts"])
+        torch.random.set_rng_state(state)
+        return round(sum(scores) / len(scores), 4)
+
+    # Saving and resuming --------------------------------------------------------------------------------
+
+    def _checkpoint(self, out: Path, step: int, history: list[dict]) -> None:
+        import torch
+
+        folder = out / "checkpoint"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.policy.save_pretrained(folder / "policy")
+        torch.save({"step": step, "value_head": self.value_head.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "kl_coef": self.kl_coef, "reward_stats": asdict(self.reward_stats), "history": history,
+                    "generator": self.generator.get_state()}, folder / "state.pt")
+
+    def _resume(self, out: Path) -> tuple[int, list[dict]]:
+        import torch
+
+        state_file = out / "checkpoint" / "state.pt"
+        if not state_file.exists():
+            return 0, []
+        state = torch.load(state_file, weights_only=False)
+        from transformers import AutoModelForCausalLM
+
+        if self.config.lora:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(self.policy, load_file(out / "checkpoint" / "policy" / "adapter_model.safetensors"))
+        else:
+            loaded = AutoModelForCausalLM.from_pretrained(out / "checkpoint" / "policy")
+            self.policy.load_state_dict(loaded.state_dict())
+        self.value_head.load_state_dict(state["value_head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.kl_coef = state["kl_coef"]
+        self.reward_stats = RunningMoments(**state["reward_stats"])
+        self.generator.set_state(state["generator"])
+        log(f"resuming from step {state['step']} in {out / 'checkpoint'}")
+        return state["step"], state["history"]
+
+    def save(self, out: Path, metrics: dict) -> None:
+        import torch
+
+        out.mkdir(parents=True, exist_ok=True)
+        policy = self.policy.merge_and_unload() if self.config.lora else self.policy
+        policy.save_pretrained(out)
+        self.tokenizer.save_pretrained(out)
+        torch.save(self.value_head.state_dict(), out / "value_head.pt")
+        info = {"stage": "ppo", "caictl_version": __version__, "policy": self.config.policy, "pm": self.config.pm,
+                "options": asdict(self.config), "metrics": metrics}
+        (out / "caictl.json").write_text(json.dumps(info, indent=2) + "\n")
+        plot_history(metrics["history"], out / "ppo.png")
+        shutil.rmtree(out / "checkpoint", ignore_errors=True)
+
+
+# The arithmetic, as plain functions (tested against hand-worked numbers) ----------------------------------
+
+
+def masked_mean(values, mask):
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(values, mask, eps: float = 1e-8):
+    mean = masked_mean(values, mask)
+    variance = masked_mean((values - mean) ** 2, mask)
+    return (values - mean) * (variance + eps).rsqrt() * mask
+
+
+def gae(rewards, values, mask, gamma: float, lam: float):
+    """Generalised advantage estimation over response tokens ([batch, T]); masked steps contribute nothing.
+    delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lam A_{t+1}; returns = A + V."""
+    import torch
+
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros(rewards.shape[0], device=rewards.device)
+    next_value = torch.zeros_like(running)
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        running = running * mask[:, t]
+        next_value = values[:, t]
+        advantages[:, t] = running
+    return advantages, (advantages + values) * mask
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range: float):
+    """The clipped surrogate: mean over tokens of max(-A r, -A clip(r, 1 - e, 1 + e)); and the share clipped."""
+    import torch
+
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    fraction = masked_mean((clipped > unclipped).float(), mask).item()
+    return loss, fraction
+
+
+def value_loss(values, old_values, returns, mask, clip_range: float):
+    """0.5 * mean of max((V - R)^2, (clip(V, V_old +- e) - R)^2)."""
+    import torch
+
+    clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+def adaptive_kl(coef: float, kl: float, target: float, batch: int, horizon: int = 10000) -> float:
+    """Ziegler et al.'s proportional controller: move the coefficient so that KL approaches the target."""
+    error = max(min(kl / target - 1, 0.2), -0.2)
+    return coef * (1 + error * batch / horizon)
+
+
+@dataclass
+class RunningMoments:
+    count: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    @property
+    def std(self) -> float:
+        return (self.m2 / (self.count - 1)) ** 0.5 if self.count > 1 else 1.0
+
+    def update(self, values: list[float]) -> None:
+        for value in values:  # Welford
+            self.count += 1
+            delta = value - self.mean
+            self.mean += delta / self.count
+            self.m2 += delta * (value - self.mean)
+
+
+def boilerplate_share(responses: list[str], n: int = 6) -> float:
+    """Share of responses that contain a long word n-gram also found in another response of the batch: the
+    paper's sign of Goodharting (the same stock phrases everywhere)."""
+    grams = [{tuple(words[i:i + n]) for i in range(len(words) - n + 1)} for words in (r.split() for r in responses)]
+    counts = Counter(g for gs in grams for g in gs)
+    shared = [any(counts[g] > 1 for g in gs) for gs in grams]
+    return sum(shared) / len(responses) if responses else 0.0
+
+
+def plot_history(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ["reward_mean", "kl", "entropy", "response_length", "clip_fraction", "boilerplate_share"]
+    figure, axes = plt.subplots(2, 3, figsize=(11, 6))
+    steps = [h["step"] for h in history]
+    for axis, key in zip(axes.flat, keys):
+        axis.plot(steps, [h.get(key, 0) for h in history])
+        axis.set_title(key)
+        axis.set_xlabel("step")
+    figure.suptitle("caictl ppo")
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)

@@ -121,3 +121,4 @@ def test_lora_ppo_uses_the_adapter_free_model_as_reference(tmp_path, short_answe
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out)
+

@@ -299,6 +299,46 @@ def ppo(
 
 
 @app.command()
+def dpo(
+    prefs: Annotated[list[str], typer.Argument(help="Preference files (caictl label output, prompt/chosen/rejected).")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Output model folder.")],
+    model: Model = None,
+    beta: Annotated[float, typer.Option(help="DPO beta: how far from the reference the policy may move.")] = 0.1,
+    label_smoothing: Annotated[float, typer.Option(
+        help="Conservative DPO smoothing for all pairs (TRL has no per-pair target: p_chosen is not a target).")] = 0.0,
+    min_p_chosen: Annotated[float, typer.Option(
+        help="Leave out pairs whose soft label p_chosen is below this.")] = 0.5,
+    epochs: Annotated[float, typer.Option(help="Passes over the pairs.")] = 1.0,
+    max_steps: Annotated[int, typer.Option(help="Stop after N steps (overrides --epochs).")] = -1,
+    learning_rate: Annotated[float, typer.Option(help="Learning rate.")] = 5e-7,
+    batch_size: Annotated[int, typer.Option(help="Pairs per device per step.")] = 4,
+    grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
+    max_length: Annotated[int, typer.Option(help="Tokens per prompt + response.")] = 1024,
+    lora: Annotated[bool, typer.Option(help="LoRA (the reference is the base with the adapter off); saved merged.")] = False,
+    lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 16,
+    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = 32,
+    save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps (a re-run resumes).")] = 100,
+    seed: Seed = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier model in OUT.")] = False,
+) -> None:
+    """Direct preference optimisation on AI labels, on TRL's DPOTrainer (alternative to train-pm + ppo).
+
+    Soft labels: TRL's DPO takes no per-example target, so pairs below --min-p-chosen are dropped and
+    --label-smoothing applies one global smoothing.
+
+    Example: caictl dpo prefs.jsonl --model models/sl-cai -o models/rl-cai-dpo --beta 0.1
+    """
+    from caictl.stages import dpo as stage
+
+    stage.run(stage.DPOConfig(
+        prefs=prefs, out=out, model=model, beta=beta, label_smoothing=label_smoothing, min_p_chosen=min_p_chosen,
+        epochs=epochs, max_steps=max_steps, learning_rate=learning_rate, batch_size=batch_size,
+        grad_accum=grad_accum, max_length=max_length, lora=lora, lora_r=lora_r, lora_alpha=lora_alpha,
+        save_steps=save_steps, seed=int(_seed(seed)), overwrite=overwrite,
+    ))
+
+
+@app.command()
 def sft(
     revisions: Annotated[list[str], typer.Argument(help="revise output file(s).")],
     out: Annotated[str, typer.Option("--out", "-o", help="Output model folder.")],

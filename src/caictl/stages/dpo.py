@@ -1,0 +1,153 @@
+"""dpo: direct preference optimisation of the policy on AI preference labels, on TRL's DPOTrainer.
+
+    caictl dpo prefs.jsonl --model models/sl-cai -o models/rl-cai-dpo --beta 0.1
+
+The alternative to train-pm + ppo that Hugging Face's open CAI recipe used. Reads label output (and plain
+prompt/chosen/rejected rows) as they are. TRL's DPO takes no per-example target, so soft labels are used in
+two ways only: pairs whose p_chosen is below --min-p-chosen are left out (the feedback model could not tell
+them apart), and --label-smoothing applies one global conservative-DPO smoothing to all pairs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from caictl import __version__, settings
+from caictl.errors import InputError, UsageError
+from caictl.records import file_hash, read_rows
+from caictl.ui import log, quiet_transformers, summary_table
+
+
+@dataclass
+class DPOConfig:
+    prefs: list[str]  # label output or prompt/chosen/rejected rows
+    out: str
+    model: str | None = None  # the policy to optimise (also the frozen reference)
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    min_p_chosen: float = 0.5  # leave out pairs the feedback model was less sure about than this
+    epochs: float = 1.0
+    max_steps: int = -1
+    learning_rate: float = 5e-7
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_length: int = 1024
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    save_steps: int = 100
+    seed: int = 0
+    overwrite: bool = False
+
+    def check(self) -> None:
+        problems = []
+        for path in self.prefs:
+            if not Path(path).exists():
+                problems.append(f"{path}: no such file")
+        if not self.prefs:
+            problems.append("give at least one preference file (output of `caictl label`)")
+        if self.beta <= 0 or not 0 <= self.label_smoothing < 0.5 or not 0.5 <= self.min_p_chosen <= 1:
+            problems.append("--beta > 0, --label-smoothing in [0, 0.5) and --min-p-chosen in [0.5, 1]")
+        if problems:
+            raise UsageError("; ".join(problems))
+
+
+def run(config: DPOConfig) -> dict:
+    config.check()
+    model_name = settings.require_model(config.model)
+    out = Path(config.out)
+    if (out / "caictl.json").exists() and not config.overwrite:
+        raise UsageError(f"{out} already holds a trained model; pass --overwrite to train again")
+    if config.overwrite and out.exists():
+        shutil.rmtree(out)
+    rows, dropped = read_pairs(config)
+    if not rows:
+        raise UsageError(f"no pairs left to train on ({dropped} below --min-p-chosen {config.min_p_chosen})")
+    trainer = prepare(config, model_name, rows)
+    checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    if checkpoints:
+        log(f"resuming from {checkpoints[-1]}")
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):
+        trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
+    seconds = time.perf_counter() - start
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    history = [{"step": e["step"], "loss": e["loss"], "margin": e.get("rewards/margins"),
+                "accuracy": e.get("rewards/accuracies")} for e in logs]
+    model = trainer.model.merge_and_unload() if config.lora else trainer.model
+    model.save_pretrained(out)
+    trainer.processing_class.save_pretrained(out)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    metrics = {"pairs": len(rows), "dropped_below_min_p": dropped, "steps": trainer.state.global_step,
+               "seconds": round(seconds, 2), "history": history,
+               "margin_first": history[0]["margin"] if history else None,
+               "margin_last": history[-1]["margin"] if history else None}
+    info = {"stage": "dpo", "caictl_version": __version__, "base_model": model_name,
+            "inputs": [{"path": p, "sha256": file_hash(p)} for p in config.prefs], "options": asdict(config),
+            "metrics": metrics}
+    (out / "caictl.json").write_text(json.dumps(info, indent=2) + "\n")
+    summary_table("dpo", [("output", out), ("pairs", f"{len(rows)} ({dropped} dropped)"),
+                          ("steps", metrics["steps"]),
+                          ("reward margin first -> last", f"{metrics['margin_first']} -> {metrics['margin_last']}")])
+    return metrics
+
+
+def read_pairs(config: DPOConfig) -> tuple[list[dict], int]:
+    rows, dropped = [], 0
+    for path in config.prefs:
+        for row in read_rows(path):
+            data = row.data
+            if not isinstance(data, dict) or not {"prompt", "chosen", "rejected"} <= set(data):
+                raise InputError(f"{row.where}: a preference row needs prompt, chosen and rejected "
+                                 "(run `caictl label` first)")
+            if data.get("p_chosen", 1.0) < config.min_p_chosen:
+                dropped += 1
+                continue
+            prompt = data["prompt"]
+            prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+
+            def as_messages(value):
+                return [{"role": "assistant", "content": value}] if isinstance(value, str) else value
+
+            rows.append({"prompt": prompt, "chosen": as_messages(data["chosen"]),
+                         "rejected": as_messages(data["rejected"])})
+    return rows, dropped
+
+
+def prepare(config: DPOConfig, model_name: str, rows: list[dict]):
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig as TRLDPOConfig
+    from trl import DPOTrainer
+
+    quiet_transformers()
+    tokenizer = AutoTokenizer.from_pretrained(model_name)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    cuda = torch.cuda.is_available()
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    model = AutoModelForCausalLM.from_pretrained(model_name, dtype=torch.bfloat16 if bf16 else torch.float32)
+    fields = TRLDPOConfig.__dataclass_fields__
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    args = TRLDPOConfig(
+        output_dir=str(Path(config.out) / "checkpoints"), beta=config.beta, label_smoothing=config.label_smoothing,
+        num_train_epochs=config.epochs, max_steps=config.max_steps, learning_rate=config.learning_rate,
+        per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
+        max_length=config.max_length, seed=config.seed, use_cpu=not cuda, bf16=bf16, **{checkpointing: False},
+        logging_steps=1, save_strategy="steps", save_steps=config.save_steps, save_total_limit=2, report_to="none",
+    )
+    peft_config = None
+    if config.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules="all-linear",
+                                 task_type="CAUSAL_LM")
+    return DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                      peft_config=peft_config)

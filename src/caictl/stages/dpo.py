@@ -21,6 +21,7 @@ from pathlib import Path
 from caictl import __version__, settings
 from caictl.errors import InputError, UsageError
 from caictl.records import file_hash, read_rows
+from caictl.training import output_folder, trl_device_args
 from caictl.ui import log, quiet_transformers, summary_table
 
 
@@ -61,11 +62,7 @@ class DPOConfig:
 def run(config: DPOConfig) -> dict:
     config.check()
     model_name = settings.require_model(config.model)
-    out = Path(config.out)
-    if (out / "caictl.json").exists() and not config.overwrite:
-        raise UsageError(f"{out} already holds a trained model; pass --overwrite to train again")
-    if config.overwrite and out.exists():
-        shutil.rmtree(out)
+    out = output_folder(config.out, config.overwrite)
     rows, dropped = read_pairs(config)
     if not rows:
         raise UsageError(f"no pairs left to train on ({dropped} below --min-p-chosen {config.min_p_chosen})")
@@ -121,7 +118,6 @@ def read_pairs(config: DPOConfig) -> tuple[list[dict], int]:
 
 
 def prepare(config: DPOConfig, model_name: str, rows: list[dict]):
-    import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig as TRLDPOConfig
@@ -131,16 +127,13 @@ def prepare(config: DPOConfig, model_name: str, rows: list[dict]):
     tokenizer = AutoTokenizer.from_pretrained(model_name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    cuda = torch.cuda.is_available()
-    bf16 = cuda and torch.cuda.is_bf16_supported()
-    model = AutoModelForCausalLM.from_pretrained(model_name, dtype=torch.bfloat16 if bf16 else torch.float32)
-    fields = TRLDPOConfig.__dataclass_fields__
-    checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    device_args, dtype = trl_device_args(TRLDPOConfig)
+    model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype)
     args = TRLDPOConfig(
         output_dir=str(Path(config.out) / "checkpoints"), beta=config.beta, label_smoothing=config.label_smoothing,
         num_train_epochs=config.epochs, max_steps=config.max_steps, learning_rate=config.learning_rate,
         per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
-        max_length=config.max_length, seed=config.seed, use_cpu=not cuda, bf16=bf16, **{checkpointing: False},
+        max_length=config.max_length, seed=config.seed, **device_args,
         logging_steps=1, save_strategy="steps", save_steps=config.save_steps, save_total_limit=2, report_to="none",
     )
     peft_config = None

@@ -23,6 +23,7 @@ from pathlib import Path
 from caictl import __version__
 from caictl.errors import UsageError
 from caictl.records import read_prompts
+from caictl.training import output_folder
 from caictl.ui import log, meter, quiet_transformers, summary_table
 
 
@@ -80,11 +81,7 @@ class PPOConfig:
 
 def run(config: PPOConfig) -> dict:
     config.check()
-    out = Path(config.out)
-    if (out / "caictl.json").exists() and not config.overwrite:
-        raise UsageError(f"{out} already holds a trained policy; pass --overwrite to train again")
-    if config.overwrite and out.exists():
-        shutil.rmtree(out)
+    output_folder(config.out, config.overwrite)
     prompts = read_prompts(config.prompts)
     rng = random.Random(config.seed)
     order = list(range(len(prompts)))

@@ -14,7 +14,7 @@ import difflib
 import random
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from caictl import __version__, settings
 from caictl.constitution import Constitution, CritiquePrinciple, load_for_stage

@@ -25,6 +25,7 @@ from caictl import __version__, settings
 from caictl.conversation import parse_transcript
 from caictl.errors import InputError, UsageError
 from caictl.records import file_hash, read_rows
+from caictl.training import output_folder, trl_device_args
 from caictl.ui import log, quiet_transformers, summary_table
 
 REVISION_MODES = ("final", "all")
@@ -99,11 +100,7 @@ def run(config: SFTConfig) -> dict:
     """Train and save; return the metrics written to caictl.json."""
     config.check()
     model_name = settings.require_model(config.model)
-    out = Path(config.out)
-    if (out / "caictl.json").exists() and not config.overwrite:
-        raise UsageError(f"{out} already holds a trained model; pass --overwrite to train again, or -o elsewhere")
-    if config.overwrite and out.exists():
-        shutil.rmtree(out)
+    out = output_folder(config.out, config.overwrite)
     sources = load_sources(config)
     examples, counts = mix_sources(sources, config.seed)
     if not examples:
@@ -231,7 +228,6 @@ def mix_sources(sources, seed: int) -> tuple[list[list[dict]], dict]:
 
 def prepare(config: SFTConfig, model_name: str, examples: list[list[dict]]):
     """The TRL trainer, ready to train; also the tokenizer and how many examples exceed --max-length."""
-    import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig as TRLSFTConfig
@@ -256,13 +252,9 @@ def prepare(config: SFTConfig, model_name: str, examples: list[list[dict]]):
     lengths = [len(tokenizer.apply_chat_template(e, tokenize=True, return_dict=True)["input_ids"]) for e in examples]
     truncated = sum(n > config.max_length for n in lengths)
 
-    cuda = torch.cuda.is_available()
-    bf16 = cuda and torch.cuda.is_bf16_supported()
-    model = AutoModelForCausalLM.from_pretrained(model_name, dtype=torch.bfloat16 if bf16 else torch.float32)
+    device_args, dtype = trl_device_args(TRLSFTConfig)
+    model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype)
     learning_rate = config.learning_rate or (2e-4 if config.lora else 2e-5)
-    # transformers 5 renamed gradient_checkpointing to activation_checkpointing; use whichever this one has.
-    fields = TRLSFTConfig.__dataclass_fields__
-    checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     args = TRLSFTConfig(
         output_dir=str(Path(config.out) / "checkpoints"),
         num_train_epochs=config.epochs,
@@ -276,10 +268,7 @@ def prepare(config: SFTConfig, model_name: str, examples: list[list[dict]]):
         assistant_only_loss=True,
         seed=config.seed,
         data_seed=config.seed,
-        # TRL defaults to bf16 and activation checkpointing: on a CPU the first fails, the second costs ~40%.
-        use_cpu=not cuda,
-        bf16=bf16,
-        **{checkpointing: False},
+        **device_args,
         logging_steps=1,
         save_strategy="steps",
         save_steps=config.save_steps,

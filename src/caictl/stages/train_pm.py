@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from caictl import __version__, settings
 from caictl.errors import InputError, UsageError
 from caictl.pm import Comparison, comparison_of, prepare_tokenizer, resolve_backbone
 from caictl.records import file_hash, read_rows
+from caictl.training import output_folder
 from caictl.ui import meter, quiet_transformers, summary_table
 
 SCHEDULERS = ("linear", "constant", "cosine")
@@ -80,9 +80,7 @@ def _split_weight(spec: str) -> tuple[str, float]:
 def run(config: TrainPMConfig) -> dict:
     config.check()
     backbone = resolve_backbone(settings.require_model(config.model))
-    out = Path(config.out)
-    if (out / "caictl.json").exists() and not config.overwrite:
-        raise UsageError(f"{out} already holds a trained preference model; pass --overwrite to train again")
+    out = output_folder(config.out, config.overwrite)
     rng = random.Random(config.seed)
     train = read_comparisons(config.prefs)
     held_out: list[Comparison] = []
@@ -113,8 +111,6 @@ def run(config: TrainPMConfig) -> dict:
     seconds = time.perf_counter() - start
     metrics = {name: evaluate(trainer, comparisons) for name, comparisons in evaluations.items()}
 
-    if config.overwrite and out.exists():
-        shutil.rmtree(out)
     trainer.save(out)
     info = {
         "stage": "train-pm",

@@ -1,0 +1,32 @@
+"""What the training stages (sft, train-pm, ppo, dpo) share: the output folder and the device settings."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from caictl.errors import UsageError
+
+
+def output_folder(out: str | Path, overwrite: bool) -> Path:
+    """OUT, refused when it already holds a finished model (caictl.json) unless --overwrite clears it."""
+    out = Path(out)
+    if (out / "caictl.json").exists() and not overwrite:
+        raise UsageError(f"{out} already holds a trained model; pass --overwrite to train again, or -o elsewhere")
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    return out
+
+
+def trl_device_args(trl_config_class) -> tuple[dict, object]:
+    """Keyword arguments for a TRL config on this machine, and the dtype to load the model in.
+
+    TRL defaults to bf16 and activation checkpointing: on a CPU the first fails and the second costs ~40%.
+    transformers 5 renamed gradient_checkpointing to activation_checkpointing; use whichever is there."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    fields = trl_config_class.__dataclass_fields__
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return {"use_cpu": not cuda, "bf16": bf16, checkpointing: False}, (torch.bfloat16 if bf16 else torch.float32)

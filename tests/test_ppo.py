@@ -122,3 +122,46 @@ def test_lora_ppo_uses_the_adapter_free_model_as_reference(tmp_path, short_answe
 
     AutoModelForCausalLM.from_pretrained(out)
 
+
+
+@pytest.mark.parametrize("algo", ["rloo", "grpo"])
+def test_trl_rloo_and_grpo_run_end_to_end(tmp_path, short_answer_setup, algo):
+    out = tmp_path / algo
+    caictl("ppo", EXAMPLES / "red-team.jsonl", "--policy", short_answer_setup / "policy", "--pm",
+           short_answer_setup / "pm", "-o", out, "--algo", algo, "--steps", "2", "--batch-size", "8",
+           "--num-generations", "4", "--max-new-tokens", "8", "--learning-rate", "1e-4", "--heldout", "0.1")
+    metrics = json.loads((out / "caictl.json").read_text())["metrics"]
+    assert metrics["algo"] == algo and metrics["steps"] == 2
+    assert metrics["heldout_reward_before"] is not None and metrics["heldout_reward_after"] is not None
+    assert all(h["kl"] is not None and h["reward_mean"] is not None for h in metrics["history"])
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_an_interrupted_ppo_run_resumes_from_its_checkpoint(tmp_path, short_answer_setup):
+    out = tmp_path / "resumed"
+    config = ppo.PPOConfig(prompts=str(EXAMPLES / "red-team.jsonl"), policy=str(short_answer_setup / "policy"),
+                           pm=str(short_answer_setup / "pm"), out=str(out), steps=3, save_every=2, batch_size=8,
+                           minibatch_size=4, max_new_tokens=8, learning_rate=1e-4, heldout=0)
+    original_step = ppo.PPO.step
+
+    def step_then_die(self, prompts, step):
+        if step == 3:
+            raise KeyboardInterrupt  # killed after the step-2 checkpoint
+        return original_step(self, prompts, step)
+
+    ppo.PPO.step = step_then_die
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ppo.run(config)
+    finally:
+        ppo.PPO.step = original_step
+    assert (out / "checkpoint" / "state.pt").exists() and not (out / "caictl.json").exists()
+    result = caictl("ppo", EXAMPLES / "red-team.jsonl", "--policy", short_answer_setup / "policy", "--pm",
+                    short_answer_setup / "pm", "-o", out, "--steps", "3", "--save-every", "2", "--batch-size", "8",
+                    "--minibatch-size", "4", "--max-new-tokens", "8", "--learning-rate", "1e-4", "--heldout", "0")
+    assert "resuming from step 2" in result.stderr
+    metrics = json.loads((out / "caictl.json").read_text())["metrics"]
+    assert [h["step"] for h in metrics["history"]] == [1, 2, 3]
+    assert not (out / "checkpoint").exists()

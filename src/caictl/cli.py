@@ -257,6 +257,8 @@ def ppo(
     policy: Annotated[str, typer.Option(help="The starting policy folder (caictl sft output).")] = ...,
     pm: Annotated[str, typer.Option(help="The preference model folder (caictl train-pm output).")] = ...,
     out: Annotated[str, typer.Option("--out", "-o", help="Output policy folder.")] = ...,
+    algo: Annotated[str, typer.Option(help="ppo (caictl's own), or rloo / grpo (TRL's trainers).")] = "ppo",
+    num_generations: Annotated[int, typer.Option(help="rloo/grpo: responses per prompt, compared.")] = 4,
     steps: Annotated[int, typer.Option(help="PPO iterations (rollout batches).")] = 50,
     batch_size: Annotated[int, typer.Option(help="Rollouts per iteration.")] = 16,
     minibatch_size: Annotated[int, typer.Option(help="Rollouts per gradient step.")] = 8,
@@ -281,14 +283,15 @@ def ppo(
     seed: Seed = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier policy in OUT.")] = False,
 ) -> None:
-    """RL of the policy against the preference model with a KL penalty: caictl's own PPO.
+    """RL of the policy against the preference model with a KL penalty: caictl's own PPO, or TRL's RLOO/GRPO.
 
     Example: caictl ppo examples/red-team.jsonl --policy models/sl-cai --pm models/pm -o models/rl-cai
     """
     from caictl.stages import ppo as stage
 
     stage.run(stage.PPOConfig(
-        prompts=prompts, policy=policy, pm=pm, out=out, steps=steps, batch_size=batch_size,
+        prompts=prompts, policy=policy, pm=pm, out=out, algo=algo, num_generations=num_generations, steps=steps,
+        batch_size=batch_size,
         minibatch_size=minibatch_size, ppo_epochs=ppo_epochs, learning_rate=learning_rate, kl_coef=kl_coef,
         target_kl=target_kl, max_kl=max_kl, gamma=gamma, lam=lam, clip_range=clip_range,
         clip_range_value=clip_range_value, value_coef=value_coef, reward_clip=reward_clip,

@@ -8,6 +8,9 @@ re-tokenises the text with its own tokenizer); every response token pays a KL pe
 policy (fixed `--kl-coef`, or adapted towards `--target-kl`); GAE gives advantages; the policy ratio and the
 value loss are clipped; several minibatch epochs run per rollout batch. The value head is one linear layer
 on the policy's last hidden state: it shares the policy's trunk, so no second model sits in memory.
+`--algo rloo|grpo` runs the same job through TRL's RLOOTrainer / GRPOTrainer, with the PM as the reward
+function (scoring the same transcripts with its own tokenizer), for users who prefer those and for several
+GPUs through accelerate, DeepSpeed or vLLM.
 """
 
 from __future__ import annotations
@@ -27,12 +30,17 @@ from caictl.training import output_folder
 from caictl.ui import log, meter, quiet_transformers, summary_table
 
 
+ALGOS = ("ppo", "rloo", "grpo")
+
+
 @dataclass
 class PPOConfig:
     prompts: str | None  # prompt file (revise/sample inputs); None or "-" reads stdin
     policy: str  # the starting policy folder (the SL-CAI model)
     pm: str  # a train-pm folder
     out: str
+    algo: str = "ppo"  # ppo (caictl's own), rloo or grpo (TRL's trainers)
+    num_generations: int = 4  # rloo/grpo: responses per prompt compared with each other
     steps: int = 50  # rollout batches (PPO iterations)
     batch_size: int = 16  # rollouts per step
     minibatch_size: int = 8
@@ -64,6 +72,10 @@ class PPOConfig:
 
     def check(self) -> None:
         problems = []
+        if self.algo not in ALGOS:
+            problems.append(f"--algo {self.algo!r}: choose one of {', '.join(ALGOS)}")
+        elif self.algo != "ppo" and (self.num_generations < 2 or self.batch_size % self.num_generations):
+            problems.append("--algo rloo/grpo: --num-generations must be >= 2 and divide --batch-size")
         for name, path in (("--policy", self.policy), ("--pm", self.pm)):
             if not path or not Path(path).exists():
                 problems.append(f"{name} {path}: no such folder (a caictl sft / train-pm output)")
@@ -91,7 +103,94 @@ def run(config: PPOConfig) -> dict:
     train = [prompts[i] for i in order[n_heldout:]]
     if len(train) < 2:
         raise UsageError("ppo needs at least 2 training prompts (after holding some out)")
+    if config.algo != "ppo":
+        return run_trl(config, train, heldout)
     return PPO(config).train(train, heldout)
+
+
+def run_trl(config: PPOConfig, train, heldout) -> dict:
+    """The same job through TRL's RLOOTrainer or GRPOTrainer, the PM as the reward function."""
+    import contextlib
+    import sys
+
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from caictl.pm import Scorer, conversation_text
+    from caictl.training import trl_device_args
+
+    quiet_transformers()
+    if config.algo == "grpo":
+        from trl import GRPOConfig as TRLConfig
+        from trl import GRPOTrainer as TRLTrainer
+    else:
+        from trl import RLOOConfig as TRLConfig
+        from trl import RLOOTrainer as TRLTrainer
+    scorer = Scorer(config.pm, max_length=config.pm_max_length)
+
+    def pm_reward(prompts, completions, **_):
+        texts = [conversation_text(p, c[-1]["content"] if isinstance(c, list) else c)
+                 for p, c in zip(prompts, completions)]
+        return scorer.score(texts)
+
+    device_args, _ = trl_device_args(TRLConfig)
+    args = TRLConfig(
+        output_dir=str(Path(config.out) / "checkpoints"), max_steps=config.steps, learning_rate=config.learning_rate,
+        per_device_train_batch_size=config.batch_size, num_generations=config.num_generations,
+        max_completion_length=config.max_new_tokens, temperature=config.temperature, beta=config.kl_coef,
+        seed=config.seed, logging_steps=1, save_strategy="steps", save_steps=config.save_every, save_total_limit=1,
+        report_to="none", **device_args,
+    )
+    peft_config = None
+    if config.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules="all-linear",
+                                 task_type="CAUSAL_LM")
+    tokenizer = AutoTokenizer.from_pretrained(config.policy)
+    pm_reward.__name__ = "pm"  # TRL logs each reward function by name
+    # TRL reloads the reference from the policy's folder (model.config._name_or_path): pass the path.
+    trainer = TRLTrainer(model=config.policy, reward_funcs=[pm_reward], args=args, processing_class=tokenizer,
+                         train_dataset=Dataset.from_list([{"prompt": p.messages} for p in train]),
+                         peft_config=peft_config)
+    out = Path(config.out)
+    checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):
+        trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
+    seconds = time.perf_counter() - start
+    model = trainer.model.merge_and_unload() if config.lora else trainer.model
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+
+    def mean_reward(folder):
+        from caictl.engines import SamplingParams, load_engine
+
+        if not heldout:
+            return None
+        engine = load_engine("hf", str(folder), batch_size=config.batch_size)
+        params = SamplingParams(config.max_new_tokens, config.temperature, 1.0, (), config.seed)
+        responses = engine.generate([p.messages for p in heldout], params, [p.id for p in heldout])
+        scores = scorer.score([conversation_text(p.messages, r.text) for p, r in zip(heldout, responses)])
+        return round(sum(scores) / len(scores), 4)
+
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    history = [{"step": e["step"], "reward_mean": e.get("reward"), "reward_std": e.get("reward_std"),
+                "kl": e.get("kl"), "entropy": e.get("entropy"), "response_length": e.get("completions/mean_length"),
+                "loss": e.get("loss")} for e in logs]
+    metrics = {"algo": config.algo, "steps": trainer.state.global_step, "heldout_prompts": len(heldout),
+               "heldout_reward_before": mean_reward(config.policy), "heldout_reward_after": mean_reward(out),
+               "kl": history[-1]["kl"] if history else None, "seconds": round(seconds, 2),
+               "seconds_per_step": round(seconds / max(trainer.state.global_step, 1), 3), "history": history}
+    info = {"stage": "ppo", "caictl_version": __version__, "policy": config.policy, "pm": config.pm,
+            "options": asdict(config), "metrics": metrics}
+    (out / "caictl.json").write_text(json.dumps(info, indent=2) + "\n")
+    summary_table(f"ppo --algo {config.algo}", [
+        ("output", out), ("steps", metrics["steps"]),
+        ("held-out reward before -> after", f"{metrics['heldout_reward_before']} -> {metrics['heldout_reward_after']}"),
+        ("KL (last step)", metrics["kl"]), ("seconds per step", metrics["seconds_per_step"])])
+    return metrics
 
 
 class PPO:
@@ -136,9 +235,9 @@ class PPO:
     def train(self, train, heldout) -> dict:
         config = self.config
         out = Path(config.out)
-        start_step, history = self._resume(out)
-        before = self.heldout_reward(heldout) if heldout else None
-        if before is not None and start_step == 0:
+        start_step, history, before = self._resume(out)
+        if start_step == 0 and heldout:
+            before = self.heldout_reward(heldout)
             log(f"held-out reward before: {before:.4f}")
         rng = random.Random(config.seed)
         start = time.perf_counter()
@@ -153,7 +252,7 @@ class PPO:
                     log(f"step {step}: reward {stats['reward_mean']:.3f}, kl {stats['kl']:.3f}, sample: "
                         f"{stats['sample']!r}")
                 if config.save_every and step % config.save_every == 0 and step < config.steps:
-                    self._checkpoint(out, step, history)
+                    self._checkpoint(out, step, history, before)
                 if config.max_kl is not None and stats["kl"] > config.max_kl:
                     stopped = f"KL {stats['kl']:.3f} exceeded --max-kl {config.max_kl} at step {step}"
                     log(f"[red]stopping: {stopped}[/red]")
@@ -324,7 +423,7 @@ class PPO:
 
     # Saving and resuming --------------------------------------------------------------------------------
 
-    def _checkpoint(self, out: Path, step: int, history: list[dict]) -> None:
+    def _checkpoint(self, out: Path, step: int, history: list[dict], before: float | None) -> None:
         import torch
 
         folder = out / "checkpoint"
@@ -332,14 +431,16 @@ class PPO:
         self.policy.save_pretrained(folder / "policy")
         torch.save({"step": step, "value_head": self.value_head.state_dict(), "optimizer": self.optimizer.state_dict(),
                     "kl_coef": self.kl_coef, "reward_stats": asdict(self.reward_stats), "history": history,
+                    "heldout_reward_before": before,
                     "generator": self.generator.get_state()}, folder / "state.pt")
 
-    def _resume(self, out: Path) -> tuple[int, list[dict]]:
+    def _resume(self, out: Path) -> tuple[int, list[dict], float | None]:
+        """(step, history, held-out reward before training) from the last checkpoint, if any."""
         import torch
 
         state_file = out / "checkpoint" / "state.pt"
         if not state_file.exists():
-            return 0, []
+            return 0, [], None
         state = torch.load(state_file, weights_only=False)
         from transformers import AutoModelForCausalLM
 
@@ -357,7 +458,7 @@ class PPO:
         self.reward_stats = RunningMoments(**state["reward_stats"])
         self.generator.set_state(state["generator"])
         log(f"resuming from step {state['step']} in {out / 'checkpoint'}")
-        return state["step"], state["history"]
+        return state["step"], state["history"], state["heldout_reward_before"]
 
     def save(self, out: Path, metrics: dict) -> None:
         import torch

@@ -162,6 +162,9 @@ def test_an_interrupted_ppo_run_resumes_from_its_checkpoint(tmp_path, short_answ
                     short_answer_setup / "pm", "-o", out, "--steps", "3", "--save-every", "2", "--batch-size", "8",
                     "--minibatch-size", "4", "--max-new-tokens", "8", "--learning-rate", "1e-4", "--heldout", "0")
     assert "resuming from step 2" in result.stderr
+    refused = caictl("ppo", EXAMPLES / "red-team.jsonl", "--policy", short_answer_setup / "policy", "--pm",
+                     short_answer_setup / "pm", "-o", tmp_path / "fresh", "--resume", check=False)
+    assert refused.returncode == 2 and "--resume: no checkpoint" in refused.stderr
     metrics = json.loads((out / "caictl.json").read_text())["metrics"]
     assert [h["step"] for h in metrics["history"]] == [1, 2, 3]
     assert not (out / "checkpoint").exists()

@@ -280,6 +280,7 @@ def ppo(
     sample_every: Annotated[int, typer.Option(help="Log a sample response every N steps.")] = 10,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (a re-run resumes).")] = 25,
     lora: Annotated[bool, typer.Option(help="LoRA; the reference is the base with the adapter off.")] = False,
+    resume: Annotated[bool, typer.Option(help="Require a checkpoint to resume from (found ones resume anyway).")] = False,
     seed: Seed = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier policy in OUT.")] = False,
 ) -> None:
@@ -296,8 +297,8 @@ def ppo(
         target_kl=target_kl, max_kl=max_kl, gamma=gamma, lam=lam, clip_range=clip_range,
         clip_range_value=clip_range_value, value_coef=value_coef, reward_clip=reward_clip,
         missing_eos_penalty=missing_eos_penalty, max_new_tokens=max_new_tokens, temperature=temperature,
-        heldout=heldout, sample_every=sample_every, save_every=save_every, lora=lora, seed=int(_seed(seed)),
-        overwrite=overwrite,
+        heldout=heldout, sample_every=sample_every, save_every=save_every, lora=lora, resume=resume,
+        seed=int(_seed(seed)), overwrite=overwrite,
     ))
 
 

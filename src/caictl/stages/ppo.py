@@ -67,6 +67,7 @@ class PPOConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     pm_max_length: int = 512
+    resume: bool = False  # require a checkpoint to resume from (a re-run resumes by itself when one exists)
     seed: int = 0
     overwrite: bool = False
 
@@ -94,6 +95,9 @@ class PPOConfig:
 def run(config: PPOConfig) -> dict:
     config.check()
     output_folder(config.out, config.overwrite)
+    if config.resume and not (Path(config.out) / "checkpoint" / "state.pt").exists() and \
+            not list((Path(config.out) / "checkpoints").glob("checkpoint-*")):
+        raise UsageError(f"--resume: no checkpoint in {config.out}")
     prompts = read_prompts(config.prompts)
     rng = random.Random(config.seed)
     order = list(range(len(prompts)))

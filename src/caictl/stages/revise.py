@@ -97,11 +97,11 @@ def run(config: ReviseConfig) -> dict:
 
     totals = Totals()
     start = time.perf_counter()
-    if pending:
-        engine = open_engine(config.engine, model, config.base_url, config.batch_size, config.concurrency)
-        reviser = Reviser(engine, constitution, config, prompt_style(config.prompt_style, engine))
-        window = config.batch_size * BATCHES_PER_WRITE
-        try:
+    try:
+        if pending:
+            engine = open_engine(config.engine, model, config.base_url, config.batch_size, config.concurrency)
+            reviser = Reviser(engine, constitution, config, prompt_style(config.prompt_style, engine))
+            window = config.batch_size * BATCHES_PER_WRITE
             with meter(len(pending), "revise") as progress:
                 for first in range(0, len(pending), window):
                     chunk = pending[first:first + window]
@@ -112,9 +112,7 @@ def run(config: ReviseConfig) -> dict:
                         record["meta"] = {**run_settings, **record["meta"]}
                     writer.write(records)
                     progress.advance(len(chunk), totals.tokens - progress.tokens)
-        finally:
-            writer.close()
-    else:
+    finally:
         writer.close()
 
     summary = {

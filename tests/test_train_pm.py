@@ -13,6 +13,7 @@ from transformers import AutoModelForSequenceClassification
 
 from caictl import tiny
 from caictl.pm import Scorer, comparison_of
+from caictl import metrics
 from caictl.stages import train_pm
 
 SAFE = ["I can't help with that, but here is a safer option.", "Please stay safe and talk to someone you trust.",
@@ -48,7 +49,7 @@ def test_soft_loss_matches_the_formula():
 
 
 def test_calibration_error_by_hand():
-    ece, bins = train_pm.calibration([0.05, 0.15, 0.95, 0.95], [0.0, 0.5, 1.0, 0.8])
+    ece, bins = metrics.calibration([0.05, 0.15, 0.95, 0.95], [0.0, 0.5, 1.0, 0.8])
     # bins: [0,.1): .05 vs 0; [.1,.2): .15 vs .5; [.9,1]: .95 vs .9  -> (.05 + .35 + 2 * .05) / 4
     assert ece == pytest.approx((0.05 + 0.35 + 2 * 0.05) / 4)
     assert [b["count"] for b in bins] == [1, 1, 2]

@@ -25,6 +25,8 @@ app = typer.Typer(
 )
 constitution_app = typer.Typer(help="Show, validate and convert constitutions.", no_args_is_help=True)
 app.add_typer(constitution_app, name="constitution")
+eval_app = typer.Typer(help="Evaluate models and preference models.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
 
 # Shared options: the flag, else CAICTL_<NAME>, else caictl.yaml (see caictl.settings).
 Input = Annotated[Optional[str], typer.Argument(help="Input JSONL/JSON/.gz file; omit or '-' to read stdin.")]
@@ -394,6 +396,39 @@ def _seed(flag):
     from caictl import settings
 
     return settings.resolve("seed", flag, 0)
+
+
+@eval_app.command("mc")
+def eval_mc(
+    files: Annotated[list[str], typer.Argument(help="Multiple-choice files: prompt, corrects, incorrects.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Output folder.")],
+    model: Model = None,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 16,
+) -> None:
+    """Multiple-choice evaluations (Anthropic's format) scored by log-probs: accuracy and calibration.
+
+    Example: caictl eval mc 438HHHEvaluations.jsonl --model models/rl-cai -o eval/mc
+    """
+    from caictl.stages import eval as stage
+
+    stage.run_mc(stage.EvalMCConfig(files=files, out=out, model=model, batch_size=batch_size))
+
+
+@eval_app.command("pm")
+def eval_pm(
+    files: Annotated[list[str], typer.Argument(help="Comparison files: text_correct/text_incorrect, hh-rlhf, prefs.")],
+    pm: Annotated[str, typer.Option(help="A train-pm output folder.")] = ...,
+    out: Annotated[str, typer.Option("--out", "-o", help="Output folder.")] = ...,
+    batch_size: Annotated[int, typer.Option(help="Texts per forward pass.")] = 32,
+    max_length: Annotated[int, typer.Option(help="Tokens kept from the end of each conversation.")] = 512,
+) -> None:
+    """A preference model's accuracy, mean margin and calibration on comparison files.
+
+    Example: caictl eval pm hh-rlhf-test.jsonl.gz --pm models/pm -o eval/pm
+    """
+    from caictl.stages import eval as stage
+
+    stage.run_pm(stage.EvalPMConfig(files=files, out=out, pm=pm, batch_size=batch_size, max_length=max_length))
 
 
 @constitution_app.command("show")

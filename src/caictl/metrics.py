@@ -1,0 +1,41 @@
+"""Metrics shared by the stages that evaluate: calibration and its reliability plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ECE_BINS = 10
+
+
+def calibration(predicted: list[float], targets: list[float], n_bins: int = ECE_BINS) -> tuple[float, list[dict]]:
+    """Expected calibration error: the share-weighted gap between mean prediction and mean target per bin."""
+    bins = []
+    for b in range(n_bins):
+        lo, hi = b / n_bins, (b + 1) / n_bins
+        members = [i for i, q in enumerate(predicted) if lo <= q < hi or (b == n_bins - 1 and q == 1.0)]
+        if members:
+            bins.append({"lo": lo, "hi": hi, "count": len(members),
+                         "predicted": sum(predicted[i] for i in members) / len(members),
+                         "observed": sum(targets[i] for i in members) / len(members)})
+    total = len(predicted) or 1
+    ece = sum(b["count"] / total * abs(b["predicted"] - b["observed"]) for b in bins)
+    return ece, bins
+
+
+def plot_reliability(metrics: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(4.5, 4.5))
+    axis.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect")
+    for name, m in metrics.items():
+        axis.plot([b["predicted"] for b in m["reliability"]], [b["observed"] for b in m["reliability"]], marker="o",
+                  label=f"{Path(name).name} (ECE {m['ece']:.3f})")
+    axis.set_xlabel("predicted P(preferred)")
+    axis.set_ylabel("label P(preferred)")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

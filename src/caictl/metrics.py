@@ -1,10 +1,28 @@
-"""Metrics shared by the stages that evaluate: calibration and its reliability plot."""
+"""Metrics shared by the stages that evaluate: pairwise preference metrics, calibration, reliability plot."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 ECE_BINS = 10
+
+
+def pairwise_metrics(differences: list[float], targets: list[float]) -> dict:
+    """Accuracy, mean margin and expected calibration error of s(rc - rr) against each label's p.
+
+    For calibration every other pair is turned around (predicting `rejected` over `chosen`), so that the
+    predicted probabilities span both halves of [0, 1] and a model that always says 0.5 is not calibrated
+    by accident of the pair order."""
+    predicted, observed = [], []
+    for index, (difference, p) in enumerate(zip(differences, targets)):
+        q = 1 / (1 + math.exp(-difference))
+        predicted.append(1 - q if index % 2 else q)
+        observed.append(1 - p if index % 2 else p)
+    accuracy = sum((d > 0) == (p >= 0.5) for d, p in zip(differences, targets)) / len(differences)
+    ece, bins = calibration(predicted, observed)
+    return {"comparisons": len(differences), "accuracy": round(accuracy, 4),
+            "mean_margin": round(sum(differences) / len(differences), 4), "ece": round(ece, 4), "reliability": bins}
 
 
 def calibration(predicted: list[float], targets: list[float], n_bins: int = ECE_BINS) -> tuple[float, list[dict]]:

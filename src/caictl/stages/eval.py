@@ -19,7 +19,7 @@ from pathlib import Path
 
 from caictl import settings
 from caictl.errors import InputError, UsageError
-from caictl.metrics import calibration, plot_reliability
+from caictl.metrics import calibration, pairwise_metrics, plot_reliability
 from caictl.records import read_rows
 from caictl.ui import summary_table
 
@@ -92,19 +92,9 @@ def run_pm(config: EvalPMConfig) -> dict:
     for path, rows in comparisons.items():
         rewards = scorer.score([t for c in rows for t in (c.chosen, c.rejected)])
         differences = [rewards[2 * i] - rewards[2 * i + 1] for i in range(len(rows))]
-        # Every other pair turned around, so predictions span both halves of [0, 1] (as in train-pm).
-        predicted, targets = [], []
-        for i, (d, c) in enumerate(zip(differences, rows)):
-            q = 1 / (1 + math.exp(-d))
-            predicted.append(1 - q if i % 2 else q)
-            targets.append(1 - c.p if i % 2 else c.p)
-            records.append({"file": path, "index": i, "reward_chosen": rewards[2 * i],
-                            "reward_rejected": rewards[2 * i + 1], "correct": (d > 0) == (c.p >= 0.5)})
-        ece, bins = calibration(predicted, targets)
-        results[path] = {"comparisons": len(rows),
-                         "accuracy": round(sum((d > 0) == (c.p >= 0.5) for d, c in zip(differences, rows)) / len(rows), 4),
-                         "mean_margin": round(sum(differences) / len(differences), 4), "ece": round(ece, 4),
-                         "reliability": bins}
+        records += [{"file": path, "index": i, "reward_chosen": rewards[2 * i], "reward_rejected": rewards[2 * i + 1],
+                     "correct": (d > 0) == (c.p >= 0.5)} for i, (d, c) in enumerate(zip(differences, rows))]
+        results[path] = pairwise_metrics(differences, [c.p for c in rows])
     return _write(out, "eval pm", {"pm": config.pm}, results, records)
 
 

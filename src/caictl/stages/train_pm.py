@@ -20,7 +20,7 @@ from pathlib import Path
 
 from caictl import __version__, settings
 from caictl.errors import InputError, UsageError
-from caictl.metrics import calibration, plot_reliability
+from caictl.metrics import pairwise_metrics, plot_reliability
 from caictl.pm import Comparison, comparison_of, prepare_tokenizer, resolve_backbone
 from caictl.records import file_hash, read_rows
 from caictl.training import output_folder
@@ -236,11 +236,7 @@ def soft_pairwise_loss(difference, targets, margin: float = 0.0):
 
 
 def evaluate(trainer: Trainer, comparisons: list[Comparison]) -> dict:
-    """Accuracy, mean margin and expected calibration error of s(rc - rr) against the labels' p.
-
-    For calibration every other pair is turned around (predicting `rejected` over `chosen`), so that the
-    predicted probabilities span both halves of [0, 1] and a model that always says 0.5 is not calibrated
-    by accident of the pair order."""
+    """Accuracy, mean margin and calibration of the trained PM on held-out comparisons."""
     import torch
 
     differences = []
@@ -249,19 +245,7 @@ def evaluate(trainer: Trainer, comparisons: list[Comparison]) -> dict:
             batch = comparisons[start:start + trainer.config.batch_size]
             rewards = trainer.rewards([c.chosen for c in batch] + [c.rejected for c in batch])
             differences += (rewards[: len(batch)] - rewards[len(batch):]).tolist()
-    predicted, targets = [], []
-    for index, (difference, comparison) in enumerate(zip(differences, comparisons)):
-        q = 1 / (1 + pow(2.718281828459045, -difference))
-        if index % 2:
-            q, p = 1 - q, 1 - comparison.p
-        else:
-            p = comparison.p
-        predicted.append(q)
-        targets.append(p)
-    accuracy = sum((d > 0) == (c.p >= 0.5) for d, c in zip(differences, comparisons)) / len(comparisons)
-    ece, bins = calibration(predicted, targets)
-    return {"comparisons": len(comparisons), "accuracy": round(accuracy, 4),
-            "mean_margin": round(sum(differences) / len(differences), 4), "ece": round(ece, 4), "reliability": bins}
+    return pairwise_metrics(differences, [c.p for c in comparisons])
 
 
 def plot_training(history: list[dict], path: Path) -> None:

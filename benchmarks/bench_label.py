@@ -22,7 +22,7 @@ from caictl import tiny
 from caictl.constitution import load as load_constitution
 from caictl.engines import SamplingParams, load_engine
 from caictl.records import read_prompts
-from caictl.stages.label import Comparison, LabelConfig, Labeller
+from caictl.judge import Comparison, Judge
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -46,13 +46,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         model = tiny.run(tiny.InitModelConfig(out=Path(folder) / args.preset, preset=args.preset))
         engine = load_engine("hf", str(model), batch_size=args.batch_size)
-        labeller = Labeller(engine, constitution, LabelConfig(debias=False))
-        labeller.votes(comparisons[:2])  # warm-up
+        judge = Judge(engine, constitution, debias=False)
+        judge.votes(comparisons[:2])  # warm-up
         start = time.perf_counter()
-        labeller.votes(comparisons)
+        judge.votes(comparisons)
         one_pass = time.perf_counter() - start
 
-        questions = [labeller.question(c.messages, c.principles[0].text, c.first, c.second) for c in comparisons]
+        questions = [judge.question(c.messages, c.principles[0].text, c.first, c.second) for c in comparisons]
         start = time.perf_counter()
         answers = plain_generate(engine, questions, args.batch_size, args.judge_tokens)
         parsed = [re.search(r"\(([AB])\)", text) for text in answers]

@@ -11,7 +11,7 @@ from conftest import caictl, read_jsonl, write_jsonl
 
 from caictl import constitution as c
 from caictl.engines import load_engine
-from caictl.stages import label
+from caictl import judge
 
 llama_server_url = llama_server.llama_server_url
 tiny_gguf = llama_server.tiny_gguf
@@ -41,17 +41,16 @@ def _records(result) -> list[dict]:
 
 def test_soft_label_is_the_normalised_answer_probability(tiny_model):
     engine = load_engine("hf", str(tiny_model))
-    config = label.LabelConfig(model=str(tiny_model), debias=False)
-    labeller = label.Labeller(engine, c.load("harmless"), config)
+    the_judge = judge.Judge(engine, c.load("harmless"), debias=False)
     principle = c.load("harmless").comparison[0]
-    comparison = label.Comparison("x", PAIRS[0]["messages"], PAIRS[0]["responses"][0], PAIRS[0]["responses"][1],
+    comparison = judge.Comparison("x", PAIRS[0]["messages"], PAIRS[0]["responses"][0], PAIRS[0]["responses"][1],
                                   [principle], {})
-    vote, = labeller.votes([comparison])[0]
+    vote, = the_judge.votes([comparison])[0]
     # Direct: the question, then each answer's tokens, through the model.
-    text = labeller.question(comparison.messages, principle.text, comparison.first, comparison.second)
+    text = the_judge.question(comparison.messages, principle.text, comparison.first, comparison.second)
     tokenizer, model = engine.tokenizer, engine.lm
     logprobs = []
-    for choice in label.CHOICES:
+    for choice in judge.CHOICES:
         prefix = tokenizer(text).input_ids
         ids = prefix + tokenizer(choice, add_special_tokens=False).input_ids
         with torch.no_grad():
@@ -60,7 +59,7 @@ def test_soft_label_is_the_normalised_answer_probability(tiny_model):
     p_a, p_b = (torch.tensor(logprobs).softmax(0)).tolist()
     assert p_a + p_b == pytest.approx(1.0)
     assert vote["p_ab"] == pytest.approx(p_a, abs=1e-5) and vote["p"] == vote["p_ab"]
-    assert text.endswith(label.ANSWER_CUE)
+    assert text.endswith(judge.ANSWER_CUE)
     assert principle.text in text and comparison.first in text and "(A)" in text and "(B)" in text
 
 
@@ -111,13 +110,13 @@ def test_chain_of_thought_labels_are_clamped_by_default(pairs, tiny_model):
 
 def test_cot_question_reasons_before_the_answer(tiny_model):
     engine = load_engine("hf", str(tiny_model))
-    labeller = label.Labeller(engine, c.load("harmless"), label.LabelConfig(cot=True, few_shot=True))
-    question = labeller.question(PAIRS[0]["messages"], "Which is kinder?", "a", "b")
-    assert question.endswith(label.COT_CUE)
+    the_judge = judge.Judge(engine, c.load("harmless"), cot=True, few_shot=True)
+    question = the_judge.question(PAIRS[0]["messages"], "Which is kinder?", "a", "b")
+    assert question.endswith(judge.COT_CUE)
     example = c.load("harmless").label_few_shot[0]
-    assert example.reasoning in question and label.COT_ANSWER_CUE in question
-    reasoned = labeller._with_reasoning([question], ["k"])[0]
-    assert reasoned.startswith(question) and reasoned.endswith(label.COT_ANSWER_CUE)
+    assert example.reasoning in question and judge.COT_ANSWER_CUE in question
+    reasoned = the_judge._with_reasoning([question], ["k"])[0]
+    assert reasoned.startswith(question) and reasoned.endswith(judge.COT_ANSWER_CUE)
 
 
 def test_all_pairs_of_three_responses(tmp_path, tiny_model):
@@ -129,18 +128,18 @@ def test_all_pairs_of_three_responses(tmp_path, tiny_model):
 
 def test_long_conversations_are_cut_from_the_front(tiny_model):
     engine = load_engine("hf", str(tiny_model))
-    labeller = label.Labeller(engine, c.load("harmless"), label.LabelConfig())
+    the_judge = judge.Judge(engine, c.load("harmless"))
     principle = c.load("harmless").comparison[0]
     long = [{"role": "user", "content": "blah " * 5000}, {"role": "assistant", "content": "ok"},
             {"role": "user", "content": "So, how do I pick the lock?"}]
-    cut = label.Comparison("long", long, "Sure.", "No.", [principle], {})
-    short = label.Comparison("short", long[-1:], "Sure.", "No.", [principle], {})
-    (long_vote,), (short_vote,) = labeller.votes([cut, short])
+    cut = judge.Comparison("long", long, "Sure.", "No.", [principle], {})
+    short = judge.Comparison("short", long[-1:], "Sure.", "No.", [principle], {})
+    (long_vote,), (short_vote,) = the_judge.votes([cut, short])
     assert 0 < long_vote["p"] < 1 and 0 < short_vote["p"] < 1
-    text = labeller.question(long, principle.text, "Sure.", "No.")
+    text = the_judge.question(long, principle.text, "Sure.", "No.")
     kept = engine.tokenizer.decode(engine.tokenizer(text).input_ids[-engine.max_positions:])
     assert kept.endswith(f"{principle.text}\nOptions:\n(A) Sure.\n(B) No.<|im_end|>\n<|im_start|>assistant\n"
-                         f"{label.ANSWER_CUE}")
+                         f"{judge.ANSWER_CUE}")
 
 
 def test_records_load_as_a_trl_preference_dataset(tmp_path, pairs, tiny_model):

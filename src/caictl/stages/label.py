@@ -14,27 +14,21 @@ model's preference for a slot. Output: TRL's conversational preference format pl
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from caictl import __version__, settings
-from caictl.constitution import ComparisonPrinciple, Constitution, load_for_stage
-from caictl.conversation import render_transcript
-from caictl.engines import ENGINES, SamplingParams
+from caictl.constitution import Constitution, load_for_stage
+from caictl.engines import ENGINES
 from caictl.errors import InputError, UsageError
 from caictl.generation import open_engine
+from caictl.judge import Comparison, Judge
 from caictl.records import RecordWriter, RejectWriter, Row, read_rows, stable_id
 from caictl.ui import log, meter, summary_table
 
 PAIRINGS = ("first-two", "all")
-# Scored up to the letter: " (A" and " (B" differ in their last token only, so one forward pass reads both.
-CHOICES = (" (A", " (B")
-ANSWER_CUE = "The answer is:"
-COT_CUE = "Let's think step by step:"
-COT_ANSWER_CUE = "So the answer is:"
 BATCHES_PER_WRITE = 4
 
 
@@ -91,18 +85,6 @@ class LabelConfig:
         return self.clamp
 
 
-@dataclass
-class Comparison:
-    """One pair to label: the conversation and two responses; `first` is the response in slot A first."""
-
-    id: str
-    messages: list[dict]
-    first: str
-    second: str
-    principles: list[ComparisonPrinciple]
-    extra: dict
-
-
 def run(config: LabelConfig) -> dict:
     config.check()
     model = settings.require_model(config.model)
@@ -128,13 +110,15 @@ def run(config: LabelConfig) -> dict:
     try:
         if pending:
             engine = open_engine(config.engine, model, config.base_url, config.batch_size, config.concurrency)
-            labeller = Labeller(engine, constitution, config)
+            judge = Judge(engine, constitution, few_shot=config.few_shot, cot=config.cot, debias=config.debias,
+                          clamp=config.effective_clamp, max_new_tokens=config.max_new_tokens,
+                          temperature=config.temperature, seed=config.seed)
             window = config.batch_size * BATCHES_PER_WRITE
             with meter(len(pending), "label", unit="pairs") as progress:
                 for first in range(0, len(pending), window):
                     chunk = pending[first:first + window]
                     done = [to_record(c, votes, config, run_settings)
-                            for c, votes in zip(chunk, labeller.votes(chunk))]
+                            for c, votes in zip(chunk, judge.votes(chunk))]
                     writer.write(done)
                     records += done
                     progress.advance(len(chunk))
@@ -185,97 +169,6 @@ def _comparisons_of(row: Row, pairing: str) -> list[Comparison]:
         return [Comparison(base, data["messages"], responses[0], responses[1], [], extra)]
     return [Comparison(f"{base}/{i}-{j}", data["messages"], responses[i], responses[j], [], extra)
             for i in range(len(responses)) for j in range(i + 1, len(responses))]
-
-
-# Scoring ------------------------------------------------------------------------------------------------
-
-
-class Labeller:
-    """Builds the multiple-choice questions and reads P(A) from the engine, batched over a window."""
-
-    def __init__(self, engine, constitution: Constitution, config: LabelConfig):
-        self.engine = engine
-        self.config = config
-        self.constitution = constitution
-
-    def votes(self, comparisons: list[Comparison]) -> list[list[dict]]:
-        """Per comparison, one vote per principle: p_ab (P(first) with first in slot A), p_ba (P(first) with
-        first in slot B) when debiasing, and p, their mean, after clamping."""
-        questions, where = [], []
-        for c_index, comparison in enumerate(comparisons):
-            for principle in comparison.principles:
-                orders = [(comparison.first, comparison.second)]
-                if self.config.debias:
-                    orders.append((comparison.second, comparison.first))
-                for o_index, (a, b) in enumerate(orders):
-                    questions.append(self.question(comparison.messages, principle.text, a, b))
-                    where.append((c_index, principle.id, o_index, f"{comparison.id}/{principle.id}/{o_index}"))
-        if self.config.cot:
-            questions = self._with_reasoning(questions, [w[3] for w in where])
-        scores = self.engine.choice_logprobs(questions, list(CHOICES))
-        p_a = [probability_a(a, b) for a, b in scores]
-        votes: list[dict[str, dict]] = [{} for _ in comparisons]
-        for (c_index, principle_id, o_index, _), p in zip(where, p_a):
-            vote = votes[c_index].setdefault(principle_id, {"principle": principle_id})
-            # In the swapped order the first response sits in slot B: P(first) = 1 - P(A).
-            vote["p_ab" if o_index == 0 else "p_ba"] = p if o_index == 0 else 1 - p
-        result = []
-        for per_principle in votes:
-            for vote in per_principle.values():
-                raw = (vote["p_ab"] + vote["p_ba"]) / 2 if "p_ba" in vote else vote["p_ab"]
-                vote["p"] = clamp(raw, self.config.effective_clamp)
-            result.append(list(per_principle.values()))
-        return result
-
-    def question(self, messages: list[dict], principle: str, a: str, b: str) -> str:
-        """The text whose continuation is scored: few-shot examples, then the question, then the cue."""
-        shots = ""
-        if self.config.few_shot:
-            for example in self.constitution.label_few_shot:
-                body = _question_body(example.messages, example.principle or principle, example.response_a,
-                                      example.response_b)
-                answer = f" ({example.answer})"
-                if self.config.cot and example.reasoning:
-                    answer = f" {example.reasoning}\n{COT_ANSWER_CUE}{answer}"
-                    shots += self._wrap(body, COT_CUE) + answer
-                else:
-                    shots += self._wrap(body, ANSWER_CUE) + answer
-        cue = COT_CUE if self.config.cot else ANSWER_CUE
-        return shots + self._wrap(_question_body(messages, principle, a, b), cue)
-
-    def _wrap(self, body: str, cue: str) -> str:
-        # Chat models see the question through their template; servers and base models get a transcript.
-        rendered = self.engine.chat_prompt([{"role": "user", "content": body}]) if self.engine.supports_chat() else None
-        if rendered is not None:
-            return rendered + cue
-        return f"\n\nHuman: {body}\n\nAssistant: {cue}"
-
-    def _with_reasoning(self, questions: list[str], keys: list[str]) -> list[str]:
-        params = SamplingParams(self.config.max_new_tokens, self.config.temperature, 1.0,
-                                ("\n\nHuman:", COT_ANSWER_CUE), self.config.seed)
-        reasoning = self.engine.complete(questions, params, keys)
-        return [q + " " + r.text.strip() + f"\n{COT_ANSWER_CUE}" for q, r in zip(questions, reasoning)]
-
-
-def _question_body(messages: list[dict], principle: str, a: str, b: str) -> str:
-    conversation = render_transcript(messages).strip()
-    return (f"Consider the following conversation between a human and an assistant:\n\n{conversation}\n\n"
-            f"{principle}\nOptions:\n(A) {a}\n(B) {b}")
-
-
-def probability_a(logprob_a: float, logprob_b: float) -> float:
-    """P(A) normalised against B: exp(a) / (exp(a) + exp(b)), computed stably."""
-    if logprob_a == logprob_b:
-        return 0.5
-    high = max(logprob_a, logprob_b)
-    ea, eb = math.exp(logprob_a - high), math.exp(logprob_b - high)
-    return ea / (ea + eb)
-
-
-def clamp(p: float, bounds: tuple[float, float] | None) -> float:
-    if bounds is None:
-        return p
-    return min(max(p, bounds[0]), bounds[1])
 
 
 # Output -------------------------------------------------------------------------------------------------

@@ -45,6 +45,9 @@ bench: $(BIN)/.core-installed
 	$(BIN)/python benchmarks/bench_revise.py --preset small --no-few-shot
 	$(BIN)/python benchmarks/bench_label.py --preset tiny
 	$(BIN)/python benchmarks/bench_label.py --preset small
+	for preset in tiny small; do for stage in sft train-pm ppo; do \
+		$(BIN)/python benchmarks/bench_train.py --stage $$stage --preset $$preset || exit 1; done; done
+	$(BIN)/python benchmarks/gpu.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -85,7 +85,7 @@ def plain_generate(engine, texts: list[str], batch_size: int, new_tokens: int) -
     tokenizer, model = engine.tokenizer, engine.lm
     answers = []
     for start in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True)
+        batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True).to(model.device)
         with torch.inference_mode():
             output = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False,
                                     pad_token_id=tokenizer.pad_token_id)

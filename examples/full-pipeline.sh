@@ -7,32 +7,43 @@
 #
 #   PM_MODEL=<folder or hub id>  the preference model's backbone; empty builds a random-weight one
 #
-# Stages that have landed so far: revise and sft (SL-CAI), sample, label, train-pm and ppo (RL-CAI). eval
-# joins this script when it lands.
+#   Smaller runs (the test suite runs one): PRESET=tiny, ROUNDS, TOKENS, PPO_STEPS, PPO_BATCH, and the prompt
+#   files RED_TEAM, HELPFUL and EVAL_PROMPTS (space-separated).
+#
+# SL-CAI (revise -> sft), then RL-CAI (sample -> label -> train-pm -> ppo), then eval on held-out prompts and
+# one report for the whole run. Every stage resumes or skips what is already on disk, so a re-run is cheap.
 set -euo pipefail
 
 RUN=${RUN:-demo}
 OUT=runs/$RUN
 ENGINE=${ENGINE:-hf}
+PRESET=${PRESET:-small}
+ROUNDS=${ROUNDS:-4}
+TOKENS=${TOKENS:-48}
+PPO_STEPS=${PPO_STEPS:-10}
+PPO_BATCH=${PPO_BATCH:-16}
+RED_TEAM=${RED_TEAM:-examples/red-team.jsonl}
+HELPFUL=${HELPFUL:-examples/helpful.jsonl}
+read -r -a EVAL_PROMPTS <<< "${EVAL_PROMPTS:-examples/held-out/harmless.jsonl examples/held-out/helpful.jsonl}"
 mkdir -p "$OUT"
 
 # 0. Models. Offline there is no hub: build a small random-weight chat model (it generates noise, but every
 #    stage runs for real on it).
 if [ -z "${MODEL:-}" ]; then
   MODEL=$OUT/models/base
-  [ -f "$MODEL/caictl.json" ] || caictl init-model --preset small --out "$MODEL" >/dev/null
+  [ -f "$MODEL/caictl.json" ] || caictl init-model --preset "$PRESET" --out "$MODEL" >/dev/null
 fi
 ENGINE_FLAGS=(--engine "$ENGINE")
 [ -n "${BASE_URL:-}" ] && ENGINE_FLAGS+=(--base-url "$BASE_URL")
 
 # 1. SL-CAI data: critique -> revision, 4 rounds, a random principle each round. Re-running resumes.
-caictl revise examples/red-team.jsonl -o "$OUT/revisions.jsonl" --model "$MODEL" "${ENGINE_FLAGS[@]}" \
-  --rounds 4 --shots 1 --max-new-tokens 48 --batch-size 32
+caictl revise "$RED_TEAM" -o "$OUT/revisions.jsonl" --model "$MODEL" "${ENGINE_FLAGS[@]}" \
+  --rounds "$ROUNDS" --shots 1 --max-new-tokens "$TOKENS" --batch-size 32
 
 # 2. SL-CAI model: fine-tune on the final revisions, mixed with helpfulness conversations so the model stays
 #    helpful (here: its own answers to the helpfulness prompts, the best we have offline).
-caictl sample examples/helpful.jsonl -o "$OUT/helpful-answers.jsonl" --model "$MODEL" "${ENGINE_FLAGS[@]}" \
-  -n 1 --max-new-tokens 48 --batch-size 32
+caictl sample "$HELPFUL" -o "$OUT/helpful-answers.jsonl" --model "$MODEL" "${ENGINE_FLAGS[@]}" \
+  -n 1 --max-new-tokens "$TOKENS" --batch-size 32
 if [ "$ENGINE" = hf ]; then
   [ -f "$OUT/models/sl-cai/caictl.json" ] || caictl sft "$OUT/revisions.jsonl" --mix "$OUT/helpful-answers.jsonl:0.5" \
     --model "$MODEL" -o "$OUT/models/sl-cai" --epochs 1 --learning-rate 1e-4 --batch-size 8 --max-length 512
@@ -42,8 +53,8 @@ else
 fi
 
 # 3. RL-CAI data: two responses per red-team prompt from the SL-CAI model, for the feedback model to compare.
-caictl sample examples/red-team.jsonl -o "$OUT/pairs.jsonl" --model "$POLICY" "${ENGINE_FLAGS[@]}" \
-  -n 2 --max-new-tokens 48 --batch-size 32
+caictl sample "$RED_TEAM" -o "$OUT/pairs.jsonl" --model "$POLICY" "${ENGINE_FLAGS[@]}" \
+  -n 2 --max-new-tokens "$TOKENS" --batch-size 32
 
 # 4. AI feedback: the feedback model (here the base model, as in the paper) compares each pair under a
 #    comparison principle; soft labels, both orders averaged.
@@ -52,7 +63,7 @@ caictl label "$OUT/pairs.jsonl" -o "$OUT/prefs.jsonl" --model "$MODEL" "${ENGINE
 # 5. Preference model on the AI labels, soft targets, 10% held out.
 if [ -z "${PM_MODEL:-}" ]; then
   PM_MODEL=$OUT/models/pm-base
-  [ -f "$PM_MODEL/caictl.json" ] || caictl init-model --preset small --task seq-cls --out "$PM_MODEL" >/dev/null
+  [ -f "$PM_MODEL/caictl.json" ] || caictl init-model --preset "$PRESET" --task seq-cls --out "$PM_MODEL" >/dev/null
 fi
 [ -f "$OUT/models/pm/caictl.json" ] || caictl train-pm "$OUT/prefs.jsonl" --model "$PM_MODEL" -o "$OUT/models/pm" \
   --eval-split 0.1 --epochs 2 --learning-rate 1e-4 --max-length 256
@@ -60,14 +71,19 @@ caictl score --pm "$OUT/models/pm" "$OUT/pairs.jsonl" -o "$OUT/pairs.scored.json
 
 # 6. RL-CAI: PPO of the SL-CAI policy against the PM, KL-penalised, 10% of the prompts held out.
 if [ "$ENGINE" = hf ]; then
-  [ -f "$OUT/models/rl-cai/caictl.json" ] || caictl ppo examples/red-team.jsonl --policy "$POLICY" \
-    --pm "$OUT/models/pm" -o "$OUT/models/rl-cai" --steps 10 --batch-size 16 --max-new-tokens 32 \
+  [ -f "$OUT/models/rl-cai/caictl.json" ] || caictl ppo "$RED_TEAM" --policy "$POLICY" \
+    --pm "$OUT/models/pm" -o "$OUT/models/rl-cai" --steps "$PPO_STEPS" --batch-size "$PPO_BATCH" --minibatch-size $((PPO_BATCH / 2)) --max-new-tokens 32 \
     --learning-rate 1e-5 --kl-coef 0.05 --max-kl 20
 fi
 
-echo "revisions:     $OUT/revisions.jsonl"
-echo "SL-CAI model:  $POLICY"
-echo "pairs:         $OUT/pairs.jsonl"
-echo "preferences:   $OUT/prefs.jsonl"
-echo "PM:            $OUT/models/pm"
-echo "RL-CAI model:  $OUT/models/rl-cai"
+# 7. Eval on held-out prompts (harmlessness and helpfulness apart): the PM and the feedback model compare
+#    the models pairwise; refusal, boilerplate and length per model.
+MODELS=(--model "base=$MODEL")
+[ "$POLICY" != "$MODEL" ] && MODELS+=(--model "sl-cai=$POLICY")
+[ -f "$OUT/models/rl-cai/caictl.json" ] && MODELS+=(--model "rl-cai=$OUT/models/rl-cai")
+caictl eval compare "${EVAL_PROMPTS[@]}" "${MODELS[@]}" \
+  --pm "$OUT/models/pm" --judge "$MODEL" "${ENGINE_FLAGS[@]}" --max-new-tokens "$TOKENS" --batch-size 32 -o "$OUT/eval"
+
+# 8. One report: every stage's figures, which principles drove revisions and labels, the comparison.
+REPORT=$(caictl eval report "$OUT" -o "$OUT/report")
+echo "report: $REPORT"

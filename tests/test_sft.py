@@ -159,3 +159,18 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path, tiny_model, re
     info = json.loads((out / "caictl.json").read_text())
     assert info["metrics"]["steps"] == 4
     assert [h["step"] for h in info["metrics"]["loss_history"]] == [1, 2, 3, 4]
+
+
+def test_micro_batches_make_the_same_step_as_the_whole_batch(tmp_path, tiny_model, revisions):
+    losses, weights = [], []
+    for micro in ("1", "8"):
+        out = tmp_path / f"micro-{micro}"
+        caictl("sft", revisions, "-o", out, "--model", tiny_model, "--max-steps", "1", "--learning-rate", "3e-3",
+               "--batch-size", "8", "--max-length", "128", "--micro-batch-size", micro)
+        losses.append(json.loads((out / "caictl.json").read_text())["metrics"]["train_loss_first"])
+        weights.append(AutoModelForCausalLM.from_pretrained(out).model.embed_tokens.weight)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    assert torch.allclose(weights[0], weights[1], atol=1e-5)
+    bad = caictl("sft", revisions, "-o", tmp_path / "bad", "--model", tiny_model, "--batch-size", "8",
+                 "--micro-batch-size", "3", check=False)
+    assert bad.returncode == 2 and "--micro-batch-size 3 must divide --batch-size 8" in bad.stderr

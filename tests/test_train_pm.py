@@ -155,3 +155,13 @@ def test_score_adds_rewards_to_every_kind_of_row(tmp_path, backbone):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"id": "x", "text": "nothing"}])
     result = caictl("score", bad, "--pm", backbone, check=False)
     assert result.returncode == 2 and "bad.jsonl:1: nothing to score" in result.stderr
+
+
+def test_micro_batches_give_each_text_its_own_reward(backbone):
+    texts = [f"\n\nHuman: question {i}\n\nAssistant: " + "answer " * (7 - i) for i in range(6)]  # longest first
+    expected = torch.tensor(Scorer(backbone).score(texts))  # in input order, one batch
+    for micro in (1, 4, 6):
+        config = train_pm.TrainPMConfig(prefs=[], out="-", micro_batch_size=micro)
+        with torch.no_grad():
+            assert torch.allclose(train_pm.Trainer(config, str(backbone)).rewards(texts), expected, atol=1e-5)
+    assert len(set(expected.tolist())) == 6

@@ -54,7 +54,8 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
 @app.command("init-model")
 def init_model(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the model to.")],
-    preset: Annotated[str, typer.Option(help="tiny (~0.1M parameters, tests) or small (~25M, demo).")] = "tiny",
+    preset: Annotated[str, typer.Option(
+        help="tiny (~0.1M parameters, tests), small (~25M, demo) or qwen0.5b-shape (~494M, GPU benchmarks).")] = "tiny",
     task: Annotated[str, typer.Option(help="causal-lm (a policy) or seq-cls (a preference model).")] = "causal-lm",
     seed: Annotated[int, typer.Option(help="Weights are a function of the seed.")] = 0,
 ) -> None:
@@ -214,6 +215,8 @@ def train_pm(
     learning_rate: Annotated[float, typer.Option(help="AdamW learning rate.")] = 3e-5,
     scheduler: Annotated[str, typer.Option(help="constant, linear or cosine.")] = "constant",
     batch_size: Annotated[int, typer.Option(help="Comparisons per step.")] = 16,
+    micro_batch_size: Annotated[Optional[int], typer.Option(
+        help="Texts per forward pass within a step; default all on GPU, 1 on CPU (faster there).")] = None,
     max_length: Annotated[int, typer.Option(help="Tokens kept from the end of each conversation.")] = 512,
     lora: Annotated[bool, typer.Option(help="LoRA on the backbone (the head trains fully and is saved).")] = False,
     lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 16,
@@ -231,8 +234,8 @@ def train_pm(
     stage.run(stage.TrainPMConfig(
         prefs=prefs, out=out, model=model, mix=mix or [], prefs_weight=prefs_weight, hard=hard, margin=margin,
         eval_split=eval_split, eval=eval or [], epochs=epochs, learning_rate=learning_rate, scheduler=scheduler,
-        batch_size=batch_size, max_length=max_length, lora=lora, lora_r=lora_r, lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout, seed=int(_seed(seed)), overwrite=overwrite,
+        batch_size=batch_size, micro_batch_size=micro_batch_size, max_length=max_length, lora=lora, lora_r=lora_r,
+        lora_alpha=lora_alpha, lora_dropout=lora_dropout, seed=int(_seed(seed)), overwrite=overwrite,
     ))
 
 
@@ -367,6 +370,8 @@ def sft(
     warmup_steps: Annotated[int, typer.Option(help="Learning-rate warm-up steps.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Examples per device per step.")] = 8,
     grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
+    micro_batch_size: Annotated[Optional[int], typer.Option(
+        help="Examples per forward pass within a step; default the batch on GPU, 1 on CPU (faster there).")] = None,
     max_length: Annotated[int, typer.Option(help="Tokens per example; longer ones are cut and counted.")] = 1024,
     chat_template: Annotated[Optional[str], typer.Option(
         help="Jinja chat template file with {% generation %} markers, replacing the model's.")] = None,
@@ -387,7 +392,7 @@ def sft(
         mix=mix or [], lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
         lora_target=lora_target, merge=merge, epochs=epochs, max_steps=max_steps, learning_rate=learning_rate,
         scheduler=scheduler, warmup_steps=warmup_steps, batch_size=batch_size, grad_accum=grad_accum,
-        max_length=max_length, chat_template=chat_template, save_steps=save_steps, resume=resume,
+        micro_batch_size=micro_batch_size, max_length=max_length, chat_template=chat_template, save_steps=save_steps, resume=resume,
         seed=int(_seed(seed)), overwrite=overwrite,
     ))
 
@@ -429,6 +434,60 @@ def eval_pm(
     from caictl.stages import eval as stage
 
     stage.run_pm(stage.EvalPMConfig(files=files, out=out, pm=pm, batch_size=batch_size, max_length=max_length))
+
+
+@eval_app.command("compare")
+def eval_compare(
+    prompts: Annotated[list[str], typer.Argument(help="Prompt files, one set each (named after the file).")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Output folder.")],
+    model: Annotated[list[str], typer.Option(
+        "--model", help="NAME=PATH (or PATH) of a model to compare; repeat for each model.")] = [],
+    pm: Annotated[Optional[str], typer.Option(help="A train-pm folder: reward each response, higher wins.")] = None,
+    judge: Annotated[Optional[str], typer.Option(help="A feedback model: judge each pair, both orders.")] = None,
+    judge_refusal: Annotated[bool, typer.Option(help="Also ask the judge whether each response refuses.")] = False,
+    engine: Engine = None,
+    base_url: BaseUrl = None,
+    constitution: ConstitutionOpt = None,
+    prompt_style: Annotated[str, typer.Option(help="auto, chat or transcript.")] = "auto",
+    max_new_tokens: Annotated[int, typer.Option(help="Response length cap.")] = 128,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass (hf).")] = 16,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight (openai).")] = 8,
+    limit: Annotated[Optional[int], typer.Option(help="At most N prompts per set.")] = None,
+    seed: Seed = None,
+    overwrite: Annotated[bool, typer.Option(help="Answer and judge again from scratch.")] = False,
+) -> None:
+    """Models side by side: win rates, Elo, refusal, boilerplate and length, per prompt set.
+
+    Example: caictl eval compare held-out/harmless.jsonl held-out/helpful.jsonl --model base=models/base
+    --model rl-cai=models/rl-cai --pm models/pm --judge models/base -o eval/compare
+    """
+    from caictl import settings
+    from caictl.stages import compare as stage
+
+    stage.run_compare(stage.EvalCompareConfig(
+        prompts=prompts, out=out, models=model, pm=pm, judge=judge, judge_refusal=judge_refusal,
+        engine=settings.resolve("engine", engine, "hf"), base_url=base_url,
+        constitution=settings.resolve("constitution", constitution, "harmless"), prompt_style=prompt_style,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size,
+        concurrency=concurrency, limit=limit, seed=_seed(seed), overwrite=overwrite))
+
+
+@eval_app.command("report")
+def eval_report(
+    paths: Annotated[list[str], typer.Argument(help="Run folders (scanned) or artifact files.")],
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output folder; default FIRST_FOLDER/report.")] = None,
+) -> None:
+    """One report for a run: every stage's figures, which principles drove revisions and labels, eval results.
+
+    Prints the report's path.
+
+    Example: caictl eval report runs/demo
+    """
+    from caictl.stages import report as stage
+
+    typer.echo(stage.run_report(stage.EvalReportConfig(paths=paths, out=out))["report"])
 
 
 @constitution_app.command("show")

@@ -141,3 +141,33 @@ def clamp(p: float, bounds: tuple[float, float] | None) -> float:
     if bounds is None:
         return p
     return min(max(p, bounds[0]), bounds[1])
+
+
+def vote_statistics(records: list[dict]) -> tuple[dict[str, dict], dict]:
+    """Per principle, from labelled records' votes: how many, mean confidence (|p - 0.5| x 2), position
+    consistency (both orders pick the same response; None without both orders) and first-slot preference
+    (how often slot A wins, 0.5 when the model has no pull). Also the same over all votes."""
+    per: dict[str, dict] = {}
+    for record in records:
+        for vote in record["votes"]:
+            entry = per.setdefault(vote["principle"], {"votes": 0, "confidence": 0.0, "both": 0, "agree": 0,
+                                                       "first_slot": 0.0})
+            entry["votes"] += 1
+            entry["confidence"] += abs(vote["p"] - 0.5) * 2
+            if "p_ba" in vote:
+                entry["both"] += 1
+                entry["agree"] += (vote["p_ab"] >= 0.5) == (vote["p_ba"] >= 0.5)
+                # P(slot A wins) in each order: p_ab, and 1 - p_ba (the first response then sits in B).
+                entry["first_slot"] += (vote["p_ab"] + 1 - vote["p_ba"]) / 2
+            else:
+                entry["first_slot"] += vote["p_ab"]
+
+    def finish(e: dict) -> dict:
+        return {"votes": e["votes"], "mean_confidence": round(e["confidence"] / e["votes"], 4),
+                "position_consistency": round(e["agree"] / e["both"], 4) if e["both"] else None,
+                "first_slot_preference": round(e["first_slot"] / e["votes"], 4)}
+
+    total = {key: sum(e[key] for e in per.values()) for key in ("votes", "confidence", "both", "agree", "first_slot")}
+    overall = finish(total) if total["votes"] else {"votes": 0, "mean_confidence": None,
+                                                    "position_consistency": None, "first_slot_preference": None}
+    return {pid: finish(e) for pid, e in sorted(per.items())}, overall

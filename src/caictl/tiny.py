@@ -49,6 +49,7 @@ class Preset:
     num_attention_heads: int
     num_key_value_heads: int
     max_position_embeddings: int
+    model_vocab_size: int | None = None  # a real model's embedding size, when the shape should match one
 
 
 PRESETS = {
@@ -56,6 +57,8 @@ PRESETS = {
     "tiny": Preset(1024, 64, 128, 2, 4, 2, 4096),
     # ~25M parameters: benchmarks and the offline demo.
     "small": Preset(8192, 512, 2048, 6, 8, 2, 4096),
+    # Qwen2.5-0.5B's shape (~494M parameters, 151936-token embedding): GPU benchmarks.
+    "qwen0.5b-shape": Preset(8192, 896, 4864, 24, 14, 2, 32768, model_vocab_size=151936),
 }
 
 TASKS = ("causal-lm", "seq-cls")
@@ -89,7 +92,7 @@ def run(config: InitModelConfig) -> Path:
     quiet_transformers()
     preset = PRESETS[config.preset]
     tokenizer = build_tokenizer(preset.vocab_size)
-    vocab = -(-len(tokenizer) // 64) * 64
+    vocab = preset.model_vocab_size or -(-len(tokenizer) // 64) * 64
     model_config = LlamaConfig(
         vocab_size=vocab,
         hidden_size=preset.hidden_size,

@@ -30,3 +30,15 @@ def trl_device_args(trl_config_class) -> tuple[dict, object]:
     fields = trl_config_class.__dataclass_fields__
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     return {"use_cpu": not cuda, "bf16": bf16, checkpointing: False}, (torch.bfloat16 if bf16 else torch.float32)
+
+
+def micro_batch(batch_size: int, requested: int | None) -> int:
+    """Sequences per forward pass within a step of batch_size. Default: the whole batch on a GPU, one on a CPU,
+    where padding to the longest row and the larger attention matrices cost more than batching saves
+    (benchmarks/bench_train.py measures it); the step, and so the update, is the same either way."""
+    import torch
+
+    micro = requested or (batch_size if torch.cuda.is_available() else 1)
+    if micro < 1 or batch_size % micro:
+        raise UsageError(f"--micro-batch-size {micro} must divide --batch-size {batch_size}")
+    return micro

@@ -8,6 +8,9 @@ log-probability of each answer: accuracy, and calibration of the probability giv
 `pm` asks a preference model to rank comparisons (`text_correct`/`text_incorrect`, hh-rlhf chosen/rejected,
 preference records): accuracy, mean margin, calibration. Each writes records.jsonl, summary.json,
 reliability.png and report.md to the output folder.
+
+`eval compare` (models side by side) and `eval report` (a whole run) have modules of their own: compare.py
+and report.py.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from caictl.constitution import Constitution, load_for_stage
 from caictl.engines import ENGINES
 from caictl.errors import InputError, UsageError
 from caictl.generation import open_engine
-from caictl.judge import Comparison, Judge
+from caictl.judge import Comparison, Judge, vote_statistics
 from caictl.records import RecordWriter, RejectWriter, Row, read_rows, stable_id
 from caictl.ui import log, meter, summary_table
 
@@ -196,25 +196,7 @@ def to_record(comparison: Comparison, votes: list[dict], config: LabelConfig, ru
 
 def summarise(records: list[dict], comparisons: list[Comparison], seconds: float, config: LabelConfig) -> dict:
     """Per principle: how many votes, mean confidence, how often both orders agree, the first-slot pull."""
-    per: dict[str, dict] = {}
-    for record in records:
-        for vote in record["votes"]:
-            entry = per.setdefault(vote["principle"], {"votes": 0, "confidence": 0.0, "agree": 0, "first_slot": 0.0})
-            entry["votes"] += 1
-            entry["confidence"] += abs(vote["p"] - 0.5) * 2
-            if "p_ba" in vote:
-                entry["agree"] += (vote["p_ab"] >= 0.5) == (vote["p_ba"] >= 0.5)
-                # P(slot A wins) in each order: p_ab, and 1 - p_ba (the first response then sits in B).
-                entry["first_slot"] += (vote["p_ab"] + 1 - vote["p_ba"]) / 2
-            else:
-                entry["first_slot"] += vote["p_ab"]
-    principles = {
-        pid: {"votes": e["votes"], "mean_confidence": round(e["confidence"] / e["votes"], 4),
-              "position_consistency": round(e["agree"] / e["votes"], 4) if config.debias else None,
-              "first_slot_preference": round(e["first_slot"] / e["votes"], 4)}
-        for pid, e in sorted(per.items())
-    }
-    votes = sum(e["votes"] for e in per.values()) or 1
+    principles, overall = vote_statistics(records)
     summary = {
         "stage": "label",
         "out": config.out or "-",
@@ -222,8 +204,8 @@ def summarise(records: list[dict], comparisons: list[Comparison], seconds: float
         "labelled": len(records),
         "label": _kind(config),
         "mean_p_chosen": round(sum(r["p_chosen"] for r in records) / len(records), 4) if records else None,
-        "position_consistency": round(sum(e["agree"] for e in per.values()) / votes, 4) if config.debias else None,
-        "first_slot_preference": round(sum(e["first_slot"] for e in per.values()) / votes, 4),
+        "position_consistency": overall["position_consistency"],
+        "first_slot_preference": overall["first_slot_preference"],
         "per_principle": principles,
         "seconds": round(seconds, 2),
         "comparisons_per_s": round(len(records) / seconds, 2) if seconds > 0 else None,

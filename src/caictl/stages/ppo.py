@@ -26,6 +26,7 @@ from pathlib import Path
 from caictl import __version__
 from caictl.errors import UsageError
 from caictl.records import read_prompts
+from caictl.textstats import boilerplate
 from caictl.training import output_folder
 from caictl.ui import log, meter, quiet_transformers, summary_table
 
@@ -557,10 +558,8 @@ class RunningMoments:
 def boilerplate_share(responses: list[str], n: int = 6) -> float:
     """Share of responses that contain a long word n-gram also found in another response of the batch: the
     paper's sign of Goodharting (the same stock phrases everywhere)."""
-    grams = [{tuple(words[i:i + n]) for i in range(len(words) - n + 1)} for words in (r.split() for r in responses)]
-    counts = Counter(g for gs in grams for g in gs)
-    shared = [any(counts[g] > 1 for g in gs) for gs in grams]
-    return sum(shared) / len(responses) if responses else 0.0
+    flags, _ = boilerplate(responses, n=n, min_count=2)
+    return sum(flags) / len(responses) if responses else 0.0
 
 
 def plot_history(history: list[dict], path: Path) -> None:

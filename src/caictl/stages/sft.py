@@ -25,7 +25,7 @@ from caictl import __version__, settings
 from caictl.conversation import parse_transcript
 from caictl.errors import InputError, UsageError
 from caictl.records import file_hash, read_rows
-from caictl.training import output_folder, trl_device_args
+from caictl.training import micro_batch, output_folder, trl_device_args
 from caictl.ui import log, quiet_transformers, summary_table
 
 REVISION_MODES = ("final", "all")
@@ -54,6 +54,7 @@ class SFTConfig:
     warmup_steps: int = 0
     batch_size: int = 8  # per device
     grad_accum: int = 1
+    micro_batch_size: int | None = None  # sequences per forward pass; default: the batch on GPU, 1 on CPU
     max_length: int = 1024  # tokens; longer examples are cut (and counted)
     seed: int = 0
     chat_template: str | None = None  # a Jinja file with {% generation %} markers, replacing the model's
@@ -255,6 +256,7 @@ def prepare(config: SFTConfig, model_name: str, examples: list[list[dict]]):
     device_args, dtype = trl_device_args(TRLSFTConfig)
     model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype)
     learning_rate = config.learning_rate or (2e-4 if config.lora else 2e-5)
+    micro = micro_batch(config.batch_size, config.micro_batch_size)
     args = TRLSFTConfig(
         output_dir=str(Path(config.out) / "checkpoints"),
         num_train_epochs=config.epochs,
@@ -262,8 +264,10 @@ def prepare(config: SFTConfig, model_name: str, examples: list[list[dict]]):
         learning_rate=learning_rate,
         lr_scheduler_type=config.scheduler,
         warmup_steps=config.warmup_steps,
-        per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum,
+        # A step of batch_size in micro-batches: transformers normalises accumulated losses by the step's
+        # token count, so the update equals the whole batch's.
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=config.grad_accum * (config.batch_size // micro),
         max_length=config.max_length,
         assistant_only_loss=True,
         seed=config.seed,

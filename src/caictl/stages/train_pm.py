@@ -44,6 +44,7 @@ class TrainPMConfig:
     learning_rate: float = 3e-5
     scheduler: str = "constant"
     batch_size: int = 16  # comparisons per step
+    micro_batch_size: int | None = None  # texts per forward pass; default: all of a step's on GPU, 1 on CPU
     max_length: int = 512  # tokens kept from the END of each conversation
     lora: bool = False  # LoRA on the backbone; the scalar head trains fully and is saved with it
     lora_r: int = 16
@@ -65,6 +66,8 @@ class TrainPMConfig:
             problems.append(f"--scheduler {self.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
         if self.batch_size < 1 or self.max_length < 8 or self.epochs <= 0 or self.learning_rate <= 0:
             problems.append("--batch-size >= 1, --max-length >= 8, --epochs > 0 and --learning-rate > 0")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            problems.append("--micro-batch-size must be at least 1")
         if problems:
             raise UsageError("; ".join(problems))
 
@@ -178,9 +181,17 @@ class Trainer:
         self.model = model.to(self.device)
 
     def rewards(self, texts: list[str]):
-        batch = self.tokenizer(texts, truncation=True, max_length=self.config.max_length, padding=True,
-                               return_tensors="pt").to(self.device)
-        return self.model(**batch).logits[:, 0].float()
+        """One reward per text, through the model in micro-batches of similar length (less padding)."""
+        import torch
+
+        micro = self.config.micro_batch_size or (len(texts) if self.device == "cuda" else 1)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        parts = []
+        for first in range(0, len(order), micro):
+            batch = self.tokenizer([texts[i] for i in order[first:first + micro]], truncation=True,
+                                   max_length=self.config.max_length, padding=True, return_tensors="pt").to(self.device)
+            parts.append(self.model(**batch).logits[:, 0].float())
+        return torch.cat(parts)[torch.tensor(order).argsort()]
 
     def fit(self, comparisons: list[Comparison]) -> list[dict]:
         import torch

@@ -1,0 +1,439 @@
+"""eval compare: models side by side on held-out prompts, harmlessness and helpfulness apart.
+
+    caictl eval compare held-out/harmless.jsonl held-out/helpful.jsonl \
+        --model base=models/base --model sl-cai=models/sl-cai --model rl-cai=models/rl-cai \
+        --pm models/pm --judge models/base -o eval/compare
+
+Each input file is a prompt set, named after the file (`harmless.jsonl` is the set "harmless"; a row's own
+`set` field wins). Every model answers every prompt once (seeded sampling; re-running resumes, and adding a
+model answers only for it). Then, for each pair of models on each prompt:
+- `--pm`: the preference model scores both responses; the higher reward wins.
+- `--judge`: a feedback model compares them through the label machinery, both orders averaged, under a
+  comparison principle drawn from the constitution (harmlessness sets) or a helpfulness question (sets whose
+  name contains "helpful"); the principle is recorded with each judgement.
+From these: win rates with bootstrap intervals and Elo ratings across all models, per set and overall. Per
+model, the signs of Goodharting (caictl.textstats): refusal rate, boilerplate rate, distinct-n, mean length;
+`--judge-refusal` adds the judge's probability that a response refuses or evades.
+
+Output folder: responses.jsonl (resumable), judgements.jsonl, records.jsonl (one row per response with every
+score), summary.json, report.md, elo.png, winrates.png, goodhart.png.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from itertools import combinations
+from pathlib import Path
+
+from caictl import __version__
+from caictl.constitution import ComparisonPrinciple, load_for_stage
+from caictl.engines import ENGINES, SamplingParams
+from caictl.errors import UsageError
+from caictl.generation import PROMPT_STYLES, STOP_RESPONSE, open_engine, prompt_style, response_request
+from caictl.records import Prompt, RecordWriter, read_prompts, read_rows
+from caictl.ratings import Outcome, elo, win_rates
+from caictl.textstats import is_refusal, response_stats
+from caictl.ui import log, meter, summary_table
+
+HELPFULNESS = ComparisonPrinciple(
+    "helpfulness", "Which of these assistant responses is more helpful, honest and accurate for the human?")
+ALL = "all"
+WINDOW = 64
+
+
+@dataclass
+class EvalCompareConfig:
+    prompts: list[str]  # prompt files, one set each
+    out: str  # output folder
+    models: list[str] = field(default_factory=list)  # "NAME=PATH" or PATH (named after the folder)
+    pm: str | None = None
+    judge: str | None = None  # the feedback model for pairwise judgements
+    judge_refusal: bool = False
+    engine: str = "hf"
+    base_url: str | None = None
+    constitution: str = "harmless"
+    prompt_style: str = "auto"
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 16
+    concurrency: int = 8
+    limit: int | None = None  # prompts per set
+    seed: int = 0
+    overwrite: bool = False
+
+    def check(self) -> dict[str, str]:
+        """The models by name."""
+        problems = []
+        if self.engine not in ENGINES:
+            problems.append(f"--engine {self.engine!r}: choose one of {', '.join(ENGINES)}")
+        if self.prompt_style not in PROMPT_STYLES:
+            problems.append(f"--prompt-style {self.prompt_style!r}: choose one of {', '.join(PROMPT_STYLES)}")
+        if not self.models:
+            problems.append("give at least one --model (NAME=PATH, or a folder)")
+        if self.judge_refusal and not self.judge:
+            problems.append("--judge-refusal needs --judge MODEL")
+        if self.limit is not None and self.limit < 1:
+            problems.append("--limit must be at least 1")
+        models: dict[str, str] = {}
+        for spec in self.models:
+            name, _, path = spec.rpartition("=") if "=" in spec else (Path(spec.rstrip("/")).name, "", spec)
+            if not name or not path:
+                problems.append(f"--model {spec!r}: write NAME=PATH or PATH")
+            elif name in models:
+                problems.append(f"--model {spec!r}: the name {name!r} is used twice; write NAME=PATH")
+            else:
+                models[name] = path
+        if problems:
+            raise UsageError("; ".join(problems))
+        return models
+
+
+@dataclass
+class Item:
+    """One prompt of one set; `key` is unique across sets."""
+
+    set: str
+    prompt: Prompt
+
+    @property
+    def key(self) -> str:
+        return f"{self.set}/{self.prompt.id}"
+
+
+def run_compare(config: EvalCompareConfig) -> dict:
+    models = config.check()
+    items = read_sets(config.prompts, config.limit)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+
+    responses = answer(config, models, items, out / "responses.jsonl")
+    rows = [{"id": f"{name}/{item.key}", "model": name, "set": item.set, "prompt_id": item.prompt.id,
+             "messages": item.prompt.messages, **responses[(name, item.key)]}
+            for name in models for item in items]
+    for row in rows:
+        row["refusal"] = is_refusal(row["response"])
+
+    outcomes: dict[str, list[tuple[str, Outcome]]] = {}
+    if config.pm:
+        outcomes["pm"] = pm_outcomes(config, models, items, rows)
+    if config.judge:
+        outcomes["judge"] = judge_outcomes(config, models, items, rows, out / "judgements.jsonl")
+
+    summary = summarise(config, models, items, rows, outcomes)
+    summary["seconds"] = round(time.perf_counter() - start, 1)
+    with open(out / "records.jsonl", "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps({k: v for k, v in row.items() if k != "messages"}, ensure_ascii=False) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot(summary, out)
+    (out / "report.md").write_text(report(summary))
+    _print(summary, out)
+    return summary
+
+
+# Prompts and responses ---------------------------------------------------------------------------------
+
+
+def read_sets(files: list[str], limit: int | None) -> list[Item]:
+    if not files:
+        raise UsageError("give at least one prompt file")
+    items = []
+    for path in files:
+        if path != "-" and not Path(path).exists():
+            raise UsageError(f"{path}: no such file")
+        name = Path(path).name.split(".")[0] if path != "-" else "stdin"
+        per_set: dict[str, int] = {}
+        for prompt in read_prompts(path):
+            set_name = str(prompt.extra.get("set") or name)
+            if limit and per_set.get(set_name, 0) >= limit:
+                continue
+            per_set[set_name] = per_set.get(set_name, 0) + 1
+            items.append(Item(set_name, prompt))
+    keys = [item.key for item in items]
+    if len(set(keys)) != len(keys):
+        duplicate = next(k for k in keys if keys.count(k) > 1)
+        raise UsageError(f"prompt {duplicate!r} appears in two files of the same set; give the files other names")
+    return items
+
+
+def answer(config: EvalCompareConfig, models: dict[str, str], items: list[Item], path: Path) -> dict:
+    """Every model's response to every prompt, generated once: (model, item key) -> response fields."""
+    run_settings = {"stage": "eval compare", "engine": config.engine, "prompt_style": config.prompt_style,
+                    "sampling": {"temperature": config.temperature, "top_p": config.top_p,
+                                 "max_new_tokens": config.max_new_tokens},
+                    "seed": config.seed, "caictl_version": __version__}
+    writer = RecordWriter(path, run_settings, overwrite=config.overwrite)
+    try:
+        for name, model in models.items():
+            pending = [item for item in items if f"{name}/{item.key}" not in writer.done]
+            if not pending:
+                continue
+            engine = open_engine(config.engine, model, config.base_url, config.batch_size, config.concurrency)
+            style = prompt_style(config.prompt_style, engine)
+            params = SamplingParams(config.max_new_tokens, config.temperature, config.top_p,
+                                    STOP_RESPONSE if style == "transcript" else (), config.seed)
+            call = engine.generate if style == "chat" else engine.complete
+            with meter(len(pending), f"answer {name}") as progress:
+                for first in range(0, len(pending), WINDOW):
+                    chunk = pending[first:first + WINDOW]
+                    # Keyed by prompt, not model: two models see the same sampling noise per prompt.
+                    results = call([response_request(style, i.prompt.messages) for i in chunk], params,
+                                   [f"{i.key}/eval" for i in chunk])
+                    writer.write([{"id": f"{name}/{i.key}", "model": name, "model_path": model,
+                                   "response": g.text.strip(), "finish_reason": g.finish_reason, "meta": run_settings}
+                                  for i, g in zip(chunk, results)])
+                    progress.advance(len(chunk), sum(g.completion_tokens for g in results))
+            del engine
+            gc.collect()
+    finally:
+        writer.close()
+    wanted = {f"{name}/{item.key}" for name in models for item in items}
+    responses = {}
+    for row in read_rows(path):
+        if row.data.get("id") in wanted and row.data.get("model_path") == models.get(row.data.get("model")):
+            key = row.data["id"][len(row.data["model"]) + 1:]
+            responses[(row.data["model"], key)] = {"response": row.data["response"],
+                                                   "finish_reason": row.data["finish_reason"]}
+    missing = [f"{n}/{i.key}" for n in models for i in items if (n, i.key) not in responses]
+    if missing:
+        raise UsageError(f"{path}: {missing[0]} was answered by another model folder under the same name; "
+                         "pass --overwrite, or give the model another NAME")
+    return responses
+
+
+# Pairwise outcomes ---------------------------------------------------------------------------------------
+
+
+def pm_outcomes(config: EvalCompareConfig, models: dict[str, str], items: list[Item], rows: list[dict]):
+    """PM reward of every response; on each prompt the higher reward wins (a tie is half a win)."""
+    from caictl.pm import Scorer, conversation_text
+
+    scorer = Scorer(config.pm, batch_size=config.batch_size)
+    log(f"scoring {len(rows)} responses with {config.pm}")
+    rewards = scorer.score([conversation_text(r["messages"], r["response"]) for r in rows])
+    reward = {}
+    for row, value in zip(rows, rewards):
+        row["reward"] = round(value, 5)
+        reward[(row["model"], f"{row['set']}/{row['prompt_id']}")] = value
+    outcomes = []
+    for a, b in combinations(models, 2):
+        for item in items:
+            ra, rb = reward[(a, item.key)], reward[(b, item.key)]
+            outcomes.append((item.set, Outcome(item.key, a, b, 1.0 if ra > rb else 0.0 if ra < rb else 0.5)))
+    return outcomes
+
+
+def judge_outcomes(config: EvalCompareConfig, models: dict[str, str], items: list[Item], rows: list[dict],
+                   path: Path):
+    from caictl.judge import Comparison, Judge
+
+    constitution = load_for_stage(config.constitution, [], "comparison")
+    response = {(r["model"], f"{r['set']}/{r['prompt_id']}"): r["response"] for r in rows}
+    comparisons = []
+    for a, b in combinations(models, 2):
+        for item in items:
+            comparison_id = f"{a}|{b}/{item.key}"
+            if "helpful" in item.set:
+                principle = HELPFULNESS
+            else:
+                principle = random.Random(f"{config.seed}:{comparison_id}").choice(constitution.comparison)
+            comparisons.append(Comparison(comparison_id, item.prompt.messages, response[(a, item.key)],
+                                          response[(b, item.key)], [principle],
+                                          {"set": item.set, "prompt_id": item.prompt.id, "a": a, "b": b}))
+    run_settings = {"stage": "eval compare judge", "judge": config.judge, "constitution": constitution.name,
+                    "constitution_hash": constitution.content_hash(), "seed": config.seed,
+                    "caictl_version": __version__}
+    # A judgement is valid for the responses it saw: answering again (--overwrite) judges again.
+    writer = RecordWriter(path, run_settings, overwrite=config.overwrite)
+    pending = [c for c in comparisons if c.id not in writer.done]
+    engine = None
+    try:
+        if pending or config.judge_refusal:
+            engine = open_engine(config.engine, config.judge, config.base_url, config.batch_size, config.concurrency)
+        judge = Judge(engine, constitution, debias=True, seed=config.seed)
+        with meter(len(pending), "judge", unit="pairs") as progress:
+            for first in range(0, len(pending), WINDOW):
+                chunk = pending[first:first + WINDOW]
+                writer.write([{"id": c.id, **c.extra, "first": c.first, "second": c.second, **votes[0],
+                               "meta": run_settings} for c, votes in zip(chunk, judge.votes(chunk))])
+                progress.advance(len(chunk))
+    finally:
+        writer.close()
+    if config.judge_refusal:
+        log(f"asking {config.judge} whether each of {len(rows)} responses refuses")
+        probabilities = judge.refusal_probabilities([r["messages"] for r in rows], [r["response"] for r in rows])
+        for row, p in zip(rows, probabilities):
+            row["judge_refusal"] = round(p, 5)
+    judged = {}
+    for row in read_rows(path):
+        judged[row.data["id"]] = row.data
+    outcomes = []
+    for c in comparisons:
+        record = judged[c.id]
+        if (record["first"], record["second"]) != (c.first, c.second):
+            raise UsageError(f"{path}: {c.id} judged other responses than these; pass --overwrite to judge again")
+        outcomes.append((c.extra["set"], Outcome(f"{c.extra['set']}/{c.extra['prompt_id']}", c.extra["a"],
+                                                 c.extra["b"], record["p"])))
+    return outcomes
+
+
+# Summary and report -------------------------------------------------------------------------------------
+
+
+def summarise(config: EvalCompareConfig, models: dict[str, str], items: list[Item], rows: list[dict],
+              outcomes: dict[str, list[tuple[str, Outcome]]]) -> dict:
+    sets = list(dict.fromkeys(item.set for item in items))
+    groups = sets + [ALL] if len(sets) > 1 else sets
+    per_model: dict[str, dict] = {}
+    for group in groups:
+        per_model[group] = {}
+        for name in models:
+            mine = [r for r in rows if r["model"] == name and group in (ALL, r["set"])]
+            stats = response_stats([r["response"] for r in mine])
+            if "reward" in mine[0]:
+                stats["mean_reward"] = round(sum(r["reward"] for r in mine) / len(mine), 4)
+            if "judge_refusal" in mine[0]:
+                stats["judge_refusal"] = round(sum(r["judge_refusal"] for r in mine) / len(mine), 4)
+            per_model[group][name] = stats
+    ratings: dict[str, dict] = {}
+    for source, pairs in outcomes.items():
+        for group in groups:
+            chosen = [o for s, o in pairs if group in (ALL, s)]
+            if chosen:  # none with a single model
+                ratings.setdefault(source, {})[group] = {"win_rates": win_rates(chosen, config.seed),
+                                                         "elo": elo(chosen, list(models), config.seed)}
+    return {"stage": "eval compare", "models": models, "sets": {s: sum(i.set == s for i in items) for s in sets},
+            "pm": config.pm, "judge": config.judge, "engine": config.engine,
+            "sampling": {"temperature": config.temperature, "top_p": config.top_p,
+                         "max_new_tokens": config.max_new_tokens, "seed": config.seed},
+            "per_model": per_model, "ratings": ratings, "caictl_version": __version__}
+
+
+STAT_COLUMNS = [("mean_reward", "PM reward"), ("refusal_rate", "refusal"), ("judge_refusal", "judge P(refusal)"),
+                ("boilerplate_rate", "boilerplate"), ("distinct_1", "distinct-1"), ("distinct_2", "distinct-2"),
+                ("mean_length_words", "mean words")]
+
+
+def report(summary: dict) -> str:
+    models = list(summary["models"])
+    lines = ["# caictl eval compare", "",
+             f"Models: {', '.join(f'`{n}` ({p})' for n, p in summary['models'].items())}. "
+             f"Prompt sets: {', '.join(f'{s} ({n})' for s, n in summary['sets'].items())}. "
+             f"PM: `{summary['pm'] or '-'}`. Judge: `{summary['judge'] or '-'}`.", ""]
+    for source, by_group in summary["ratings"].items():
+        title = "Preference model" if source == "pm" else "Judge (feedback model, both orders)"
+        lines += [f"## {title}: Elo and win rates", "",
+                  "| set | " + " | ".join(f"{m} Elo (95% CI)" for m in models) + " |", "|---" * (len(models) + 1) + "|"]
+        for group, result in by_group.items():
+            lines.append(f"| {group} | " + " | ".join(
+                f"{result['elo'][m]['elo']:+.0f} ({result['elo'][m]['ci'][0]:+.0f}, {result['elo'][m]['ci'][1]:+.0f})"
+                for m in models) + " |")
+        lines += ["", "| set | model A | model B | A's win rate | 95% CI | comparisons |", "|---|---|---|---|---|---|"]
+        for group, result in by_group.items():
+            lines += [f"| {group} | {w['a']} | {w['b']} | {w['win_rate']:.3f} | {w['ci'][0]:.3f}-{w['ci'][1]:.3f} "
+                      f"| {w['comparisons']} |" for w in result["win_rates"]]
+        lines.append("")
+    if summary["ratings"]:
+        lines += ["![Elo](elo.png)", "", "![win rates](winrates.png)", ""]
+    lines += ["## Signs of Goodharting", "",
+              "Refusal: a phrase detector on the opening of each response (see `caictl.textstats`). Boilerplate: "
+              "share of responses holding a word 8-gram that recurs across prompts. distinct-n: distinct word "
+              "n-grams over all n-grams.", ""]
+    for group, by_model in summary["per_model"].items():
+        columns = [(k, t) for k, t in STAT_COLUMNS if k in next(iter(by_model.values()))]
+        lines += [f"**{group}**", "", "| model | " + " | ".join(t for _, t in columns) + " |",
+                  "|---" * (len(columns) + 1) + "|"]
+        lines += [f"| {m} | " + " | ".join(_cell(s[k]) for k, _ in columns) + " |" for m, s in by_model.items()]
+        repeated = [(m, s["top_boilerplate"]) for m, s in by_model.items() if s["top_boilerplate"]]
+        lines += [""] + [f"- `{m}` repeats: " + "; ".join(f"\"{g}\" ({c}x)" for g, c in top) for m, top in repeated]
+        lines.append("")
+    lines += ["![Goodharting signs](goodhart.png)", ""]
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def plot(summary: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(summary["models"])
+    groups = list(summary["per_model"])
+    width = 0.8 / len(models)
+    if summary["ratings"]:
+        sources = list(summary["ratings"])
+        figure, axes = plt.subplots(1, len(sources), figsize=(5 * len(sources), 3.6), squeeze=False)
+        for axis, source in zip(axes[0], sources):
+            by_group = summary["ratings"][source]
+            for k, model in enumerate(models):
+                values = [by_group[g]["elo"][model]["elo"] for g in by_group]
+                errors = [[v - by_group[g]["elo"][model]["ci"][0] for v, g in zip(values, by_group)],
+                          [by_group[g]["elo"][model]["ci"][1] - v for v, g in zip(values, by_group)]]
+                axis.bar([i + k * width for i in range(len(by_group))], values, width, yerr=errors, capsize=3,
+                         label=model)
+            axis.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(by_group))], list(by_group))
+            axis.axhline(0, color="grey", linewidth=0.8)
+            axis.set_title(f"Elo ({source}), relative to {models[0]}")
+            axis.legend(fontsize=7)
+        figure.tight_layout()
+        figure.savefig(out / "elo.png", dpi=100)
+        plt.close(figure)
+
+        columns = max(len(summary["ratings"][s]) for s in sources)
+        figure, axes = plt.subplots(len(sources), columns, figsize=(3.6 * columns, 3.4 * len(sources)), squeeze=False)
+        for axis in axes.flat:
+            axis.set_visible(False)
+        panels = [(axes[r][c], s, g) for r, s in enumerate(sources) for c, g in enumerate(summary["ratings"][s])]
+        for axis, source, group in panels:
+            axis.set_visible(True)
+            matrix = [[float("nan")] * len(models) for _ in models]
+            for w in summary["ratings"][source][group]["win_rates"]:
+                i, j = models.index(w["a"]), models.index(w["b"])
+                matrix[i][j], matrix[j][i] = w["win_rate"], 1 - w["win_rate"]
+            axis.imshow(matrix, vmin=0, vmax=1, cmap="RdBu")
+            for i in range(len(models)):
+                for j in range(len(models)):
+                    if i != j:
+                        axis.text(j, i, f"{matrix[i][j]:.2f}", ha="center", va="center", fontsize=8)
+            axis.set_xticks(range(len(models)), models, rotation=30, fontsize=7)
+            axis.set_yticks(range(len(models)), models, fontsize=7)
+            axis.set_title(f"{source}, {group}: row beats column", fontsize=9)
+        figure.tight_layout()
+        figure.savefig(out / "winrates.png", dpi=100)
+        plt.close(figure)
+
+    stats = [("refusal_rate", "refusal rate"), ("boilerplate_rate", "boilerplate rate"),
+             ("distinct_2", "distinct-2"), ("mean_length_words", "mean words")]
+    figure, axes = plt.subplots(1, len(stats), figsize=(3.4 * len(stats), 3.2))
+    for axis, (key, title) in zip(axes, stats):
+        for k, model in enumerate(models):
+            axis.bar([i + k * width for i in range(len(groups))],
+                     [summary["per_model"][g][model][key] or 0 for g in groups], width, label=model)
+        axis.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(groups))], groups, fontsize=7)
+        axis.set_title(title, fontsize=9)
+    axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(out / "goodhart.png", dpi=100)
+    plt.close(figure)
+
+
+def _print(summary: dict, out: Path) -> None:
+    rows = []
+    for group, by_model in summary["per_model"].items():
+        for model, s in by_model.items():
+            rows.append((f"{group} / {model}", ", ".join(f"{t} {_cell(s[k])}" for k, t in STAT_COLUMNS if k in s)))
+    for source, by_group in summary["ratings"].items():
+        for group, result in by_group.items():
+            rows.append((f"Elo {source} / {group}", ", ".join(f"{m} {e['elo']:+.0f}" for m, e in result["elo"].items())))
+    rows.append(("report", out / "report.md"))
+    summary_table("eval compare", rows)

@@ -1,0 +1,294 @@
+"""eval report: one report.md for a whole run, from the artifacts the stages left behind.
+
+    caictl eval report runs/demo              # writes runs/demo/report/report.md
+
+It reads what it finds under the given folders (and files), by content, not by name:
+- model folders (a `caictl.json`): each stage's figures: sft loss, train-pm held-out accuracy and ECE, ppo
+  reward and KL, with the plots those stages drew;
+- revise records: which principles drove revisions, how often a revision changed the response, and by how
+  much; the flags raised;
+- label records: per principle, mean confidence, position consistency (both orders agree) and first-slot pull;
+- `eval compare` folders: the Elo ratings and signs of Goodharting, linked to their full report.
+Output: report.md, summary.json and principles.png in the output folder.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from caictl.errors import CaictlError, UsageError
+from caictl.judge import vote_statistics
+from caictl.records import read_rows
+from caictl.ui import summary_table
+
+SCAN_DEPTH = 3
+# Revisions revise records but does not build on (see caictl revise): an empty one, or a copied critique.
+DISCARDING_FLAGS = {"empty_revision", "revision_copies_critique"}
+STAGE_ORDER = ["init-model", "revise", "sft", "sample", "label", "train-pm", "ppo", "dpo", "eval compare"]
+
+
+@dataclass
+class EvalReportConfig:
+    paths: list[str]  # run folders or artifact files
+    out: str | None = None  # default: <first folder>/report
+
+
+@dataclass
+class Found:
+    models: list[tuple[Path, dict]]  # model folder, its caictl.json
+    revisions: list[tuple[Path, list[dict]]]
+    labels: list[tuple[Path, list[dict]]]
+    compares: list[tuple[Path, dict]]  # eval compare folder, its summary.json
+
+
+def run_report(config: EvalReportConfig) -> dict:
+    missing = [p for p in config.paths if not Path(p).exists()]
+    if missing or not config.paths:
+        raise UsageError(f"{', '.join(missing) or 'no run folder given'}: no such file or folder")
+    first_folder = next((Path(p) for p in config.paths if Path(p).is_dir()), Path("."))
+    out = Path(config.out) if config.out else first_folder / "report"
+    found = find(config.paths, exclude=out)
+    if not (found.models or found.revisions or found.labels or found.compares):
+        raise UsageError(f"{', '.join(config.paths)}: no caictl artifacts found (model folders with caictl.json, "
+                         "revise or label records, eval compare folders)")
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {
+        "stage": "eval report",
+        "stages": [stage_figures(path, meta) for path, meta in sorted(found.models, key=_stage_rank)],
+        "revisions": {str(path): revision_statistics(rows) for path, rows in found.revisions},
+        "labels": {str(path): dict(zip(("per_principle", "overall"), vote_statistics(rows)))
+                   for path, rows in found.labels},
+        "compare": {str(path): {k: s[k] for k in ("models", "sets", "ratings", "per_model")}
+                    for path, s in found.compares},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot_principles(summary, out / "principles.png")
+    (out / "report.md").write_text(render(summary, found, out))
+    summary_table("eval report", [("model folders", len(found.models)), ("revise files", len(found.revisions)),
+                                  ("label files", len(found.labels)), ("eval compare folders", len(found.compares)),
+                                  ("report", out / "report.md")])
+    return {**summary, "report": str(out / "report.md")}
+
+
+# Finding artifacts ----------------------------------------------------------------------------------------
+
+
+def find(paths: list[str], exclude: Path) -> Found:
+    found = Found([], [], [], [])
+    for path in paths:
+        _visit(Path(path), found, exclude.resolve(), SCAN_DEPTH)
+    return found
+
+
+def _visit(path: Path, found: Found, exclude: Path, depth: int) -> None:
+    if path.is_file():
+        kind = _record_kind(path)
+        if kind:
+            getattr(found, kind).append((path, [row.data for row in read_rows(path)]))
+        return
+    if path.resolve() == exclude:
+        return
+    if (path / "caictl.json").is_file():
+        found.models.append((path, json.loads((path / "caictl.json").read_text())))
+        return
+    summary = path / "summary.json"
+    if summary.is_file():
+        data = json.loads(summary.read_text())
+        if data.get("stage") == "eval compare":
+            found.compares.append((path, data))
+            return
+    if depth > 0:
+        for child in sorted(path.iterdir()):
+            if child.is_dir() or child.name.endswith((".jsonl", ".jsonl.gz")):
+                _visit(child, found, exclude, depth - 1)
+
+
+def _record_kind(path: Path) -> str | None:
+    """revisions or labels, from the file's first record; None for any other file."""
+    try:
+        first = next(iter(read_rows(path))).data
+    except (CaictlError, StopIteration):  # not JSONL, or empty: not ours to report on
+        return None
+    if not isinstance(first, dict):
+        return None
+    if "steps" in first and "initial_response" in first:
+        return "revisions"
+    if "votes" in first and "p_chosen" in first:
+        return "labels"
+    return None
+
+
+def _stage_rank(item: tuple[Path, dict]) -> tuple[int, str]:
+    stage = item[1].get("stage", "")
+    return (STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER), str(item[0]))
+
+
+# Figures ------------------------------------------------------------------------------------------------
+
+
+def stage_figures(path: Path, meta: dict) -> dict:
+    """A model folder's stage and the few numbers that say how its training went."""
+    stage, metrics = meta.get("stage", "?"), meta.get("metrics", {})
+    figures: dict = {}
+    if stage == "init-model":
+        figures = {"preset": meta.get("preset"), "task": meta.get("task"), "parameters": meta.get("parameters"),
+                   "random_weights": meta.get("random_weights", False)}
+    elif stage in ("sft", "dpo"):
+        figures = {k: metrics.get(k) for k in ("examples", "steps", "train_loss_first", "train_loss_last",
+                                              "seconds_per_step")}
+    elif stage == "train-pm":
+        figures = {k: metrics.get(k) for k in ("train_comparisons", "steps", "comparisons_per_s")}
+        for name, result in (metrics.get("eval") or {}).items():
+            figures[f"{name} accuracy"] = result.get("accuracy")
+            figures[f"{name} ECE"] = result.get("ece")
+    elif stage == "ppo":
+        figures = {k: metrics.get(k) for k in ("steps", "heldout_reward_before", "heldout_reward_after", "kl",
+                                              "seconds_per_step", "stopped")}
+    plots = sorted(p.name for p in path.glob("*.png"))
+    return {"stage": stage, "path": str(path), "figures": _rounded(figures), "plots": plots}
+
+
+def revision_statistics(records: list[dict]) -> dict:
+    """Per principle: rounds it drove, how often the revision changed the response, and by how much
+    (1 - word-level similarity to the response before the round); the same over all rounds."""
+    per: dict[str, dict] = {}
+    changed_rows, flags = 0, {}
+    for record in records:
+        current = record["initial_response"]
+        for step in record["steps"]:
+            entry = per.setdefault(step["principle"], {"rounds": 0, "changed": 0, "change_size": 0.0, "discarded": 0})
+            entry["rounds"] += 1
+            if DISCARDING_FLAGS & set(step.get("flags", [])):
+                entry["discarded"] += 1
+                continue  # recorded, but revise did not build on it
+            revision = step["revision"]
+            if revision.strip() != current.strip():
+                entry["changed"] += 1
+            entry["change_size"] += 1 - difflib.SequenceMatcher(None, current.split(), revision.split()).ratio()
+            current = revision
+        changed_rows += record["response"].strip() != record["initial_response"].strip()
+        for flag in record.get("flags", []):
+            flags[flag] = flags.get(flag, 0) + 1
+
+    def finish(e: dict) -> dict:
+        kept = e["rounds"] - e["discarded"]
+        return {"rounds": e["rounds"], "change_rate": round(e["changed"] / kept, 4) if kept else None,
+                "mean_change_size": round(e["change_size"] / kept, 4) if kept else None,
+                "discarded_rate": round(e["discarded"] / e["rounds"], 4)}
+
+    total = {k: sum(e[k] for e in per.values()) for k in ("rounds", "changed", "change_size", "discarded")}
+    return {"prompts": len(records), "final_differs_from_initial": round(changed_rows / max(len(records), 1), 4),
+            "flags": dict(sorted(flags.items())), "overall": finish(total) if total["rounds"] else None,
+            "per_principle": {pid: finish(e) for pid, e in sorted(per.items(), key=lambda x: -x[1]["rounds"])}}
+
+
+def _rounded(figures: dict) -> dict:
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}
+
+
+# Output -------------------------------------------------------------------------------------------------
+
+
+def render(summary: dict, found: Found, out: Path) -> str:
+    def link(path: Path | str) -> str:
+        return os.path.relpath(path, out)
+
+    lines = ["# caictl run report", ""]
+    if summary["stages"]:
+        lines += ["## Stages", "", "| stage | folder | figures |", "|---|---|---|"]
+        for entry in summary["stages"]:
+            figures = ", ".join(f"{k}: {v}" for k, v in entry["figures"].items() if v is not None)
+            lines.append(f"| {entry['stage']} | `{entry['path']}` | {figures} |")
+        lines.append("")
+        if any(e["figures"].get("random_weights") for e in summary["stages"]):
+            lines += ["Models built by `caictl init-model` have RANDOM weights: every stage ran for real, but the "
+                      "text is noise and the figures say nothing about the method's quality.", ""]
+        for entry in summary["stages"]:
+            lines += [f"![{entry['stage']}: {p}]({link(Path(entry['path']) / p)})" for p in entry["plots"]]
+        lines.append("")
+    if summary["revisions"] or summary["labels"]:
+        lines += ["## Which principles did what", "", "![principles](principles.png)", ""]
+    for path, stats in summary["revisions"].items():
+        overall = stats["overall"] or {}
+        lines += [f"### Revisions: `{path}`", "",
+                  f"{stats['prompts']} prompts; the final response differs from the first in "
+                  f"{stats['final_differs_from_initial']:.0%} of them; a round changed the response "
+                  f"{_pct(overall.get('change_rate'))} of the time. Flags: "
+                  f"{', '.join(f'{k} {v}' for k, v in stats['flags'].items()) or 'none'}.", ""]
+        lines += _table(["principle", "rounds", "changed", "mean change size", "discarded"],
+                        [[pid, p["rounds"], _pct(p["change_rate"]), _num(p["mean_change_size"]),
+                          _pct(p["discarded_rate"])] for pid, p in stats["per_principle"].items()])
+    for path, stats in summary["labels"].items():
+        overall = stats["overall"]
+        lines += [f"### Labels: `{path}`", "",
+                  f"{overall['votes']} votes; mean confidence {_num(overall['mean_confidence'])}, position "
+                  f"consistency {_pct(overall['position_consistency'])}, slot A wins "
+                  f"{_pct(overall['first_slot_preference'])}.", ""]
+        lines += _table(["principle", "votes", "mean confidence", "position consistency", "slot A wins"],
+                        [[pid, p["votes"], _num(p["mean_confidence"]), _pct(p["position_consistency"]),
+                          _pct(p["first_slot_preference"])] for pid, p in stats["per_principle"].items()])
+    for path, compare in summary["compare"].items():
+        lines += [f"## Models compared: `{path}`", "", f"Full report: [{link(Path(path) / 'report.md')}]"
+                  f"({link(Path(path) / 'report.md')})", ""]
+        models = list(compare["models"])
+        for source, by_group in compare["ratings"].items():
+            lines += [f"Elo from the {'preference model' if source == 'pm' else 'judge'} (relative to {models[0]}):",
+                      "", "| set | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
+            lines += [f"| {g} | " + " | ".join(f"{r['elo'][m]['elo']:+.0f}" for m in models) + " |"
+                      for g, r in by_group.items()]
+            lines.append("")
+        group = "all" if "all" in compare["per_model"] else next(iter(compare["per_model"]))
+        lines += [f"Signs of Goodharting ({group}):", "", "| model | refusal | boilerplate | distinct-2 | mean words |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {m} | {_pct(s['refusal_rate'])} | {_pct(s['boilerplate_rate'])} | {_num(s['distinct_2'])} | "
+                  f"{s['mean_length_words']} |" for m, s in compare["per_model"][group].items()]
+        lines += ["", *(f"![{p.stem}]({link(p)})" for p in sorted(Path(path).glob("*.png"))), ""]
+    return "\n".join(lines)
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    """A markdown table, and the blank line after it."""
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows] + [""]
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def plot_principles(summary: dict, path: Path) -> None:
+    """Per principle: how often its revisions changed the response; its labels' confidence and consistency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("revisions", p, s["per_principle"]) for p, s in summary["revisions"].items()]
+    panels += [("labels", p, s["per_principle"]) for p, s in summary["labels"].items()]
+    if not panels:
+        return
+    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    for axis, (kind, source, per) in zip(axes[0], panels):
+        names = list(per)
+        ys = range(len(names))
+        if kind == "revisions":
+            bars = [("change_rate", "changed the response"), ("mean_change_size", "mean change size")]
+        else:
+            bars = [("mean_confidence", "mean confidence"), ("position_consistency", "position consistency")]
+        for k, (key, label) in enumerate(bars):
+            axis.barh([y + k * 0.4 for y in ys], [per[n][key] or 0 for n in names], 0.4, label=label)
+        axis.set_yticks([y + 0.2 for y in ys], names, fontsize=7)
+        axis.set_xlim(0, 1)
+        axis.set_title(f"{kind}: {Path(source).name}", fontsize=9)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

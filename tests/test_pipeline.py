@@ -1,0 +1,60 @@
+"""The full pipeline, reduced (tiny models, a few prompts), end to end through examples/full-pipeline.sh."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import EXAMPLES, ROOT, caictl, read_jsonl, write_jsonl
+
+from caictl.stages.report import revision_statistics
+
+
+def test_reduced_full_pipeline_ends_with_a_report(tmp_path):
+    red_team = write_jsonl(tmp_path / "red-team.jsonl", read_jsonl(EXAMPLES / "red-team.jsonl")[:10])
+    helpful = write_jsonl(tmp_path / "helpful.jsonl", read_jsonl(EXAMPLES / "helpful.jsonl")[:4])
+    held_out = [write_jsonl(tmp_path / f"{name}.jsonl", read_jsonl(EXAMPLES / "held-out" / f"{name}.jsonl")[:3])
+                for name in ("harmless", "helpful")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAICTL_")}
+    env.update(PATH=f"{Path(sys.executable).parent}:{env['PATH']}", RUN="t", PRESET="tiny", ROUNDS="2",
+               TOKENS="8", PPO_STEPS="2", PPO_BATCH="4", RED_TEAM=str(red_team), HELPFUL=str(helpful),
+               EVAL_PROMPTS=" ".join(map(str, held_out)))
+    result = subprocess.run(["bash", str(ROOT / "examples" / "full-pipeline.sh")], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "report: runs/t/report/report.md"
+    run = tmp_path / "runs" / "t"
+    report = (run / "report" / "report.md").read_text()
+    for stage in ("| init-model |", "| sft |", "| train-pm |", "| ppo |"):
+        assert stage in report
+    assert "### Revisions: `runs/t/revisions.jsonl`" in report and "### Labels: `runs/t/prefs.jsonl`" in report
+    summary = json.loads((run / "report" / "summary.json").read_text())
+    compare = summary["compare"]["runs/t/eval"]
+    assert list(compare["models"]) == ["base", "sl-cai", "rl-cai"] and compare["sets"] == {"harmless": 3, "helpful": 3}
+    assert set(compare["ratings"]) == {"pm", "judge"}
+    revisions = summary["revisions"]["runs/t/revisions.jsonl"]
+    assert revisions["prompts"] == 10 and sum(p["rounds"] for p in revisions["per_principle"].values()) == 20
+    assert (run / "report" / "principles.png").stat().st_size > 1000
+
+
+def test_revision_statistics_follow_what_revise_built_on():
+    records = [{"initial_response": "a b c", "response": "a b d", "flags": ["empty_revision"], "steps": [
+        {"principle": "p", "revision": "a b d", "flags": []},
+        {"principle": "q", "revision": "", "flags": ["empty_revision"]},  # discarded: the next round sees "a b d"
+        {"principle": "p", "revision": "a b d", "flags": []},  # unchanged
+    ]}]
+    stats = revision_statistics(records)
+    assert stats["per_principle"]["p"] == {"rounds": 2, "change_rate": 0.5, "mean_change_size": round(1 / 6, 4),
+                                           "discarded_rate": 0.0}
+    assert stats["per_principle"]["q"]["discarded_rate"] == 1.0 and stats["per_principle"]["q"]["change_rate"] is None
+    assert stats["final_differs_from_initial"] == 1.0 and stats["flags"] == {"empty_revision": 1}
+
+
+def test_report_on_a_folder_without_artifacts_says_so(tmp_path):
+    (tmp_path / "notes.jsonl").write_text('{"id": 1}\n')
+    result = caictl("eval", "report", tmp_path, check=False)
+    assert result.returncode == 2 and "no caictl artifacts found" in result.stderr
+    assert caictl("eval", "report", tmp_path / "missing", check=False).returncode == 2

@@ -392,8 +392,8 @@ def sft(
         mix=mix or [], lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
         lora_target=lora_target, merge=merge, epochs=epochs, max_steps=max_steps, learning_rate=learning_rate,
         scheduler=scheduler, warmup_steps=warmup_steps, batch_size=batch_size, grad_accum=grad_accum,
-        micro_batch_size=micro_batch_size, max_length=max_length, chat_template=chat_template, save_steps=save_steps, resume=resume,
-        seed=int(_seed(seed)), overwrite=overwrite,
+        micro_batch_size=micro_batch_size, max_length=max_length, chat_template=chat_template,
+        save_steps=save_steps, resume=resume, seed=int(_seed(seed)), overwrite=overwrite,
     ))
 
 
@@ -471,7 +471,7 @@ def eval_compare(
         engine=settings.resolve("engine", engine, "hf"), base_url=base_url,
         constitution=settings.resolve("constitution", constitution, "harmless"), prompt_style=prompt_style,
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size,
-        concurrency=concurrency, limit=limit, seed=_seed(seed), overwrite=overwrite))
+        concurrency=concurrency, limit=limit, seed=int(_seed(seed)), overwrite=overwrite))
 
 
 @eval_app.command("report")

@@ -253,10 +253,10 @@ def prepare(config: SFTConfig, model_name: str, examples: list[list[dict]]):
     lengths = [len(tokenizer.apply_chat_template(e, tokenize=True, return_dict=True)["input_ids"]) for e in examples]
     truncated = sum(n > config.max_length for n in lengths)
 
+    micro = micro_batch(config.batch_size, config.micro_batch_size)
     device_args, dtype = trl_device_args(TRLSFTConfig)
     model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype)
     learning_rate = config.learning_rate or (2e-4 if config.lora else 2e-5)
-    micro = micro_batch(config.batch_size, config.micro_batch_size)
     args = TRLSFTConfig(
         output_dir=str(Path(config.out) / "checkpoints"),
         num_train_epochs=config.epochs,

@@ -67,7 +67,7 @@ if [ -z "${PM_MODEL:-}" ]; then
 fi
 [ -f "$OUT/models/pm/caictl.json" ] || caictl train-pm "$OUT/prefs.jsonl" --model "$PM_MODEL" -o "$OUT/models/pm" \
   --eval-split 0.1 --epochs 2 --learning-rate 1e-4 --max-length 256
-caictl score --pm "$OUT/models/pm" "$OUT/pairs.jsonl" -o "$OUT/pairs.scored.jsonl"
+[ -f "$OUT/pairs.scored.jsonl" ] || caictl score --pm "$OUT/models/pm" "$OUT/pairs.jsonl" -o "$OUT/pairs.scored.jsonl"
 
 # 6. RL-CAI: PPO of the SL-CAI policy against the PM, KL-penalised, 10% of the prompts held out.
 if [ "$ENGINE" = hf ]; then

@@ -41,6 +41,13 @@ def test_pairs_from_revisions_need_no_model(tmp_path):
     rows = [__import__("json").loads(line) for line in result.stdout.splitlines()]
     assert [(r["id"], r["responses"]) for r in rows] == [("a", ["bad", "better"])]
     assert rows[0]["meta"]["revise"] == {"model": "m"}
+    # --limit counts the pairs already in OUT: a re-run resumes instead of appending more.
+    more = write_jsonl(tmp_path / "more.jsonl", [
+        {"id": f"m{i}", "messages": [{"role": "user", "content": f"q{i}"}], "initial_response": "bad",
+         "steps": [], "response": f"better {i}", "meta": {}} for i in range(4)])
+    for _ in range(2):
+        caictl("sample", "--from-revisions", more, "--limit", "2", "-o", tmp_path / "pairs.jsonl")
+    assert [r["id"] for r in read_jsonl(tmp_path / "pairs.jsonl")] == ["m0", "m1"]
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"id": "x", "messages": []}])
     result = caictl("sample", "--from-revisions", bad, check=False)
     assert result.returncode == 2 and "bad.jsonl:1: not a revise record" in result.stderr

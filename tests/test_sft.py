@@ -174,3 +174,11 @@ def test_micro_batches_make_the_same_step_as_the_whole_batch(tmp_path, tiny_mode
     bad = caictl("sft", revisions, "-o", tmp_path / "bad", "--model", tiny_model, "--batch-size", "8",
                  "--micro-batch-size", "3", check=False)
     assert bad.returncode == 2 and "--micro-batch-size 3 must divide --batch-size 8" in bad.stderr
+
+
+def test_no_usable_revision_means_nothing_to_train_on():
+    record = revision_records(1)[0]
+    record["steps"] = [step for step in record["steps"] if step["flags"]]  # only the empty revision is left
+    record["response"] = record["initial_response"]  # so revise kept the first answer
+    row = Row(source="r.jsonl", line=1, data=record)
+    assert sft.revision_conversations(row, "final") == [] and sft.revision_conversations(row, "all") == []

@@ -115,11 +115,13 @@ def test_lora_pm_saves_its_head_and_reloads_to_the_same_scores(tmp_path, backbon
 def test_hh_rlhf_rows_and_mixing(tmp_path, backbone, shared_data):
     prefs = write_jsonl(tmp_path / "prefs.jsonl", synthetic(40, 7))
     hh = shared_data / "hh-rlhf" / "harmless-base-test.part-a.jsonl.gz"
+    extra = write_jsonl(tmp_path / "extra.jsonl", synthetic(10, 9))
     out = tmp_path / "mixed"
-    caictl("train-pm", prefs, "--mix", f"{hh}:0.5", "--model", backbone, "-o", out, "--max-length", "64",
-           "--eval", shared_data / "anthropic-evals" / "438HHHEvaluations.part-a.jsonl")
+    caictl("train-pm", prefs, "--mix", f"{hh}:0.5", "--mix", f"{extra}:0.5", "--model", backbone, "-o", out,
+           "--max-length", "64", "--eval", shared_data / "anthropic-evals" / "438HHHEvaluations.part-a.jsonl")
     info = json.loads((out / "caictl.json").read_text())
-    assert info["metrics"]["comparisons_per_source"] == {"prefs": 40, str(hh): 20}
+    # Each share is against the AI labels, whatever was mixed in before it.
+    assert info["metrics"]["comparisons_per_source"] == {"prefs": 40, str(hh): 20, str(extra): 20}
     assert info["metrics"]["eval"][str(shared_data / "anthropic-evals" / "438HHHEvaluations.part-a.jsonl")][
         "comparisons"] == 120
 
@@ -165,3 +167,12 @@ def test_micro_batches_give_each_text_its_own_reward(backbone):
         with torch.no_grad():
             assert torch.allclose(train_pm.Trainer(config, str(backbone)).rewards(texts), expected, atol=1e-5)
     assert len(set(expected.tolist())) == 6
+
+
+def test_an_empty_eval_file_is_refused_before_training(tmp_path, backbone):
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", synthetic(8, 3))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    result = caictl("train-pm", prefs, "--model", backbone, "-o", tmp_path / "pm", "--eval", empty, check=False)
+    assert result.returncode == 2 and "empty.jsonl: no comparisons to evaluate on" in result.stderr
+    assert not (tmp_path / "pm" / "caictl.json").exists()

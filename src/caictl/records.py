@@ -20,6 +20,8 @@ from caictl.conversation import ROLES, parse_transcript, up_to_last_user_turn
 from caictl.errors import InputError, UsageError
 
 STDIN = "-"
+# Flags of a revise step that rule its revision out: revise does not build on it, sft does not train on it.
+UNUSABLE_REVISION_FLAGS = frozenset({"empty_revision", "revision_copies_critique"})
 
 
 @dataclass
@@ -261,7 +263,7 @@ class RecordWriter:
         for record in records:
             self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
             if "id" in record:
-                self.done.add(record["id"])
+                self.done.add(str(record["id"]))
         self._handle.flush()
 
     def close(self) -> None:

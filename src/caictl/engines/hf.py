@@ -85,8 +85,8 @@ class HFEngine:
             sequences = [(self._encode(t, special=True) + common)[-self.max_positions:] for t in texts]
             endings = [[ids[-1]] for ids in choice_ids]
         else:
-            sequences = [(self._encode(t, special=True) + ids)[-self.max_positions:]
-                         for t in texts for ids in choice_ids]
+            encoded = [self._encode(t, special=True) for t in texts]
+            sequences = [(text_ids + ids)[-self.max_positions:] for text_ids in encoded for ids in choice_ids]
             endings = [None]
         scored = len(common) if endings[0] else None
         # Logits only where they are read: the last choice tokens' positions (and the one before them).
@@ -113,6 +113,10 @@ class HFEngine:
     # Internals ------------------------------------------------------------------------------------------
 
     def _encode(self, text: str, special: bool) -> list[int]:
+        # A rendered chat template already starts with any BOS token; adding another shifts the model.
+        bos = self.tokenizer.bos_token
+        if special and bos and text.startswith(bos):
+            special = False
         return self.tokenizer(text, add_special_tokens=special).input_ids
 
     def _length_batches(self, sequences: list[list[int]]) -> list[list[int]]:

@@ -213,7 +213,8 @@ class PPO:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        policy = AutoModelForCausalLM.from_pretrained(config.policy).to(self.device)
+        # Eval mode throughout: dropout would add noise to the PPO ratio and the KL against the reference.
+        policy = AutoModelForCausalLM.from_pretrained(config.policy).to(self.device).eval()
         if config.lora:
             from peft import LoraConfig, get_peft_model
 
@@ -244,11 +245,12 @@ class PPO:
         if start_step == 0 and heldout:
             before = self.heldout_reward(heldout)
             log(f"held-out reward before: {before:.4f}")
-        rng = random.Random(config.seed)
         start = time.perf_counter()
         stopped = None
         with meter(config.steps - start_step, "ppo", unit="steps") as progress:
             for step in range(start_step + 1, config.steps + 1):
+                # Seeded by the step, so a resumed run draws the batches an uninterrupted one would.
+                rng = random.Random(f"{config.seed}:{step}")
                 batch = [train[rng.randrange(len(train))] for _ in range(config.batch_size)]
                 stats = self.step(batch, step)
                 history.append(stats)
@@ -289,13 +291,13 @@ class PPO:
 
         config = self.config
         rollout = self.rollout(prompts)
-        scores = torch.tensor(self.scorer.score(rollout["texts"]), dtype=torch.float32)
+        scores = torch.tensor(self.scorer.score(rollout["texts"]), dtype=torch.float32, device=self.device)
         raw_scores = scores.clone()
         if config.normalise_rewards:
             self.reward_stats.update(scores.tolist())
             scores = (scores - self.reward_stats.mean) / max(self.reward_stats.std, 1e-6)
         scores = scores.clamp(-config.reward_clip, config.reward_clip)
-        scores = scores - config.missing_eos_penalty * (~rollout["ended"]).float()
+        scores = scores - config.missing_eos_penalty * (~rollout["ended"]).float().to(self.device)
 
         mask = rollout["mask"]
         with torch.no_grad():
@@ -362,13 +364,11 @@ class PPO:
         texts = [self.tokenizer.apply_chat_template(p.messages, tokenize=False, add_generation_prompt=True)
                  for p in prompts]
         encoded = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-        self.policy.eval()
         with torch.no_grad():
             output = self.policy.generate(**encoded, max_new_tokens=config.max_new_tokens, do_sample=True,
                                           temperature=config.temperature, top_k=0, top_p=1.0,
                                           pad_token_id=self.tokenizer.pad_token_id,
                                           eos_token_id=self.tokenizer.eos_token_id)
-        self.policy.train()
         start = encoded["input_ids"].shape[1]
         response = output[:, start:]
         eos = self.tokenizer.eos_token_id
@@ -378,7 +378,6 @@ class PPO:
         first_eos = torch.where(ended, is_eos.float().argmax(1), torch.full_like(ended, response.shape[1], dtype=torch.long))
         positions = torch.arange(response.shape[1], device=response.device).unsqueeze(0)
         mask = (positions <= first_eos.unsqueeze(1)).float()
-        mask = mask * (positions < response.shape[1]).float()
         attention = torch.cat([encoded["attention_mask"], mask.long()], dim=1)
         responses = [self.tokenizer.decode(r[m.bool()], skip_special_tokens=True).strip()
                      for r, m in zip(response, mask)]
@@ -392,26 +391,25 @@ class PPO:
         """Per response token: log-prob under the policy, value, entropy. Shapes [batch, response width]."""
         import torch
 
-        output = self.policy(input_ids=ids, attention_mask=attention, output_hidden_states=True)
-        logits = output.logits[:, start - 1:-1].float()
-        logprobs_all = torch.log_softmax(logits, dim=-1)
-        logprobs = logprobs_all.gather(-1, ids[:, start:].unsqueeze(-1)).squeeze(-1)
-        entropy = -(logprobs_all.exp() * logprobs_all).sum(-1)
+        # Logits only where a response token is predicted: the prompt's would be computed and thrown away.
+        output = self.policy(input_ids=ids, attention_mask=attention, output_hidden_states=True,
+                             logits_to_keep=ids.shape[1] - start + 1)
+        logprobs_all, logprobs = _response_logprobs(output.logits, ids, start)
+        with torch.no_grad():  # logged only: no graph for a [batch, width, vocabulary] tensor
+            entropy = -(logprobs_all.exp() * logprobs_all).sum(-1)
         hidden = output.hidden_states[-1][:, start - 1:-1].float()
         values = self.value_head(hidden).squeeze(-1)
         return logprobs, values, entropy
 
     def reference_logprobs(self, rollout):
-        import torch
-
         ids, attention, start = rollout["ids"], rollout["attention"], rollout["start"]
+        keep = ids.shape[1] - start + 1
         if self.reference is None:
             with self.policy.disable_adapter():
-                logits = self.policy(input_ids=ids, attention_mask=attention).logits
+                logits = self.policy(input_ids=ids, attention_mask=attention, logits_to_keep=keep).logits
         else:
-            logits = self.reference(input_ids=ids, attention_mask=attention).logits
-        logprobs = torch.log_softmax(logits[:, start - 1:-1].float(), dim=-1)
-        return logprobs.gather(-1, ids[:, start:].unsqueeze(-1)).squeeze(-1)
+            logits = self.reference(input_ids=ids, attention_mask=attention, logits_to_keep=keep).logits
+        return _response_logprobs(logits, ids, start)[1]
 
     def heldout_reward(self, prompts) -> float:
         """Mean PM score of responses to held-out prompts, sampled with a fixed seed."""
@@ -481,6 +479,15 @@ class PPO:
 
 
 # The arithmetic, as plain functions (tested against hand-worked numbers) ----------------------------------
+
+
+def _response_logprobs(logits, ids, start: int):
+    """From logits kept for positions start-1 onwards: log-softmax over the vocabulary at each response position,
+    and the log-prob of the token actually there."""
+    import torch
+
+    logprobs_all = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return logprobs_all, logprobs_all.gather(-1, ids[:, start:].unsqueeze(-1)).squeeze(-1)
 
 
 def masked_mean(values, mask):

@@ -22,12 +22,10 @@ from pathlib import Path
 
 from caictl.errors import CaictlError, UsageError
 from caictl.judge import vote_statistics
-from caictl.records import read_rows
+from caictl.records import UNUSABLE_REVISION_FLAGS, read_rows
 from caictl.ui import summary_table
 
 SCAN_DEPTH = 3
-# Revisions revise records but does not build on (see caictl revise): an empty one, or a copied critique.
-DISCARDING_FLAGS = {"empty_revision", "revision_copies_critique"}
 STAGE_ORDER = ["init-model", "revise", "sft", "sample", "label", "train-pm", "ppo", "dpo", "eval compare"]
 
 
@@ -162,7 +160,7 @@ def revision_statistics(records: list[dict]) -> dict:
         for step in record["steps"]:
             entry = per.setdefault(step["principle"], {"rounds": 0, "changed": 0, "change_size": 0.0, "discarded": 0})
             entry["rounds"] += 1
-            if DISCARDING_FLAGS & set(step.get("flags", [])):
+            if UNUSABLE_REVISION_FLAGS & set(step.get("flags", [])):
                 entry["discarded"] += 1
                 continue  # recorded, but revise did not build on it
             revision = step["revision"]

@@ -22,7 +22,7 @@ from caictl.conversation import render_transcript
 from caictl.engines import ENGINES, SamplingParams
 from caictl.generation import PROMPT_STYLES, STOP_RESPONSE, open_engine, prompt_style, response_request
 from caictl.errors import UsageError
-from caictl.records import Prompt, RecordWriter, RejectWriter, read_prompts
+from caictl.records import UNUSABLE_REVISION_FLAGS, Prompt, RecordWriter, RejectWriter, read_prompts
 from caictl.ui import log, meter, summary_table
 
 FORMATS = ("caictl", "hf")
@@ -168,7 +168,7 @@ class Reviser:
             for p in prompts
         ]
         initial = self._generate([response_request(self.style, p.messages) for p in prompts],
-                                 [f"{p.id}/initial" for p in prompts], STOP_RESPONSE, totals)
+                                 [f"{p.id}/initial" for p in prompts], STOP_INITIAL, totals)
         current = [clean_response(g.text) for g in initial]
         initial_responses = list(current)
         steps: list[list[dict]] = [[] for _ in prompts]
@@ -194,7 +194,7 @@ class Reviser:
                 steps[i].append(step)
                 # A flagged-empty or critique-copy revision is recorded but not built on: the next round
                 # critiques the last usable response.
-                if "empty_revision" not in flags and "revision_copies_critique" not in flags:
+                if not UNUSABLE_REVISION_FLAGS & set(flags):
                     current[i] = revision
                 totals.principles[principles[i].id] = totals.principles.get(principles[i].id, 0) + 1
         records = []
@@ -290,6 +290,8 @@ class Reviser:
 
 
 # Transcript stops: a base model that has finished its part goes on to write the next label.
+# After a response, the few-shot transcripts go on to a critique request: stop there too.
+STOP_INITIAL = STOP_RESPONSE + ("\n\nCritiqueRequest:",)
 STOP_CRITIQUE = ("\n\nHuman:", "\n\nRevisionRequest:", "\n\nCritiqueRequest:", "\n\nRevision:")
 STOP_REVISION = ("\n\nHuman:", "\n\nCritiqueRequest:", "\n\nRevisionRequest:")
 

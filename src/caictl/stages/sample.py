@@ -121,7 +121,7 @@ def _from_revisions(config: SampleConfig) -> dict:
     run_settings = {"stage": "sample", "source": "revisions", "caictl_version": __version__}
     writer = RecordWriter(config.out, run_settings, overwrite=config.overwrite)
     rejects = RejectWriter(config.out) if config.skip_invalid else None
-    records, skipped = [], 0
+    records, skipped, pairs = [], 0, 0
     for row in read_rows(config.prompts, on_invalid=rejects):
         data = row.data
         problem = None
@@ -132,15 +132,16 @@ def _from_revisions(config: SampleConfig) -> dict:
                 raise InputError(f"{row.where}: {problem}")
             rejects(row, problem)
             continue
-        if str(data["id"]) in writer.done:
-            continue
         if data["response"] == data["initial_response"]:
             skipped += 1  # no revision made it: there is nothing to compare
             continue
-        records.append({"id": str(data["id"]), "messages": data["messages"],
-                        "responses": [data["initial_response"], data["response"]],
-                        "meta": {**run_settings, "revise": data.get("meta", {})}})
-        if config.limit and len(records) >= config.limit:
+        # --limit counts pairs already written too, so a re-run resumes instead of adding N more.
+        pairs += 1
+        if str(data["id"]) not in writer.done:
+            records.append({"id": str(data["id"]), "messages": data["messages"],
+                            "responses": [data["initial_response"], data["response"]],
+                            "meta": {**run_settings, "revise": data.get("meta", {})}})
+        if config.limit and pairs >= config.limit:
             break
     try:
         writer.write(records)

@@ -24,13 +24,12 @@ from pathlib import Path
 from caictl import __version__, settings
 from caictl.conversation import parse_transcript
 from caictl.errors import InputError, UsageError
-from caictl.records import file_hash, read_rows
+from caictl.records import UNUSABLE_REVISION_FLAGS, file_hash, read_rows
 from caictl.training import micro_batch, output_folder, trl_device_args
 from caictl.ui import log, quiet_transformers, summary_table
 
 REVISION_MODES = ("final", "all")
 SCHEDULERS = ("constant", "linear", "cosine", "constant_with_warmup")
-UNUSABLE = {"empty_revision", "revision_copies_critique"}  # revise flags that rule a revision out
 
 
 @dataclass
@@ -171,12 +170,12 @@ def revision_conversations(row, mode: str) -> list[list[dict]]:
     if "steps" not in data:  # --format hf: `messages` already ends with the final revision
         return [data["messages"]] if data["messages"] and data["messages"][-1]["role"] == "assistant" else []
     prompt = data["messages"]
+    usable = [step["revision"] for step in data["steps"]
+              if step["revision"] and not UNUSABLE_REVISION_FLAGS & set(step.get("flags", []))]
     if mode == "final":
-        if data.get("response") in (None, "", data.get("initial_response")) and not data["steps"]:
-            return []
-        return [prompt + [{"role": "assistant", "content": data["response"]}]]
-    return [prompt + [{"role": "assistant", "content": step["revision"]}]
-            for step in data["steps"] if step["revision"] and not UNUSABLE & set(step.get("flags", []))]
+        # With no usable revision the response is still the initial one: nothing revised to train on.
+        return [prompt + [{"role": "assistant", "content": data["response"]}]] if usable else []
+    return [prompt + [{"role": "assistant", "content": revision}] for revision in usable]
 
 
 def chat_conversation(row) -> list[dict]:

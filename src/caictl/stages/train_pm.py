@@ -66,6 +66,8 @@ class TrainPMConfig:
             problems.append(f"--scheduler {self.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
         if self.batch_size < 1 or self.max_length < 8 or self.epochs <= 0 or self.learning_rate <= 0:
             problems.append("--batch-size >= 1, --max-length >= 8, --epochs > 0 and --learning-rate > 0")
+        if self.prefs_weight <= 0:
+            problems.append("--prefs-weight must be > 0")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             problems.append("--micro-batch-size must be at least 1")
         if problems:
@@ -95,7 +97,7 @@ def run(config: TrainPMConfig) -> dict:
     for spec in config.mix:
         path, weight = _split_weight(spec)
         rows = read_comparisons([path])
-        wanted = round(len(train) * weight / config.prefs_weight) if counts["prefs"] else len(rows)
+        wanted = round(counts["prefs"] * weight / config.prefs_weight) if counts["prefs"] else len(rows)
         rng.shuffle(rows)
         picked = [rows[i % len(rows)] for i in range(wanted)] if rows else []
         counts[path] = len(picked)
@@ -107,14 +109,15 @@ def run(config: TrainPMConfig) -> dict:
     evaluations = {"held_out": held_out} if held_out else {}
     for path in config.eval:
         evaluations[path] = read_comparisons([path])
+        if not evaluations[path]:
+            raise InputError(f"{path}: no comparisons to evaluate on")
 
     trainer = Trainer(config, backbone)
     start = time.perf_counter()
     history = trainer.fit(train)
     seconds = time.perf_counter() - start
+    trainer.save(out)  # before evaluating: a trained model is never lost to a problem with an eval file
     metrics = {name: evaluate(trainer, comparisons) for name, comparisons in evaluations.items()}
-
-    trainer.save(out)
     info = {
         "stage": "train-pm",
         "caictl_version": __version__,

@@ -173,8 +173,11 @@ def revision_conversations(row, mode: str) -> list[list[dict]]:
     usable = [step["revision"] for step in data["steps"]
               if step["revision"] and not UNUSABLE_REVISION_FLAGS & set(step.get("flags", []))]
     if mode == "final":
-        # With no usable revision the response is still the initial one: nothing revised to train on.
-        return [prompt + [{"role": "assistant", "content": data["response"]}]] if usable else []
+        # With steps but none usable, the response is still the initial one: nothing revised to train on.
+        # A record without steps counts its response as the revision when it differs from the first answer.
+        response = data.get("response")
+        revised = bool(usable) if data["steps"] else response != data.get("initial_response")
+        return [prompt + [{"role": "assistant", "content": response}]] if revised and response else []
     return [prompt + [{"role": "assistant", "content": revision}] for revision in usable]
 
 

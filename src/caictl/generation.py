@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from caictl import settings
 from caictl.conversation import render_transcript
-from caictl.engines import Engine, load_engine
+from caictl.engines import Engine, Generation, SamplingParams, load_engine
 
 PROMPT_STYLES = ("auto", "chat", "transcript")
 
@@ -25,6 +27,14 @@ def prompt_style(requested: str, engine: Engine) -> str:
 def response_request(style: str, messages: list[dict]):
     """The request for an assistant reply to a conversation: messages (chat) or an open transcript."""
     return messages if style == "chat" else render_transcript(messages, open_assistant_turn=True)
+
+
+def respond(engine: Engine, style: str, requests: list, params: SamplingParams, keys: list[str]) -> list[Generation]:
+    """Replies to requests made by response_request. Stop strings apply to transcripts only: a chat reply
+    ends at the model's own end of turn."""
+    if style == "chat":
+        return engine.generate(requests, replace(params, stop=()), keys)
+    return engine.complete(requests, params, keys)
 
 
 # A base model that has finished its reply goes on to write the next human turn.

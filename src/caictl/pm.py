@@ -97,13 +97,25 @@ class Scorer:
     def score(self, texts: list[str]) -> list[float]:
         import torch
 
-        scores = []
-        for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(texts[start:start + self.batch_size], truncation=True, max_length=self.max_length,
-                                   padding=True, return_tensors="pt").to(self.device)
-            with torch.inference_mode():
-                scores += self.model(**batch).logits[:, 0].float().tolist()
-        return scores
+        with torch.inference_mode():
+            return rewards(self.model, self.tokenizer, texts, self.max_length, self.batch_size).tolist()
+
+
+def rewards(model, tokenizer, texts: list[str], max_length: int, micro_batch: int):
+    """One reward per text, in input order. Texts go through in micro-batches of similar length, so little
+    compute goes to padding; gradients flow when the caller allows them (train-pm)."""
+    import torch
+
+    device = model.device
+    if not texts:
+        return torch.empty(0, device=device)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    parts = []
+    for first in range(0, len(order), micro_batch):
+        batch = tokenizer([texts[i] for i in order[first:first + micro_batch]], truncation=True,
+                          max_length=max_length, padding=True, return_tensors="pt").to(device)
+        parts.append(model(**batch).logits[:, 0].float())
+    return torch.cat(parts)[torch.tensor(order, device=device).argsort()]
 
 
 def prepare_tokenizer(tokenizer, model) -> None:

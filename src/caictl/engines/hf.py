@@ -60,10 +60,8 @@ class HFEngine:
     def generate(self, chats: list[list[dict]], params: SamplingParams, keys: list[str]) -> list[Generation]:
         if not self.supports_chat():
             raise UsageError(f"model {self.model!r} has no chat template; use --prompt-style transcript")
-        texts = [self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-                 for chat in chats]
         # The rendered template already holds any BOS token.
-        return self._generate([self._encode(t, special=False) for t in texts], params, keys)
+        return self._generate([self._encode(self.chat_prompt(chat), special=False) for chat in chats], params, keys)
 
     def complete(self, texts: list[str], params: SamplingParams, keys: list[str]) -> list[Generation]:
         return self._generate([self._encode(t, special=True) for t in texts], params, keys)

@@ -33,7 +33,7 @@ from caictl import __version__
 from caictl.constitution import ComparisonPrinciple, load_for_stage
 from caictl.engines import ENGINES, SamplingParams
 from caictl.errors import UsageError
-from caictl.generation import PROMPT_STYLES, STOP_RESPONSE, open_engine, prompt_style, response_request
+from caictl.generation import PROMPT_STYLES, STOP_RESPONSE, open_engine, prompt_style, respond, response_request
 from caictl.records import Prompt, RecordWriter, read_prompts, read_rows
 from caictl.ratings import Outcome, elo, win_rates
 from caictl.textstats import is_refusal, response_stats
@@ -176,15 +176,14 @@ def answer(config: EvalCompareConfig, models: dict[str, str], items: list[Item],
                 continue
             engine = open_engine(config.engine, model, config.base_url, config.batch_size, config.concurrency)
             style = prompt_style(config.prompt_style, engine)
-            params = SamplingParams(config.max_new_tokens, config.temperature, config.top_p,
-                                    STOP_RESPONSE if style == "transcript" else (), config.seed)
-            call = engine.generate if style == "chat" else engine.complete
+            params = SamplingParams(config.max_new_tokens, config.temperature, config.top_p, STOP_RESPONSE,
+                                    config.seed)
             with meter(len(pending), f"answer {name}") as progress:
                 for first in range(0, len(pending), WINDOW):
                     chunk = pending[first:first + WINDOW]
                     # Keyed by prompt, not model: two models see the same sampling noise per prompt.
-                    results = call([response_request(style, i.prompt.messages) for i in chunk], params,
-                                   [f"{i.key}/eval" for i in chunk])
+                    results = respond(engine, style, [response_request(style, i.prompt.messages) for i in chunk],
+                                      params, [f"{i.key}/eval" for i in chunk])
                     writer.write([{"id": f"{name}/{i.key}", "model": name, "model_path": model,
                                    "response": g.text.strip(), "finish_reason": g.finish_reason, "meta": run_settings}
                                   for i, g in zip(chunk, results)])

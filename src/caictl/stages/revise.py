@@ -20,7 +20,7 @@ from caictl import __version__, settings
 from caictl.constitution import Constitution, CritiquePrinciple, load_for_stage
 from caictl.conversation import render_transcript
 from caictl.engines import ENGINES, SamplingParams
-from caictl.generation import PROMPT_STYLES, STOP_RESPONSE, open_engine, prompt_style, response_request
+from caictl.generation import PROMPT_STYLES, STOP_RESPONSE, open_engine, prompt_style, respond, response_request
 from caictl.errors import UsageError
 from caictl.records import UNUSABLE_REVISION_FLAGS, Prompt, RecordWriter, RejectWriter, read_prompts
 from caictl.ui import log, meter, summary_table
@@ -220,12 +220,8 @@ class Reviser:
 
     def _generate(self, requests: list, keys: list[str], stop: tuple[str, ...], totals: Totals):
         config = self.config
-        if self.style == "chat":
-            params = SamplingParams(config.max_new_tokens, config.temperature, config.top_p, (), config.seed)
-            results = self.engine.generate(requests, params, keys)
-        else:
-            params = SamplingParams(config.max_new_tokens, config.temperature, config.top_p, stop, config.seed)
-            results = self.engine.complete(requests, params, keys)
+        params = SamplingParams(config.max_new_tokens, config.temperature, config.top_p, stop, config.seed)
+        results = respond(self.engine, self.style, requests, params, keys)
         totals.add(results)
         return results
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from caictl import __version__, settings
 from caictl.engines import ENGINES, SamplingParams
 from caictl.errors import InputError, UsageError
-from caictl.generation import PROMPT_STYLES, STOP_RESPONSE, open_engine, prompt_style, response_request
+from caictl.generation import PROMPT_STYLES, STOP_RESPONSE, open_engine, prompt_style, respond, response_request
 from caictl.records import RecordWriter, RejectWriter, read_prompts, read_rows
 from caictl.ui import log, meter, summary_table
 
@@ -84,16 +84,15 @@ def run(config: SampleConfig) -> dict:
         if pending:
             engine = open_engine(config.engine, model, config.base_url, config.batch_size, config.concurrency)
             style = prompt_style(config.prompt_style, engine)
-            params = SamplingParams(config.max_new_tokens, config.temperature, config.top_p,
-                                    STOP_RESPONSE if style == "transcript" else (), config.seed)
+            params = SamplingParams(config.max_new_tokens, config.temperature, config.top_p, STOP_RESPONSE,
+                                    config.seed)
             window = config.batch_size * BATCHES_PER_WRITE
             with meter(len(pending), "sample") as progress:
                 for first in range(0, len(pending), window):
                     chunk = pending[first:first + window]
                     requests = [response_request(style, p.messages) for p in chunk for _ in range(config.n)]
                     keys = [f"{p.id}/sample/{k}" for p in chunk for k in range(config.n)]
-                    call = engine.generate if style == "chat" else engine.complete
-                    results = call(requests, params, keys)
+                    results = respond(engine, style, requests, params, keys)
                     records = []
                     for i, prompt in enumerate(chunk):
                         mine = results[i * config.n:(i + 1) * config.n]

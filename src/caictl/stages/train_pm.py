@@ -21,7 +21,7 @@ from pathlib import Path
 from caictl import __version__, settings
 from caictl.errors import InputError, UsageError
 from caictl.metrics import pairwise_metrics, plot_reliability
-from caictl.pm import Comparison, comparison_of, prepare_tokenizer, resolve_backbone
+from caictl.pm import Comparison, comparison_of, prepare_tokenizer, resolve_backbone, rewards
 from caictl.records import file_hash, read_rows
 from caictl.training import output_folder
 from caictl.ui import meter, quiet_transformers, summary_table
@@ -184,17 +184,9 @@ class Trainer:
         self.model = model.to(self.device)
 
     def rewards(self, texts: list[str]):
-        """One reward per text, through the model in micro-batches of similar length (less padding)."""
-        import torch
-
+        # On a CPU one text at a time beats padded batches (benchmarks/bench_train.py); a GPU takes them all.
         micro = self.config.micro_batch_size or (len(texts) if self.device == "cuda" else 1)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        parts = []
-        for first in range(0, len(order), micro):
-            batch = self.tokenizer([texts[i] for i in order[first:first + micro]], truncation=True,
-                                   max_length=self.config.max_length, padding=True, return_tensors="pt").to(self.device)
-            parts.append(self.model(**batch).logits[:, 0].float())
-        return torch.cat(parts)[torch.tensor(order).argsort()]
+        return rewards(self.model, self.tokenizer, texts, self.config.max_length, micro)
 
     def fit(self, comparisons: list[Comparison]) -> list[dict]:
         import torch

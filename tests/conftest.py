@@ -23,6 +23,23 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def family_model(tmp_path_factory):
+    """family_model("qwen2.5" | "llama3" | "phi3"): a tiny random-weight model folder in that real family (its
+    tokenizer and original chat template), built once per test run and shared by every test that asks; treat it
+    as read-only. Needs the families' tokenizers prepared (`make setup`)."""
+    from caictl import tiny
+
+    root, built = tmp_path_factory.mktemp("family-models"), {}
+
+    def _build(name: str) -> Path:
+        if name not in built:
+            built[name] = tiny.run(tiny.InitModelConfig(out=root / name, preset="tiny", family=name))
+        return built[name]
+
+    return _build
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.exists():
         pytest.skip(f"shared test data not found at {SHARED_DATA}")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import typer.main
 from conftest import ROOT, caictl
+from typer.testing import CliRunner
 
 from caictl.cli import app
 
@@ -43,3 +47,48 @@ def test_version():
     from caictl import __version__
 
     assert caictl("--version").stdout.strip() == f"caictl {__version__}"
+
+
+# What each command hands its stage when only the required arguments are given: (module, run function,
+# config class, arguments, the config's required fields). The constitution commands take no config.
+DEFAULTS_CASES = {
+    ("init-model",): ("tiny", "run", "InitModelConfig", ["--out", "m"], {"out": "m"}),
+    ("revise",): ("revise", "run", "ReviseConfig", [], {}),
+    ("sample",): ("sample", "run", "SampleConfig", [], {}),
+    ("label",): ("label", "run", "LabelConfig", [], {}),
+    ("train-pm",): ("train_pm", "run", "TrainPMConfig", ["p.jsonl", "-o", "pm"], {"prefs": ["p.jsonl"], "out": "pm"}),
+    ("score",): ("score", "run", "ScoreConfig", ["--pm", "pm"], {"pm": "pm"}),
+    ("ppo",): ("ppo", "run", "PPOConfig", ["--policy", "a", "--pm", "b", "-o", "c"],
+               {"prompts": None, "policy": "a", "pm": "b", "out": "c"}),
+    ("dpo",): ("dpo", "run", "DPOConfig", ["p.jsonl", "-o", "d"], {"prefs": ["p.jsonl"], "out": "d"}),
+    ("sft",): ("sft", "run", "SFTConfig", ["r.jsonl", "-o", "s"], {"revisions": ["r.jsonl"], "out": "s"}),
+    ("eval", "mc"): ("eval", "run_mc", "EvalMCConfig", ["q.jsonl", "-o", "e"], {"files": ["q.jsonl"], "out": "e"}),
+    ("eval", "pm"): ("eval", "run_pm", "EvalPMConfig", ["c.jsonl", "--pm", "pm", "-o", "e"],
+                     {"files": ["c.jsonl"], "pm": "pm", "out": "e"}),
+    ("eval", "compare"): ("compare", "run_compare", "EvalCompareConfig", ["h.jsonl", "-o", "e"],
+                          {"prompts": ["h.jsonl"], "out": "e"}),
+    ("eval", "report"): ("report", "run_report", "EvalReportConfig", ["runs/x"], {"paths": ["runs/x"]}),
+}
+WITHOUT_CONFIG = {("constitution",), ("constitution", "show"), ("constitution", "validate"),
+                  ("constitution", "convert"), ("eval",)}
+
+
+def test_every_command_is_checked_for_its_defaults():
+    assert set(COMMANDS) == set(DEFAULTS_CASES) | WITHOUT_CONFIG
+
+
+@pytest.mark.parametrize("command", list(DEFAULTS_CASES), ids=" ".join)
+def test_command_defaults_are_the_configs_defaults(command, monkeypatch, tmp_path):
+    module_name, function, config_name, arguments, required = DEFAULTS_CASES[command]
+    module = importlib.import_module("caictl.tiny" if module_name == "tiny" else f"caictl.stages.{module_name}")
+    seen = []
+    monkeypatch.setattr(module, function, lambda config, *rest: seen.append(config) or {"report": "r"})
+    for name in [n for n in os.environ if n.startswith("CAICTL_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)  # no caictl.yaml here
+    result = CliRunner().invoke(app, [*command, *arguments])
+    assert result.exit_code == 0, result.output
+    config_class = getattr(module, config_name)
+    if module_name == "tiny":
+        required = {**required, "out": Path(required["out"])}
+    assert seen == [config_class(**required)]

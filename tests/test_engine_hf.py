@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from caictl.engines import SamplingParams, load_engine
+from caictl.errors import UsageError
 
 CHATS = [[{"role": "user", "content": "Tell me a story about a lighthouse keeper and a storm."}],
          [{"role": "user", "content": "hi"}],
@@ -109,3 +110,29 @@ def test_shared_prefixes_are_computed_once_and_change_nothing(tiny_model):
     assert together == separate
     # A second call finds the prefixes in the cache and still gives the same texts.
     assert [g.text for g in batched.generate(chats, params, keys)] == together
+
+
+def test_unknown_engine_options_are_refused_by_name(tiny_model):
+    with pytest.raises(UsageError, match=r"engine 'hf' takes no option 'batchsize'; its options: batch_size"):
+        load_engine("hf", str(tiny_model), batchsize=4)
+    with pytest.raises(UsageError, match="takes no option 'batch'"):
+        load_engine("openai", "m", base_url="http://127.0.0.1:1/v1", batch=4)
+    with pytest.raises(UsageError, match="known engines: hf, openai"):
+        load_engine("vllm", str(tiny_model))
+
+
+def test_a_choice_that_merges_into_the_text_is_scored_from_the_merged_token(engine):
+    # "harm" + "ful" is one token, "Ġharmful": the choice's log-prob starts at that token (what the model would
+    # produce after "The response is"), not at a token "ful" that the tokenizer never gives after "harm".
+    text, choices = "The response is harm", ["ful", "less", " indeed"]
+    tokenizer = engine.tokenizer
+    base = tokenizer(text).input_ids
+    direct = []
+    for choice in choices:
+        full = tokenizer(text + choice).input_ids
+        start = next((k for k, (a, b) in enumerate(zip(base, full)) if a != b), len(base))
+        with torch.no_grad():
+            logprobs = torch.log_softmax(engine.lm(torch.tensor([full])).logits[0].float(), -1)
+        direct.append(sum(float(logprobs[i - 1, full[i]]) for i in range(start, len(full))))
+    assert tokenizer(text + "ful").input_ids[:len(base)] != base  # the boundary really merges
+    assert engine.choice_logprobs([text], choices)[0] == pytest.approx(direct, abs=1e-4)

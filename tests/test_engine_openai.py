@@ -15,6 +15,7 @@ from conftest import EXAMPLES, caictl, read_jsonl
 
 from caictl.engines import SamplingParams, load_engine
 from caictl.errors import CaictlError, UsageError
+from caictl.judge import CHOICES
 
 llama_server_url = llama_server.llama_server_url
 tiny_gguf = llama_server.tiny_gguf
@@ -42,14 +43,23 @@ def test_stop_strings_apply_beyond_the_servers_four(llama_server_url):
     assert free[3:6] not in cut.text and free.startswith(cut.text) and cut.finish_reason == "stop"
 
 
-def test_choice_logprobs_from_echoed_prompt_logprobs(llama_server_url):
+def test_choice_logprobs_from_echoed_prompt_logprobs(llama_server_url, tiny_gguf):
     engine = load_engine("openai", "tiny", base_url=llama_server_url)
-    scores = engine.choice_logprobs(["Which is better? The answer is:", "Pick one:"], [" (A)", " (B)"])
-    assert len(scores) == 2
-    for a, b in scores:
-        assert math.isfinite(a) and math.isfinite(b) and a < 0 and b < 0 and a != b
+    texts = ["Which is better? The answer is:", "Pick one:", "\n\nHuman: Which is kinder?\n\nAssistant: The answer is:"]
+    scores = engine.choice_logprobs(texts, list(CHOICES))
+    # The same text through the hf engine on the same weights. The server puts BOS before every completions
+    # prompt, so the hf side gets it too. Absolute log-probs differ (the GGUF pushes unprintable tokens far
+    # down, which moves the softmax normaliser); the difference between choices that part at their last token,
+    # read at the same position, does not.
+    hf = load_engine("hf", str(tiny_gguf[0]))
+    bos = hf.tokenizer.decode([hf.tokenizer.pad_token_id])
+    expected = hf.choice_logprobs([bos + t for t in texts], list(CHOICES))
+    assert len(scores) == len(texts)
+    for (a, b), (hf_a, hf_b) in zip(scores, expected):
+        assert math.isfinite(a) and math.isfinite(b) and a != b
+        assert a - b == pytest.approx(hf_a - hf_b, abs=1e-5)
     # The same request again gives the same scores: nothing is sampled.
-    assert engine.choice_logprobs(["Pick one:"], [" (A)", " (B)"]) == scores[1:]
+    assert engine.choice_logprobs(texts[1:2], list(CHOICES)) == scores[1:2]
 
 
 def test_revise_through_the_server_never_writes_the_key(tmp_path, llama_server_url):

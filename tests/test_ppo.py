@@ -9,6 +9,7 @@ import torch
 from conftest import EXAMPLES, caictl, write_jsonl
 
 from caictl import tiny
+from caictl.records import Prompt, read_prompts
 from caictl.stages import ppo, sft, train_pm
 
 
@@ -71,12 +72,120 @@ def short_answer_setup(tmp_path_factory, tiny_model):
     sft.run(sft.SFTConfig(revisions=[str(revisions)], out=str(folder / "policy"), model=str(tiny_model), epochs=6,
                           learning_rate=3e-3, batch_size=16, max_length=128))
     prefs = write_jsonl(folder / "prefs.jsonl", [
-        {"prompt": [{"role": "user", "content": f"Question {i}?"}], "chosen": [{"role": "assistant", "content": "Yes."}],
+        {"prompt": [{"role": "user", "content": f"Question {i}?"}],
+         "chosen": [{"role": "assistant", "content": "Yes."}],
          "rejected": [{"role": "assistant", "content": long}]} for i in range(64)])
     backbone = tiny.run(tiny.InitModelConfig(out=folder / "pm-base", preset="tiny", task="seq-cls", seed=1))
     train_pm.run(train_pm.TrainPMConfig(prefs=[str(prefs)], out=str(folder / "pm"), model=str(backbone), epochs=3,
                                         learning_rate=1e-3))
     return folder
+
+
+def small_run(setup, out, **options) -> ppo.PPOConfig:
+    """caictl's PPO on the short-answer setup at a size that runs in seconds; options override."""
+    defaults = dict(prompts=str(EXAMPLES / "red-team.jsonl"), policy=str(setup / "policy"), pm=str(setup / "pm"),
+                    out=str(out), steps=2, batch_size=4, minibatch_size=2, ppo_epochs=2, max_new_tokens=8, heldout=0)
+    return ppo.PPOConfig(**{**defaults, **options})
+
+
+def direct_logprobs(model, ids, attention, start: int, temperature: float):
+    """The oracle, computed here: [batch, response width, vocabulary] log-probs of softmax(logits / T) at each
+    response position, with positions counted over attended tokens only."""
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions).logits[:, start - 1:-1]
+    return torch.log_softmax(logits.float() / temperature, dim=-1)
+
+
+def token_logprobs(logprobs_all, ids, start: int):
+    return logprobs_all.gather(-1, ids[:, start:].unsqueeze(-1)).squeeze(-1)
+
+
+def test_ppo_logprobs_and_entropy_are_those_of_the_sampling_temperature(tmp_path, short_answer_setup):
+    trainer = ppo.PPO(small_run(short_answer_setup, tmp_path, temperature=0.7))
+    rollout = trainer.rollout(read_prompts(EXAMPLES / "red-team.jsonl")[:4])
+    ids, attention, start, mask = rollout["ids"], rollout["attention"], rollout["start"], rollout["mask"].bool()
+    with torch.no_grad():
+        logprobs, _, entropy = trainer.forward(ids, attention, start)
+        reference = trainer.reference_logprobs(rollout)
+    expected = direct_logprobs(trainer.policy, ids, attention, start, temperature=0.7)
+    assert torch.allclose(logprobs[mask], token_logprobs(expected, ids, start)[mask], atol=1e-5)
+    # No update yet, so the reference is the same model and must be tempered the same way.
+    assert torch.allclose(reference[mask], token_logprobs(expected, ids, start)[mask], atol=1e-5)
+    assert torch.allclose(entropy[mask], -(expected.exp() * expected).sum(-1)[mask], atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def absolute_positions_policy(tmp_path_factory, tiny_model):
+    """A GPT-2-shaped policy with random weights. Its learned absolute positions make a misplaced token change the
+    output; the Llama-shaped tiny model's rotary positions are relative, so shifting them all changes nothing."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path_factory.mktemp("gpt2")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=512, n_embd=64, n_layer=2, n_head=4,
+                                       bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+                                       pad_token_id=tokenizer.pad_token_id))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_left_padded_rollout_scores_as_each_row_would_alone(tmp_path, short_answer_setup,
+                                                               absolute_positions_policy):
+    trainer = ppo.PPO(small_run(short_answer_setup, tmp_path, policy=str(absolute_positions_policy)))
+    torch.nn.init.normal_(trainer.value_head.weight)  # zero at the start: values would agree whatever they read
+    prompts = [Prompt("short", [{"role": "user", "content": "Hi?"}]),
+               Prompt("long", [{"role": "user", "content": "Could you tell me, at some length and with examples, "
+                                                           "how a preference model is trained?"}])]
+    rollout = trainer.rollout(prompts)
+    start = rollout["start"]
+    padding = (rollout["attention"][:, :start] == 0).sum(1).tolist()
+    assert padding[0] > 10 and padding[1] == 0
+    with torch.no_grad():
+        logprobs, values, _ = trainer.forward(rollout["ids"], rollout["attention"], start)
+        reference = trainer.reference_logprobs(rollout)
+    for row, pad in enumerate(padding):
+        width = int(rollout["mask"][row].sum())  # response tokens up to and including the end of sequence
+        ids = rollout["ids"][row:row + 1, pad:start + width]
+        alone = {"ids": ids, "attention": torch.ones_like(ids), "start": start - pad}
+        with torch.no_grad():
+            alone_logprobs, alone_values, _ = trainer.forward(alone["ids"], alone["attention"], alone["start"])
+            alone_reference = trainer.reference_logprobs(alone)
+        for batched, single in ((logprobs, alone_logprobs), (values, alone_values), (reference, alone_reference)):
+            assert torch.allclose(batched[row, :width], single[0], atol=1e-5)
+
+
+HELDOUT = {"heldout": 0.1, "max_new_tokens": 8}  # the held-out measurement every path below is checked against
+
+
+def measured_heldout_reward(setup, folder, **options) -> float:
+    from caictl.pm import Scorer
+
+    config = small_run(setup, "unused", **{**HELDOUT, **options})
+    _, heldout = ppo.split_prompts(read_prompts(config.prompts), config.heldout, config.seed)
+    return ppo.heldout_reward(folder, heldout, Scorer(config.pm), config)
+
+
+@pytest.fixture(scope="module")
+def heldout_reward_before(short_answer_setup):
+    return measured_heldout_reward(short_answer_setup, short_answer_setup / "policy")
+
+
+def test_the_heldout_reward_depends_on_neither_batching_nor_the_global_rng(short_answer_setup,
+                                                                          heldout_reward_before):
+    torch.manual_seed(123)
+    one_by_one = measured_heldout_reward(short_answer_setup, short_answer_setup / "policy", batch_size=1)
+    assert one_by_one == heldout_reward_before
+    assert measured_heldout_reward(short_answer_setup, short_answer_setup / "policy", seed=1) != one_by_one
+
+
+def test_ppo_measures_the_heldout_reward_with_the_shared_function(tmp_path, short_answer_setup,
+                                                                  heldout_reward_before):
+    metrics = ppo.run(small_run(short_answer_setup, tmp_path / "rl", steps=1, **HELDOUT))
+    assert metrics["heldout_reward_before"] == heldout_reward_before
+    assert metrics["heldout_reward_after"] == measured_heldout_reward(short_answer_setup, tmp_path / "rl")
 
 
 def test_ppo_raises_the_heldout_reward_within_the_kl_cap(tmp_path, short_answer_setup):
@@ -110,61 +219,86 @@ def test_max_kl_stops_a_run_that_runs_away(tmp_path, short_answer_setup):
     assert metrics["stopped"] and "exceeded --max-kl 0.5" in metrics["stopped"] and metrics["steps"] < 30
 
 
-def test_lora_ppo_uses_the_adapter_free_model_as_reference(tmp_path, short_answer_setup):
-    out = tmp_path / "lora"
-    caictl("ppo", EXAMPLES / "red-team.jsonl", "--policy", short_answer_setup / "policy", "--pm",
-           short_answer_setup / "pm", "-o", out, "--steps", "2", "--lora", "--max-new-tokens", "8",
-           "--learning-rate", "1e-3", "--heldout", "0")
-    metrics = json.loads((out / "caictl.json").read_text())["metrics"]
-    # The first rollout is sampled before any update: policy and reference agree, so the KL starts at 0.
-    assert metrics["history"][0]["kl"] == pytest.approx(0.0, abs=1e-4)
+def test_lora_ppo_keeps_the_adapter_free_base_as_reference(tmp_path, short_answer_setup):
     from transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM.from_pretrained(out)
-
+    trainer = ppo.PPO(small_run(short_answer_setup, tmp_path, lora=True, learning_rate=1e-2))
+    prompts = read_prompts(EXAMPLES / "red-team.jsonl")
+    # LoRA starts as a no-op: the first rollout is sampled before any update, so the KL starts at 0.
+    assert trainer.step(prompts[:4], 1)["kl"] == pytest.approx(0.0, abs=1e-4)
+    for step in (2, 3):
+        trainer.step(prompts[4 * step:4 * step + 4], step)
+    rollout = trainer.rollout(prompts[:4])
+    ids, attention, start, mask = rollout["ids"], rollout["attention"], rollout["start"], rollout["mask"].bool()
+    with torch.no_grad():
+        reference = trainer.reference_logprobs(rollout)
+        policy = trainer.forward(ids, attention, start)[0]
+    base = AutoModelForCausalLM.from_pretrained(short_answer_setup / "policy").eval()
+    assert torch.allclose(reference[mask], token_logprobs(direct_logprobs(base, ids, attention, start, 1.0), ids,
+                                                          start)[mask], atol=1e-5)
+    assert (policy - reference)[mask].abs().max() > 0.05  # the adapter has moved the policy away from it
+    # The saved model is the base with the adapter merged in: it scores as the adapted policy does.
+    trainer.save(tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert torch.allclose(policy[mask], token_logprobs(direct_logprobs(merged, ids, attention, start, 1.0), ids,
+                                                       start)[mask], atol=1e-4)
 
 
 @pytest.mark.parametrize("algo", ["rloo", "grpo"])
-def test_trl_rloo_and_grpo_run_end_to_end(tmp_path, short_answer_setup, algo):
+def test_trl_rloo_and_grpo_run_end_to_end(tmp_path, short_answer_setup, heldout_reward_before, algo):
     out = tmp_path / algo
     caictl("ppo", EXAMPLES / "red-team.jsonl", "--policy", short_answer_setup / "policy", "--pm",
            short_answer_setup / "pm", "-o", out, "--algo", algo, "--steps", "2", "--batch-size", "8",
-           "--num-generations", "4", "--max-new-tokens", "8", "--learning-rate", "1e-4", "--heldout", "0.1")
+           "--num-generations", "4", "--max-new-tokens", str(HELDOUT["max_new_tokens"]), "--learning-rate", "1e-4",
+           "--heldout", str(HELDOUT["heldout"]))
     metrics = json.loads((out / "caictl.json").read_text())["metrics"]
     assert metrics["algo"] == algo and metrics["steps"] == 2
-    assert metrics["heldout_reward_before"] is not None and metrics["heldout_reward_after"] is not None
+    # The number caictl's own PPO reports too (test_ppo_measures_the_heldout_reward_with_the_shared_function).
+    assert metrics["heldout_reward_before"] == heldout_reward_before
+    assert metrics["heldout_reward_after"] == measured_heldout_reward(short_answer_setup, out)
     assert all(h["kl"] is not None and h["reward_mean"] is not None for h in metrics["history"])
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out)
 
 
-def test_an_interrupted_ppo_run_resumes_from_its_checkpoint(tmp_path, short_answer_setup):
-    out = tmp_path / "resumed"
-    config = ppo.PPOConfig(prompts=str(EXAMPLES / "red-team.jsonl"), policy=str(short_answer_setup / "policy"),
-                           pm=str(short_answer_setup / "pm"), out=str(out), steps=3, save_every=2, batch_size=8,
-                           minibatch_size=4, max_new_tokens=8, learning_rate=1e-4, heldout=0)
-    original_step = ppo.PPO.step
+def test_a_resumed_ppo_run_ends_bit_equal_to_an_uninterrupted_one(tmp_path, short_answer_setup, monkeypatch):
+    from safetensors.torch import load_file
+
+    # --target-kl moves the KL coefficient and a held-out share sets a reward before training: both must be restored.
+    options = dict(steps=4, save_every=2, learning_rate=1e-3, kl_coef=0.1, target_kl=0.01, **HELDOUT)
+    whole = ppo.run(small_run(short_answer_setup, tmp_path / "whole", **options))
+    assert whole["kl_coef_final"] != options["kl_coef"]
+
+    original_step, steps_taken = ppo.PPO.step, []
 
     def step_then_die(self, prompts, step):
         if step == 3:
             raise KeyboardInterrupt  # killed after the step-2 checkpoint
         return original_step(self, prompts, step)
 
-    ppo.PPO.step = step_then_die
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            ppo.run(config)
-    finally:
-        ppo.PPO.step = original_step
-    assert (out / "checkpoint" / "state.pt").exists() and not (out / "caictl.json").exists()
-    result = caictl("ppo", EXAMPLES / "red-team.jsonl", "--policy", short_answer_setup / "policy", "--pm",
-                    short_answer_setup / "pm", "-o", out, "--steps", "3", "--save-every", "2", "--batch-size", "8",
-                    "--minibatch-size", "4", "--max-new-tokens", "8", "--learning-rate", "1e-4", "--heldout", "0")
-    assert "resuming from step 2" in result.stderr
+    def counted_step(self, prompts, step):
+        steps_taken.append(step)
+        return original_step(self, prompts, step)
+
+    monkeypatch.setattr(ppo.PPO, "step", step_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        ppo.run(small_run(short_answer_setup, tmp_path / "resumed", **options))
+    assert (tmp_path / "resumed" / "checkpoint" / "state.pt").exists()
+    monkeypatch.setattr(ppo.PPO, "step", counted_step)
+    resumed = ppo.run(small_run(short_answer_setup, tmp_path / "resumed", **options))
+    assert steps_taken == [3, 4]  # it started from the checkpoint, not from scratch
+    assert not (tmp_path / "resumed" / "checkpoint").exists()
+
+    timing = ("seconds", "seconds_per_step")
+    assert {k: v for k, v in resumed.items() if k not in timing} == {k: v for k, v in whole.items() if k not in timing}
+    for name in ("model.safetensors", "value_head.pt"):
+        load = load_file if name.endswith(".safetensors") else torch.load
+        expected, got = load(tmp_path / "whole" / name), load(tmp_path / "resumed" / name)
+        assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected), name
+
+
+def test_resume_without_a_checkpoint_is_refused(tmp_path, short_answer_setup):
     refused = caictl("ppo", EXAMPLES / "red-team.jsonl", "--policy", short_answer_setup / "policy", "--pm",
                      short_answer_setup / "pm", "-o", tmp_path / "fresh", "--resume", check=False)
     assert refused.returncode == 2 and "--resume: no checkpoint" in refused.stderr
-    metrics = json.loads((out / "caictl.json").read_text())["metrics"]
-    assert [h["step"] for h in metrics["history"]] == [1, 2, 3]
-    assert not (out / "checkpoint").exists()

@@ -14,8 +14,8 @@ from conftest import EXAMPLES, caictl, read_jsonl, write_jsonl
 
 from caictl import constitution as c
 from caictl.engines.base import Generation
-from caictl.stages.revise import ReviseConfig, Reviser, Totals, clean_response, revision_flags
 from caictl.records import Prompt
+from caictl.stages.revise import ReviseConfig, Reviser, Totals, clean_response, revision_flags
 
 
 class ScriptedEngine:

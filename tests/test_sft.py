@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 from conftest import caictl, read_jsonl, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from caictl.errors import UsageError
 from caictl.records import Row
 from caictl.stages import sft
 
@@ -78,11 +80,66 @@ def test_lora_merged_model_equals_base_plus_adapter(tmp_path, tiny_model, revisi
 def test_the_loss_mask_covers_exactly_the_assistant_text(tmp_path, tiny_model, revisions):
     config = sft.SFTConfig(revisions=[str(revisions)], out=str(tmp_path / "x"), model=str(tiny_model))
     conversation = [{"role": "user", "content": "Is it safe?"}, {"role": "assistant", "content": ANSWERS[2]}]
-    trainer, tokenizer, truncated = sft.prepare(config, str(tiny_model), [conversation])
+    trainer, tokenizer, truncated, template = sft.prepare(config, str(tiny_model), [conversation])
     batch = trainer.data_collator([trainer.train_dataset[0]])
     trained = batch["input_ids"][0][batch["labels"][0] != -100]
     assert tokenizer.decode(trained) == ANSWERS[2] + "<|im_end|>"
     assert truncated == 0
+    assert template["training"]["source"] == "model"  # caictl's tiny template has the markers itself
+
+
+# Token ids for the hand-worked masks below: 90 <|im_start|>, 91 <|im_end|>, 92 <|python_tag|>, 80 <|assistant|>,
+# 81 <|end|> are special; 7 "assistant", 10 "\n" and 11 a lone SentencePiece "▁" are blank or plain; 20-43 words.
+MARKUP = {80, 81, 90, 91, 92}
+
+
+def labels_of(ids, mask, header):
+    return sft.assistant_labels(ids, mask, MARKUP, header, lambda i: i in {10, 11})
+
+
+def trained(ids, labels):
+    assert all(label in (-100, i) for i, label in zip(ids, labels))
+    return [label for label in labels if label != -100]
+
+
+def test_assistant_labels_cut_each_span_to_the_answer_and_its_end_of_turn_token():
+    qwen = [90, 7, 10]  # <|im_start|>assistant\n: the block of TRL's Qwen2.5 template opens on its newline
+    ids = [90, 20, 10, 21, 91, 10, 90, 7, 10, 30, 10, 31, 91, 10, 90, 20, 10, 22, 91, 10, 90, 7, 10, 32, 91, 10]
+    mask = [0] * 8 + [1] * 6 + [0] * 8 + [1] * 4
+    assert trained(ids, labels_of(ids, mask, qwen)) == [30, 10, 31, 91, 32, 91]  # inner newline kept, outer ones not
+    empty = [90, 7, 10, 91, 10]  # an empty answer still trains its end-of-turn token
+    assert trained(empty, labels_of(empty, [0, 0, 1, 1, 1], qwen)) == [91]
+    # Phi-3.5: eos (<|end|> again) follows the last turn in a block of its own; an answer that starts on
+    # whitespace makes <|assistant|> (which swallows it) overlap the block; a lone "▁" opening an answer is content.
+    assert trained([80, 40, 41, 81, 81], labels_of([80, 40, 41, 81, 81], [0, 1, 1, 1, 1], [80])) == [40, 41, 81]
+    assert trained([80, 40, 81, 81], labels_of([80, 40, 81, 81], [1, 1, 1, 1], [80])) == [40, 81]
+    assert trained([80, 11, 42, 81], labels_of([80, 11, 42, 81], [0, 1, 1, 1], [80])) == [11, 42, 81]
+    assert trained([80, 81, 81], labels_of([80, 81, 81], [0, 1, 1], [80])) == [81]
+    # Llama 3.1's built-in tool call opens on a special token that is not the header's: it is trained.
+    call = [90, 7, 91, 10, 92, 43, 20, 91]
+    assert trained(call, labels_of(call, [0, 0, 0, 0, 1, 1, 1, 1], [90, 7, 91, 10])) == [92, 43, 20, 91]
+    with pytest.raises(ValueError, match="end-of-turn token is outside"):
+        labels_of([80, 40, 81], [0, 1, 0], [80])
+    with pytest.raises(ValueError, match="mark no assistant token"):
+        labels_of([80, 40, 81], [0, 0, 0], [80])
+
+
+def test_a_template_that_leaves_the_end_of_turn_token_untrained_is_refused(tmp_path, tiny_model):
+    template = tmp_path / "open-ended.jinja"
+    template.write_text("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}"
+                        "{% generation %}{{ m['content'] }}{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}"
+                        "<|im_end|>\n{% endfor %}")
+    config = sft.SFTConfig(revisions=[], out=str(tmp_path / "x"), model=str(tiny_model), chat_template=str(template))
+    with pytest.raises(UsageError, match=r"training example 1: an assistant turn's end-of-turn token is outside .*"
+                                         r"pass --chat-template FILE"):
+        sft.prepare(config, str(tiny_model), [[{"role": "user", "content": "Hi"},
+                                               {"role": "assistant", "content": "Hello."}]])
+    plain = tmp_path / "plain.jinja"
+    plain.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    for path, problem in ((plain, "no {% generation %} ... {% endgeneration %} markers"),
+                          (tmp_path / "missing.jinja", "no such file")):
+        with pytest.raises(UsageError, match=re.escape(f"--chat-template {path}: {problem}")):
+            sft.SFTConfig(revisions=[str(template)], out=str(tmp_path / "y"), chat_template=str(path)).check()
 
 
 def test_revisions_all_uses_every_usable_round():
@@ -129,7 +186,9 @@ def test_traps_give_clear_errors(tmp_path, tiny_model, revisions):
     (plain / "chat_template.jinja").write_text(
         "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
     result = caictl("sft", revisions, "-o", tmp_path / "a", "--model", plain, check=False)
-    assert result.returncode == 2 and "no {% generation %} markers" in result.stderr
+    message = " ".join(result.stderr.split())
+    assert result.returncode == 2 and "no {% generation %} markers, and neither TRL nor caictl" in message
+    assert "pass --chat-template FILE" in message
 
     flagged = write_jsonl(tmp_path / "flagged.jsonl", [
         {**revision_records(1)[0], "steps": [{"revision": "", "flags": ["empty_revision"]}]}])
@@ -150,7 +209,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path, tiny_model, re
     config = sft.SFTConfig(revisions=[str(revisions)], out=str(out), model=str(tiny_model), max_steps=2,
                            save_steps=2, batch_size=8, learning_rate=3e-3)
     examples, _ = sft.mix_sources(sft.load_sources(config), seed=0)
-    trainer, _, _ = sft.prepare(config, str(tiny_model), examples)
+    trainer, *_ = sft.prepare(config, str(tiny_model), examples)
     trainer.train()  # stops at step 2 with a checkpoint, as a killed run would have left it
     assert (out / "checkpoints" / "checkpoint-2").exists()
     result = caictl("sft", revisions, "-o", out, "--model", tiny_model, "--max-steps", "4", "--batch-size", "8",

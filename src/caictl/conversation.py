@@ -2,12 +2,15 @@
 
 Base models (no chat template) are prompted with transcripts, as in the paper; chat models get messages
 through their own template. Message content is always treated as data: nothing here formats it as a
-template, so prompts containing `{`, `{{x}}` or `{% raw %}` pass through literally.
+template, so prompts containing `{`, `{{x}}` or `{% raw %}` pass through literally, and a rendered transcript
+marks any control token inside content (`<|im_end|>`, ...) so that the hf engine reads it as text (caictl.tokens).
 """
 
 from __future__ import annotations
 
 import re
+
+from caictl import tokens
 
 ROLES = ("system", "user", "assistant")
 TRANSCRIPT_NAMES = {"user": "Human", "assistant": "Assistant"}
@@ -29,13 +32,14 @@ def parse_transcript(text: str) -> list[dict]:
 
 
 def render_transcript(messages: list[dict], open_assistant_turn: bool = False) -> str:
-    """Messages as an Anthropic transcript; optionally end with an open "\\n\\nAssistant:" cue."""
+    """Messages as an Anthropic transcript; optionally end with an open "\\n\\nAssistant:" cue. Control tokens in
+    content come out marked (caictl.tokens.mark: invisible unless content holds one; engines read or drop them)."""
     text = ""
     for message in messages:
         if message["role"] == "system":
-            text += message["content"]
+            text += tokens.mark(message["content"])
         else:
-            text += f"\n\n{TRANSCRIPT_NAMES[message['role']]}: {message['content']}"
+            text += f"\n\n{TRANSCRIPT_NAMES[message['role']]}: {tokens.mark(message['content'])}"
     if open_assistant_turn:
         text += "\n\nAssistant:"
     return text

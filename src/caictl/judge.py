@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from caictl import tokens
 from caictl.constitution import ComparisonPrinciple, Constitution
 from caictl.conversation import render_transcript
 from caictl.engines import SamplingParams
@@ -20,8 +21,9 @@ ANSWER_CUE = "The answer is:"
 COT_CUE = "Let's think step by step:"
 COT_ANSWER_CUE = "So the answer is:"
 
-REFUSAL_QUESTION = ("Does the assistant refuse, deflect or evade the human's request instead of engaging "
-                    "with it?\nOptions:\n(A) Yes, it refuses or evades\n(B) No, it engages with the request")
+REFUSAL_QUESTION = "Does the assistant refuse, deflect or evade the human's request instead of engaging with it?"
+REFUSES = "It refuses or evades"
+ENGAGES = "It engages with the request"
 
 
 @dataclass
@@ -40,7 +42,8 @@ class Judge:
     """Builds the multiple-choice questions and reads P(A) from the engine, batched over a window.
 
     few_shot: the constitution's worked labelling examples go first. cot: the model reasons before the
-    answer is read. debias: both orders are scored and averaged. clamp: every probability into [lo, hi].
+    answer is read. debias: both orders are scored and averaged. clamp: each order's probability is clamped
+    into [lo, hi] before the orders are averaged, as the paper clamps each label it reads (section 4.1).
     """
 
     def __init__(self, engine, constitution: Constitution, *, few_shot: bool = False, cot: bool = False,
@@ -58,7 +61,7 @@ class Judge:
 
     def votes(self, comparisons: list[Comparison]) -> list[list[dict]]:
         """Per comparison, one vote per principle: p_ab (P(first) with first in slot A), p_ba (P(first) with
-        first in slot B) when debiasing, and p, their mean, after clamping."""
+        first in slot B) when debiasing, both as read, and p: the mean of the clamped orders."""
         questions, where = [], []
         for c_index, comparison in enumerate(comparisons):
             for principle in comparison.principles:
@@ -80,46 +83,53 @@ class Judge:
         result = []
         for per_principle in votes:
             for vote in per_principle.values():
-                raw = (vote["p_ab"] + vote["p_ba"]) / 2 if "p_ba" in vote else vote["p_ab"]
-                vote["p"] = clamp(raw, self.clamp)
+                orders = [vote["p_ab"], vote["p_ba"]] if "p_ba" in vote else [vote["p_ab"]]
+                vote["p"] = sum(clamp(p, self.clamp) for p in orders) / len(orders)
             result.append(list(per_principle.values()))
         return result
 
     def refusal_probabilities(self, messages: list[list[dict]], responses: list[str]) -> list[float]:
-        """P(the response refuses or evades), asked of the same model as a yes/no multiple choice."""
-        questions = [self._wrap(f"Consider the following conversation between a human and an assistant:\n\n"
-                                f"{render_transcript(m + [{'role': 'assistant', 'content': r}]).strip()}\n\n"
-                                f"{REFUSAL_QUESTION}", ANSWER_CUE)
-                     for m, r in zip(messages, responses)]
-        return [probability_a(a, b) for a, b in self.engine.choice_logprobs(questions, list(CHOICES))]
+        """P(the response refuses or evades), asked of the same model as a multiple choice, twice: once with
+        (A) meaning "refuses", once with (B), averaged, so that a pull towards one letter cancels."""
+        questions = []
+        for m, r in zip(messages, responses):
+            conversation = render_transcript(m + [{"role": "assistant", "content": r}]).strip()
+            for a, b in ((REFUSES, ENGAGES), (ENGAGES, REFUSES)):
+                body = (f"Consider the following conversation between a human and an assistant:\n\n{conversation}"
+                        f"\n\n{REFUSAL_QUESTION}\nOptions:\n(A) {a}\n(B) {b}")
+                questions.append(self._render([{"role": "user", "content": body}], ANSWER_CUE))
+        p_a = [probability_a(a, b) for a, b in self.engine.choice_logprobs(questions, list(CHOICES))]
+        return [(refuses_as_a + 1 - refuses_as_b) / 2 for refuses_as_a, refuses_as_b in zip(p_a[::2], p_a[1::2])]
 
     def question(self, messages: list[dict], principle: str, a: str, b: str) -> str:
-        """The text whose continuation is scored: few-shot examples, then the question, then the cue."""
-        shots = ""
+        """The text whose continuation is scored: one conversation in which the few-shot examples are earlier
+        question-and-answer turns, then the question, then the cue that opens the answer."""
+        turns = []
         if self.few_shot:
             for example in self.constitution.label_few_shot:
                 body = _question_body(example.messages, example.principle or principle, example.response_a,
                                       example.response_b)
-                answer = f" ({example.answer})"
                 if self.cot and example.reasoning:
-                    answer = f" {example.reasoning}\n{COT_ANSWER_CUE}{answer}"
-                    shots += self._wrap(body, COT_CUE) + answer
+                    answer = f"{COT_CUE} {example.reasoning}\n{COT_ANSWER_CUE} ({example.answer})"
                 else:
-                    shots += self._wrap(body, ANSWER_CUE) + answer
-        cue = COT_CUE if self.cot else ANSWER_CUE
-        return shots + self._wrap(_question_body(messages, principle, a, b), cue)
+                    answer = f"{ANSWER_CUE} ({example.answer})"
+                turns += [{"role": "user", "content": body}, {"role": "assistant", "content": answer}]
+        turns.append({"role": "user", "content": _question_body(messages, principle, a, b)})
+        return self._render(turns, COT_CUE if self.cot else ANSWER_CUE)
 
-    def _wrap(self, body: str, cue: str) -> str:
-        # Chat models see the question through their template; servers and base models get a transcript.
-        rendered = self.engine.chat_prompt([{"role": "user", "content": body}]) if self.engine.supports_chat() else None
+    def _render(self, turns: list[dict], cue: str) -> str:
+        # Chat models see the question through their template (one chat, so one BOS and every earlier answer
+        # turn closed); servers and base models get a transcript. The cue opens the assistant's answer.
+        rendered = self.engine.chat_prompt(turns) if self.engine.supports_chat() else None
         if rendered is not None:
             return rendered + cue
-        return f"\n\nHuman: {body}\n\nAssistant: {cue}"
+        return render_transcript(turns, open_assistant_turn=True) + f" {cue}"
 
     def _with_reasoning(self, questions: list[str], keys: list[str]) -> list[str]:
         params = SamplingParams(self.max_new_tokens, self.temperature, 1.0, ("\n\nHuman:", COT_ANSWER_CUE), self.seed)
         reasoning = self.engine.complete(questions, params, keys)
-        return [q + " " + r.text.strip() + f"\n{COT_ANSWER_CUE}" for q, r in zip(questions, reasoning)]
+        # The model's reasoning is content: a control token it spelled out is text when the answer is read.
+        return [q + " " + tokens.mark(r.text.strip()) + f"\n{COT_ANSWER_CUE}" for q, r in zip(questions, reasoning)]
 
 
 def _question_body(messages: list[dict], principle: str, a: str, b: str) -> str:
@@ -138,6 +148,7 @@ def probability_a(logprob_a: float, logprob_b: float) -> float:
 
 
 def clamp(p: float, bounds: tuple[float, float] | None) -> float:
+    """p moved into [lo, hi]; None leaves it as it is."""
     if bounds is None:
         return p
     return min(max(p, bounds[0]), bounds[1])

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from caictl import tokens
 from caictl.conversation import render_transcript
 from caictl.errors import UsageError
 
@@ -103,7 +104,9 @@ class Scorer:
 
 def rewards(model, tokenizer, texts: list[str], max_length: int, micro_batch: int):
     """One reward per text, in input order. Texts go through in micro-batches of similar length, so little
-    compute goes to padding; gradients flow when the caller allows them (train-pm)."""
+    compute goes to padding; gradients flow when the caller allows them (train-pm). A transcript is all content:
+    text that looks like a control token (`<|im_end|>`, `[SEP]`) is read as text; only the tokenizer's own
+    framing (BOS, [CLS] ... [SEP]) is special."""
     import torch
 
     device = model.device
@@ -112,8 +115,9 @@ def rewards(model, tokenizer, texts: list[str], max_length: int, micro_batch: in
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     parts = []
     for first in range(0, len(order), micro_batch):
-        batch = tokenizer([texts[i] for i in order[first:first + micro_batch]], truncation=True,
-                          max_length=max_length, padding=True, return_tensors="pt").to(device)
+        batch = tokenizer([tokens.unmark(texts[i]) for i in order[first:first + micro_batch]], truncation=True,
+                          max_length=max_length, padding=True, return_tensors="pt",
+                          split_special_tokens=True).to(device)
         parts.append(model(**batch).logits[:, 0].float())
     return torch.cat(parts)[torch.tensor(order, device=device).argsort()]
 

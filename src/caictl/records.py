@@ -134,7 +134,8 @@ def read_prompts(path: str | Path | None, on_invalid=None) -> list[Prompt]:
         prompts.append(prompt)
     if not prompts:
         rejected = getattr(on_invalid, "count", 0)
-        raise InputError(f"{source}: no valid prompts in the input" if rows or rejected else f"{source}: the input is empty")
+        raise InputError(f"{source}: no valid prompts in the input" if rows or rejected
+                         else f"{source}: the input is empty")
     return prompts
 
 

@@ -60,5 +60,6 @@ def _project_file() -> dict:
         raise UsageError(f"{path.resolve()}: expected a mapping of option: value")
     unknown = set(data) - set(SHARED)
     if unknown:
-        raise UsageError(f"{path.resolve()}: unknown option(s) {', '.join(sorted(unknown))}; known: {', '.join(SHARED)}")
+        raise UsageError(f"{path.resolve()}: unknown option(s) {', '.join(sorted(unknown))}; "
+                         f"known: {', '.join(SHARED)}")
     return data

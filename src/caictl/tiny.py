@@ -1,8 +1,9 @@
-"""Offline demo and test models: random weights, a tokenizer trained here.
+"""Offline demo and test models: random weights, a tokenizer trained here or a real family's.
 
     caictl init-model --preset tiny --out models/tiny
     caictl init-model --preset small --out models/small
     caictl init-model --preset tiny --task seq-cls --out models/tiny-pm
+    caictl init-model --family llama3 --preset tiny --out models/llama3-tiny
 
 No weights can be downloaded on an offline machine, so caictl builds its own: a Llama-shaped model with
 random weights and a byte-level BPE tokenizer trained on caictl's own constitution text. The chat template is
@@ -11,6 +12,12 @@ noise; they exist so that every stage runs end to end without a hub. `caictl.jso
 
 A Llama config, not Qwen2: transformers 5 rebuilds a Qwen2 tokenizer's pre-tokenizer on reload, which
 changes the ids of a BPE trained with a plain byte-level pre-tokenizer.
+
+With `--family` (qwen2.5, llama3, phi3) the model is that family's architecture class and config features
+(Qwen2's q/k/v biases and tied embeddings, Llama 3's llama3 RoPE scaling and untied head, Phi-3's fused
+qkv_proj and gate_up_proj), scaled down but with the full vocabulary, and the folder holds the family's real
+tokenizer and TRL's copy of its chat template (see caictl.families; `python -m caictl.families prepare` first).
+The weights are still random.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from caictl import __version__
+from caictl import __version__, families
 from caictl.errors import UsageError
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -61,6 +68,23 @@ PRESETS = {
     "qwen0.5b-shape": Preset(8192, 896, 4864, 24, 14, 2, 32768, model_vocab_size=151936),
 }
 
+
+@dataclass(frozen=True)
+class FamilyPreset:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int  # grouped-query families; the others keep one key/value head per query head
+
+
+# A family keeps its whole vocabulary, so the embedding holds most of the parameters: tiny is 4-17M
+# parameters (phi3 .. llama3, whose head is untied), small 20-70M.
+FAMILY_PRESETS = {
+    "tiny": FamilyPreset(64, 128, 2, 4, 2),
+    "small": FamilyPreset(256, 768, 4, 4, 2),
+}
+
 TASKS = ("causal-lm", "seq-cls")
 
 
@@ -70,20 +94,32 @@ class InitModelConfig:
     preset: str = "tiny"  # one of PRESETS
     task: str = "causal-lm"  # causal-lm (a policy) or seq-cls (a scalar-head preference model)
     seed: int = 0
+    # qwen2.5, llama3 or phi3: that family's architecture, real tokenizer and chat template; None: caictl's own
+    family: str | None = None
 
     def check(self) -> None:
         problems = []
         if self.preset not in PRESETS:
             problems.append(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        elif self.family is not None and self.preset not in FAMILY_PRESETS:
+            problems.append(f"--family builds presets {' or '.join(FAMILY_PRESETS)}, not {self.preset!r}")
         if self.task not in TASKS:
             problems.append(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        if self.family is not None and self.family not in families.MODEL_FAMILIES:
+            known = f"; choose one of {', '.join(families.MODEL_FAMILIES)}"
+            problems.append(f"{self.family} is a tokenizer-level family, with no model{known}"
+                            if self.family in families.FAMILIES else f"unknown family {self.family!r}{known}")
         if problems:
             raise UsageError("; ".join(problems))
+        if self.family is not None:
+            families.require_prepared(self.family)
 
 
 def run(config: InitModelConfig) -> Path:
     """Build the model folder and return its path."""
     config.check()
+    if config.family is not None:
+        return _run_family(config)
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
@@ -115,6 +151,48 @@ def run(config: InitModelConfig) -> Path:
         model.generation_config.pad_token_id = model_config.pad_token_id
         model.generation_config.bos_token_id = None
 
+    return _save(config, model, tokenizer, {})
+
+
+def _run_family(config: InitModelConfig) -> Path:
+    """A random-weight model in a real family's architecture, with its real tokenizer and chat template."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from caictl.ui import quiet_transformers
+
+    quiet_transformers()
+    family = families.get(config.family)
+    shape = FAMILY_PRESETS[config.preset]
+    tokenizer = families.load_tokenizer(family.name)
+    token_id = tokenizer.convert_tokens_to_ids
+    model_config = AutoConfig.for_model(
+        family.model_type,
+        vocab_size=max(family.vocab_size, len(tokenizer)),
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads if family.grouped_query else shape.num_attention_heads,
+        bos_token_id=token_id(family.bos) if family.bos else None,
+        eos_token_id=token_id(family.eos),
+        pad_token_id=token_id(family.pad),
+        num_labels=1,
+        **family.config,
+    )
+    torch.manual_seed(config.seed)
+    model_class = AutoModelForCausalLM if config.task == "causal-lm" else AutoModelForSequenceClassification
+    model = model_class.from_config(model_config)
+    if config.task == "causal-lm":
+        model.generation_config.eos_token_id = families.stop_ids(tokenizer, family.name)
+        model.generation_config.pad_token_id = model_config.pad_token_id
+        model.generation_config.bos_token_id = model_config.bos_token_id
+    info = {"family": family.name, "shape_of": family.shape_of, "architecture": type(model).__name__,
+            **families.provenance(family.name)}
+    return _save(config, model, tokenizer, info)
+
+
+def _save(config: InitModelConfig, model, tokenizer, extra: dict) -> Path:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -130,6 +208,7 @@ def run(config: InitModelConfig) -> Path:
         "task": config.task,
         "seed": config.seed,
         "parameters": n_params,
+        **extra,
     }
     (out / "caictl.json").write_text(json.dumps(info, indent=2) + "\n")
     return out

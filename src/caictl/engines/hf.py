@@ -4,6 +4,11 @@ Requests that start with the same tokens (few-shot examples, a shared system pro
 KV cache: it is computed once, kept in a small LRU, and copied into every row that starts with it. Rows are
 batched in token order for that, so rows with the same prefix land in the same batch.
 
+Message content is data (caictl.tokens): chat_prompt() marks any control token inside content, and every text is
+tokenized by a ContentEncoder, which reads marked tokens as text and everything else as the tokenizer does. BOS:
+the template's, else the tokenizer's own setting, never two. Generation stops at every id in the model's
+generation_config.eos_token_id (Llama 3: <|eot_id|>, <|eom_id|>, <|end_of_text|>), not only the tokenizer's eos.
+
 Sampling draws from each row's own generator (seeded by the request key) through the Gumbel-max trick:
 argmax(logits / T + Gumbel noise) is an exact sample from softmax(logits / T). It makes a row's text
 independent of which other rows share its batch, which plain `do_sample=True` (one global RNG) does not.
@@ -12,7 +17,9 @@ independent of which other rows share its batch, which plain `do_sample=True` (o
 from __future__ import annotations
 
 import inspect
+from bisect import bisect_right
 
+from caictl import tokens
 from caictl.engines.base import Generation, SamplingParams, cut_at_stop, request_seed
 from caictl.errors import CaictlError, UsageError
 
@@ -45,8 +52,15 @@ class HFEngine:
         self.lm.to(self.device).eval()
         self.tokenizer.padding_side = "left"
         self.tokenizer.model_max_length = 10**9  # too-long prompts are cut by _fit, not by a warning
-        if self.tokenizer.pad_token_id is None:
+        # Every end-of-turn id: the tokenizer's eos and the model's generation_config list (Llama 3 stops on three).
+        stops = getattr(self.lm.generation_config, "eos_token_id", None)
+        stops = stops if isinstance(stops, (list, tuple)) else [stops]
+        self.stop_ids = list(dict.fromkeys(i for i in [self.tokenizer.eos_token_id, *stops] if i is not None))
+        if self.tokenizer.pad_token_id is None and self.tokenizer.eos_token is not None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        # Padding is masked out, so any id does where a tokenizer has neither pad nor eos (Llama 3 has no pad).
+        self.pad_id = next((i for i in (self.tokenizer.pad_token_id, *self.stop_ids) if i is not None), 0)
+        self.encoder = tokens.ContentEncoder(self.tokenizer, self.stop_ids)
         self.max_positions = getattr(self.lm.config, "max_position_embeddings", None) or 4096
         self.truncated_prompts = 0  # prompts cut from the front to fit the context window
         self._prefix_cache: dict[tuple[int, ...], list] = {}  # prefix tokens -> per-layer KV, oldest first
@@ -60,62 +74,67 @@ class HFEngine:
     def generate(self, chats: list[list[dict]], params: SamplingParams, keys: list[str]) -> list[Generation]:
         if not self.supports_chat():
             raise UsageError(f"model {self.model!r} has no chat template; use --prompt-style transcript")
-        # The rendered template already holds any BOS token.
-        return self._generate([self._encode(self.chat_prompt(chat), special=False) for chat in chats], params, keys)
+        return self._generate(self.encoder.encode([self.chat_prompt(chat) for chat in chats]), params, keys)
 
     def complete(self, texts: list[str], params: SamplingParams, keys: list[str]) -> list[Generation]:
-        return self._generate([self._encode(t, special=True) for t in texts], params, keys)
+        return self._generate(self.encoder.encode(texts), params, keys)
 
     def chat_prompt(self, chat: list[dict]) -> str:
-        """The text the model sees for a chat, up to the open assistant turn (its own template)."""
-        return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        """The text the model sees for a chat, up to the open assistant turn (its own template). Control tokens
+        inside content come back marked (caictl.tokens), so that this engine reads them as text; a chat without
+        any is exactly the template's text."""
+        return self.encoder.render(chat, add_generation_prompt=True)
 
     def choice_logprobs(self, texts: list[str], choices: list[str]) -> list[list[float]]:
-        """Choices that differ only in their last token (" (A" / " (B") cost one sequence per text: the
-        common part is scored once and the last tokens are read from the same final position."""
+        """Each choice is read as the tokens the model would produce after the text: text and choice are encoded
+        together, and the choice's tokens are those that reach past the text (a SentencePiece tokenizer encodes
+        " (A" alone as ["▁", "▁(", "A"] but after "is:" as ["▁(", "A"]; a token across the boundary counts, as
+        the openai engine counts it). Choices that differ only in their last token (" (A" / " (B") cost one
+        sequence per text: the common part is scored once and the last tokens are read from the same final
+        position."""
         import torch
 
-        choice_ids = [self.tokenizer(c, add_special_tokens=False).input_ids for c in choices]
-        if any(not ids for ids in choice_ids):
-            raise UsageError("every choice must be at least one token long")
-        common = choice_ids[0][:_common_prefix_length(choice_ids)]
-        if all(len(ids) == len(common) + 1 for ids in choice_ids):
-            sequences = [(self._encode(t, special=True) + common)[-self.max_positions:] for t in texts]
-            endings = [[ids[-1]] for ids in choice_ids]
-        else:
-            encoded = [self._encode(t, special=True) for t in texts]
-            sequences = [(text_ids + ids)[-self.max_positions:] for text_ids in encoded for ids in choice_ids]
-            endings = [None]
-        scored = len(common) if endings[0] else None
-        # Logits only where they are read: the last choice tokens' positions (and the one before them).
-        keep = (scored + 1) if scored is not None else max(len(ids) for ids in choice_ids) + 1
+        if not choices:
+            return [[] for _ in texts]
+        full = self.encoder.encode_with_offsets([text + tokens.mark(choice) for text in texts for choice in choices])
+        rows = []  # (sequence, how many of its last tokens are scored, [(text, choice, token read at the end)])
+        for t, text in enumerate(texts):
+            length = len(tokens.unmark(text))
+            encoded = full[t * len(choices):(t + 1) * len(choices)]
+            sequences = [ids for ids, _ in encoded]
+            starts = [bisect_right(offsets, length, key=lambda span: span[1]) for _, offsets in encoded]
+            for choice, start, sequence in zip(choices, starts, sequences):
+                if start == len(sequence):
+                    raise UsageError(f"choice {choice!r} adds no token to the text it follows")
+            head = sequences[0][:-1]
+            if len(set(starts)) == 1 and head and all(s[:-1] == head for s in sequences):
+                scored, head = len(head) - starts[0], self._tail(head, self.max_positions - 1)
+                rows.append((head, min(scored, len(head) - 1), [(t, c, s[-1]) for c, s in enumerate(sequences)]))
+            else:
+                for c, (start, s) in enumerate(zip(starts, sequences)):
+                    scored, s = len(s) - start, self._tail(s, self.max_positions)
+                    rows.append((s, min(scored, len(s) - 1), [(t, c, None)]))
         scores: list[list[float]] = [[0.0] * len(choices) for _ in texts]
-        for batch in self._length_batches(sequences):
-            input_ids, attention = self._pad([sequences[i] for i in batch])
+        for batch in self._length_batches([row[0] for row in rows]):
+            input_ids, attention = self._pad([rows[i][0] for i in batch])
+            scored = torch.tensor([rows[i][1] for i in batch], device=self.device)
+            # Logits only where they are read: the scored tokens' positions, and the last one.
+            keep = int(scored.max()) + 1
             with torch.inference_mode():
                 logits = self.lm(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep).logits.float()
             logprobs = torch.log_softmax(logits, dim=-1)
-            # token t's log-prob is read at position t - 1
-            targets = input_ids[:, -keep + 1:] if keep > 1 else input_ids[:, :0]
+            # token t's log-prob is read at position t - 1; a row sums its last `scored` of them
+            targets = input_ids[:, input_ids.shape[1] - keep + 1:]
             token_logprobs = logprobs[:, :-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            window = torch.arange(keep - 1, device=self.device)
+            sums = token_logprobs.masked_fill(window < (keep - 1 - scored).unsqueeze(1), 0.0).sum(1).tolist()
+            last = logprobs[:, -1]
             for row, index in enumerate(batch):
-                if scored is not None:
-                    base = float(token_logprobs[row, token_logprobs.shape[1] - scored:].sum()) if scored else 0.0
-                    for c, ending in enumerate(endings):
-                        scores[index][c] = base + float(logprobs[row, -1, ending[0]])
-                else:
-                    t, c = divmod(index, len(choices))
-                    scores[t][c] = float(token_logprobs[row, -len(choice_ids[c]):].sum())
+                for t, c, ending in rows[index][2]:
+                    scores[t][c] = sums[row] + (float(last[row, ending]) if ending is not None else 0.0)
         return scores
 
     # Internals ------------------------------------------------------------------------------------------
-
-    def _encode(self, text: str, special: bool) -> list[int]:
-        # A rendered chat template already starts with any BOS token; adding another shifts the model.
-        bos = self.tokenizer.bos_token
-        if special and bos and text.startswith(bos):
-            special = False
-        return self.tokenizer(text, add_special_tokens=special).input_ids
 
     def _length_batches(self, sequences: list[list[int]]) -> list[list[int]]:
         """Indices grouped into batches of similar length, so little compute goes to padding."""
@@ -126,7 +145,7 @@ class HFEngine:
         import torch
 
         width = max(len(s) for s in sequences)
-        pad = self.tokenizer.pad_token_id
+        pad = self.pad_id
         ids = torch.tensor([[pad] * (width - len(s)) + s for s in sequences], device=self.device)
         mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], device=self.device)
         return ids, mask
@@ -135,25 +154,34 @@ class HFEngine:
         """Cut a too-long prompt from the front: few-shot examples go before the conversation does."""
         room = self.max_positions - max_new_tokens
         if room <= 0:
-            raise UsageError(f"--max-new-tokens {max_new_tokens} leaves no room in a {self.max_positions}-token context")
+            raise UsageError(f"--max-new-tokens {max_new_tokens} leaves no room in a "
+                             f"{self.max_positions}-token context")
         if len(ids) > room:
             self.truncated_prompts += 1
-            return ids[-room:]
+            return self._tail(ids, room)
         return ids
+
+    def _tail(self, ids: list[int], room: int) -> list[int]:
+        """The last `room` tokens; a BOS the sequence starts with stays first."""
+        if len(ids) <= room:
+            return ids
+        if self.encoder.bos_id is not None and ids[0] == self.encoder.bos_id and room > 1:
+            return ids[:1] + ids[len(ids) - room + 1:]
+        return ids[-room:]
 
     def _generate(self, encoded: list[list[int]], params: SamplingParams, keys: list[str]) -> list[Generation]:
         import torch
         from transformers import GenerationConfig, LogitsProcessorList
 
         encoded = [self._fit(ids, params.max_new_tokens) for ids in encoded]
-        eos = self.tokenizer.eos_token_id
         config = GenerationConfig(
             max_new_tokens=params.max_new_tokens,
             do_sample=False,  # sampling happens in _RowSampler, greedy picks its argmax
-            eos_token_id=eos,
-            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.stop_ids or None,
+            pad_token_id=self.pad_id,
             stop_strings=list(params.stop) or None,
         )
+        stops = torch.tensor(self.stop_ids, dtype=torch.long)
         results: list[Generation | None] = [None] * len(encoded)
         for batch in self._prefix_batches(encoded):
             rows = [encoded[i] for i in batch]
@@ -168,9 +196,14 @@ class HFEngine:
                                               tokenizer=self.tokenizer)
             except torch.OutOfMemoryError:
                 raise CaictlError(f"out of memory at batch size {self.batch_size}; lower --batch-size")
-            new_tokens = output[:, inputs["input_ids"].shape[1]:].tolist()
+            new_tokens = output[:, inputs["input_ids"].shape[1]:].cpu()
+            # A row ends at its first stop id (any of them); what follows is padding.
+            is_stop = torch.isin(new_tokens, stops)
+            ended = is_stop.any(1)
+            ends = torch.where(ended, is_stop.int().argmax(1), new_tokens.shape[1]).tolist()
+            new_tokens, ended = new_tokens.tolist(), ended.tolist()
             for row, index in enumerate(batch):
-                results[index] = self._decode(new_tokens[row], len(encoded[index]), eos, params)
+                results[index] = self._decode(new_tokens[row][:ends[row]], len(encoded[index]), ended[row], params)
         return results
 
     def _prefix_batches(self, sequences: list[list[int]]) -> list[list[int]]:
@@ -199,7 +232,7 @@ class HFEngine:
                 length = min(max(before, after, cached), len(row) - 1)  # every row keeps a token of its own
                 shared[i] = length if length >= SHARED_PREFIX_MIN_TOKENS else 0
         longest = max(shared)
-        tails, pad = [row[n:] for row, n in zip(rows, shared)], self.tokenizer.pad_token_id
+        tails, pad = [row[n:] for row, n in zip(rows, shared)], self.pad_id
         width = max(len(t) for t in tails)
         ids = [row[:n] + [pad] * (longest - n + width - len(t)) + t for row, n, t in zip(rows, shared, tails)]
         mask = [[1] * n + [0] * (longest - n + width - len(t)) + [1] * len(t) for n, t in zip(shared, tails)]
@@ -243,15 +276,13 @@ class HFEngine:
             self._prefix_cache.pop(next(iter(self._prefix_cache)))
         return states
 
-    def _decode(self, tokens: list[int], prompt_tokens: int, eos: int, params: SamplingParams) -> Generation:
-        ended = eos in tokens
-        if ended:
-            tokens = tokens[: tokens.index(eos)]
+    def _decode(self, tokens: list[int], prompt_tokens: int, ended: bool, params: SamplingParams) -> Generation:
+        """tokens: the reply up to (without) its stop id; ended: whether a stop id came."""
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         text, stopped = cut_at_stop(text, params.stop)
         if stopped:
             # Generation ran a few tokens past the stop string before the criterion fired.
-            count = len(self._encode(text, special=False))
+            count = len(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids)
         else:
             count = len(tokens) + (1 if ended else 0)
         finish = "stop" if ended or stopped else "length"

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from caictl.engines.base import Generation, SamplingParams, cut_at_stop, request_seed
 from caictl.errors import CaictlError, UsageError
+from caictl.tokens import unmark
 
 # The OpenAI API takes at most four stop strings; the rest are applied to the text afterwards.
 MAX_SERVER_STOPS = 4
@@ -45,6 +46,8 @@ class OpenAIEngine:
 
     def generate(self, chats: list[list[dict]], params: SamplingParams, keys: list[str]) -> list[Generation]:
         def one(chat, key):
+            # caictl's content marks (caictl.tokens) never leave the process: a server reads text its own way.
+            chat = [{k: unmark(v) if isinstance(v, str) else v for k, v in m.items()} for m in chat]
             response = self._call(self.client.chat.completions.create, messages=chat,
                                   **self._sampling(params, key))
             choice = response.choices[0]
@@ -54,7 +57,8 @@ class OpenAIEngine:
 
     def complete(self, texts: list[str], params: SamplingParams, keys: list[str]) -> list[Generation]:
         def one(text, key):
-            response = self._call(self.client.completions.create, prompt=text, **self._sampling(params, key))
+            response = self._call(self.client.completions.create, prompt=unmark(text),
+                                  **self._sampling(params, key))
             choice = response.choices[0]
             return self._result(choice.text or "", choice.finish_reason, response.usage, params)
 
@@ -68,7 +72,7 @@ class OpenAIEngine:
         log-probs (/v1/completions with echo): one scoring request per (text, choice), nothing sampled."""
 
         def one(pair, key):
-            text, choice = pair
+            text, choice = unmark(pair[0]), unmark(pair[1])
             response = self._call(self.client.completions.create, model=self.model, prompt=text + choice,
                                   max_tokens=1, temperature=0.0, logprobs=1, echo=True)
             logprobs = response.choices[0].logprobs

@@ -34,8 +34,8 @@ from caictl.constitution import ComparisonPrinciple, load_for_stage
 from caictl.engines import ENGINES, SamplingParams
 from caictl.errors import UsageError
 from caictl.generation import PROMPT_STYLES, STOP_RESPONSE, open_engine, prompt_style, respond, response_request
-from caictl.records import Prompt, RecordWriter, read_prompts, read_rows
 from caictl.ratings import Outcome, elo, win_rates
+from caictl.records import Prompt, RecordWriter, read_prompts, read_rows
 from caictl.textstats import is_refusal, response_stats
 from caictl.ui import log, meter, summary_table
 
@@ -433,6 +433,7 @@ def _print(summary: dict, out: Path) -> None:
             rows.append((f"{group} / {model}", ", ".join(f"{t} {_cell(s[k])}" for k, t in STAT_COLUMNS if k in s)))
     for source, by_group in summary["ratings"].items():
         for group, result in by_group.items():
-            rows.append((f"Elo {source} / {group}", ", ".join(f"{m} {e['elo']:+.0f}" for m, e in result["elo"].items())))
+            elo = ", ".join(f"{m} {e['elo']:+.0f}" for m, e in result["elo"].items())
+            rows.append((f"Elo {source} / {group}", elo))
     rows.append(("report", out / "report.md"))
     summary_table("eval compare", rows)

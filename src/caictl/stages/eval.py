@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from caictl import settings
+from caictl import settings, tokens
 from caictl.errors import InputError, UsageError
 from caictl.metrics import calibration, pairwise_metrics, plot_reliability
 from caictl.records import read_rows
@@ -58,7 +58,8 @@ def run_mc(config: EvalMCConfig) -> dict:
         predicted, correct = [], []
         for row in rows:
             choices = row["corrects"] + row["incorrects"]
-            logprobs = engine.choice_logprobs([row["prompt"]], choices)[0]
+            # The question is content: a control token written in it is read as text (caictl.tokens).
+            logprobs = engine.choice_logprobs([tokens.mark(row["prompt"])], choices)[0]
             top = max(logprobs)
             probabilities = [math.exp(lp - top) for lp in logprobs]
             total = sum(probabilities)
@@ -132,9 +133,11 @@ def _write(out: Path, title: str, subject: dict, results: dict, records: list[di
     columns = [k for k in next(iter(summary["files"].values()))]
     lines = [f"# caictl {title}", "", f"{', '.join(f'{k}: `{v}`' for k, v in subject.items())}", "",
              "| file | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    lines += [f"| {Path(p).name} | " + " | ".join(str(r[c]) for c in columns) + " |" for p, r in summary["files"].items()]
+    lines += [f"| {Path(p).name} | " + " | ".join(str(r[c]) for c in columns) + " |"
+              for p, r in summary["files"].items()]
     lines += ["", "![reliability](reliability.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
-    summary_table(title, [(Path(p).name, ", ".join(f"{k} {v}" for k, v in r.items())) for p, r in summary["files"].items()]
+    summary_table(title, [(Path(p).name, ", ".join(f"{k} {v}" for k, v in r.items()))
+                          for p, r in summary["files"].items()]
                   + [("report", out / "report.md")])
     return summary

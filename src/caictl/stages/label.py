@@ -85,9 +85,10 @@ class LabelConfig:
         return self.clamp
 
 
-def run(config: LabelConfig) -> dict:
+def run(config: LabelConfig, engine=None) -> dict:
+    """engine: one already made (from Python, or a test's scripted engine); by default --engine opens one."""
     config.check()
-    model = settings.require_model(config.model)
+    model = engine.model if engine is not None else settings.require_model(config.model)
     constitution = load_for_stage(config.constitution, config.principles, "comparison")
     rejects = RejectWriter(config.out) if config.skip_invalid else None
     comparisons = read_comparisons(config, constitution, rejects)
@@ -109,7 +110,8 @@ def run(config: LabelConfig) -> dict:
     start = time.perf_counter()
     try:
         if pending:
-            engine = open_engine(config.engine, model, config.base_url, config.batch_size, config.concurrency)
+            engine = engine or open_engine(config.engine, model, config.base_url, config.batch_size,
+                                           config.concurrency)
             judge = Judge(engine, constitution, few_shot=config.few_shot, cot=config.cot, debias=config.debias,
                           clamp=config.effective_clamp, max_new_tokens=config.max_new_tokens,
                           temperature=config.temperature, seed=config.seed)

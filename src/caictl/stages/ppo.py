@@ -8,6 +8,8 @@ re-tokenises the text with its own tokenizer); every response token pays a KL pe
 policy (fixed `--kl-coef`, or adapted towards `--target-kl`); GAE gives advantages; the policy ratio and the
 value loss are clipped; several minibatch epochs run per rollout batch. The value head is one linear layer
 on the policy's last hidden state: it shares the policy's trunk, so no second model sits in memory.
+Log-probabilities are those of the distribution the rollouts were sampled from (logits / --temperature), as in
+TRL. Both paths measure the held-out reward with one function, `heldout_reward`.
 `--algo rloo|grpo` runs the same job through TRL's RLOOTrainer / GRPOTrainer, with the PM as the reward
 function (scoring the same transcripts with its own tokenizer), for users who prefer those and for several
 GPUs through accelerate, DeepSpeed or vLLM.
@@ -27,9 +29,9 @@ from caictl import __version__
 from caictl.errors import UsageError
 from caictl.records import read_prompts
 from caictl.textstats import boilerplate
+from caictl.tokens import ContentEncoder
 from caictl.training import output_folder
 from caictl.ui import log, meter, quiet_transformers, summary_table
-
 
 ALGOS = ("ppo", "rloo", "grpo")
 
@@ -89,6 +91,8 @@ class PPOConfig:
             problems.append("--heldout must be in [0, 1)")
         if self.kl_coef < 0:
             problems.append("--kl-coef must be >= 0")
+        if self.temperature <= 0:
+            problems.append("--temperature must be > 0 (rollouts are sampled)")
         if problems:
             raise UsageError("; ".join(problems))
 
@@ -99,18 +103,20 @@ def run(config: PPOConfig) -> dict:
     if config.resume and not (Path(config.out) / "checkpoint" / "state.pt").exists() and \
             not list((Path(config.out) / "checkpoints").glob("checkpoint-*")):
         raise UsageError(f"--resume: no checkpoint in {config.out}")
-    prompts = read_prompts(config.prompts)
-    rng = random.Random(config.seed)
-    order = list(range(len(prompts)))
-    rng.shuffle(order)
-    n_heldout = round(len(prompts) * config.heldout) if config.heldout else 0
-    heldout = [prompts[i] for i in order[:n_heldout]]
-    train = [prompts[i] for i in order[n_heldout:]]
+    train, heldout = split_prompts(read_prompts(config.prompts), config.heldout, config.seed)
     if len(train) < 2:
         raise UsageError("ppo needs at least 2 training prompts (after holding some out)")
     if config.algo != "ppo":
         return run_trl(config, train, heldout)
     return PPO(config).train(train, heldout)
+
+
+def split_prompts(prompts: list, share: float, seed: int) -> tuple[list, list]:
+    """(training prompts, held-out prompts): a seeded shuffle, then `share` of them held out."""
+    order = list(range(len(prompts)))
+    random.Random(seed).shuffle(order)
+    n_heldout = round(len(prompts) * share) if share else 0
+    return [prompts[i] for i in order[n_heldout:]], [prompts[i] for i in order[:n_heldout]]
 
 
 def run_trl(config: PPOConfig, train, heldout) -> dict:
@@ -169,28 +175,16 @@ def run_trl(config: PPOConfig, train, heldout) -> dict:
     tokenizer.save_pretrained(out)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
 
-    def mean_reward(folder):
-        from caictl.engines import SamplingParams, load_engine
-
-        if not heldout:
-            return None
-        engine = load_engine("hf", str(folder), batch_size=config.batch_size)
-        params = SamplingParams(config.max_new_tokens, config.temperature, 1.0, (), config.seed)
-        responses = engine.generate([p.messages for p in heldout], params, [p.id for p in heldout])
-        scores = scorer.score([conversation_text(p.messages, r.text) for p, r in zip(heldout, responses)])
-        return round(sum(scores) / len(scores), 4)
-
     logs = [e for e in trainer.state.log_history if "loss" in e]
     history = [{"step": e["step"], "reward_mean": e.get("reward"), "reward_std": e.get("reward_std"),
                 "kl": e.get("kl"), "entropy": e.get("entropy"), "response_length": e.get("completions/mean_length"),
                 "loss": e.get("loss")} for e in logs]
     metrics = {"algo": config.algo, "steps": trainer.state.global_step, "heldout_prompts": len(heldout),
-               "heldout_reward_before": mean_reward(config.policy), "heldout_reward_after": mean_reward(out),
+               "heldout_reward_before": heldout_reward(config.policy, heldout, scorer, config),
+               "heldout_reward_after": heldout_reward(out, heldout, scorer, config),
                "kl": history[-1]["kl"] if history else None, "seconds": round(seconds, 2),
                "seconds_per_step": round(seconds / max(trainer.state.global_step, 1), 3), "history": history}
-    info = {"stage": "ppo", "caictl_version": __version__, "policy": config.policy, "pm": config.pm,
-            "options": asdict(config), "metrics": metrics}
-    (out / "caictl.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_info(out, config, metrics)
     summary_table(f"ppo --algo {config.algo}", [
         ("output", out), ("steps", metrics["steps"]),
         ("held-out reward before -> after", f"{metrics['heldout_reward_before']} -> {metrics['heldout_reward_after']}"),
@@ -213,8 +207,14 @@ class PPO:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        # Prompts are encoded with message content as plain text: only the template's markup is special.
+        self.encoder = ContentEncoder(self.tokenizer)
         # Eval mode throughout: dropout would add noise to the PPO ratio and the KL against the reference.
         policy = AutoModelForCausalLM.from_pretrained(config.policy).to(self.device).eval()
+        # A response ends at any of the family's end-of-turn ids, not only the tokenizer's eos.
+        stops = policy.generation_config.eos_token_id
+        stops = stops if isinstance(stops, list) else [stops] if stops is not None else []
+        self.stop_ids = stops or [self.tokenizer.eos_token_id]
         if config.lora:
             from peft import LoraConfig, get_peft_model
 
@@ -243,7 +243,7 @@ class PPO:
         out = Path(config.out)
         start_step, history, before = self._resume(out)
         if start_step == 0 and heldout:
-            before = self.heldout_reward(heldout)
+            before = heldout_reward(config.policy, heldout, self.scorer, config)
             log(f"held-out reward before: {before:.4f}")
         start = time.perf_counter()
         stopped = None
@@ -265,7 +265,9 @@ class PPO:
                     log(f"[red]stopping: {stopped}[/red]")
                     break
         seconds = time.perf_counter() - start
-        after = self.heldout_reward(heldout) if heldout else None
+        self.save(out)
+        # Measured on the saved folder, as the reward before was on --policy's (and as run_trl does).
+        after = heldout_reward(out, heldout, self.scorer, config)
         metrics = {
             "steps": len(history),
             "heldout_prompts": len(heldout),
@@ -279,7 +281,9 @@ class PPO:
             "seconds_per_step": round(seconds / max(len(history) - start_step, 1), 3),
             "history": [{k: v for k, v in h.items() if k != "sample"} for h in history],
         }
-        self.save(out, metrics)
+        write_info(out, config, metrics)
+        plot_history(metrics["history"], out / "ppo.png")
+        shutil.rmtree(out / "checkpoint", ignore_errors=True)
         summary_table("ppo", [("output", out), ("steps", len(history)),
                               ("held-out reward before -> after", f"{before} -> {after}"),
                               ("KL (last step)", metrics["kl"]), ("seconds per step", metrics["seconds_per_step"]),
@@ -361,21 +365,19 @@ class PPO:
         import torch
 
         config = self.config
-        texts = [self.tokenizer.apply_chat_template(p.messages, tokenize=False, add_generation_prompt=True)
-                 for p in prompts]
-        encoded = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        ids = self.encoder.encode_chats([p.messages for p in prompts], add_generation_prompt=True)
+        encoded = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(self.device)
         with torch.no_grad():
             output = self.policy.generate(**encoded, max_new_tokens=config.max_new_tokens, do_sample=True,
                                           temperature=config.temperature, top_k=0, top_p=1.0,
-                                          pad_token_id=self.tokenizer.pad_token_id,
-                                          eos_token_id=self.tokenizer.eos_token_id)
+                                          pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.stop_ids)
         start = encoded["input_ids"].shape[1]
         response = output[:, start:]
-        eos = self.tokenizer.eos_token_id
-        is_eos = response == eos
+        is_eos = torch.isin(response, torch.tensor(self.stop_ids, device=response.device))
         ended = is_eos.any(1)
         # Response tokens up to and including the first end of sequence.
-        first_eos = torch.where(ended, is_eos.float().argmax(1), torch.full_like(ended, response.shape[1], dtype=torch.long))
+        first_eos = torch.where(ended, is_eos.float().argmax(1),
+                                torch.full_like(ended, response.shape[1], dtype=torch.long))
         positions = torch.arange(response.shape[1], device=response.device).unsqueeze(0)
         mask = (positions <= first_eos.unsqueeze(1)).float()
         attention = torch.cat([encoded["attention_mask"], mask.long()], dim=1)
@@ -392,9 +394,9 @@ class PPO:
         import torch
 
         # Logits only where a response token is predicted: the prompt's would be computed and thrown away.
-        output = self.policy(input_ids=ids, attention_mask=attention, output_hidden_states=True,
-                             logits_to_keep=ids.shape[1] - start + 1)
-        logprobs_all, logprobs = _response_logprobs(output.logits, ids, start)
+        output = self.policy(input_ids=ids, attention_mask=attention, position_ids=position_ids(attention),
+                             output_hidden_states=True, logits_to_keep=ids.shape[1] - start + 1)
+        logprobs_all, logprobs = _response_logprobs(output.logits, ids, start, self.config.temperature)
         with torch.no_grad():  # logged only: no graph for a [batch, width, vocabulary] tensor
             entropy = -(logprobs_all.exp() * logprobs_all).sum(-1)
         hidden = output.hidden_states[-1][:, start - 1:-1].float()
@@ -403,26 +405,14 @@ class PPO:
 
     def reference_logprobs(self, rollout):
         ids, attention, start = rollout["ids"], rollout["attention"], rollout["start"]
-        keep = ids.shape[1] - start + 1
+        inputs = {"input_ids": ids, "attention_mask": attention, "position_ids": position_ids(attention),
+                  "logits_to_keep": ids.shape[1] - start + 1}
         if self.reference is None:
             with self.policy.disable_adapter():
-                logits = self.policy(input_ids=ids, attention_mask=attention, logits_to_keep=keep).logits
+                logits = self.policy(**inputs).logits
         else:
-            logits = self.reference(input_ids=ids, attention_mask=attention, logits_to_keep=keep).logits
-        return _response_logprobs(logits, ids, start)[1]
-
-    def heldout_reward(self, prompts) -> float:
-        """Mean PM score of responses to held-out prompts, sampled with a fixed seed."""
-        import torch
-
-        state = torch.random.get_rng_state()
-        torch.manual_seed(self.config.seed + 1)
-        scores = []
-        for first in range(0, len(prompts), self.config.batch_size):
-            rollout = self.rollout(prompts[first:first + self.config.batch_size])
-            scores += self.scorer.score(rollout["texts"])
-        torch.random.set_rng_state(state)
-        return round(sum(scores) / len(scores), 4)
+            logits = self.reference(**inputs).logits
+        return _response_logprobs(logits, ids, start, self.config.temperature)[1]
 
     # Saving and resuming --------------------------------------------------------------------------------
 
@@ -432,10 +422,11 @@ class PPO:
         folder = out / "checkpoint"
         folder.mkdir(parents=True, exist_ok=True)
         self.policy.save_pretrained(folder / "policy")
+        # Everything the next step reads: a resumed run must take exactly the steps an uninterrupted one does.
         torch.save({"step": step, "value_head": self.value_head.state_dict(), "optimizer": self.optimizer.state_dict(),
                     "kl_coef": self.kl_coef, "reward_stats": asdict(self.reward_stats), "history": history,
-                    "heldout_reward_before": before,
-                    "generator": self.generator.get_state()}, folder / "state.pt")
+                    "heldout_reward_before": before, "generator": self.generator.get_state(),
+                    "rng": rng_states()}, folder / "state.pt")
 
     def _resume(self, out: Path) -> tuple[int, list[dict], float | None]:
         """(step, history, held-out reward before training) from the last checkpoint, if any."""
@@ -451,7 +442,8 @@ class PPO:
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
 
-            set_peft_model_state_dict(self.policy, load_file(out / "checkpoint" / "policy" / "adapter_model.safetensors"))
+            adapter = load_file(out / "checkpoint" / "policy" / "adapter_model.safetensors")
+            set_peft_model_state_dict(self.policy, adapter)
         else:
             loaded = AutoModelForCausalLM.from_pretrained(out / "checkpoint" / "policy")
             self.policy.load_state_dict(loaded.state_dict())
@@ -460,10 +452,13 @@ class PPO:
         self.kl_coef = state["kl_coef"]
         self.reward_stats = RunningMoments(**state["reward_stats"])
         self.generator.set_state(state["generator"])
+        # Last: loading the checkpoint's policy above may draw from the global RNG.
+        set_rng_states(state["rng"])
         log(f"resuming from step {state['step']} in {out / 'checkpoint'}")
         return state["step"], state["history"], state["heldout_reward_before"]
 
-    def save(self, out: Path, metrics: dict) -> None:
+    def save(self, out: Path) -> None:
+        """The trained policy (LoRA merged into the base), its tokenizer and the value head."""
         import torch
 
         out.mkdir(parents=True, exist_ok=True)
@@ -471,22 +466,71 @@ class PPO:
         policy.save_pretrained(out)
         self.tokenizer.save_pretrained(out)
         torch.save(self.value_head.state_dict(), out / "value_head.pt")
-        info = {"stage": "ppo", "caictl_version": __version__, "policy": self.config.policy, "pm": self.config.pm,
-                "options": asdict(self.config), "metrics": metrics}
-        (out / "caictl.json").write_text(json.dumps(info, indent=2) + "\n")
-        plot_history(metrics["history"], out / "ppo.png")
-        shutil.rmtree(out / "checkpoint", ignore_errors=True)
+
+
+# What both algorithms share -------------------------------------------------------------------------------
+
+
+def heldout_reward(model: str | Path, prompts: list, scorer, config: PPOConfig) -> float | None:
+    """Mean PM score of one response to each held-out prompt by the model folder; None without prompts.
+
+    Both algorithms measure before and after training this way. Every response is sampled by the hf engine with
+    its own seed (config.seed, prompt id), so the number depends neither on the batch size nor on the global RNG,
+    and the same folder and seed give the same number whichever path asks."""
+    from caictl.engines import SamplingParams, load_engine
+    from caictl.pm import conversation_text
+
+    if not prompts:
+        return None
+    engine = load_engine("hf", str(model), batch_size=config.batch_size)
+    params = SamplingParams(config.max_new_tokens, config.temperature, 1.0, (), config.seed)
+    responses = engine.generate([p.messages for p in prompts], params, [p.id for p in prompts])
+    scores = scorer.score([conversation_text(p.messages, r.text) for p, r in zip(prompts, responses)])
+    return round(sum(scores) / len(scores), 4)
+
+
+def write_info(out: Path, config: PPOConfig, metrics: dict) -> None:
+    """caictl.json beside the model, whichever algorithm trained it. Written once the model is saved: its presence
+    marks a finished run, which output_folder refuses to train over."""
+    info = {"stage": "ppo", "caictl_version": __version__, "policy": config.policy, "pm": config.pm,
+            "options": asdict(config), "metrics": metrics}
+    (out / "caictl.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def rng_states() -> dict:
+    """The global generators a checkpoint keeps: torch's (generate() samples the rollouts with it), CUDA's, and
+    Python's (for any library that draws from it)."""
+    import torch
+
+    return {"torch": torch.random.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states: dict) -> None:
+    import torch
+
+    torch.random.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    if states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 # The arithmetic, as plain functions (tested against hand-worked numbers) ----------------------------------
 
 
-def _response_logprobs(logits, ids, start: int):
+def position_ids(attention):
+    """Positions that count only attended tokens, as generate() derives them: without them a left-padded row's
+    tokens sit further along than they did when sampled, which changes models with absolute positions."""
+    return (attention.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _response_logprobs(logits, ids, start: int, temperature: float):
     """From logits kept for positions start-1 onwards: log-softmax over the vocabulary at each response position,
-    and the log-prob of the token actually there."""
+    and the log-prob of the token actually there. Logits are divided by the sampling temperature: the ratio, the
+    KL and the entropy are those of the distribution the rollouts were drawn from."""
     import torch
 
-    logprobs_all = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    logprobs_all = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
     return logprobs_all, logprobs_all.gather(-1, ids[:, start:].unsqueeze(-1)).squeeze(-1)
 
 

@@ -20,8 +20,8 @@ from caictl import __version__, settings
 from caictl.constitution import Constitution, CritiquePrinciple, load_for_stage
 from caictl.conversation import render_transcript
 from caictl.engines import ENGINES, SamplingParams
-from caictl.generation import PROMPT_STYLES, STOP_RESPONSE, open_engine, prompt_style, respond, response_request
 from caictl.errors import UsageError
+from caictl.generation import PROMPT_STYLES, STOP_RESPONSE, open_engine, prompt_style, respond, response_request
 from caictl.records import UNUSABLE_REVISION_FLAGS, Prompt, RecordWriter, RejectWriter, read_prompts
 from caictl.ui import log, meter, summary_table
 
@@ -78,10 +78,11 @@ class ReviseConfig:
             raise UsageError("; ".join(problems))
 
 
-def run(config: ReviseConfig) -> dict:
-    """Revise every prompt not yet in the output; return the summary."""
+def run(config: ReviseConfig, engine=None) -> dict:
+    """Revise every prompt not yet in the output; return the summary. engine: one already made (from Python,
+    or a test's scripted engine); by default --engine opens one."""
     config.check()
-    model = settings.require_model(config.model)
+    model = engine.model if engine is not None else settings.require_model(config.model)
     constitution = load_for_stage(config.constitution, config.principles, "critique_revision")
 
     rejects = RejectWriter(config.out) if config.skip_invalid else None
@@ -99,7 +100,8 @@ def run(config: ReviseConfig) -> dict:
     start = time.perf_counter()
     try:
         if pending:
-            engine = open_engine(config.engine, model, config.base_url, config.batch_size, config.concurrency)
+            engine = engine or open_engine(config.engine, model, config.base_url, config.batch_size,
+                                           config.concurrency)
             reviser = Reviser(engine, constitution, config, prompt_style(config.prompt_style, engine))
             window = config.batch_size * BATCHES_PER_WRITE
             with meter(len(pending), "revise") as progress:

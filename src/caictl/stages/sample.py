@@ -61,11 +61,12 @@ class SampleConfig:
             raise UsageError("; ".join(problems))
 
 
-def run(config: SampleConfig) -> dict:
+def run(config: SampleConfig, engine=None) -> dict:
+    """engine: one already made (from Python, or a test's scripted engine); by default --engine opens one."""
     config.check()
     if config.from_revisions:
         return _from_revisions(config)
-    model = settings.require_model(config.model)
+    model = engine.model if engine is not None else settings.require_model(config.model)
     rejects = RejectWriter(config.out) if config.skip_invalid else None
     prompts = read_prompts(config.prompts, on_invalid=rejects)[: config.limit]
     run_settings = {
@@ -82,7 +83,8 @@ def run(config: SampleConfig) -> dict:
     start, tokens, cut_off = time.perf_counter(), 0, 0
     try:
         if pending:
-            engine = open_engine(config.engine, model, config.base_url, config.batch_size, config.concurrency)
+            engine = engine or open_engine(config.engine, model, config.base_url, config.batch_size,
+                                           config.concurrency)
             style = prompt_style(config.prompt_style, engine)
             params = SamplingParams(config.max_new_tokens, config.temperature, config.top_p, STOP_RESPONSE,
                                     config.seed)

@@ -122,7 +122,8 @@ def run(config: TrainPMConfig) -> dict:
         "stage": "train-pm",
         "caictl_version": __version__,
         "backbone": backbone,
-        "inputs": [{"path": p, "sha256": file_hash(p)} for p in config.prefs + [_split_weight(s)[0] for s in config.mix]],
+        "inputs": [{"path": p, "sha256": file_hash(p)}
+                   for p in config.prefs + [_split_weight(s)[0] for s in config.mix]],
         "options": asdict(config),
         "metrics": {
             "train_comparisons": len(train),

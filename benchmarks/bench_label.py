@@ -6,7 +6,9 @@ Both sides ask the same multiple-choice questions in batches of the same size. T
 answer (--judge-tokens, greedy) and parses "(A)" or "(B)" out of it, as judges that cannot read log-probs do;
 caictl reads both answers' probabilities from one forward pass. One order per comparison on both sides. The
 judge runs twice: as a plain batched `model.generate` (what such judges usually are), and on caictl's own
-generation path (static KV cache), which is faster; the ratio against each is printed.
+generation path (static KV cache), which is faster; the ratio against each is printed. The three sides take
+turns, each warmed up first (see interleave.py); every ratio is the median of per-round ratios, with its min
+and max.
 """
 
 from __future__ import annotations
@@ -15,24 +17,27 @@ import argparse
 import json
 import re
 import tempfile
-import time
 from pathlib import Path
+
+from interleave import interleave, ratio, throughputs, timed
 
 from caictl import tiny
 from caictl.constitution import load as load_constitution
 from caictl.engines import SamplingParams, load_engine
-from caictl.records import read_prompts
 from caictl.judge import Comparison, Judge
+from caictl.records import read_prompts
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+WARM_UP = 8  # comparisons each side warms up on
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small", choices=sorted(tiny.PRESETS))
-    parser.add_argument("--comparisons", type=int, default=64)
+    parser.add_argument("--comparisons", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--judge-tokens", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (each side once per round)")
     args = parser.parse_args()
 
     constitution = load_constitution("harmless")
@@ -47,34 +52,44 @@ def main() -> None:
         model = tiny.run(tiny.InitModelConfig(out=Path(folder) / args.preset, preset=args.preset))
         engine = load_engine("hf", str(model), batch_size=args.batch_size)
         judge = Judge(engine, constitution, debias=False)
-        judge.votes(comparisons[:2])  # warm-up
-        start = time.perf_counter()
-        judge.votes(comparisons)
-        one_pass = time.perf_counter() - start
-
         questions = [judge.question(c.messages, c.principles[0].text, c.first, c.second) for c in comparisons]
-        start = time.perf_counter()
-        answers = plain_generate(engine, questions, args.batch_size, args.judge_tokens)
-        parsed = [re.search(r"\(([AB])\)", text) for text in answers]
-        plain_judge = time.perf_counter() - start
-
         params = SamplingParams(max_new_tokens=args.judge_tokens, temperature=0.0)
-        start = time.perf_counter()
-        engine.complete(questions, params, [c.id for c in comparisons])
-        caictl_judge = time.perf_counter() - start
+        keys = [c.id for c in comparisons]
+        parsed = []
 
+        def one_pass(comparisons=comparisons) -> float:
+            return timed(lambda: judge.votes(comparisons))
+
+        def plain_judge(questions=questions) -> float:
+            def generate_and_parse():
+                answers = plain_generate(engine, questions, args.batch_size, args.judge_tokens)
+                parsed[:] = [re.search(r"\(([AB])\)", text) for text in answers]
+            return timed(generate_and_parse)
+
+        def caictl_generate_judge(questions=questions) -> float:
+            engine._prefix_cache.clear()  # each run computes the shared few-shot prefix again
+            return timed(lambda: engine.complete(questions, params, keys[:len(questions)]))
+
+        sides = {"one_pass": one_pass, "judge": plain_judge, "caictl_generate": caictl_generate_judge}
+        seconds = interleave(sides, args.rounds, warm_ups={
+            "one_pass": lambda: one_pass(comparisons[:WARM_UP]), "judge": lambda: plain_judge(questions[:WARM_UP]),
+            "caictl_generate": lambda: caictl_generate_judge(questions[:WARM_UP])})
+
+    work = dict.fromkeys(("one_pass", "judge", "caictl_generate"), len(comparisons))
+    rates = throughputs(seconds, work)
     print(json.dumps({
         "stage": "label",
         "preset": args.preset,
         "baseline": f"model.generate {args.judge_tokens} tokens (greedy, batched) then parse",
         "comparisons": len(comparisons),
         "batch_size": args.batch_size,
-        "one_pass_comparisons_per_s": round(len(comparisons) / one_pass, 2),
-        "judge_comparisons_per_s": round(len(comparisons) / plain_judge, 2),
+        "rounds": args.rounds,
+        "one_pass_comparisons_per_s": round(rates["one_pass"], 2),
+        "judge_comparisons_per_s": round(rates["judge"], 2),
         "judge_answers_parsed": sum(1 for p in parsed if p),
-        "ratio": round(plain_judge / one_pass, 2),
-        "judge_on_caictl_generate_comparisons_per_s": round(len(comparisons) / caictl_judge, 2),
-        "ratio_vs_caictl_generate": round(caictl_judge / one_pass, 2),
+        **ratio(seconds, work, "one_pass", "judge"),
+        "judge_on_caictl_generate_comparisons_per_s": round(rates["caictl_generate"], 2),
+        **ratio(seconds, work, "one_pass", "caictl_generate", key="ratio_vs_caictl_generate"),
     }), flush=True)
 
 

@@ -67,6 +67,7 @@ DEFAULTS_CASES = {
                      {"files": ["c.jsonl"], "pm": "pm", "out": "e"}),
     ("eval", "compare"): ("compare", "run_compare", "EvalCompareConfig", ["h.jsonl", "-o", "e"],
                           {"prompts": ["h.jsonl"], "out": "e"}),
+    ("inspect",): ("inspect", "run", "InspectConfig", ["f.jsonl"], {"file": "f.jsonl"}),
     ("eval", "report"): ("report", "run_report", "EvalReportConfig", ["runs/x"], {"paths": ["runs/x"]}),
 }
 WITHOUT_CONFIG = {("constitution",), ("constitution", "show"), ("constitution", "validate"),

@@ -19,6 +19,7 @@ from caictl.errors import CaictlError
 # Stage modules are light at import (torch and transformers load inside run()), so --help stays fast.
 from caictl.stages import compare, dpo, label, ppo, report, revise, sample, score, sft, train_pm
 from caictl.stages import eval as evaluation
+from caictl.stages import inspect as inspection
 
 
 def defaults(config_class) -> dict:
@@ -40,6 +41,7 @@ EVAL_MC = defaults(evaluation.EvalMCConfig)
 EVAL_PM = defaults(evaluation.EvalPMConfig)
 EVAL_COMPARE = defaults(compare.EvalCompareConfig)
 EVAL_REPORT = defaults(report.EvalReportConfig)
+INSPECT = defaults(inspection.InspectConfig)
 
 app = typer.Typer(
     name="caictl",
@@ -295,6 +297,37 @@ def score_command(
     Example: caictl score --pm models/pm pairs.jsonl -o scored.jsonl
     """
     score.run(score.ScoreConfig(pm=pm, file=file, out=out, batch_size=batch_size, max_length=max_length))
+
+
+@app.command("inspect")
+def inspect_command(
+    file: Annotated[str, typer.Argument(help="The stage's input file (prompts, pairs or revisions).")],
+    model: Model = None,
+    stage: Annotated[str, typer.Option(help="revise, sample, label or sft.")] = INSPECT["stage"],
+    limit: Annotated[int, typer.Option(help="Rows shown: the first N of the file.")] = INSPECT["limit"],
+    constitution: ConstitutionOpt = None,
+    prompt_style: Annotated[str, typer.Option(
+        help="revise, sample: chat, transcript or auto.")] = INSPECT["prompt_style"],
+    few_shot: Annotated[bool, typer.Option(
+        help="label: the constitution's worked labelling examples first.")] = INSPECT["few_shot"],
+    chat_template: Annotated[Optional[str], typer.Option(
+        help="sft: a training chat template file, as sft takes it.")] = INSPECT["chat_template"],
+    json: Annotated[bool, typer.Option(
+        "--json", help="One JSON object a row: text, ids, tokens; mask (sft) or choice_ids and position (label).")
+    ] = INSPECT["json"],
+) -> None:
+    """Show exactly what the model sees at a stage's first model call: text, token ids and tokens per row; for
+    sft the loss mask (untrained tokens dimmed), for label the choice tokens and where they are read. Loads the
+    tokenizer only.
+
+    Example: caictl inspect red-team.jsonl --model models/base --stage revise --limit 2
+    """
+    from caictl import settings
+
+    inspection.run(inspection.InspectConfig(
+        file=file, model=model, stage=stage, limit=limit,
+        constitution=settings.resolve("constitution", constitution, INSPECT["constitution"]),
+        prompt_style=prompt_style, few_shot=few_shot, chat_template=chat_template, json=json))
 
 
 @app.command("ppo")

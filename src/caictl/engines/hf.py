@@ -16,6 +16,7 @@ independent of which other rows share its batch, which plain `do_sample=True` (o
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from bisect import bisect_right
 
@@ -27,9 +28,12 @@ from caictl.errors import CaictlError, UsageError
 class HFEngine:
     name = "hf"
 
-    def __init__(self, model: str, batch_size: int = 16, device: str = "auto", dtype: str = "auto"):
+    def __init__(self, model: str, batch_size: int = 16, device: str = "auto", dtype: str = "auto",
+                 weights: bool = True):
+        """weights=False: the tokenizer side only (what the model would be fed, for `caictl inspect`); nothing
+        that runs the model works."""
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
         from caictl.ui import quiet_transformers
 
@@ -43,17 +47,24 @@ class HFEngine:
             dtype = "bfloat16" if bf16 else "float32"
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model)
-            self.lm = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype))
+            if weights:
+                self.lm = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype))
+                self.lm.to(self.device).eval()
+                model_config, generation_config = self.lm.config, self.lm.generation_config
+            else:
+                self.lm, model_config = None, AutoConfig.from_pretrained(model)
+                generation_config = GenerationConfig.from_model_config(model_config)
+                with contextlib.suppress(OSError):  # a folder without generation_config.json keeps the model's
+                    generation_config = GenerationConfig.from_pretrained(model)
         except OSError as error:
             raise UsageError(
                 f"cannot load model {model!r} ({str(error).splitlines()[0]}); pass a local model folder or a "
                 "hub id that is cached here (offline: caictl init-model --preset tiny --out models/tiny)"
             )
-        self.lm.to(self.device).eval()
         self.tokenizer.padding_side = "left"
         self.tokenizer.model_max_length = 10**9  # too-long prompts are cut by _fit, not by a warning
         # Every end-of-turn id: the tokenizer's eos and the model's generation_config list (Llama 3 stops on three).
-        stops = getattr(self.lm.generation_config, "eos_token_id", None)
+        stops = getattr(generation_config, "eos_token_id", None)
         stops = stops if isinstance(stops, (list, tuple)) else [stops]
         self.stop_ids = list(dict.fromkeys(i for i in [self.tokenizer.eos_token_id, *stops] if i is not None))
         if self.tokenizer.pad_token_id is None and self.tokenizer.eos_token is not None:
@@ -61,12 +72,13 @@ class HFEngine:
         # Padding is masked out, so any id does where a tokenizer has neither pad nor eos (Llama 3 has no pad).
         self.pad_id = next((i for i in (self.tokenizer.pad_token_id, *self.stop_ids) if i is not None), 0)
         self.encoder = tokens.ContentEncoder(self.tokenizer, self.stop_ids)
-        self.max_positions = getattr(self.lm.config, "max_position_embeddings", None) or 4096
+        self.max_positions = getattr(model_config, "max_position_embeddings", None) or 4096
         self.truncated_prompts = 0  # prompts cut from the front to fit the context window
         self._prefix_cache: dict[tuple[int, ...], list] = {}  # prefix tokens -> per-layer KV, oldest first
         # transformers renamed `past_key_values` to `cache` during 5.x; use whichever this version takes.
-        parameters = inspect.signature(self.lm.forward).parameters
-        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
+        if self.lm is not None:
+            parameters = inspect.signature(self.lm.forward).parameters
+            self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
 
     def supports_chat(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
@@ -96,24 +108,7 @@ class HFEngine:
 
         if not choices:
             return [[] for _ in texts]
-        full = self.encoder.encode_with_offsets([text + tokens.mark(choice) for text in texts for choice in choices])
-        rows = []  # (sequence, how many of its last tokens are scored, [(text, choice, token read at the end)])
-        for t, text in enumerate(texts):
-            length = len(tokens.unmark(text))
-            encoded = full[t * len(choices):(t + 1) * len(choices)]
-            sequences = [ids for ids, _ in encoded]
-            starts = [bisect_right(offsets, length, key=lambda span: span[1]) for _, offsets in encoded]
-            for choice, start, sequence in zip(choices, starts, sequences):
-                if start == len(sequence):
-                    raise UsageError(f"choice {choice!r} adds no token to the text it follows")
-            head = sequences[0][:-1]
-            if len(set(starts)) == 1 and head and all(s[:-1] == head for s in sequences):
-                scored, head = len(head) - starts[0], self._tail(head, self.max_positions - 1)
-                rows.append((head, min(scored, len(head) - 1), [(t, c, s[-1]) for c, s in enumerate(sequences)]))
-            else:
-                for c, (start, s) in enumerate(zip(starts, sequences)):
-                    scored, s = len(s) - start, self._tail(s, self.max_positions)
-                    rows.append((s, min(scored, len(s) - 1), [(t, c, None)]))
+        rows = self.choice_rows(texts, choices)
         scores: list[list[float]] = [[0.0] * len(choices) for _ in texts]
         for batch in self._length_batches([row[0] for row in rows]):
             input_ids, attention = self._pad([rows[i][0] for i in batch])
@@ -133,6 +128,30 @@ class HFEngine:
                 for t, c, ending in rows[index][2]:
                     scores[t][c] = sums[row] + (float(last[row, ending]) if ending is not None else 0.0)
         return scores
+
+    def choice_rows(self, texts: list[str], choices: list[str]) -> list[tuple[list[int], int, list[tuple]]]:
+        """What choice_logprobs feeds the model: (sequence, how many of its last tokens are scored, and per
+        (text, choice) read from it, (text index, choice index, the choice's last token id read from the
+        sequence's final position, or None when the choice's tokens are all in the sequence))."""
+        full = self.encoder.encode_with_offsets([text + tokens.mark(choice) for text in texts for choice in choices])
+        rows = []  # (sequence, how many of its last tokens are scored, [(text, choice, token read at the end)])
+        for t, text in enumerate(texts):
+            length = len(tokens.unmark(text))
+            encoded = full[t * len(choices):(t + 1) * len(choices)]
+            sequences = [ids for ids, _ in encoded]
+            starts = [bisect_right(offsets, length, key=lambda span: span[1]) for _, offsets in encoded]
+            for choice, start, sequence in zip(choices, starts, sequences):
+                if start == len(sequence):
+                    raise UsageError(f"choice {choice!r} adds no token to the text it follows")
+            head = sequences[0][:-1]
+            if len(set(starts)) == 1 and head and all(s[:-1] == head for s in sequences):
+                scored, head = len(head) - starts[0], self._tail(head, self.max_positions - 1)
+                rows.append((head, min(scored, len(head) - 1), [(t, c, s[-1]) for c, s in enumerate(sequences)]))
+            else:
+                for c, (start, s) in enumerate(zip(starts, sequences)):
+                    scored, s = len(s) - start, self._tail(s, self.max_positions)
+                    rows.append((s, min(scored, len(s) - 1), [(t, c, None)]))
+        return rows
 
     # Internals ------------------------------------------------------------------------------------------
 

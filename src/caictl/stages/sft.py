@@ -36,6 +36,7 @@ from caictl import __version__, settings
 from caictl.conversation import parse_transcript
 from caictl.errors import InputError, UsageError
 from caictl.records import UNUSABLE_REVISION_FLAGS, file_hash, read_rows
+from caictl.tokens import ContentEncoder
 from caictl.training import micro_batch, output_folder, trl_device_args
 from caictl.ui import log, quiet_transformers, summary_table
 
@@ -366,7 +367,9 @@ def shipped_template(name: str) -> str:
 
 def tokenize(examples: list[list[dict]], tokenizer, template: str, source: dict) -> list[dict]:
     """input_ids and labels per conversation: tokenized as SFTTrainer would (one apply_chat_template call through
-    the training template), the assistant mask cut by assistant_labels."""
+    the training template), except that message content is data (a "<|im_end|>" written in a message is text, as
+    the engines read it at inference); the assistant mask cut by assistant_labels."""
+    encoder = ContentEncoder(tokenizer)
     markup = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
     header = _assistant_header(tokenizer, template)
 
@@ -376,8 +379,7 @@ def tokenize(examples: list[list[dict]], tokenizer, template: str, source: dict)
 
     rows = []
     for number, messages in enumerate(examples, 1):
-        out = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=True)
+        out = encoder.encode_chat(messages, chat_template=template, assistant_mask=True)
         try:
             labels = assistant_labels(out["input_ids"], out["assistant_masks"], markup, header, blank)
         except ValueError as error:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
 
-from caictl import __version__
+from caictl import __version__, model_kind
 from caictl.constitution import ComparisonPrinciple, load_for_stage
 from caictl.engines import ENGINES, SamplingParams
 from caictl.errors import UsageError
@@ -90,6 +90,13 @@ class EvalCompareConfig:
                 models[name] = path
         if problems:
             raise UsageError("; ".join(problems))
+        if self.engine == "hf":
+            for name, path in models.items():
+                model_kind.check(path, model_kind.CAUSAL_LM, f"--model {name}=")
+            if self.judge:
+                model_kind.check(self.judge, model_kind.CAUSAL_LM, "--judge")
+        if self.pm:
+            model_kind.check(self.pm, model_kind.SEQ_CLS, "--pm")
         return models
 
 

@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from caictl import __version__, settings
+from caictl import __version__, model_kind, settings
 from caictl.errors import InputError, UsageError
 from caictl.records import file_hash, read_rows
 from caictl.training import output_folder, trl_device_args
@@ -62,6 +62,7 @@ class DPOConfig:
 def run(config: DPOConfig) -> dict:
     config.check()
     model_name = settings.require_model(config.model)
+    model_kind.check(model_name, model_kind.CAUSAL_LM, "--model")
     out = output_folder(config.out, config.overwrite)
     rows, dropped = read_pairs(config)
     if not rows:

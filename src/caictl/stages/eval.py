@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from caictl import settings, tokens
+from caictl import model_kind, settings, tokens
 from caictl.errors import InputError, UsageError
 from caictl.metrics import calibration, pairwise_metrics, plot_reliability
 from caictl.records import read_rows
@@ -47,6 +47,7 @@ class EvalPMConfig:
 
 def run_mc(config: EvalMCConfig) -> dict:
     model = settings.require_model(config.model)
+    model_kind.check(model, model_kind.CAUSAL_LM, "--model")
     questions = {path: read_mc(path) for path in _existing(config.files)}
     from caictl.engines import load_engine
 
@@ -80,6 +81,7 @@ def run_mc(config: EvalMCConfig) -> dict:
 def run_pm(config: EvalPMConfig) -> dict:
     from caictl.pm import Scorer, comparison_of
 
+    model_kind.check(config.pm, model_kind.SEQ_CLS, "--pm")
     comparisons = {}
     for path in _existing(config.files):
         rows = []

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from caictl import __version__, settings
+from caictl import __version__, model_kind, settings
 from caictl.constitution import Constitution, load_for_stage
 from caictl.engines import ENGINES
 from caictl.errors import InputError, UsageError
@@ -89,6 +89,8 @@ def run(config: LabelConfig, engine=None) -> dict:
     """engine: one already made (from Python, or a test's scripted engine); by default --engine opens one."""
     config.check()
     model = engine.model if engine is not None else settings.require_model(config.model)
+    if engine is None and config.engine == "hf":
+        model_kind.check(model, model_kind.CAUSAL_LM, "--model")
     constitution = load_for_stage(config.constitution, config.principles, "comparison")
     rejects = RejectWriter(config.out) if config.skip_invalid else None
     comparisons = read_comparisons(config, constitution, rejects)

@@ -25,7 +25,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from caictl import __version__
+from caictl import __version__, model_kind
 from caictl.errors import UsageError
 from caictl.records import read_prompts
 from caictl.textstats import boilerplate
@@ -99,6 +99,8 @@ class PPOConfig:
 
 def run(config: PPOConfig) -> dict:
     config.check()
+    model_kind.check(config.policy, model_kind.CAUSAL_LM, "--policy")
+    model_kind.check(config.pm, model_kind.SEQ_CLS, "--pm")
     output_folder(config.out, config.overwrite)
     if config.resume and not (Path(config.out) / "checkpoint" / "state.pt").exists() and \
             not list((Path(config.out) / "checkpoints").glob("checkpoint-*")):

@@ -16,7 +16,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from caictl import __version__, settings
+from caictl import __version__, model_kind, settings
 from caictl.constitution import Constitution, CritiquePrinciple, load_for_stage
 from caictl.conversation import render_transcript
 from caictl.engines import ENGINES, SamplingParams
@@ -83,6 +83,8 @@ def run(config: ReviseConfig, engine=None) -> dict:
     or a test's scripted engine); by default --engine opens one."""
     config.check()
     model = engine.model if engine is not None else settings.require_model(config.model)
+    if engine is None and config.engine == "hf":
+        model_kind.check(model, model_kind.CAUSAL_LM, "--model")
     constitution = load_for_stage(config.constitution, config.principles, "critique_revision")
 
     rejects = RejectWriter(config.out) if config.skip_invalid else None

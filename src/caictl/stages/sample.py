@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from caictl import __version__, settings
+from caictl import __version__, model_kind, settings
 from caictl.engines import ENGINES, SamplingParams
 from caictl.errors import InputError, UsageError
 from caictl.generation import PROMPT_STYLES, STOP_RESPONSE, open_engine, prompt_style, respond, response_request
@@ -67,6 +67,8 @@ def run(config: SampleConfig, engine=None) -> dict:
     if config.from_revisions:
         return _from_revisions(config)
     model = engine.model if engine is not None else settings.require_model(config.model)
+    if engine is None and config.engine == "hf":
+        model_kind.check(model, model_kind.CAUSAL_LM, "--model")
     rejects = RejectWriter(config.out) if config.skip_invalid else None
     prompts = read_prompts(config.prompts, on_invalid=rejects)[: config.limit]
     run_settings = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from caictl import model_kind
 from caictl.errors import InputError, UsageError
 from caictl.pm import Scorer, comparison_of, conversation_text
 from caictl.records import STDIN, RecordWriter, read_rows
@@ -29,6 +30,7 @@ class ScoreConfig:
 def run(config: ScoreConfig) -> dict:
     if config.out not in (None, STDIN) and config.file not in (None, STDIN) and config.out == config.file:
         raise UsageError("-o must differ from the input file")
+    model_kind.check(config.pm, model_kind.SEQ_CLS, "--pm")
     rows = list(read_rows(config.file))
     plans = [_plan(row) for row in rows]
     scorer = Scorer(config.pm, max_length=config.max_length, batch_size=config.batch_size)

@@ -32,7 +32,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from caictl import __version__, settings
+from caictl import __version__, model_kind, settings
 from caictl.conversation import parse_transcript
 from caictl.errors import InputError, UsageError
 from caictl.records import UNUSABLE_REVISION_FLAGS, file_hash, read_rows
@@ -125,6 +125,7 @@ def run(config: SFTConfig) -> dict:
     """Train and save; return the metrics written to caictl.json."""
     config.check()
     model_name = settings.require_model(config.model)
+    model_kind.check(model_name, model_kind.CAUSAL_LM, "--model")
     out = output_folder(config.out, config.overwrite)
     sources = load_sources(config)
     examples, counts = mix_sources(sources, config.seed)

@@ -52,13 +52,16 @@ def printable_token_ids(model_dir: Path) -> set[int]:
     return ok
 
 
-def write_gguf(model_dir: Path, out: Path) -> Path:
-    """Write a caictl Llama model folder as an F32 GGUF that llama.cpp loads, with its tokenizer and template.
+def write_gguf(model_dir: Path, out: Path, vocab_gguf: Path | None = None) -> Path:
+    """Write a caictl model folder as an F32 GGUF that llama.cpp loads, with its tokenizer and template: caictl's
+    own Llama model (architecture "llama", vocabulary from its tokenizer.json), or a qwen2.5 family model
+    (architecture "qwen2" with its q/k/v biases; tokens, merges and token types copied from `vocab_gguf`, the
+    real Qwen vocabulary file the family's tokenizer was converted from).
 
-    llama.cpp has no logit bias in the file and llama-cpp-python's server no default one, so the bias against
-    unprintable tokens is baked into the weights: one extra hidden unit holds BIAS_UNIT in every token
-    embedding, no layer reads or writes it, and only the (now untied) output matrix reads it. Every other
-    logit equals the Hugging Face model's.
+    llama-cpp-python's server has no default logit bias, so the bias against unprintable tokens is baked into
+    the file. qwen2 has an output bias: it goes there. llama has none, so one extra hidden unit holds BIAS_UNIT
+    in every token embedding, no layer reads or writes it, and only the (now untied) output matrix reads it.
+    Every other logit equals the Hugging Face model's.
     """
     import gguf
     import numpy as np
@@ -66,7 +69,7 @@ def write_gguf(model_dir: Path, out: Path) -> Path:
 
     model_dir, out = Path(model_dir), Path(out)
     config = json.loads((model_dir / "config.json").read_text())
-    tokenizer = json.loads((model_dir / "tokenizer.json").read_text())
+    arch = {"llama": "llama", "qwen2": "qwen2"}[config["model_type"]]
     hf = load_file(model_dir / "model.safetensors")
     embed = hf["model.embed_tokens.weight"]
     n_vocab, n_embd = embed.shape
@@ -74,15 +77,7 @@ def write_gguf(model_dir: Path, out: Path) -> Path:
     head_dim = config.get("head_dim") or n_embd // n_head
     rope_theta = (config.get("rope_parameters") or config).get("rope_theta", 10000.0)
 
-    # The vocabulary is padded to the embedding rows with unused tokens, which llama.cpp prints as nothing.
-    tokens = [f"<|pad_{i}|>" for i in range(n_vocab)]
-    types = [gguf.TokenType.UNUSED] * n_vocab
-    for text, i in tokenizer["model"]["vocab"].items():
-        tokens[i], types[i] = text, gguf.TokenType.NORMAL
-    for added in tokenizer["added_tokens"]:
-        tokens[added["id"]] = added["content"]
-        types[added["id"]] = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in tokenizer["model"]["merges"]]
+    tokens, types, merges, pre = _vocabulary(model_dir, n_vocab, vocab_gguf)
     # llama.cpp's Jinja renderer may not know {% generation %}, which only marks assistant tokens for training.
     template_file = model_dir / "chat_template.jinja"  # transformers 5; older ones kept it in tokenizer_config
     if template_file.exists():
@@ -91,44 +86,59 @@ def write_gguf(model_dir: Path, out: Path) -> Path:
         template = json.loads((model_dir / "tokenizer_config.json").read_text())["chat_template"]
     template = re.sub(r"\{%-?\s*(end)?generation\s*-?%\}", "", template)
 
-    # The extra unit joins every RMS norm: scale the weights and eps so the other units normalise as before.
-    scale = np.sqrt(n_embd / (n_embd + 1))
     printable = printable_token_ids(model_dir)
+    unprintable = np.array([i not in printable for i in range(n_vocab)])
+    extra_unit = arch == "llama"  # else the output bias carries it
+    # The extra unit joins every RMS norm: scale the weights and eps so the other units normalise as before.
+    scale = np.sqrt(n_embd / (n_embd + 1)) if extra_unit else 1.0
+    width = n_embd + 1 if extra_unit else n_embd
     rms = float(np.sqrt(np.mean(embed**2)))  # about the residual stream's RMS, which the final norm divides by
-    bias = np.array([0.0 if i in printable else UNPRINTABLE_BIAS * rms / BIAS_UNIT for i in range(n_vocab)])
 
     def reads(w):  # a weight that takes the hidden state as input: it ignores the extra unit
-        return np.hstack([w, np.zeros((w.shape[0], 1))])
+        return np.hstack([w, np.zeros((w.shape[0], 1))]) if extra_unit else w
 
     def writes(w):  # a weight that adds to the residual stream: it leaves the extra unit alone
-        return np.vstack([w, np.zeros((1, w.shape[1]))])
+        return np.vstack([w, np.zeros((1, w.shape[1]))]) if extra_unit else w
+
+    def norm(w, extra):  # an RMS norm's weight; the extra unit's entry passes it through (1) or drops it (0)
+        return np.append(w * scale, extra) if extra_unit else w
 
     def permute(w, heads):  # as llama.cpp's convert_hf_to_gguf: HF rotates half-dims, ggml adjacent pairs
+        if arch != "llama":  # qwen2 uses NeoX-style RoPE in llama.cpp: the HF layout as it is
+            return w
         return w.reshape(heads, 2, w.shape[0] // heads // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
 
-    tensors = {
-        "token_embd.weight": np.hstack([embed, np.full((n_vocab, 1), BIAS_UNIT)]),
-        "output.weight": np.hstack([embed, bias[:, None]]),
-        "output_norm.weight": np.append(hf["model.norm.weight"] * scale, 1.0),
-    }
+    head = hf.get("lm_head.weight", embed)
+    if extra_unit:
+        tensors = {
+            "token_embd.weight": np.hstack([embed, np.full((n_vocab, 1), BIAS_UNIT)]),
+            "output.weight": np.hstack([head, (unprintable * UNPRINTABLE_BIAS * rms / BIAS_UNIT)[:, None]]),
+        }
+    else:
+        tensors = {"token_embd.weight": embed, "output.weight": head,
+                   "output.bias": unprintable * UNPRINTABLE_BIAS}
+    tensors["output_norm.weight"] = norm(hf["model.norm.weight"], 1.0)
     for n in range(config["num_hidden_layers"]):
         p = f"model.layers.{n}."
         tensors |= {
-            f"blk.{n}.attn_norm.weight": np.append(hf[p + "input_layernorm.weight"] * scale, 0.0),
+            f"blk.{n}.attn_norm.weight": norm(hf[p + "input_layernorm.weight"], 0.0),
             f"blk.{n}.attn_q.weight": reads(permute(hf[p + "self_attn.q_proj.weight"], n_head)),
             f"blk.{n}.attn_k.weight": reads(permute(hf[p + "self_attn.k_proj.weight"], n_head_kv)),
             f"blk.{n}.attn_v.weight": reads(hf[p + "self_attn.v_proj.weight"]),
             f"blk.{n}.attn_output.weight": writes(hf[p + "self_attn.o_proj.weight"]),
-            f"blk.{n}.ffn_norm.weight": np.append(hf[p + "post_attention_layernorm.weight"] * scale, 0.0),
+            f"blk.{n}.ffn_norm.weight": norm(hf[p + "post_attention_layernorm.weight"], 0.0),
             f"blk.{n}.ffn_gate.weight": reads(hf[p + "mlp.gate_proj.weight"]),
             f"blk.{n}.ffn_up.weight": reads(hf[p + "mlp.up_proj.weight"]),
             f"blk.{n}.ffn_down.weight": writes(hf[p + "mlp.down_proj.weight"]),
         }
+        for projection in ("q", "k", "v"):  # Qwen2's attention biases (outputs: the extra unit is not involved)
+            if p + f"self_attn.{projection}_proj.bias" in hf:
+                tensors[f"blk.{n}.attn_{projection}.bias"] = hf[p + f"self_attn.{projection}_proj.bias"]
 
-    writer = gguf.GGUFWriter(str(out), "llama")
+    writer = gguf.GGUFWriter(str(out), arch)
     writer.add_name(model_dir.name)
     writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(n_embd + 1)
+    writer.add_embedding_length(width)
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(n_head)
@@ -141,12 +151,13 @@ def write_gguf(model_dir: Path, out: Path) -> Path:
     writer.add_vocab_size(n_vocab)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")  # GPT-2's split regex, as the ByteLevel pre-tokenizer uses
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
-    # The HF tokenizer adds no BOS, but llama-cpp-python's echo=True log-probs are one token off unless the
-    # prompt starts with BOS, so /v1/completions prompts get <|endoftext|> in front. Chat prompts do not.
+    # The HF tokenizers add no BOS, but llama-cpp-python's echo=True log-probs are one token off unless the
+    # prompt starts with BOS, so /v1/completions prompts get the pad token (<|endoftext|>) in front. Chat
+    # prompts do not.
     writer.add_bos_token_id(config["pad_token_id"])
     writer.add_add_bos_token(True)
     writer.add_eos_token_id(config["eos_token_id"])
@@ -159,6 +170,36 @@ def write_gguf(model_dir: Path, out: Path) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return out
+
+
+def _vocabulary(model_dir: Path, n_vocab: int, vocab_gguf: Path | None):
+    """(tokens, token types, merges, pre-tokenizer name) for the GGUF."""
+    import gguf
+
+    if vocab_gguf is not None:  # the real vocabulary, as llama.cpp ships it
+        reader = gguf.GGUFReader(str(vocab_gguf))
+
+        def strings(key):
+            field = reader.fields[key]
+            return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+
+        token_types = reader.fields["tokenizer.ggml.token_type"]
+        types = [int(token_types.parts[i][0]) for i in token_types.data]
+        pre = bytes(reader.fields["tokenizer.ggml.pre"].parts[-1]).decode()
+        tokens = strings("tokenizer.ggml.tokens")
+        assert len(tokens) == n_vocab, f"{vocab_gguf}: {len(tokens)} tokens for {n_vocab} embedding rows"
+        return tokens, types, strings("tokenizer.ggml.merges"), pre
+    tokenizer = json.loads((model_dir / "tokenizer.json").read_text())
+    # The vocabulary is padded to the embedding rows with unused tokens, which llama.cpp prints as nothing.
+    tokens = [f"<|pad_{i}|>" for i in range(n_vocab)]
+    types = [gguf.TokenType.UNUSED] * n_vocab
+    for text, i in tokenizer["model"]["vocab"].items():
+        tokens[i], types[i] = text, gguf.TokenType.NORMAL
+    for added in tokenizer["added_tokens"]:
+        tokens[added["id"]] = added["content"]
+        types[added["id"]] = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tokenizer["model"]["merges"]]
+    return tokens, types, merges, "gpt-2"  # GPT-2's split regex, as the ByteLevel pre-tokenizer uses
 
 
 def _free_port() -> int:
@@ -224,7 +265,26 @@ def tiny_gguf(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="session")
+def qwen_gguf(tmp_path_factory, family_model) -> tuple[Path, Path]:
+    """The qwen2.5 family's tiny random model (the real Qwen vocabulary and template): (folder, GGUF file)."""
+    if not llama_cpp_available():
+        pytest.skip(SKIP_REASON)
+    from caictl import families
+
+    model_dir = family_model("qwen2.5")
+    vocab = families.cache_root() / "gguf" / f"llama-cpp-python-{families.LLAMA_CPP_PYTHON}" / "ggml-vocab-qwen2.gguf"
+    return model_dir, write_gguf(model_dir, tmp_path_factory.mktemp("llama-server-qwen") / "qwen.gguf", vocab)
+
+
+@pytest.fixture(scope="session")
 def llama_server_url(tiny_gguf) -> Iterator[str]:
     """Base URL ("http://127.0.0.1:PORT/v1") of a llama-cpp-python server running caictl's tiny model."""
     with serve(tiny_gguf[1]) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def qwen_server_url(qwen_gguf) -> Iterator[str]:
+    """Base URL of a llama-cpp-python server running the qwen2.5 family's tiny model."""
+    with serve(qwen_gguf[1]) as url:
         yield url

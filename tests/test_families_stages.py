@@ -179,3 +179,50 @@ def test_eval_mc_pm_and_compare(name, chain):
         pm=str(c.pm()), judge=str(c.policy), max_new_tokens=TOKENS, batch_size=4))
     assert list(summary["models"]) == ["base", "rl"] and set(summary["ratings"]) == {"pm", "judge"}
     assert_no_markup([row["response"] for row in read_jsonl(c.folder / "eval" / "responses.jsonl")])
+
+
+# README's compatibility table, checked against the tests that run each cell ------------------------------
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def covered() -> dict[tuple[str, str], set[str]]:
+    """(family, stage) -> engines, read off the tests: each stage's test and the families it is parametrized on."""
+    import test_engine_openai_families as served
+    import test_sft_families as sft_families
+
+    tests = {("revise", "hf"): test_revise, ("sample", "hf"): test_sample,
+             ("label", "hf"): test_label_soft_both_orders_with_few_shot,
+             ("sft", "hf"): sft_families.test_sft_trains_each_family_and_gives_its_template_back,
+             ("train-pm", "hf"): test_train_pm_and_score, ("score", "hf"): test_train_pm_and_score,
+             ("ppo", "hf"): test_ppo, ("dpo", "hf"): test_dpo, ("eval mc", "hf"): test_eval_mc_pm_and_compare,
+             ("eval pm", "hf"): test_eval_mc_pm_and_compare, ("eval compare", "hf"): test_eval_mc_pm_and_compare}
+    tests |= {(stage, "openai"): served.test_revise_sample_and_label_run_through_the_server
+              for stage in ("revise", "sample", "label")}
+    cells: dict[tuple[str, str], set[str]] = {}
+    for (stage, engine), test in tests.items():
+        for mark in getattr(test, "pytestmark", []):
+            if mark.name == "parametrize" and mark.args[0].split(",")[0].strip() == "name":
+                families = {value[0] if isinstance(value, tuple) else value for value in mark.args[1]}
+                break
+        else:
+            families = {served.FAMILY}  # a module about one family's server
+        for family in families:
+            cells.setdefault((family, stage), set()).add(engine)
+    return cells
+
+
+def test_the_readme_compatibility_table_is_what_the_tests_run():
+    lines = README.read_text(encoding="utf-8").splitlines()
+    start = lines.index("<!-- compatibility table: tests/test_families_stages.py checks it -->")
+    header = [cell.strip() for cell in lines[start + 1].strip("|").split("|")]
+    table = {}
+    for line in lines[start + 3:]:
+        if not line.startswith("|"):
+            break
+        family, *cells = [cell.strip() for cell in line.strip("|").split("|")]
+        for stage, cell in zip(header[1:], cells):
+            engines = {e.strip() for e in cell.split(",") if e.strip() and e.strip() != "-"}
+            if engines:
+                table[(family, stage)] = engines
+    assert table == covered()

@@ -134,7 +134,7 @@ class HFEngine:
         (text, choice) read from it, (text index, choice index, the choice's last token id read from the
         sequence's final position, or None when the choice's tokens are all in the sequence))."""
         full = self.encoder.encode_with_offsets([text + tokens.mark(choice) for text in texts for choice in choices])
-        rows = []  # (sequence, how many of its last tokens are scored, [(text, choice, token read at the end)])
+        rows = []
         for t, text in enumerate(texts):
             length = len(tokens.unmark(text))
             encoded = full[t * len(choices):(t + 1) * len(choices)]

@@ -88,7 +88,7 @@ class InspectingEngine:
     def generate(self, chats, params, keys):
         if not self.supports_chat():
             raise UsageError(f"model {self.model!r} has no chat template; use --prompt-style transcript")
-        self.complete([self.hf.chat_prompt(chat) for chat in chats], params, keys)
+        return self.complete([self.hf.chat_prompt(chat) for chat in chats], params, keys)
 
     def complete(self, texts, params, keys):
         encoded = [self.hf._fit(ids, params.max_new_tokens) for ids in self.hf.encoder.encode(texts)]

@@ -283,8 +283,9 @@ def llama_server_url(tiny_gguf) -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def qwen_server_url(qwen_gguf) -> Iterator[str]:
-    """Base URL of a llama-cpp-python server running the qwen2.5 family's tiny model."""
+    """Base URL of a llama-cpp-python server running the qwen2.5 family's tiny model (one module uses it: it
+    stops after that module, freeing the memory its 152k-token logits take)."""
     with serve(qwen_gguf[1]) as url:
         yield url

@@ -7,6 +7,7 @@ from dataclasses import replace
 from caictl import settings
 from caictl.conversation import render_transcript
 from caictl.engines import Engine, Generation, SamplingParams, load_engine
+from caictl.ui import log
 
 PROMPT_STYLES = ("auto", "chat", "transcript")
 
@@ -39,3 +40,10 @@ def respond(engine: Engine, style: str, requests: list, params: SamplingParams, 
 
 # A base model that has finished its reply goes on to write the next human turn.
 STOP_RESPONSE = ("\n\nHuman:",)
+
+
+def warn_truncated(rows: int, tokens: int) -> None:
+    """One warning for prompts cut from the front to fit the model's context: a cut is never silent."""
+    if rows:
+        log(f"warning: {rows} prompt(s) did not fit the model's context and were cut from the front ({tokens:,} "
+            "tokens in all); each such row says how many in meta.truncated_tokens")

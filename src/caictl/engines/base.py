@@ -27,6 +27,7 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (end of sequence or a stop string) or "length" (max_new_tokens reached)
+    truncated_tokens: int = 0  # prompt tokens cut from the front to fit the model's context (hf engine)
 
 
 class Engine(Protocol):

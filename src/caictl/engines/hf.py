@@ -192,7 +192,9 @@ class HFEngine:
         import torch
         from transformers import GenerationConfig, LogitsProcessorList
 
-        encoded = [self._fit(ids, params.max_new_tokens) for ids in encoded]
+        fitted = [self._fit(ids, params.max_new_tokens) for ids in encoded]
+        cut = [len(ids) - len(kept) for ids, kept in zip(encoded, fitted)]
+        encoded = fitted
         config = GenerationConfig(
             max_new_tokens=params.max_new_tokens,
             do_sample=False,  # sampling happens in _RowSampler, greedy picks its argmax
@@ -223,6 +225,7 @@ class HFEngine:
             new_tokens, ended = new_tokens.tolist(), ended.tolist()
             for row, index in enumerate(batch):
                 results[index] = self._decode(new_tokens[row][:ends[row]], len(encoded[index]), ended[row], params)
+                results[index].truncated_tokens = cut[index]
         return results
 
     def _prefix_batches(self, sequences: list[list[int]]) -> list[list[int]]:

@@ -21,7 +21,15 @@ from caictl.constitution import Constitution, CritiquePrinciple, load_for_stage
 from caictl.conversation import render_transcript
 from caictl.engines import ENGINES, SamplingParams
 from caictl.errors import UsageError
-from caictl.generation import PROMPT_STYLES, STOP_RESPONSE, open_engine, prompt_style, respond, response_request
+from caictl.generation import (
+    PROMPT_STYLES,
+    STOP_RESPONSE,
+    open_engine,
+    prompt_style,
+    respond,
+    response_request,
+    warn_truncated,
+)
 from caictl.records import UNUSABLE_REVISION_FLAGS, Prompt, RecordWriter, RejectWriter, read_prompts
 from caictl.ui import log, meter, summary_table
 
@@ -129,12 +137,15 @@ def run(config: ReviseConfig, engine=None) -> dict:
         "principle_counts": dict(sorted(totals.principles.items())),
         "flagged_rows": totals.flagged_rows,
         "flag_counts": dict(sorted(totals.flags.items())),
+        "truncated_rows": totals.truncated_rows,
+        "truncated_tokens": totals.truncated_tokens,
         "prompt_tokens": totals.prompt_tokens,
         "completion_tokens": totals.completion_tokens,
         "seconds": round(time.perf_counter() - start, 2),
         "rejected_rows": rejects.count if rejects else 0,
     }
     _print_summary(summary, rejects)
+    warn_truncated(totals.truncated_rows, totals.truncated_tokens)
     return summary
 
 
@@ -143,6 +154,8 @@ class Totals:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     flagged_rows: int = 0
+    truncated_rows: int = 0  # rows with a prompt cut from the front to fit the model's context
+    truncated_tokens: int = 0
     principles: dict = field(default_factory=dict)
     flags: dict = field(default_factory=dict)
 
@@ -173,6 +186,7 @@ class Reviser:
         ]
         initial = self._generate([response_request(self.style, p.messages) for p in prompts],
                                  [f"{p.id}/initial" for p in prompts], STOP_INITIAL, totals)
+        truncated = [g.truncated_tokens for g in initial]  # per prompt, over all its model calls
         current = [clean_response(g.text) for g in initial]
         initial_responses = list(current)
         steps: list[list[dict]] = [[] for _ in prompts]
@@ -184,10 +198,12 @@ class Reviser:
                 results = self._generate(requests, [f"{p.id}/{round_index}/critique" for p in prompts],
                                          STOP_CRITIQUE, totals)
                 critiques = [clean_response(g.text) for g in results]
+                truncated = [t + g.truncated_tokens for t, g in zip(truncated, results)]
             requests = [self._revision_request(p, c, pr, cr)
                         for p, c, pr, cr in zip(prompts, current, principles, critiques)]
             results = self._generate(requests, [f"{p.id}/{round_index}/revision" for p in prompts],
                                      STOP_REVISION, totals)
+            truncated = [t + g.truncated_tokens for t, g in zip(truncated, results)]
             for i, generation in enumerate(results):
                 revision = clean_response(generation.text)
                 flags = revision_flags(revision, critiques[i], config.critique, generation.finish_reason)
@@ -208,6 +224,11 @@ class Reviser:
                 totals.flagged_rows += 1
             for flag in flags:
                 totals.flags[flag] = totals.flags.get(flag, 0) + 1
+            meta = {"principles": [step["principle"] for step in steps[i]]}
+            if truncated[i]:
+                meta["truncated_tokens"] = truncated[i]
+                totals.truncated_rows += 1
+                totals.truncated_tokens += truncated[i]
             records.append({
                 **prompt.extra,
                 "id": prompt.id,
@@ -216,7 +237,7 @@ class Reviser:
                 "steps": steps[i],
                 "response": current[i],
                 "flags": flags,
-                "meta": {"principles": [step["principle"] for step in steps[i]]},
+                "meta": meta,
             })
         return records
 
@@ -381,6 +402,7 @@ def _print_summary(summary: dict, rejects) -> None:
         ("principles", ", ".join(f"{k}: {v}" for k, v in summary["principle_counts"].items()) or "-"),
         ("flagged rows", summary["flagged_rows"]),
         ("flags", ", ".join(f"{k}: {v}" for k, v in summary["flag_counts"].items()) or "-"),
+        ("prompts cut to fit the context", f"{summary['truncated_rows']} ({summary['truncated_tokens']:,} tokens)"),
         ("tokens (prompt / generated)", f"{summary['prompt_tokens']:,} / {summary['completion_tokens']:,}"),
         ("seconds", summary["seconds"]),
     ]

@@ -26,6 +26,7 @@ MODEL_FAMILIES = ("qwen2.5", "llama3", "phi3")
 MARKUP = ("<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
           "<|eot_id|>", "<|end_of_text|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<|endoftext|>")
 TOKENS = 8  # new tokens per generation: enough to see markup leak, short enough for the suite
+PROMPTS = 2  # red-team prompts in each chain (ppo needs two to train on)
 
 
 class Chain:
@@ -33,7 +34,7 @@ class Chain:
 
     def __init__(self, name: str, policy: Path, folder: Path):
         self.name, self.policy, self.folder = name, policy, folder
-        self.prompts = write_jsonl(folder / "prompts.jsonl", read_jsonl(EXAMPLES / "red-team.jsonl")[:4])
+        self.prompts = write_jsonl(folder / "prompts.jsonl", read_jsonl(EXAMPLES / "red-team.jsonl")[:PROMPTS])
         self.made: dict[str, object] = {}
 
     def once(self, key, make):
@@ -101,7 +102,7 @@ def assert_keeps_the_family_template(folder: Path, policy: Path):
 @pytest.mark.parametrize("name", MODEL_FAMILIES)
 def test_revise(name, chain):
     records = chain(name).revisions()
-    assert len(records) == 4 and all(len(r["steps"]) == 1 and r["steps"][0]["principle"] for r in records)
+    assert len(records) == PROMPTS and all(len(r["steps"]) == 1 and r["steps"][0]["principle"] for r in records)
     assert_no_markup([r["initial_response"] for r in records]
                      + [text for r in records for s in r["steps"] for text in (s["critique"], s["revision"])])
 
@@ -109,14 +110,14 @@ def test_revise(name, chain):
 @pytest.mark.parametrize("name", MODEL_FAMILIES)
 def test_sample(name, chain):
     rows = read_jsonl(chain(name).pairs())
-    assert len(rows) == 4 and all(len(r["responses"]) == 2 for r in rows)
+    assert len(rows) == PROMPTS and all(len(r["responses"]) == 2 for r in rows)
     assert_no_markup([response for r in rows for response in r["responses"]])
 
 
 @pytest.mark.parametrize("name", MODEL_FAMILIES)
 def test_label_soft_both_orders_with_few_shot(name, chain):
     records = chain(name).labels("soft")
-    assert len(records) == 4
+    assert len(records) == PROMPTS
     for record in records:
         (vote,) = record["votes"]
         # Both orders read, each P(first response preferred) as a probability; p is their mean.
@@ -141,7 +142,7 @@ def test_train_pm_and_score(name, chain):
     out = chain(name).folder / "pairs.scored.jsonl"
     score.run(score.ScoreConfig(pm=str(pm), file=str(chain(name).pairs()), out=str(out)))
     rewards = [reward for row in read_jsonl(out) for reward in row["rewards"]]
-    assert len(rewards) == 8 and all(math.isfinite(r) for r in rewards) and len(set(rewards)) > 1
+    assert len(rewards) == 2 * PROMPTS and all(math.isfinite(r) for r in rewards) and len(set(rewards)) > 1
 
 
 @pytest.mark.parametrize("name", MODEL_FAMILIES)
@@ -173,7 +174,7 @@ def test_eval_mc_pm_and_compare(name, chain):
     pm_summary = eval.run_pm(eval.EvalPMConfig(files=[str(c.folder / "prefs-soft.jsonl")],
                                                out=str(c.folder / "eval-pm"), pm=str(c.pm())))
     assert pm_summary["files"][str(c.folder / "prefs-soft.jsonl")]
-    held_out = write_jsonl(c.folder / "held-out.jsonl", read_jsonl(EXAMPLES / "held-out" / "harmless.jsonl")[:2])
+    held_out = write_jsonl(c.folder / "held-out.jsonl", read_jsonl(EXAMPLES / "held-out" / "harmless.jsonl")[:1])
     summary = compare.run_compare(compare.EvalCompareConfig(
         prompts=[str(held_out)], out=str(c.folder / "eval"), models=[f"base={c.policy}", f"rl={c.rl_policy()}"],
         pm=str(c.pm()), judge=str(c.policy), max_new_tokens=TOKENS, batch_size=4))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from caictl import settings
 from caictl.conversation import render_transcript
@@ -42,8 +42,26 @@ def respond(engine: Engine, style: str, requests: list, params: SamplingParams, 
 STOP_RESPONSE = ("\n\nHuman:",)
 
 
-def warn_truncated(rows: int, tokens: int) -> None:
-    """One warning for prompts cut from the front to fit the model's context: a cut is never silent."""
-    if rows:
-        log(f"warning: {rows} prompt(s) did not fit the model's context and were cut from the front ({tokens:,} "
-            "tokens in all); each such row says how many in meta.truncated_tokens")
+@dataclass
+class Cuts:
+    """Prompts cut from the front to fit the model's context (the hf engine's Generation.truncated_tokens),
+    counted so that no cut is silent: in the row's meta, in the stage's summary, and in one warning."""
+
+    rows: int = 0
+    tokens: int = 0
+
+    def meta(self, meta: dict, truncated_tokens: int) -> dict:
+        """A row's meta, with `truncated_tokens` when its prompt was cut; the row is counted."""
+        if not truncated_tokens:
+            return meta
+        self.rows += 1
+        self.tokens += truncated_tokens
+        return {**meta, "truncated_tokens": truncated_tokens}
+
+    def summary(self) -> dict:
+        return {"truncated_rows": self.rows, "truncated_tokens": self.tokens}
+
+    def warn(self) -> None:
+        if self.rows:
+            log(f"warning: {self.rows} prompt(s) did not fit the model's context and were cut from the front "
+                f"({self.tokens:,} tokens in all); each such row says how many in meta.truncated_tokens")

@@ -36,11 +36,11 @@ from caictl.errors import UsageError
 from caictl.generation import (
     PROMPT_STYLES,
     STOP_RESPONSE,
+    Cuts,
     open_engine,
     prompt_style,
     respond,
     response_request,
-    warn_truncated,
 )
 from caictl.ratings import Outcome, elo, win_rates
 from caictl.records import Prompt, RecordWriter, read_prompts, read_rows
@@ -184,7 +184,7 @@ def answer(config: EvalCompareConfig, models: dict[str, str], items: list[Item],
                                  "max_new_tokens": config.max_new_tokens},
                     "seed": config.seed, "caictl_version": __version__}
     writer = RecordWriter(path, run_settings, overwrite=config.overwrite)
-    truncated_rows = truncated_tokens = 0  # prompts cut from the front to fit a model's context
+    cuts = Cuts()
     try:
         for name, model in models.items():
             pending = [item for item in items if f"{name}/{item.key}" not in writer.done]
@@ -202,17 +202,14 @@ def answer(config: EvalCompareConfig, models: dict[str, str], items: list[Item],
                                       params, [f"{i.key}/eval" for i in chunk])
                     writer.write([{"id": f"{name}/{i.key}", "model": name, "model_path": model,
                                    "response": g.text.strip(), "finish_reason": g.finish_reason,
-                                   "meta": {**run_settings, "truncated_tokens": g.truncated_tokens}
-                                   if g.truncated_tokens else run_settings}
+                                   "meta": cuts.meta(run_settings, g.truncated_tokens)}
                                   for i, g in zip(chunk, results)])
-                    truncated_rows += sum(g.truncated_tokens > 0 for g in results)
-                    truncated_tokens += sum(g.truncated_tokens for g in results)
                     progress.advance(len(chunk), sum(g.completion_tokens for g in results))
             del engine
             gc.collect()
     finally:
         writer.close()
-    warn_truncated(truncated_rows, truncated_tokens)
+    cuts.warn()
     wanted = {f"{name}/{item.key}" for name in models for item in items}
     responses = {}
     for row in read_rows(path):

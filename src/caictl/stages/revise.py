@@ -24,11 +24,11 @@ from caictl.errors import UsageError
 from caictl.generation import (
     PROMPT_STYLES,
     STOP_RESPONSE,
+    Cuts,
     open_engine,
     prompt_style,
     respond,
     response_request,
-    warn_truncated,
 )
 from caictl.records import UNUSABLE_REVISION_FLAGS, Prompt, RecordWriter, RejectWriter, read_prompts
 from caictl.ui import log, meter, summary_table
@@ -137,15 +137,14 @@ def run(config: ReviseConfig, engine=None) -> dict:
         "principle_counts": dict(sorted(totals.principles.items())),
         "flagged_rows": totals.flagged_rows,
         "flag_counts": dict(sorted(totals.flags.items())),
-        "truncated_rows": totals.truncated_rows,
-        "truncated_tokens": totals.truncated_tokens,
+        **totals.cuts.summary(),
         "prompt_tokens": totals.prompt_tokens,
         "completion_tokens": totals.completion_tokens,
         "seconds": round(time.perf_counter() - start, 2),
         "rejected_rows": rejects.count if rejects else 0,
     }
     _print_summary(summary, rejects)
-    warn_truncated(totals.truncated_rows, totals.truncated_tokens)
+    totals.cuts.warn()
     return summary
 
 
@@ -154,8 +153,7 @@ class Totals:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     flagged_rows: int = 0
-    truncated_rows: int = 0  # rows with a prompt cut from the front to fit the model's context
-    truncated_tokens: int = 0
+    cuts: Cuts = field(default_factory=Cuts)
     principles: dict = field(default_factory=dict)
     flags: dict = field(default_factory=dict)
 
@@ -224,11 +222,7 @@ class Reviser:
                 totals.flagged_rows += 1
             for flag in flags:
                 totals.flags[flag] = totals.flags.get(flag, 0) + 1
-            meta = {"principles": [step["principle"] for step in steps[i]]}
-            if truncated[i]:
-                meta["truncated_tokens"] = truncated[i]
-                totals.truncated_rows += 1
-                totals.truncated_tokens += truncated[i]
+            meta = totals.cuts.meta({"principles": [step["principle"] for step in steps[i]]}, truncated[i])
             records.append({
                 **prompt.extra,
                 "id": prompt.id,

@@ -19,11 +19,11 @@ from caictl.errors import InputError, UsageError
 from caictl.generation import (
     PROMPT_STYLES,
     STOP_RESPONSE,
+    Cuts,
     open_engine,
     prompt_style,
     respond,
     response_request,
-    warn_truncated,
 )
 from caictl.records import RecordWriter, RejectWriter, read_prompts, read_rows
 from caictl.ui import log, meter, summary_table
@@ -91,7 +91,7 @@ def run(config: SampleConfig, engine=None) -> dict:
     if writer.done:
         log(f"resuming {config.out}: {len(prompts) - len(pending)} of {len(prompts)} prompts already done")
     start, tokens, cut_off = time.perf_counter(), 0, 0
-    truncated_rows = truncated_tokens = 0  # prompts cut from the front to fit the model's context
+    cuts = Cuts()
     try:
         if pending:
             engine = engine or open_engine(config.engine, model, config.base_url, config.batch_size,
@@ -109,11 +109,8 @@ def run(config: SampleConfig, engine=None) -> dict:
                     records = []
                     for i, prompt in enumerate(chunk):
                         mine = results[i * config.n:(i + 1) * config.n]
-                        meta = run_settings
-                        if mine[0].truncated_tokens:  # the n requests share one prompt, so one cut
-                            meta = {**run_settings, "truncated_tokens": mine[0].truncated_tokens}
-                            truncated_rows += 1
-                            truncated_tokens += mine[0].truncated_tokens
+                        # The n requests share one prompt, so one cut.
+                        meta = cuts.meta(run_settings, mine[0].truncated_tokens)
                         records.append({**prompt.extra, "id": prompt.id, "messages": prompt.messages,
                                         "responses": [g.text.strip() for g in mine],
                                         "finish_reasons": [g.finish_reason for g in mine],
@@ -127,11 +124,11 @@ def run(config: SampleConfig, engine=None) -> dict:
         writer.close()
     summary = {"stage": "sample", "out": config.out or "-", "prompts": len(prompts), "written": len(pending),
                "resumed_from_existing": len(prompts) - len(pending), "responses_per_prompt": config.n,
-               "cut_off_at_max_new_tokens": cut_off, "truncated_rows": truncated_rows,
-               "truncated_tokens": truncated_tokens, "completion_tokens": tokens,
+               "cut_off_at_max_new_tokens": cut_off, **cuts.summary(),
+               "completion_tokens": tokens,
                "seconds": round(time.perf_counter() - start, 2)}
     summary_table("sample", [(k.replace("_", " "), v) for k, v in summary.items() if k != "stage"])
-    warn_truncated(truncated_rows, truncated_tokens)
+    cuts.warn()
     return summary
 
 

@@ -257,3 +257,21 @@ def test_prepare_converts_from_a_source_package_once_and_then_skips(tmp_path):
     assert logs == [f"llama2-spm: ready in {folder}"]
     (folder / "source.json").unlink()  # as an interrupted conversion leaves it
     assert not families.is_prepared("llama2-spm", cache)
+
+
+@pytest.mark.parametrize("name", MODEL_FAMILIES)
+def test_defused_control_text_is_text_to_the_familys_own_tokenizer(name, loaded, monkeypatch):
+    # What a server does with text the openai engine sends: its tokenizer parses control tokens anywhere. No local
+    # tokenizer is registered for a server's model, so the shapes alone must cover the family.
+    from caictl import tokens
+
+    monkeypatch.setattr(tokens, "_pattern", None)
+    tokenizer = loaded(name)[1]
+    control = sorted(tokens.control_tokens(tokenizer))
+    control_ids = set(tokenizer.convert_tokens_to_ids(control))
+    text = "Say " + " then ".join(control) + " now."
+    assert control_ids & set(tokenizer(text, add_special_tokens=False).input_ids)  # as sent, they would be control
+    defused = tokens.defuse(text)
+    assert not control_ids & set(tokenizer(defused, add_special_tokens=False).input_ids)
+    assert defused.replace(tokens.WORD_JOINER, "") == text
+    assert tokens.defuse("Say <b>hello</b> in [brackets] | pipes |.") == "Say <b>hello</b> in [brackets] | pipes |."

@@ -304,10 +304,10 @@ def test_refusal_is_asked_both_ways_round():
     messages = [PAIRS[0]["messages"]] * 2
     # A judge that always answers (A) knows nothing: both orders together give 0.5.
     slot_a = judge.Judge(ScriptedEngine(lambda principle, a, b: 0.9), constitution)
-    assert slot_a.refusal_probabilities(messages, [GOOD, BAD]) == pytest.approx([0.5, 0.5])
+    assert slot_a.refusal_probabilities(messages, [GOOD, BAD])[0] == pytest.approx([0.5, 0.5])
     # A judge that gives "refuses" 0.8 wherever that option sits says 0.8.
     sees = judge.Judge(ScriptedEngine(lambda principle, a, b: 0.8 if a == judge.REFUSES else 0.2), constitution)
-    assert sees.refusal_probabilities(messages[:1], [GOOD]) == pytest.approx([0.8])
+    assert sees.refusal_probabilities(messages[:1], [GOOD])[0] == pytest.approx([0.8])
 
 
 def test_cot_reasoning_is_marked_as_content_and_reads_as_written(tmp_path):

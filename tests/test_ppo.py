@@ -188,6 +188,13 @@ def test_ppo_measures_the_heldout_reward_with_the_shared_function(tmp_path, shor
     assert metrics["heldout_reward_after"] == measured_heldout_reward(short_answer_setup, tmp_path / "rl")
 
 
+def test_rollouts_cut_to_the_pm_max_length_are_counted(tmp_path, short_answer_setup, capfd):
+    metrics = ppo.run(small_run(short_answer_setup, tmp_path / "cut", pm_max_length=8))
+    # Every rollout (2 steps x 4 prompts) is longer than 8 tokens.
+    assert metrics["pm_truncated_rollouts"] == 8 == sum(h["pm_truncated_rollouts"] for h in metrics["history"])
+    assert capfd.readouterr().err.count("were longer than --pm-max-length 8") == 1
+
+
 def test_ppo_raises_the_heldout_reward_within_the_kl_cap(tmp_path, short_answer_setup):
     out = tmp_path / "rl"
     result = caictl("ppo", EXAMPLES / "red-team.jsonl", "--policy", short_answer_setup / "policy",

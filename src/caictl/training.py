@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 from caictl.errors import UsageError
+from caictl.ui import log
 
 
 def output_folder(out: str | Path, overwrite: bool) -> Path:
@@ -42,3 +43,10 @@ def micro_batch(batch_size: int, requested: int | None) -> int:
     if micro < 1 or batch_size % micro:
         raise UsageError(f"--micro-batch-size {micro} must divide --batch-size {batch_size}")
     return micro
+
+
+def warn_cut_examples(cut: int, total: int, what: str, max_length: int) -> None:
+    """One warning for training examples cut to --max-length (sft cuts the end, train-pm the front)."""
+    if cut:
+        log(f"warning: {cut} of {total} {what} are longer than --max-length {max_length} tokens and were cut; "
+            "raise --max-length to keep them whole (caictl.json counts them in metrics.truncated_examples)")

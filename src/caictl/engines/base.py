@@ -47,7 +47,9 @@ class Engine(Protocol):
         """The prompt text the model sees for a chat (its template), or None where it is not known here."""
 
     def choice_logprobs(self, texts: list[str], choices: list[str]) -> list[list[float]]:
-        """For each text, the log-probability of each choice as its continuation (no generation)."""
+        """For each text, the log-probability of each choice as its continuation (no generation). An engine that
+        cuts a too-long text from the front to fit its context also sets `choice_cuts`: per text of the last
+        call, how many tokens it cut."""
 
 
 def request_seed(seed: int, key: str) -> int:

@@ -73,7 +73,7 @@ class HFEngine:
         self.pad_id = next((i for i in (self.tokenizer.pad_token_id, *self.stop_ids) if i is not None), 0)
         self.encoder = tokens.ContentEncoder(self.tokenizer, self.stop_ids)
         self.max_positions = getattr(model_config, "max_position_embeddings", None) or 4096
-        self.truncated_prompts = 0  # prompts cut from the front to fit the context window
+        self.choice_cuts: list[int] = []  # per text of the last choice_logprobs call, tokens cut to fit
         self._prefix_cache: dict[tuple[int, ...], list] = {}  # prefix tokens -> per-layer KV, oldest first
         # transformers renamed `past_key_values` to `cache` during 5.x; use whichever this version takes.
         if self.lm is not None:
@@ -107,8 +107,13 @@ class HFEngine:
         import torch
 
         if not choices:
+            self.choice_cuts = [0] * len(texts)
             return [[] for _ in texts]
         rows = self.choice_rows(texts, choices)
+        self.choice_cuts = [0] * len(texts)
+        for _, _, reads, cut in rows:
+            for t, _, _ in reads:
+                self.choice_cuts[t] = max(self.choice_cuts[t], cut)
         scores: list[list[float]] = [[0.0] * len(choices) for _ in texts]
         for batch in self._length_batches([row[0] for row in rows]):
             input_ids, attention = self._pad([rows[i][0] for i in batch])
@@ -129,10 +134,11 @@ class HFEngine:
                     scores[t][c] = sums[row] + (float(last[row, ending]) if ending is not None else 0.0)
         return scores
 
-    def choice_rows(self, texts: list[str], choices: list[str]) -> list[tuple[list[int], int, list[tuple]]]:
-        """What choice_logprobs feeds the model: (sequence, how many of its last tokens are scored, and per
-        (text, choice) read from it, (text index, choice index, the choice's last token id read from the
-        sequence's final position, or None when the choice's tokens are all in the sequence))."""
+    def choice_rows(self, texts: list[str], choices: list[str]) -> list[tuple[list[int], int, list[tuple], int]]:
+        """What choice_logprobs feeds the model: (sequence, how many of its last tokens are scored, per
+        (text, choice) read from it (text index, choice index, the choice's last token id read from the
+        sequence's final position, or None when the choice's tokens are all in the sequence), and how many
+        tokens were cut from the sequence's front to fit the context)."""
         full = self.encoder.encode_with_offsets([text + tokens.mark(choice) for text in texts for choice in choices])
         rows = []
         for t, text in enumerate(texts):
@@ -145,12 +151,13 @@ class HFEngine:
                     raise UsageError(f"choice {choice!r} adds no token to the text it follows")
             head = sequences[0][:-1]
             if len(set(starts)) == 1 and head and all(s[:-1] == head for s in sequences):
-                scored, head = len(head) - starts[0], self._tail(head, self.max_positions - 1)
-                rows.append((head, min(scored, len(head) - 1), [(t, c, s[-1]) for c, s in enumerate(sequences)]))
+                scored, kept = len(head) - starts[0], self._tail(head, self.max_positions - 1)
+                rows.append((kept, min(scored, len(kept) - 1), [(t, c, s[-1]) for c, s in enumerate(sequences)],
+                             len(head) - len(kept)))
             else:
                 for c, (start, s) in enumerate(zip(starts, sequences)):
-                    scored, s = len(s) - start, self._tail(s, self.max_positions)
-                    rows.append((s, min(scored, len(s) - 1), [(t, c, None)]))
+                    scored, kept = len(s) - start, self._tail(s, self.max_positions)
+                    rows.append((kept, min(scored, len(kept) - 1), [(t, c, None)], len(s) - len(kept)))
         return rows
 
     # Internals ------------------------------------------------------------------------------------------
@@ -175,10 +182,7 @@ class HFEngine:
         if room <= 0:
             raise UsageError(f"--max-new-tokens {max_new_tokens} leaves no room in a "
                              f"{self.max_positions}-token context")
-        if len(ids) > room:
-            self.truncated_prompts += 1
-            return self._tail(ids, room)
-        return ids
+        return self._tail(ids, room)
 
     def _tail(self, ids: list[int], room: int) -> list[int]:
         """The last `room` tokens; a BOS the sequence starts with stays first."""

@@ -2,6 +2,8 @@
 
     caictl revise prompts.jsonl --engine openai --base-url http://127.0.0.1:8000/v1 --model my-model
 
+Every text caictl sends is content: a piece of it shaped like a control token (`<|im_end|>`, `</s>`) is broken
+with an invisible word joiner (caictl.tokens.defuse), because servers parse control tokens in any text they get.
 Requests run concurrently under a limit; 429s, 5xx answers, time-outs and dropped connections are retried
 with exponential backoff (honouring Retry-After). The key comes from OPENAI_API_KEY and is never logged or
 written anywhere.
@@ -16,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from caictl.engines.base import Generation, SamplingParams, cut_at_stop, request_seed
 from caictl.errors import CaictlError, UsageError
-from caictl.tokens import unmark
+from caictl.tokens import defuse
 
 # The OpenAI API takes at most four stop strings; the rest are applied to the text afterwards.
 MAX_SERVER_STOPS = 4
@@ -46,8 +48,8 @@ class OpenAIEngine:
 
     def generate(self, chats: list[list[dict]], params: SamplingParams, keys: list[str]) -> list[Generation]:
         def one(chat, key):
-            # caictl's content marks (caictl.tokens) never leave the process: a server reads text its own way.
-            chat = [{k: unmark(v) if isinstance(v, str) else v for k, v in m.items()} for m in chat]
+            # Content is text: the server's template renders it and its tokenizer would read control tokens in it.
+            chat = [{k: defuse(v) if isinstance(v, str) else v for k, v in m.items()} for m in chat]
             response = self._call(self.client.chat.completions.create, messages=chat,
                                   **self._sampling(params, key))
             choice = response.choices[0]
@@ -57,7 +59,7 @@ class OpenAIEngine:
 
     def complete(self, texts: list[str], params: SamplingParams, keys: list[str]) -> list[Generation]:
         def one(text, key):
-            response = self._call(self.client.completions.create, prompt=unmark(text),
+            response = self._call(self.client.completions.create, prompt=defuse(text),
                                   **self._sampling(params, key))
             choice = response.choices[0]
             return self._result(choice.text or "", choice.finish_reason, response.usage, params)
@@ -72,7 +74,7 @@ class OpenAIEngine:
         log-probs (/v1/completions with echo): one scoring request per (text, choice), nothing sampled."""
 
         def one(pair, key):
-            text, choice = unmark(pair[0]), unmark(pair[1])
+            text, choice = defuse(pair[0]), defuse(pair[1])
             response = self._call(self.client.completions.create, model=self.model, prompt=text + choice,
                                   max_tokens=1, temperature=0.0, logprobs=1, echo=True)
             logprobs = response.choices[0].logprobs

@@ -233,16 +233,20 @@ def pm_outcomes(config: EvalCompareConfig, models: dict[str, str], items: list[I
 
     scorer = Scorer(config.pm, batch_size=config.batch_size)
     log(f"scoring {len(rows)} responses with {config.pm}")
-    rewards = scorer.score([conversation_text(r["messages"], r["response"]) for r in rows])
+    texts = [conversation_text(r["messages"], r["response"]) for r in rows]
+    rewards, cuts = scorer.score(texts), scorer.cuts()
     reward = {}
-    for row, value in zip(rows, rewards):
+    for row, value, cut in zip(rows, rewards, scorer.cut_tokens(texts)):
         row["reward"] = round(value, 5)
+        if cuts.count(cut):
+            row[cuts.key] = cut
         reward[(row["model"], f"{row['set']}/{row['prompt_id']}")] = value
     outcomes = []
     for a, b in combinations(models, 2):
         for item in items:
             ra, rb = reward[(a, item.key)], reward[(b, item.key)]
             outcomes.append((item.set, Outcome(item.key, a, b, 1.0 if ra > rb else 0.0 if ra < rb else 0.5)))
+    cuts.warn()
     return outcomes
 
 
@@ -269,7 +273,7 @@ def judge_outcomes(config: EvalCompareConfig, models: dict[str, str], items: lis
     # A judgement is valid for the responses it saw: answering again (--overwrite) judges again.
     writer = RecordWriter(path, run_settings, overwrite=config.overwrite)
     pending = [c for c in comparisons if c.id not in writer.done]
-    engine = None
+    engine, cuts = None, Cuts("judge question(s) did not fit the model's context")
     try:
         if pending or config.judge_refusal:
             engine = open_engine(config.engine, config.judge, config.base_url, config.batch_size, config.concurrency)
@@ -278,15 +282,21 @@ def judge_outcomes(config: EvalCompareConfig, models: dict[str, str], items: lis
             for first in range(0, len(pending), WINDOW):
                 chunk = pending[first:first + WINDOW]
                 writer.write([{"id": c.id, **c.extra, "first": c.first, "second": c.second, **votes[0],
-                               "meta": run_settings} for c, votes in zip(chunk, judge.votes(chunk))])
+                               "meta": cuts.meta(run_settings, votes[0].get("truncated_tokens", 0))}
+                              for c, votes in zip(chunk, judge.votes(chunk))])
                 progress.advance(len(chunk))
     finally:
         writer.close()
     if config.judge_refusal:
         log(f"asking {config.judge} whether each of {len(rows)} responses refuses")
-        probabilities = judge.refusal_probabilities([r["messages"] for r in rows], [r["response"] for r in rows])
-        for row, p in zip(rows, probabilities):
+        probabilities, cut = judge.refusal_probabilities([r["messages"] for r in rows], [r["response"] for r in rows])
+        refusal_cuts = Cuts("refusal question(s) did not fit the judge's context", "judge_refusal_truncated_tokens")
+        for row, p, c in zip(rows, probabilities, cut):
             row["judge_refusal"] = round(p, 5)
+            if refusal_cuts.count(c):
+                row["judge_refusal_truncated_tokens"] = c
+        refusal_cuts.warn()
+    cuts.warn()
     judged = {}
     for row in read_rows(path):
         judged[row.data["id"]] = row.data

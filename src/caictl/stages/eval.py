@@ -22,6 +22,7 @@ from pathlib import Path
 
 from caictl import model_kind, settings, tokens
 from caictl.errors import InputError, UsageError
+from caictl.generation import Cuts
 from caictl.metrics import calibration, pairwise_metrics, plot_reliability
 from caictl.records import read_rows
 from caictl.ui import summary_table
@@ -55,6 +56,7 @@ def run_mc(config: EvalMCConfig) -> dict:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     results, records = {}, []
+    cuts = Cuts("question(s) did not fit the model's context", "truncated_tokens")
     for path, rows in questions.items():
         predicted, correct = [], []
         for row in rows:
@@ -69,12 +71,17 @@ def run_mc(config: EvalMCConfig) -> dict:
             is_correct = best < len(row["corrects"])
             predicted.append(probabilities[best])
             correct.append(1.0 if is_correct else 0.0)
-            records.append({"file": path, "line": row["line"], "choice": choices[best], "correct": is_correct,
-                            "p_choice": probabilities[best],
-                            "p_correct": sum(probabilities[: len(row["corrects"])])})
+            record = {"file": path, "line": row["line"], "choice": choices[best], "correct": is_correct,
+                      "p_choice": probabilities[best], "p_correct": sum(probabilities[: len(row["corrects"])])}
+            if cuts.count(engine.choice_cuts[0]):
+                record[cuts.key] = engine.choice_cuts[0]
+            records.append(record)
         ece, bins = calibration(predicted, correct)
         results[path] = {"questions": len(rows), "accuracy": round(sum(correct) / len(correct), 4),
-                         "ece": round(ece, 4), "reliability": bins}
+                         "ece": round(ece, 4), "truncated_questions": sum(r.get(cuts.key, 0) > 0 for r in records
+                                                                          if r["file"] == path),
+                         "reliability": bins}
+    cuts.warn()
     return _write(out, "eval mc", {"model": model}, results, records)
 
 
@@ -94,13 +101,20 @@ def run_pm(config: EvalPMConfig) -> dict:
     scorer = Scorer(config.pm, max_length=config.max_length, batch_size=config.batch_size)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    results, records = {}, []
+    results, records, cuts = {}, [], scorer.cuts()
     for path, rows in comparisons.items():
-        rewards = scorer.score([t for c in rows for t in (c.chosen, c.rejected)])
+        texts = [t for c in rows for t in (c.chosen, c.rejected)]
+        rewards, cut = scorer.score(texts), scorer.cut_tokens(texts)
         differences = [rewards[2 * i] - rewards[2 * i + 1] for i in range(len(rows))]
-        records += [{"file": path, "index": i, "reward_chosen": rewards[2 * i], "reward_rejected": rewards[2 * i + 1],
-                     "correct": (d > 0) == (c.p >= 0.5)} for i, (d, c) in enumerate(zip(differences, rows))]
-        results[path] = pairwise_metrics(differences, [c.p for c in rows])
+        for i, (d, c) in enumerate(zip(differences, rows)):
+            record = {"file": path, "index": i, "reward_chosen": rewards[2 * i], "reward_rejected": rewards[2 * i + 1],
+                      "correct": (d > 0) == (c.p >= 0.5)}
+            if cuts.count(cut[2 * i] + cut[2 * i + 1]):
+                record[cuts.key] = cut[2 * i] + cut[2 * i + 1]
+            records.append(record)
+        results[path] = {**pairwise_metrics(differences, [c.p for c in rows]),
+                         "truncated_pairs": sum(cut[2 * i] + cut[2 * i + 1] > 0 for i in range(len(rows)))}
+    cuts.warn()
     return _write(out, "eval pm", {"pm": config.pm}, results, records)
 
 

@@ -96,7 +96,7 @@ class InspectingEngine:
 
     def choice_logprobs(self, texts, choices):
         views = [None] * len(texts)
-        for sequence, _, reads in self.hf.choice_rows(texts, choices):
+        for sequence, _, reads, _ in self.hf.choice_rows(texts, choices):
             for t, _, ending in reads:
                 if views[t] is None:
                     views[t] = self._view(texts[t], sequence)

@@ -23,7 +23,7 @@ from caictl import __version__, model_kind, settings
 from caictl.constitution import Constitution, load_for_stage
 from caictl.engines import ENGINES
 from caictl.errors import InputError, UsageError
-from caictl.generation import open_engine
+from caictl.generation import Cuts, open_engine
 from caictl.judge import Comparison, Judge, vote_statistics
 from caictl.records import RecordWriter, RejectWriter, Row, read_rows, stable_id
 from caictl.ui import log, meter, summary_table
@@ -109,6 +109,7 @@ def run(config: LabelConfig, engine=None) -> dict:
         log(f"resuming {config.out}: {len(comparisons) - len(pending)} of {len(comparisons)} comparisons already done")
 
     records: list[dict] = []
+    cuts = Cuts("question(s) did not fit the model's context")
     start = time.perf_counter()
     try:
         if pending:
@@ -121,14 +122,15 @@ def run(config: LabelConfig, engine=None) -> dict:
             with meter(len(pending), "label", unit="pairs") as progress:
                 for first in range(0, len(pending), window):
                     chunk = pending[first:first + window]
-                    done = [to_record(c, votes, config, run_settings)
+                    done = [to_record(c, votes, config, run_settings, cuts)
                             for c, votes in zip(chunk, judge.votes(chunk))]
                     writer.write(done)
                     records += done
                     progress.advance(len(chunk))
     finally:
         writer.close()
-    summary = summarise(records, comparisons, time.perf_counter() - start, config)
+    summary = summarise(records, comparisons, time.perf_counter() - start, config, cuts)
+    cuts.warn()
     return summary
 
 
@@ -178,8 +180,10 @@ def _comparisons_of(row: Row, pairing: str) -> list[Comparison]:
 # Output -------------------------------------------------------------------------------------------------
 
 
-def to_record(comparison: Comparison, votes: list[dict], config: LabelConfig, run_settings: dict) -> dict:
-    """A preference record: the preferred response as `chosen`, with p_chosen in [0.5, 1]."""
+def to_record(comparison: Comparison, votes: list[dict], config: LabelConfig, run_settings: dict,
+              cuts: Cuts) -> dict:
+    """A preference record: the preferred response as `chosen`, with p_chosen in [0.5, 1]; meta counts the
+    tokens cut from its questions to fit the model's context."""
     p_first = sum(v["p"] for v in votes) / len(votes)
     if config.hard:
         p_first = 1.0 if p_first >= 0.5 else 0.0
@@ -194,11 +198,13 @@ def to_record(comparison: Comparison, votes: list[dict], config: LabelConfig, ru
         "p_chosen": p_first if first_wins else 1 - p_first,
         "chosen_index": 0 if first_wins else 1,
         "votes": votes,
-        "meta": {**run_settings, "principles": [v["principle"] for v in votes]},
+        "meta": cuts.meta({**run_settings, "principles": [v["principle"] for v in votes]},
+                          sum(v.get("truncated_tokens", 0) for v in votes)),
     }
 
 
-def summarise(records: list[dict], comparisons: list[Comparison], seconds: float, config: LabelConfig) -> dict:
+def summarise(records: list[dict], comparisons: list[Comparison], seconds: float, config: LabelConfig,
+              cuts: Cuts) -> dict:
     """Per principle: how many votes, mean confidence, how often both orders agree, the first-slot pull."""
     principles, overall = vote_statistics(records)
     summary = {
@@ -211,6 +217,7 @@ def summarise(records: list[dict], comparisons: list[Comparison], seconds: float
         "position_consistency": overall["position_consistency"],
         "first_slot_preference": overall["first_slot_preference"],
         "per_principle": principles,
+        **cuts.summary(),
         "seconds": round(seconds, 2),
         "comparisons_per_s": round(len(records) / seconds, 2) if seconds > 0 else None,
     }
@@ -218,6 +225,7 @@ def summarise(records: list[dict], comparisons: list[Comparison], seconds: float
             ("label", summary["label"]), ("mean p_chosen", summary["mean_p_chosen"]),
             ("position consistency", summary["position_consistency"]),
             ("first-slot preference", summary["first_slot_preference"]),
+            ("comparisons cut to fit the context", f"{cuts.rows} ({cuts.tokens:,} tokens)"),
             ("comparisons/s", summary["comparisons_per_s"])]
     rows += [(f"  {pid}", f"{p['votes']} votes, confidence {p['mean_confidence']}, consistency "
                           f"{p['position_consistency']}, first slot {p['first_slot_preference']}")

@@ -140,10 +140,13 @@ def run_trl(config: PPOConfig, train, heldout) -> dict:
         from trl import RLOOConfig as TRLConfig
         from trl import RLOOTrainer as TRLTrainer
     scorer = Scorer(config.pm, max_length=config.pm_max_length)
+    cuts = scorer.cuts()
 
     def pm_reward(prompts, completions, **_):
         texts = [conversation_text(p, c[-1]["content"] if isinstance(c, list) else c)
                  for p, c in zip(prompts, completions)]
+        for cut in scorer.cut_tokens(texts):
+            cuts.count(cut)
         return scorer.score(texts)
 
     device_args, _ = trl_device_args(TRLConfig)
@@ -184,8 +187,10 @@ def run_trl(config: PPOConfig, train, heldout) -> dict:
     metrics = {"algo": config.algo, "steps": trainer.state.global_step, "heldout_prompts": len(heldout),
                "heldout_reward_before": heldout_reward(config.policy, heldout, scorer, config),
                "heldout_reward_after": heldout_reward(out, heldout, scorer, config),
-               "kl": history[-1]["kl"] if history else None, "seconds": round(seconds, 2),
+               "kl": history[-1]["kl"] if history else None, "pm_truncated_rollouts": cuts.rows,
+               "seconds": round(seconds, 2),
                "seconds_per_step": round(seconds / max(trainer.state.global_step, 1), 3), "history": history}
+    warn_pm_cuts(metrics["pm_truncated_rollouts"], config)
     write_info(out, config, metrics)
     summary_table(f"ppo --algo {config.algo}", [
         ("output", out), ("steps", metrics["steps"]),
@@ -279,10 +284,12 @@ class PPO:
             "mean_kl_last_5": sum(h["kl"] for h in history[-5:]) / max(len(history[-5:]), 1),
             "kl_coef_final": self.kl_coef,
             "stopped": stopped,
+            "pm_truncated_rollouts": sum(h.get("pm_truncated_rollouts", 0) for h in history),
             "seconds": round(seconds, 2),
             "seconds_per_step": round(seconds / max(len(history) - start_step, 1), 3),
             "history": [{k: v for k, v in h.items() if k != "sample"} for h in history],
         }
+        warn_pm_cuts(metrics["pm_truncated_rollouts"], config)
         write_info(out, config, metrics)
         plot_history(metrics["history"], out / "ppo.png")
         shutil.rmtree(out / "checkpoint", ignore_errors=True)
@@ -298,6 +305,7 @@ class PPO:
         config = self.config
         rollout = self.rollout(prompts)
         scores = torch.tensor(self.scorer.score(rollout["texts"]), dtype=torch.float32, device=self.device)
+        pm_truncated = sum(cut > 0 for cut in self.scorer.cut_tokens(rollout["texts"]))
         raw_scores = scores.clone()
         if config.normalise_rewards:
             self.reward_stats.update(scores.tolist())
@@ -357,6 +365,7 @@ class PPO:
             "response_length": lengths.float().mean().item(),
             "ended_with_eos": rollout["ended"].float().mean().item(),
             "boilerplate_share": boilerplate_share(rollout["responses"]),
+            "pm_truncated_rollouts": pm_truncated,
             "sample": rollout["responses"][0],
         }
 
@@ -489,6 +498,12 @@ def heldout_reward(model: str | Path, prompts: list, scorer, config: PPOConfig) 
     responses = engine.generate([p.messages for p in prompts], params, [p.id for p in prompts])
     scores = scorer.score([conversation_text(p.messages, r.text) for p, r in zip(prompts, responses)])
     return round(sum(scores) / len(scores), 4)
+
+
+def warn_pm_cuts(rollouts: int, config: PPOConfig) -> None:
+    if rollouts:
+        log(f"warning: {rollouts} rollout(s) were longer than --pm-max-length {config.pm_max_length} and were cut "
+            "from the front before the PM scored them; each step's count is pm_truncated_rollouts in caictl.json")
 
 
 def write_info(out: Path, config: PPOConfig, metrics: dict) -> None:

@@ -35,23 +35,28 @@ def run(config: ScoreConfig) -> dict:
     plans = [_plan(row) for row in rows]
     scorer = Scorer(config.pm, max_length=config.max_length, batch_size=config.batch_size)
     all_texts = [text for _, texts in plans for text in texts]
-    rewards = scorer.score(all_texts)
+    rewards, cut, cuts = scorer.score(all_texts), scorer.cut_tokens(all_texts), scorer.cuts()
     writer = RecordWriter(config.out, {}, overwrite=True)
     position, scored = 0, []
     for row, (fields, texts) in zip(rows, plans):
         values = rewards[position:position + len(texts)]
+        row_cut = sum(cut[position:position + len(texts)])
         position += len(texts)
         record = dict(row.data)
         if fields == "rewards":
             record["rewards"] = values
         else:
             record.update(dict(zip(fields, values)))
+        if cuts.count(row_cut):
+            record[cuts.key] = row_cut
         scored.append(record)
     writer.write(scored)
     writer.close()
     mean = sum(rewards) / len(rewards) if rewards else None
-    summary_table("score", [("rows", len(rows)), ("texts scored", len(all_texts)), ("mean reward", mean)])
-    return {"rows": len(rows), "texts": len(all_texts), "mean_reward": mean}
+    summary_table("score", [("rows", len(rows)), ("texts scored", len(all_texts)), ("mean reward", mean),
+                            ("rows cut to --max-length", f"{cuts.rows} ({cuts.tokens:,} tokens)")])
+    cuts.warn()
+    return {"rows": len(rows), "texts": len(all_texts), "mean_reward": mean, **cuts.summary()}
 
 
 def _plan(row) -> tuple[object, list[str]]:

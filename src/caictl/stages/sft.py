@@ -37,7 +37,7 @@ from caictl.conversation import parse_transcript
 from caictl.errors import InputError, UsageError
 from caictl.records import UNUSABLE_REVISION_FLAGS, file_hash, read_rows
 from caictl.tokens import ContentEncoder
-from caictl.training import micro_batch, output_folder, trl_device_args
+from caictl.training import micro_batch, output_folder, trl_device_args, warn_cut_examples
 from caictl.ui import log, quiet_transformers, summary_table
 
 REVISION_MODES = ("final", "all")
@@ -133,9 +133,7 @@ def run(config: SFTConfig) -> dict:
         raise UsageError("no training examples left after reading the inputs (are all revisions flagged?)")
 
     trainer, tokenizer, truncated, template = prepare(config, model_name, examples)
-    if truncated:
-        log(f"[yellow]{truncated} of {len(examples)} examples are longer than --max-length {config.max_length} "
-            "tokens and were cut; raise --max-length to keep them whole[/yellow]")
+    warn_cut_examples(truncated, len(examples), "examples", config.max_length)
     checkpoint = _checkpoint_to_resume(config, out)
     start = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # the trainer prints its logs; stdout stays for records

@@ -21,9 +21,9 @@ from pathlib import Path
 from caictl import __version__, settings
 from caictl.errors import InputError, UsageError
 from caictl.metrics import pairwise_metrics, plot_reliability
-from caictl.pm import Comparison, comparison_of, prepare_tokenizer, resolve_backbone, rewards
+from caictl.pm import Comparison, comparison_of, cut_tokens, prepare_tokenizer, resolve_backbone, rewards
 from caictl.records import file_hash, read_rows
-from caictl.training import output_folder
+from caictl.training import output_folder, warn_cut_examples
 from caictl.ui import meter, quiet_transformers, summary_table
 
 SCHEDULERS = ("linear", "constant", "cosine")
@@ -113,6 +113,9 @@ def run(config: TrainPMConfig) -> dict:
             raise InputError(f"{path}: no comparisons to evaluate on")
 
     trainer = Trainer(config, backbone)
+    cut = cut_tokens(trainer.tokenizer, [t for c in train for t in (c.chosen, c.rejected)], config.max_length)
+    truncated = sum(a + b > 0 for a, b in zip(cut[::2], cut[1::2]))
+    warn_cut_examples(truncated, len(train), "comparisons", config.max_length)
     start = time.perf_counter()
     history = trainer.fit(train)
     seconds = time.perf_counter() - start
@@ -128,6 +131,7 @@ def run(config: TrainPMConfig) -> dict:
         "metrics": {
             "train_comparisons": len(train),
             "comparisons_per_source": counts,
+            "truncated_examples": truncated,
             "steps": len(history),
             "seconds": round(seconds, 2),
             "comparisons_per_s": round(len(train) * config.epochs / seconds, 2) if seconds else None,

@@ -13,6 +13,9 @@ critique-revision rounds, one shared few-shot exchange (none with --no-few-shot)
   texts, few-shot block included, recorded from caictl's run), step by step, through `model.generate` in
   left-padded batches of --batch-size in the order given, with the same max_new_tokens and sampling
   (temperature, top_p, no top-k).
+- with --vs-windows, four-batch windows (`ratio_vs_four_batch_windows`): the same Reviser taking four batches of
+  prompts through every round at once, as `caictl revise` did before it wrote each batch as it completes.
+caictl's side revises --batch-size prompts at a time, as `caictl revise` does.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from interleave import interleave, ratio, throughputs, timed
 from caictl import tiny
 from caictl.constitution import load as load_constitution
 from caictl.engines import load_engine
-from caictl.records import read_prompts
+from caictl.records import batches, read_prompts
 from caictl.stages.revise import ReviseConfig, Reviser, Totals
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -45,6 +48,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128,
                         help="revise's default is 256; half keeps three interleaved rounds within the old run time")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (each side once per round)")
+    parser.add_argument("--vs-windows", action="store_true",
+                        help="also time four-batch windows (needs --prompts above --batch-size to differ)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as folder:
@@ -63,14 +68,14 @@ def main() -> None:
         plain = PlainGenerate(engine.lm, str(model), args.batch_size, config)
         tokens = {}
 
-        def caictl(prompts=prompts) -> float:
+        def caictl(prompts=prompts, window=args.batch_size, side="caictl") -> float:
             engine.batch_size = args.batch_size
             # Each run revises its prompts from scratch: shared few-shot prefixes are computed again.
             engine._prefix_cache.clear()
             recorder.requests = []
             totals = Totals()
-            seconds = timed(lambda: reviser.revise(prompts, totals))
-            tokens["caictl"] = totals.completion_tokens
+            seconds = timed(lambda: [reviser.revise(chunk, totals) for chunk in batches(prompts, window)])
+            tokens[side] = totals.completion_tokens
             return seconds
 
         def one_prompt_loop(prompts=loop_prompts) -> float:
@@ -83,12 +88,19 @@ def main() -> None:
         def plain_generate() -> float:
             return timed(lambda: tokens.update(plain=plain.run(recorder.requests)))
 
-        seconds = interleave({"caictl": caictl, "loop": one_prompt_loop, "plain": plain_generate}, args.rounds,
+        sides = {"caictl": caictl, "loop": one_prompt_loop, "plain": plain_generate}
+        if args.vs_windows:
+            # After the plain side, which replays the requests of caictl's run in the same round.
+            sides["windows"] = lambda: caictl(window=4 * args.batch_size, side="windows")
+        seconds = interleave(sides, args.rounds,
                              # The plain side warms up on the requests of caictl's warm-up.
                              warm_ups={"caictl": lambda: caictl(prompts[:WARM_UP_PROMPTS]),
-                                       "loop": lambda: one_prompt_loop(loop_prompts[:1])})
+                                       "loop": lambda: one_prompt_loop(loop_prompts[:1]),
+                                       "windows": lambda: caictl(prompts[:WARM_UP_PROMPTS], side="windows")})
 
     work = {"caictl": len(prompts), "loop": len(loop_prompts), "plain": len(prompts)}
+    if args.vs_windows:
+        work["windows"] = len(prompts)
     rates = throughputs(seconds, work)
     token_rates = throughputs(seconds, tokens)
     print(json.dumps({
@@ -111,6 +123,7 @@ def main() -> None:
         "plain_generate_tokens_per_s": round(token_rates["plain"], 1),
         **ratio(seconds, work, "caictl", "loop"),
         **ratio(seconds, work, "caictl", "plain", key="ratio_vs_batched"),
+        **(ratio(seconds, work, "caictl", "windows", key="ratio_vs_four_batch_windows") if args.vs_windows else {}),
     }), flush=True)
 
 

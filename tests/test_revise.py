@@ -196,12 +196,13 @@ def test_killed_run_resumes_to_exactly_one_record_per_prompt(tmp_path, tiny_mode
     process = subprocess.Popen([sys.executable, "-m", "caictl", *map(str, args), "-o", str(out)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 120
-    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 8):
-        time.sleep(0.05)
+    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 2):
+        time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
     partial = out.read_text().count("\n")
-    assert 8 <= partial < 40, "the run should have been killed part-way"
+    # Killed after its first batch of 2: that batch is on disk, and at most one more was written meanwhile.
+    assert 2 <= partial <= 4, "the run should have been killed after its first batch"
     with open(out, "a") as handle:  # and as if the kill had landed mid-line
         handle.write('{"id": "rt-0')
     resumed = caictl(*args, "-o", out)

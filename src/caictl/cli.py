@@ -288,15 +288,18 @@ def score_command(
     file: Input = None,
     pm: Annotated[str, typer.Option(help="A train-pm output folder.")] = ...,
     out: Out = None,
-    batch_size: Annotated[int, typer.Option(help="Texts per forward pass.")] = SCORE["batch_size"],
+    batch_size: Annotated[int, typer.Option(help="Rows scored and written at a time.")] = SCORE["batch_size"],
     max_length: Annotated[int, typer.Option(
         help="Tokens kept from the end of each conversation.")] = SCORE["max_length"],
+    overwrite: Annotated[bool, typer.Option(help="Start OUT afresh instead of resuming it.")] = SCORE["overwrite"],
 ) -> None:
-    """Add a preference model's reward to each row (responses, pairs or preferences).
+    """Add a preference model's reward to each row (responses, pairs or preferences), batch by batch; run
+    again, it resumes after the rows OUT already holds.
 
     Example: caictl score --pm models/pm pairs.jsonl -o scored.jsonl
     """
-    score.run(score.ScoreConfig(pm=pm, file=file, out=out, batch_size=batch_size, max_length=max_length))
+    score.run(score.ScoreConfig(pm=pm, file=file, out=out, batch_size=batch_size, max_length=max_length,
+                                overwrite=overwrite))
 
 
 @app.command("inspect")

@@ -22,6 +22,9 @@ from caictl.errors import InputError, UsageError
 STDIN = "-"
 # Flags of a revise step that rule its revision out: revise does not build on it, sft does not train on it.
 UNUSABLE_REVISION_FLAGS = frozenset({"empty_revision", "revision_copies_critique"})
+# Settings that say how a model was named, kept in meta but not compared on resume: the same model may be spelled
+# `models/tiny/` or `/abs/models/tiny`. Its `*_identity` (caictl.model_identity) is compared instead.
+NAMES_NOT_COMPARED = frozenset({"model", "judge", "pm"})
 
 
 @dataclass
@@ -206,6 +209,12 @@ def file_hash(path: str | Path) -> str:
 # Writing ------------------------------------------------------------------------------------------------
 
 
+def batches(items: list, size: int) -> list[list]:
+    """Consecutive slices of `size` items: what a stage processes and writes at a time, so that a killed run
+    loses at most one batch of work."""
+    return [items[first:first + size] for first in range(0, len(items), size)]
+
+
 class RecordWriter:
     """Appends records to OUT (or stdout) and resumes an earlier run of the same command.
 
@@ -252,7 +261,8 @@ class RecordWriter:
 
     def _check_settings(self, record: dict, line: int) -> None:
         meta = record.get("meta") or {}
-        differ = [key for key, value in self.settings.items() if meta.get(key) != value]
+        differ = [key for key, value in self.settings.items()
+                  if key not in NAMES_NOT_COMPARED and meta.get(key) != value]
         if differ:
             detail = ", ".join(f"{key}: {meta.get(key)!r} there, {self.settings[key]!r} now" for key in differ)
             raise UsageError(

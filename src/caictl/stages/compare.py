@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
 
-from caictl import __version__, model_kind
+from caictl import __version__, model_identity, model_kind
 from caictl.constitution import ComparisonPrinciple, load_for_stage
 from caictl.engines import ENGINES, SamplingParams
 from caictl.errors import UsageError
@@ -43,14 +43,13 @@ from caictl.generation import (
     response_request,
 )
 from caictl.ratings import Outcome, elo, win_rates
-from caictl.records import Prompt, RecordWriter, read_prompts, read_rows
+from caictl.records import Prompt, RecordWriter, batches, read_prompts, read_rows
 from caictl.textstats import is_refusal, response_stats
 from caictl.ui import log, meter, summary_table
 
 HELPFULNESS = ComparisonPrinciple(
     "helpfulness", "Which of these assistant responses is more helpful, honest and accurate for the human?")
 ALL = "all"
-WINDOW = 64
 
 
 @dataclass
@@ -185,6 +184,7 @@ def answer(config: EvalCompareConfig, models: dict[str, str], items: list[Item],
                     "seed": config.seed, "caictl_version": __version__}
     writer = RecordWriter(path, run_settings, overwrite=config.overwrite)
     cuts = Cuts()
+    identities = {name: model_identity.identity(model, config.engine) for name, model in models.items()}
     try:
         for name, model in models.items():
             pending = [item for item in items if f"{name}/{item.key}" not in writer.done]
@@ -195,12 +195,12 @@ def answer(config: EvalCompareConfig, models: dict[str, str], items: list[Item],
             params = SamplingParams(config.max_new_tokens, config.temperature, config.top_p, STOP_RESPONSE,
                                     config.seed)
             with meter(len(pending), f"answer {name}") as progress:
-                for first in range(0, len(pending), WINDOW):
-                    chunk = pending[first:first + WINDOW]
+                for chunk in batches(pending, config.batch_size):  # written batch by batch
                     # Keyed by prompt, not model: two models see the same sampling noise per prompt.
                     results = respond(engine, style, [response_request(style, i.prompt.messages) for i in chunk],
                                       params, [f"{i.key}/eval" for i in chunk])
                     writer.write([{"id": f"{name}/{i.key}", "model": name, "model_path": model,
+                                   "model_identity": identities[name],
                                    "response": g.text.strip(), "finish_reason": g.finish_reason,
                                    "meta": cuts.meta(run_settings, g.truncated_tokens)}
                                   for i, g in zip(chunk, results)])
@@ -213,7 +213,7 @@ def answer(config: EvalCompareConfig, models: dict[str, str], items: list[Item],
     wanted = {f"{name}/{item.key}" for name in models for item in items}
     responses = {}
     for row in read_rows(path):
-        if row.data.get("id") in wanted and row.data.get("model_path") == models.get(row.data.get("model")):
+        if row.data.get("id") in wanted and row.data.get("model_identity") == identities.get(row.data.get("model")):
             key = row.data["id"][len(row.data["model"]) + 1:]
             responses[(row.data["model"], key)] = {"response": row.data["response"],
                                                    "finish_reason": row.data["finish_reason"]}
@@ -267,7 +267,9 @@ def judge_outcomes(config: EvalCompareConfig, models: dict[str, str], items: lis
             comparisons.append(Comparison(comparison_id, item.prompt.messages, response[(a, item.key)],
                                           response[(b, item.key)], [principle],
                                           {"set": item.set, "prompt_id": item.prompt.id, "a": a, "b": b}))
-    run_settings = {"stage": "eval compare judge", "judge": config.judge, "constitution": constitution.name,
+    run_settings = {"stage": "eval compare judge", "judge": config.judge,
+                    "judge_identity": model_identity.identity(config.judge, config.engine),
+                    "constitution": constitution.name,
                     "constitution_hash": constitution.content_hash(), "seed": config.seed,
                     "caictl_version": __version__}
     # A judgement is valid for the responses it saw: answering again (--overwrite) judges again.
@@ -279,8 +281,7 @@ def judge_outcomes(config: EvalCompareConfig, models: dict[str, str], items: lis
             engine = open_engine(config.engine, config.judge, config.base_url, config.batch_size, config.concurrency)
         judge = Judge(engine, constitution, debias=True, seed=config.seed)
         with meter(len(pending), "judge", unit="pairs") as progress:
-            for first in range(0, len(pending), WINDOW):
-                chunk = pending[first:first + WINDOW]
+            for chunk in batches(pending, config.batch_size):
                 writer.write([{"id": c.id, **c.extra, "first": c.first, "second": c.second, **votes[0],
                                "meta": cuts.meta(run_settings, votes[0].get("truncated_tokens", 0))}
                               for c, votes in zip(chunk, judge.votes(chunk))])

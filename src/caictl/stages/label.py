@@ -19,17 +19,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from caictl import __version__, model_kind, settings
+from caictl import __version__, model_identity, model_kind, settings
 from caictl.constitution import Constitution, load_for_stage
 from caictl.engines import ENGINES
 from caictl.errors import InputError, UsageError
 from caictl.generation import Cuts, open_engine
 from caictl.judge import Comparison, Judge, vote_statistics
-from caictl.records import RecordWriter, RejectWriter, Row, read_rows, stable_id
+from caictl.records import RecordWriter, RejectWriter, Row, batches, read_rows, stable_id
 from caictl.ui import log, meter, summary_table
 
 PAIRINGS = ("first-two", "all")
-BATCHES_PER_WRITE = 4
 
 
 @dataclass
@@ -97,7 +96,8 @@ def run(config: LabelConfig, engine=None) -> dict:
     if config.limit:
         comparisons = comparisons[: config.limit]
     run_settings = {
-        "stage": "label", "model": model, "engine": config.engine, "constitution": constitution.name,
+        "stage": "label", "model": model, "model_identity": model_identity.identity(model, config.engine),
+        "engine": config.engine, "constitution": constitution.name,
         "constitution_hash": constitution.content_hash(), "label": _kind(config),
         "clamp": list(config.effective_clamp) if config.effective_clamp else None,
         "principles_per_pair": config.principles_per_pair, "debias": config.debias, "few_shot": config.few_shot,
@@ -118,10 +118,8 @@ def run(config: LabelConfig, engine=None) -> dict:
             judge = Judge(engine, constitution, few_shot=config.few_shot, cot=config.cot, debias=config.debias,
                           clamp=config.effective_clamp, max_new_tokens=config.max_new_tokens,
                           temperature=config.temperature, seed=config.seed)
-            window = config.batch_size * BATCHES_PER_WRITE
             with meter(len(pending), "label", unit="pairs") as progress:
-                for first in range(0, len(pending), window):
-                    chunk = pending[first:first + window]
+                for chunk in batches(pending, config.batch_size):  # written batch by batch
                     done = [to_record(c, votes, config, run_settings, cuts)
                             for c, votes in zip(chunk, judge.votes(chunk))]
                     writer.write(done)

@@ -16,7 +16,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from caictl import __version__, model_kind, settings
+from caictl import __version__, model_identity, model_kind, settings
 from caictl.constitution import Constitution, CritiquePrinciple, load_for_stage
 from caictl.conversation import render_transcript
 from caictl.engines import ENGINES, SamplingParams
@@ -30,11 +30,10 @@ from caictl.generation import (
     respond,
     response_request,
 )
-from caictl.records import UNUSABLE_REVISION_FLAGS, Prompt, RecordWriter, RejectWriter, read_prompts
+from caictl.records import UNUSABLE_REVISION_FLAGS, Prompt, RecordWriter, RejectWriter, batches, read_prompts
 from caictl.ui import log, meter, summary_table
 
 FORMATS = ("caictl", "hf")
-BATCHES_PER_WRITE = 4  # prompts are processed (and written) in windows of this many batches
 
 
 @dataclass
@@ -113,10 +112,10 @@ def run(config: ReviseConfig, engine=None) -> dict:
             engine = engine or open_engine(config.engine, model, config.base_url, config.batch_size,
                                            config.concurrency)
             reviser = Reviser(engine, constitution, config, prompt_style(config.prompt_style, engine))
-            window = config.batch_size * BATCHES_PER_WRITE
             with meter(len(pending), "revise") as progress:
-                for first in range(0, len(pending), window):
-                    chunk = pending[first:first + window]
+                # A batch of prompts goes through every round and is written before the next one starts: a
+                # killed run loses at most one batch (benchmarks/bench_revise.py --vs-windows: no slower).
+                for chunk in batches(pending, config.batch_size):
                     records = reviser.revise(chunk, totals)
                     if config.format == "hf":
                         records = [to_hf_columns(r) for r in records]
@@ -371,6 +370,7 @@ def _settings(config: ReviseConfig, model: str, constitution: Constitution) -> d
     return {
         "stage": "revise",
         "model": model,
+        "model_identity": model_identity.identity(model, config.engine),
         "engine": config.engine,
         "constitution": constitution.name,
         "constitution_hash": constitution.content_hash(),

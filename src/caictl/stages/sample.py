@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from caictl import __version__, model_kind, settings
+from caictl import __version__, model_identity, model_kind, settings
 from caictl.engines import ENGINES, SamplingParams
 from caictl.errors import InputError, UsageError
 from caictl.generation import (
@@ -25,10 +25,8 @@ from caictl.generation import (
     respond,
     response_request,
 )
-from caictl.records import RecordWriter, RejectWriter, read_prompts, read_rows
+from caictl.records import RecordWriter, RejectWriter, batches, read_prompts, read_rows
 from caictl.ui import log, meter, summary_table
-
-BATCHES_PER_WRITE = 4
 
 
 @dataclass
@@ -80,7 +78,8 @@ def run(config: SampleConfig, engine=None) -> dict:
     rejects = RejectWriter(config.out) if config.skip_invalid else None
     prompts = read_prompts(config.prompts, on_invalid=rejects)[: config.limit]
     run_settings = {
-        "stage": "sample", "model": model, "engine": config.engine, "n": config.n,
+        "stage": "sample", "model": model, "model_identity": model_identity.identity(model, config.engine),
+        "engine": config.engine, "n": config.n,
         "prompt_style": config.prompt_style,
         "sampling": {"temperature": config.temperature, "top_p": config.top_p,
                      "max_new_tokens": config.max_new_tokens},
@@ -99,10 +98,8 @@ def run(config: SampleConfig, engine=None) -> dict:
             style = prompt_style(config.prompt_style, engine)
             params = SamplingParams(config.max_new_tokens, config.temperature, config.top_p, STOP_RESPONSE,
                                     config.seed)
-            window = config.batch_size * BATCHES_PER_WRITE
             with meter(len(pending), "sample") as progress:
-                for first in range(0, len(pending), window):
-                    chunk = pending[first:first + window]
+                for chunk in batches(pending, config.batch_size):  # written batch by batch
                     requests = [response_request(style, p.messages) for p in chunk for _ in range(config.n)]
                     keys = [f"{p.id}/sample/{k}" for p in chunk for k in range(config.n)]
                     results = respond(engine, style, requests, params, keys)

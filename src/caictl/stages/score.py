@@ -9,13 +9,19 @@ rows with `messages` and a `response` (revise output), or `messages` ending in a
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
-from caictl import model_kind
+from caictl import __version__, model_identity, model_kind
 from caictl.errors import InputError, UsageError
 from caictl.pm import Scorer, comparison_of, conversation_text
-from caictl.records import STDIN, RecordWriter, read_rows
-from caictl.ui import summary_table
+from caictl.records import NAMES_NOT_COMPARED, STDIN, RecordWriter, batches, read_rows
+from caictl.ui import log, meter, summary_table
+
+# The fields score adds to a row: dropped from an input row before its rewards are written again.
+REWARD_FIELDS = ("rewards", "reward", "reward_chosen", "reward_rejected", "pm_truncated_tokens")
 
 
 @dataclass
@@ -23,40 +29,88 @@ class ScoreConfig:
     pm: str  # a train-pm output folder
     file: str | None = None  # None or "-" reads stdin
     out: str | None = None
-    batch_size: int = 32
+    batch_size: int = 32  # rows scored and written at a time
     max_length: int = 512
+    overwrite: bool = False  # discard an existing OUT instead of resuming it
 
 
 def run(config: ScoreConfig) -> dict:
+    """Scores rows in input order, writing each batch as it is done; run again, it resumes after the rows that
+    OUT already holds (meta.score says which input row each came from, and with which PM)."""
     if config.out not in (None, STDIN) and config.file not in (None, STDIN) and config.out == config.file:
         raise UsageError("-o must differ from the input file")
     model_kind.check(config.pm, model_kind.SEQ_CLS, "--pm")
     rows = list(read_rows(config.file))
     plans = [_plan(row) for row in rows]
+    stamp = {"pm": config.pm, "pm_identity": model_identity.identity(config.pm), "max_length": config.max_length,
+             "caictl_version": __version__}
+    writer = RecordWriter(config.out, {}, overwrite=config.overwrite)
+    done = _rows_already_scored(writer.path, rows, stamp) if writer.path else 0
+    if done:
+        log(f"resuming {config.out}: {done} of {len(rows)} rows already scored")
     scorer = Scorer(config.pm, max_length=config.max_length, batch_size=config.batch_size)
-    all_texts = [text for _, texts in plans for text in texts]
-    rewards, cut, cuts = scorer.score(all_texts), scorer.cut_tokens(all_texts), scorer.cuts()
-    writer = RecordWriter(config.out, {}, overwrite=True)
-    position, scored = 0, []
-    for row, (fields, texts) in zip(rows, plans):
-        values = rewards[position:position + len(texts)]
-        row_cut = sum(cut[position:position + len(texts)])
-        position += len(texts)
-        record = dict(row.data)
-        if fields == "rewards":
-            record["rewards"] = values
-        else:
-            record.update(dict(zip(fields, values)))
-        if cuts.count(row_cut):
-            record[cuts.key] = row_cut
-        scored.append(record)
-    writer.write(scored)
-    writer.close()
+    cuts, rewards, texts_scored = scorer.cuts(), [], 0
+    try:
+        with meter(len(rows) - done, "score", unit="rows") as progress:
+            for chunk in batches(list(range(done, len(rows))), config.batch_size):
+                texts = [text for i in chunk for text in plans[i][1]]
+                values, cut = scorer.score(texts), scorer.cut_tokens(texts)
+                position, scored = 0, []
+                for i in chunk:
+                    fields, row_texts = plans[i]
+                    row_values = values[position:position + len(row_texts)]
+                    row_cut = sum(cut[position:position + len(row_texts)])
+                    position += len(row_texts)
+                    scored.append(_scored_row(rows[i].data, i, fields, row_values, row_cut, cuts, stamp))
+                writer.write(scored)
+                rewards += values
+                texts_scored += len(texts)
+                progress.advance(len(chunk))
+    finally:
+        writer.close()
     mean = sum(rewards) / len(rewards) if rewards else None
-    summary_table("score", [("rows", len(rows)), ("texts scored", len(all_texts)), ("mean reward", mean),
+    summary_table("score", [("rows", f"{len(rows) - done} scored, {done} already in {config.out}" if done
+                                     else len(rows)),
+                            ("texts scored", texts_scored), ("mean reward", mean),
                             ("rows cut to --max-length", f"{cuts.rows} ({cuts.tokens:,} tokens)")])
     cuts.warn()
-    return {"rows": len(rows), "texts": len(all_texts), "mean_reward": mean, **cuts.summary()}
+    return {"rows": len(rows), "resumed_from_existing": done, "texts": texts_scored, "mean_reward": mean,
+            **cuts.summary()}
+
+
+def _scored_row(data: dict, index: int, fields, values: list[float], cut: int, cuts, stamp: dict) -> dict:
+    """The input row with its rewards; meta.score says which input row it is and which PM scored it."""
+    record = {key: value for key, value in data.items() if key not in REWARD_FIELDS}
+    if fields == "rewards":
+        record["rewards"] = values
+    else:
+        record.update(dict(zip(fields, values)))
+    if cuts.count(cut):
+        record[cuts.key] = cut
+    meta = data.get("meta") if isinstance(data.get("meta"), dict) else {}
+    record["meta"] = {**meta, "score": {**stamp, "row": index + 1, "input_sha256": _digest(data)}}
+    return record
+
+
+def _rows_already_scored(out: Path, rows: list, stamp: dict) -> int:
+    """How many rows OUT already holds, each checked to be the same input row scored with the same settings."""
+    if not out.exists():
+        return 0
+    lines = [line for line in out.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for index, line in enumerate(lines):
+        try:
+            written = json.loads(line).get("meta", {}).get("score", {})
+        except (ValueError, AttributeError):
+            written = {}
+        same_settings = all(written.get(k) == v for k, v in stamp.items() if k not in NAMES_NOT_COMPARED)
+        if index >= len(rows) or not same_settings or written.get("input_sha256") != _digest(rows[index].data):
+            raise UsageError(f"{out}:{index + 1}: was not scored from this input row with these settings "
+                             "(--pm, --max-length); pass --overwrite to start again, or -o a new file")
+    return len(lines)
+
+
+def _digest(data) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def _plan(row) -> tuple[object, list[str]]:

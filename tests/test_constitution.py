@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
-from conftest import caictl
+import yaml
+from conftest import EXAMPLES, caictl, read_jsonl, write_jsonl
 
 from caictl import constitution as c
 from caictl.errors import UsageError
@@ -129,3 +131,97 @@ def test_restrict_and_draw():
 def test_show_lists_ids():
     result = caictl("constitution", "show", "harmless")
     assert c.load("harmless").critique_revision[0].id in result.stdout
+
+
+def test_few_shot_only_file_converts_validates_and_merges(tmp_path, shared_data):
+    folder = shared_data / "constitutions" / "anthropic-paper"
+    few_shot = tmp_path / "fs.yaml"
+    caictl("constitution", "convert", folder / "CritiqueRevisionFewShotPrompts.json", "-o", few_shot)
+    alone = caictl("constitution", "validate", few_shot)
+    assert f"{few_shot}: ok" in alone.stdout and "5 few-shot" in alone.stdout
+    merged_spec = f"{few_shot},{folder / 'CritiqueRevisionInstructions.json'}"
+    merged = caictl("constitution", "validate", merged_spec)
+    assert "16 critique/revision principles" in merged.stdout and "5 few-shot" in merged.stdout
+    loaded = c.load(merged_spec)
+    assert loaded.few_shot[0].messages[0]["content"].startswith("Could you help me burn down my house")
+
+
+def test_a_file_with_nothing_in_it_is_refused(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("name: empty\n")
+    result = caictl("constitution", "validate", empty, check=False)
+    assert result.returncode == 2 and f"{empty}: nothing in it" in result.stderr
+
+
+def test_stages_refuse_a_constitution_without_their_principles_and_say_to_merge(tmp_path, shared_data):
+    folder = shared_data / "constitutions" / "anthropic-paper"
+    few_shot = tmp_path / "fs.yaml"
+    caictl("constitution", "convert", folder / "CritiqueRevisionFewShotPrompts.json", "-o", few_shot)
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "x"}])
+    # The constitution is checked before the model loads, so a model that does not exist is never reached.
+    result = caictl("revise", prompts, "--model", "no/such-model", "--constitution", few_shot, check=False)
+    assert result.returncode == 2
+    assert f"{few_shot} has no critique/revision principles" in result.stderr
+    assert f"--constitution {few_shot},PRINCIPLES_FILE" in result.stderr
+    instructions = folder / "CritiqueRevisionInstructions.json"
+    result = caictl("label", prompts, "--model", "no/such-model", "--constitution", f"{few_shot},{instructions}",
+                    check=False)
+    assert result.returncode == 2 and "has no comparison principles" in result.stderr
+
+
+def test_revise_runs_on_few_shot_file_merged_with_principles(tmp_path, shared_data, tiny_model):
+    folder = shared_data / "constitutions" / "anthropic-paper"
+    few_shot = tmp_path / "fs.yaml"
+    caictl("constitution", "convert", folder / "CritiqueRevisionFewShotPrompts.json", "-o", few_shot)
+    spec = f"{few_shot},{folder / 'CritiqueRevisionInstructions.json'}"
+    out = tmp_path / "revisions.jsonl"
+    caictl("revise", EXAMPLES / "red-team.jsonl", "-o", out, "--model", tiny_model, "--constitution", spec,
+           "--limit", "1", "--rounds", "2", "--max-new-tokens", "8", "--shots", "1")
+    [record] = read_jsonl(out)
+    assert [s["principle"][:7] for s in record["steps"]] == ["harmful", "harmful"]
+    assert record["meta"]["constitution_hash"] == c.load(spec).content_hash()
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".yml", ".json"])
+def test_convert_writes_the_format_its_suffix_names(tmp_path, shared_data, suffix):
+    folder = shared_data / "constitutions" / "anthropic-paper"
+    sources = [folder / "CritiqueRevisionInstructions.json", folder / "RLMadisonPrecogFewShotPrompts.json"]
+    out = tmp_path / f"paper{suffix}"
+    caictl("constitution", "convert", *sources, "-o", out, "--name", "paper")
+    text = out.read_text(encoding="utf-8")
+    data = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
+    if suffix != ".json":
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(text)
+    assert data["name"] == "paper" and len(data["critique_revision"]) == 16
+    original = c.load(sources)
+    original.name = "paper"
+    assert c.load(out).content_hash() == original.content_hash()
+
+
+@pytest.mark.parametrize("name", ["paper.jsonl", "paper.txt", "paper"])
+def test_convert_refuses_an_output_suffix_it_cannot_write(tmp_path, shared_data, name):
+    out = tmp_path / name
+    result = caictl("constitution", "convert", "harmless", "-o", out, check=False)
+    assert result.returncode == 2 and not out.exists()
+    assert f"{out}:" in result.stderr and ".yaml, .yml or .json" in result.stderr
+
+
+def test_validate_reports_every_file_then_fails(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ncomparison:\n  - id: a\n    text: which?\n    colour: red\n")
+    broken = tmp_path / "broken.json"
+    broken.write_text("{\n  \"name\": \n")
+    missing = tmp_path / "missing.yaml"
+    result = caictl("constitution", "validate", "harmless", bad, missing, broken, "harmless", check=False)
+    assert result.returncode == 2
+    assert result.stdout.count("harmless: ok") == 2  # the file after the failures is checked too
+    assert f"{bad}: comparison[0]: unknown field(s) colour" in result.stderr
+    assert f"{missing}: no such constitution file" in result.stderr
+    assert f"{broken}:3: invalid JSON" in result.stderr
+    assert "3 of 5 constitutions failed validation" in result.stderr
+
+
+def test_merging_duplicate_ids_names_the_files():
+    result = caictl("constitution", "validate", "harmless,harmless", check=False)
+    assert result.returncode == 2 and "constitution harmless,harmless: duplicate principle ids: " in result.stderr

@@ -605,33 +605,24 @@ def constitution_show(
 def constitution_validate(
     specs: Annotated[list[str], typer.Argument(help="Files (or shipped names) to check.")],
 ) -> None:
-    """Check constitution files; every problem is reported at once."""
+    """Check constitution files: each one's problems reported at once, every file checked (a comma-separated
+    spec is checked merged); exits 2 when any failed."""
     from caictl import constitution as c
 
-    for spec in specs:
-        loaded = c.load(spec)
-        typer.echo(f"{spec}: ok ({len(loaded.critique_revision)} critique/revision principles, "
-                   f"{len(loaded.comparison)} comparison principles, {len(loaded.few_shot)} few-shot, "
-                   f"hash {loaded.content_hash()})")
+    c.validate(specs)
 
 
 @constitution_app.command("convert")
 def constitution_convert(
     specs: Annotated[list[str], typer.Argument(help="Files to merge: Anthropic's prompt files, llm-swarm JSON, YAML.")],
-    out: Out = None,
+    out: Annotated[Optional[str], typer.Option(
+        "--out", "-o", help="Output .yaml/.yml (YAML) or .json (JSON); omitted: YAML to stdout.")] = None,
     name: Annotated[Optional[str], typer.Option(help="Name of the merged constitution.")] = None,
 ) -> None:
-    """Convert (and merge) constitutions into caictl's YAML format."""
+    """Convert (and merge) constitutions into caictl's own format."""
     from caictl import constitution as c
 
-    loaded = c.load(specs)
-    if name:
-        loaded.name = name
-    text = c.to_yaml(loaded)
-    if out and out != "-":
-        Path(out).write_text(text, encoding="utf-8")
-    else:
-        sys.stdout.write(text)
+    c.convert(specs, out, name)
 
 
 def main() -> None:

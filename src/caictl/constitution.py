@@ -3,10 +3,12 @@
     caictl constitution show harmless
     caictl constitution convert CritiqueRevisionInstructions.json RLMadisonInstructions.json -o mine.yaml
 
-Our own format is YAML (see constitutions/harmless.yaml). The loader also reads what people already have:
-Anthropic's prompt files published with the paper (critique/revision requests keyed `harmful0..`, the list
-of comparison principles, the few-shot files) and Hugging Face's llm-swarm JSON (`constitutions`,
-`system_chat`). Several files merge into one constitution, since Anthropic's is spread over several.
+Our own format is YAML (see constitutions/harmless.yaml), or the same fields as JSON. The loader also reads
+what people already have: Anthropic's prompt files published with the paper (critique/revision requests keyed
+`harmful0..`, the list of comparison principles, the few-shot files) and Hugging Face's llm-swarm JSON
+(`constitutions`, `system_chat`). Several files merge into one constitution, since Anthropic's is spread over
+several; a file may hold examples alone, and a stage refuses only a merged constitution lacking the principles
+it needs.
 """
 
 from __future__ import annotations
@@ -15,14 +17,16 @@ import hashlib
 import json
 import random
 import re
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from caictl.conversation import parse_transcript
-from caictl.errors import UsageError
+from caictl.errors import CaictlError, UsageError
 
 SHIPPED = Path(__file__).parent / "constitutions"
 DEFAULT = "harmless"
+YAML_SUFFIXES = (".yaml", ".yml")  # read and written as YAML; any other file is read as JSON
 
 
 @dataclass
@@ -134,7 +138,8 @@ def load(specs: str | Path | list[str | Path]) -> Constitution:
     ids = [p.id for p in merged.critique_revision] + [p.id for p in merged.comparison]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
-        raise UsageError(f"constitution {merged.name!r}: duplicate principle ids: {', '.join(duplicates)}")
+        raise UsageError(f"constitution {_spec_text(specs)}: duplicate principle ids: {', '.join(duplicates)}; "
+                         "rename them in one file, or merge fewer files")
     return merged
 
 
@@ -145,9 +150,37 @@ def load_for_stage(spec, principle_ids: list[str], section: str) -> Constitution
     if principle_ids:
         constitution = constitution.restrict(principle_ids)
     if not getattr(constitution, section):
+        # A file of examples alone (Anthropic's few-shot files) is valid, but only merged with principles.
         kind = "critique/revision" if section == "critique_revision" else "comparison"
-        raise UsageError(f"constitution {constitution.name!r} has no {kind} principles")
+        given = _spec_text(spec)
+        raise UsageError(f"constitution {given} has no {kind} principles; merge in a file that has them: "
+                         f"--constitution {given},PRINCIPLES_FILE")
     return constitution
+
+
+def validate(specs: list[str]) -> None:
+    """Check every spec, not stopping at the first bad one: `SPEC: ok (...)` on stdout, each error on stderr,
+    then one error naming the failed specs. A comma-separated spec is checked merged."""
+    failed = []
+    for spec in specs:
+        try:
+            loaded = load(spec)
+        except CaictlError as error:
+            failed.append(spec)
+            sys.stderr.write(f"{error}\n")
+            continue
+        line = (f"{spec}: ok ({len(loaded.critique_revision)} critique/revision principles, "
+                f"{len(loaded.comparison)} comparison principles, {len(loaded.few_shot)} few-shot, "
+                f"{len(loaded.label_few_shot)} labelling examples, hash {loaded.content_hash()})")
+        if not loaded.critique_revision and not loaded.comparison:
+            line += f"; examples only: use it merged, --constitution {spec},PRINCIPLES_FILE"
+        print(line)
+    if failed:
+        raise UsageError(f"{len(failed)} of {len(specs)} constitutions failed validation: {', '.join(failed)}")
+
+
+def _spec_text(spec) -> str:
+    return str(spec) if isinstance(spec, (str, Path)) else ",".join(map(str, spec))
 
 
 def shipped_names() -> list[str]:
@@ -164,7 +197,7 @@ def _load_one(spec: str | Path) -> Constitution:
                 f"{spec}: no such constitution file; shipped constitutions: {', '.join(shipped_names())}"
             )
     text = path.read_text(encoding="utf-8")
-    if path.suffix in (".yaml", ".yml"):
+    if path.suffix.lower() in YAML_SUFFIXES:
         import yaml
 
         try:
@@ -251,8 +284,9 @@ def from_yaml_data(data, source: str) -> Constitution:
             problems.append(f"{source}: label_few_shot[{i}].answer: expected A or B")
         labels.append(LabelExample(s.get("messages", []), s.get("response_a", ""), s.get("response_b", ""),
                                    s.get("answer", "A"), s.get("principle", ""), s.get("reasoning", "")))
-    if not sl and not rl:
-        problems.append(f"{source}: no principles: give critique_revision and/or comparison entries")
+    if not (sl or rl or shots or labels):
+        problems.append(f"{source}: nothing in it: give critique_revision, comparison, few_shot or "
+                        "label_few_shot entries")
     if problems:
         raise UsageError("invalid constitution:\n  " + "\n  ".join(problems))
     return Constitution(str(top["name"]), sl, rl, shots, labels, int(top.get("version", 1)),
@@ -290,6 +324,8 @@ def from_external(data, path: Path) -> Constitution:
             for key, value in data.items()
         ]
         return Constitution(name, critique_revision=principles)
+    if isinstance(data, dict) and "name" in data:  # our own format, written as JSON by `convert -o x.json`
+        return from_yaml_data(data, str(path))
     if isinstance(data, list) and data and all(isinstance(item, str) for item in data):
         if "CritiqueRequest:" in data[0]:
             return Constitution(name, few_shot=[_few_shot_from_transcript(item) for item in data])
@@ -365,9 +401,40 @@ def _label_from_precog(prompt: str) -> LabelExample:
 # Writing ------------------------------------------------------------------------------------------------
 
 
+def convert(specs: list[str], out: str | None, name: str | None) -> None:
+    """Merge `specs` into one constitution and write it to `out` in the format its suffix names (YAML or
+    JSON), or as YAML to stdout when `out` is None or '-'."""
+    to_text = to_yaml if out in (None, "-") else _writer_for(Path(out))  # an unknown suffix fails before any reading
+    loaded = load(specs)
+    if name:
+        loaded.name = name
+    text = to_text(loaded)
+    if out in (None, "-"):
+        sys.stdout.write(text)
+    else:
+        Path(out).write_text(text, encoding="utf-8")
+
+
+def _writer_for(path: Path):
+    if path.suffix.lower() in YAML_SUFFIXES:
+        return to_yaml
+    if path.suffix.lower() == ".json":
+        return to_json
+    raise UsageError(f"{path}: cannot tell which format to write; name the output .yaml, .yml or .json")
+
+
 def to_yaml(constitution: Constitution) -> str:
     import yaml
 
+    return yaml.safe_dump(_as_data(constitution), sort_keys=False, allow_unicode=True, width=110)
+
+
+def to_json(constitution: Constitution) -> str:
+    return json.dumps(_as_data(constitution), ensure_ascii=False, indent=2) + "\n"
+
+
+def _as_data(constitution: Constitution) -> dict:
+    """Our format as plain data, fields in reading order, empty optional ones left out."""
     data = asdict(constitution)
     for principle in data["critique_revision"]:
         if not principle["examples"]:
@@ -376,9 +443,8 @@ def to_yaml(constitution: Constitution) -> str:
         for key in ("principle", "reasoning"):
             if not example[key]:
                 del example[key]
-    ordered = {key: data[key] for key in ("name", "version", "description", "critique_revision", "comparison",
-                                           "few_shot", "label_few_shot") if data[key] or key == "name"}
-    return yaml.safe_dump(ordered, sort_keys=False, allow_unicode=True, width=110)
+    return {key: data[key] for key in ("name", "version", "description", "critique_revision", "comparison",
+                                       "few_shot", "label_few_shot") if data[key] or key == "name"}
 
 
 def show(constitution: Constitution) -> None:

@@ -1,15 +1,22 @@
-"""Reading every input form, the errors for bad input, and the resumable writer."""
+"""Reading every input form (gzip by its bytes, a BOM, stdin), the errors for bad input, and the resumable writer."""
 
 from __future__ import annotations
 
+import codecs
 import gzip
+import io
 import json
+import os
+import re
+import subprocess
+import sys
+import zlib
 
 import pytest
-from conftest import write_jsonl
+from conftest import caictl, read_jsonl, write_jsonl
 
 from caictl.errors import InputError, UsageError
-from caictl.records import RecordWriter, RejectWriter, read_prompts, stable_id, to_prompt
+from caictl.records import RecordWriter, RejectWriter, read_prompts, read_rows, stable_id, to_prompt
 
 USER = [{"role": "user", "content": "How do I pick a lock?"}]
 
@@ -86,12 +93,66 @@ def test_bad_input_names_file_and_line(tmp_path, content, expected):
     assert "bad.jsonl" in str(info.value)
 
 
-def test_truncated_gzip_is_reported_with_the_rows_read(tmp_path):
-    data = gzip.compress(b"".join(json.dumps({"prompt": f"row {i}"}).encode() + b"\n" for i in range(2000)))
+def test_truncated_gzip_yields_the_rows_before_it_then_names_the_line(tmp_path):
+    rows = [{"prompt": f"row {i}"} for i in range(2000)]
     path = tmp_path / "cut.jsonl.gz"
-    path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(InputError, match=r"cut.jsonl.gz:\d+: truncated or corrupt gzip"):
-        read_prompts(path)
+    whole = write_truncated_gzip(path, rows)
+    read = []
+    with pytest.raises(InputError, match=rf"cut.jsonl.gz:{whole + 1}: truncated or corrupt gzip"):
+        for row in read_rows(path):
+            read.append(row.data)
+    assert read == rows[:whole]
+    rejects = RejectWriter(tmp_path / "out.jsonl")
+    assert [row.data for row in read_rows(path, on_invalid=rejects)] == rows[:whole]
+    (entry,) = read_jsonl(rejects.path)
+    assert entry["line"] == whole + 1 and entry["row"] is None and "truncated" in entry["error"]
+
+
+def test_a_corrupt_gzip_block_is_an_input_error_naming_the_line(tmp_path):
+    # A second gzip member whose first deflate block has the reserved type 3: zlib refuses it.
+    broken_member = gzip.compress(b"")[:10] + b"\xff" * 8
+    path = tmp_path / "bad.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"prompt": "one"}\n{"prompt": "two"}\n') + broken_member)
+    with pytest.raises(InputError, match=r"bad.jsonl.gz:3: truncated or corrupt gzip data \(Error -3"):
+        list(read_rows(path))
+
+
+@pytest.mark.parametrize("name", ["in.jsonl", "in.txt", "in"])
+def test_gzip_is_recognised_by_its_bytes_whatever_the_name(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(b'{"id": "a", "prompt": "one"}\n{"id": "b", "prompt": "two"}\n'))
+    assert [p.id for p in read_prompts(path)] == ["a", "b"]
+
+
+def test_a_gzipped_json_list_and_plain_text_named_gz(tmp_path):
+    listed = tmp_path / "in.json"
+    listed.write_bytes(gzip.compress(json.dumps([{"id": "a", "prompt": "one"}]).encode()))
+    plain = tmp_path / "in.jsonl.gz"
+    plain.write_bytes(b'{"id": "b", "prompt": "two"}\n')
+    assert [p.id for p in read_prompts(listed)] == ["a"]
+    assert [p.id for p in read_prompts(plain)] == ["b"]
+
+
+@pytest.mark.parametrize("form", ["jsonl", "json", "jsonl gzipped"])
+def test_a_utf8_bom_at_the_start_is_ignored(tmp_path, form):
+    rows = [{"id": "a", "prompt": "caf\u00e9"}, {"id": "b", "prompt": "two"}]
+    text = json.dumps(rows) if form == "json" else "".join(json.dumps(r) + "\n" for r in rows)
+    data = codecs.BOM_UTF8 + text.encode("utf-8")
+    path = tmp_path / ("in.json" if form == "json" else "in.jsonl")
+    path.write_bytes(gzip.compress(data) if form.endswith("gzipped") else data)
+    assert [p.messages[0]["content"] for p in read_prompts(path)] == ["caf\u00e9", "two"]
+
+
+def test_stdin_swapped_in_process_is_read(monkeypatch):
+    # A Python caller or a test runner may set sys.stdin to text over a BytesIO, which cannot peek.
+    data = gzip.compress(b'{"id": "a", "prompt": "one"}\n')
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+    assert [p.id for p in read_prompts("-")] == ["a"]
+
+
+def test_a_directory_is_refused_as_a_directory(tmp_path):
+    with pytest.raises(UsageError, match=rf"^{re.escape(str(tmp_path))}: is a directory; name a"):
+        read_prompts(tmp_path)
 
 
 def test_missing_file_is_a_usage_error(tmp_path):
@@ -115,6 +176,66 @@ def test_hh_rlhf_shared_file_reads_directly(shared_data):
     assert all(p.messages[-1]["role"] == "user" for p in prompts)
     assert len({p.id for p in prompts}) == 1500
     assert "rejected" in prompts[0].extra
+
+
+# Through the real CLI: `sample --from-revisions` reads with --skip-invalid and loads no model.
+
+
+def revision_rows(count: int) -> list[dict]:
+    return [{"id": f"r{i}", "messages": [{"role": "user", "content": f"question {i}"}],
+             "initial_response": f"first {i}", "response": f"revised {i}"} for i in range(count)]
+
+
+def jsonl_bytes(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode("utf-8")
+
+
+def write_truncated_gzip(path, rows: list[dict]) -> int:
+    """Writes the first half of a real gzip stream of the rows; returns how many whole lines that half holds."""
+    cut = gzip.compress(jsonl_bytes(rows))
+    cut = cut[: len(cut) // 2]
+    path.write_bytes(cut)
+    whole = zlib.decompressobj(wbits=31).decompress(cut).count(b"\n")
+    assert 0 < whole < len(rows)
+    return whole
+
+
+def caictl_bytes_on_stdin(data: bytes, *args) -> subprocess.CompletedProcess:
+    """The real command line with raw bytes on stdin (conftest's runner sends text)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAICTL_")}
+    return subprocess.run([sys.executable, "-m", "caictl", *map(str, args)], input=data, env=env,
+                          capture_output=True, timeout=600)
+
+
+@pytest.mark.parametrize("encode", [gzip.compress, lambda data: codecs.BOM_UTF8 + data,
+                                    lambda data: gzip.compress(codecs.BOM_UTF8 + data)],
+                         ids=["gzip", "bom", "gzipped bom"])
+def test_cli_reads_gzip_and_a_bom_on_stdin(encode):
+    result = caictl_bytes_on_stdin(encode(jsonl_bytes(revision_rows(3))), "sample", "--from-revisions")
+    assert result.returncode == 0, result.stderr.decode()
+    assert [json.loads(line)["id"] for line in result.stdout.decode().splitlines()] == ["r0", "r1", "r2"]
+
+
+def test_cli_refuses_a_directory_by_name(tmp_path):
+    result = caictl("sample", "--from-revisions", tmp_path, check=False)
+    assert result.returncode == 2
+    assert f"caictl: error: {tmp_path}: is a directory; name a" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_truncated_gzip_uses_the_rows_before_it_only_with_skip_invalid(tmp_path):
+    rows = revision_rows(2000)
+    path, out = tmp_path / "revisions.jsonl.gz", tmp_path / "pairs.jsonl"
+    whole = write_truncated_gzip(path, rows)
+    refused = caictl("sample", "--from-revisions", path, "-o", out, check=False)
+    assert refused.returncode == 2
+    assert f"{path}:{whole + 1}: truncated or corrupt gzip data" in refused.stderr
+    assert not out.exists() or read_jsonl(out) == []
+    result = caictl("sample", "--from-revisions", path, "-o", out, "--skip-invalid")
+    assert [r["id"] for r in read_jsonl(out)] == [r["id"] for r in rows[:whole]]
+    (reject,) = read_jsonl(f"{out}.rejects.jsonl")
+    assert reject["line"] == whole + 1 and "truncated or corrupt gzip data" in reject["error"]
+    assert f"warning: {path}:{whole + 1}: truncated or corrupt gzip data" in result.stderr
 
 
 def test_writer_resumes_and_drops_a_truncated_last_line(tmp_path):

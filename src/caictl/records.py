@@ -1,23 +1,28 @@
 """Records: reading input rows, normalising prompts, and writing output that survives a killed run.
 
-Inputs are `.jsonl`, `.jsonl.gz`, `.json` (a list of objects) or `-` (stdin). Every problem is reported as
-`FILE:LINE: what is wrong`. Outputs are appended and flushed batch by batch; running the same command again
-resumes: rows already written are skipped, and a truncated last line (a run killed mid-write) is dropped.
+Inputs are JSONL (one object a line), a `.json` list of objects, or `-` (stdin), UTF-8 with or without a BOM;
+gzip is recognised by its first bytes, whatever the name. Every problem is reported as `FILE:LINE: what is
+wrong`. Outputs are appended and flushed batch by batch; running the same command again resumes: rows already
+written are skipped, and a truncated last line (a run killed mid-write) is dropped.
 """
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
 import io
 import json
 import sys
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 from caictl.conversation import ROLES, parse_transcript, up_to_last_user_turn
 from caictl.errors import InputError, UsageError
+from caictl.ui import log
 
 STDIN = "-"
 # Flags of a revise step that rule its revision out: revise does not build on it, sft does not train on it.
@@ -53,17 +58,27 @@ class Prompt:
 
 
 def read_rows(path: str | Path | None, on_invalid=None) -> Iterator[Row]:
-    """Yield every object in a file. A line that is not UTF-8 JSON raises InputError naming file:line, or
-    goes to `on_invalid(row, reason)` when given. A truncated gzip always raises."""
+    """Yield every object in a file, line by line as it is read. A line that is not UTF-8 JSON raises
+    InputError naming file:line, or goes to `on_invalid(row, reason)` when given. Gzip data that is truncated
+    or corrupt does the same once the rows before it are yielded, and ends the reading there."""
     source = STDIN if path in (None, STDIN) else str(path)
-    if source != STDIN and not Path(source).exists():
-        raise UsageError(f"{source}: no such file")
+    _check_path(source)
     if source.endswith(".json"):
         yield from _read_json_list(source)
         return
-    line = 0
-    try:
-        for line, raw in enumerate(_open_lines(source), start=1):
+    with _open_input(source) as stream:
+        line = 0
+        while True:
+            try:
+                raw = stream.readline()
+            except GZIP_DAMAGE as error:
+                _damaged_gzip(source, line, error, on_invalid)
+                return
+            if not raw:
+                return
+            line += 1
+            if line == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)  # editors on Windows write one; it is not part of the JSON
             try:
                 text = raw.decode("utf-8")
                 if not text.strip():
@@ -79,26 +94,67 @@ def read_rows(path: str | Path | None, on_invalid=None) -> Iterator[Row]:
             if on_invalid is None:
                 raise InputError(f"{source}:{line}: {reason}")
             on_invalid(Row(source, line, raw.decode("utf-8", errors="replace").rstrip("\n")), reason)
-    except (EOFError, gzip.BadGzipFile, OSError) as error:
-        if isinstance(error, FileNotFoundError):
-            raise UsageError(f"{source}: no such file")
-        raise InputError(f"{source}:{line + 1}: truncated or corrupt gzip data ({error}); the rows before it were read")
 
 
-def _open_lines(source: str) -> Iterator[bytes]:
+GZIP_MAGIC = b"\x1f\x8b"
+# What gzip raises mid-stream: EOFError when the data ends early, zlib.error on a damaged block, BadGzipFile on a
+# bad checksum or header.
+GZIP_DAMAGE = (EOFError, zlib.error, gzip.BadGzipFile)
+
+
+def _check_path(source: str) -> None:
     if source == STDIN:
-        yield from io.BytesIO(sys.stdin.buffer.read())
-    elif source.endswith(".gz"):
-        with gzip.open(source, "rb") as handle:
-            yield from handle
-    else:
-        with open(source, "rb") as handle:
-            yield from handle
+        return
+    if not Path(source).exists():
+        raise UsageError(f"{source}: no such file")
+    if Path(source).is_dir():
+        raise UsageError(f"{source}: is a directory; name a .jsonl, .jsonl.gz or .json file, or - for stdin")
+
+
+@contextmanager
+def _open_input(source: str) -> Iterator[IO[bytes]]:
+    """The input's bytes, decompressed when they start with gzip's magic number, whatever the file is called."""
+    if source == STDIN:
+        # Not ours to close. A stdin swapped for a BytesIO (a test runner, a Python caller) cannot peek.
+        handle = sys.stdin.buffer
+        yield _gunzip_if_gzip(handle if hasattr(handle, "peek") else io.BufferedReader(handle))
+        return
+    try:
+        handle = open(source, "rb")
+    except OSError as error:
+        raise UsageError(f"{source}: cannot be read ({error.strerror}); check its permissions")
+    with handle:
+        yield _gunzip_if_gzip(handle)
+
+
+def _gunzip_if_gzip(handle: io.BufferedReader) -> IO[bytes]:
+    # Peek, not read and seek back: stdin and `<(zcat ...)` are pipes, which cannot seek.
+    if handle.peek(2)[:2] == GZIP_MAGIC:
+        return gzip.GzipFile(fileobj=handle, mode="rb")
+    return handle
+
+
+def _damaged_gzip(source: str, lines_read: int, error: Exception, on_invalid) -> None:
+    where = f"{source}:{lines_read + 1}"
+    if on_invalid is None:
+        raise InputError(f"{where}: truncated or corrupt gzip data ({error}); re-create or re-download the file "
+                         f"(--skip-invalid, in the stages that have it, keeps the {lines_read} line(s) before it)")
+    reason = (f"truncated or corrupt gzip data ({error}); the {lines_read} line(s) before it were read, "
+              "the rest of the file is lost")
+    # One reject entry stands for an unknown number of lost rows, so say it where it will be seen.
+    log(f"warning: {where}: {reason}")
+    on_invalid(Row(source, lines_read + 1, None), reason)
 
 
 def _read_json_list(source: str) -> Iterator[Row]:
+    # A JSON list is parsed whole: there is no row to yield before its closing bracket.
     try:
-        data = json.loads(Path(source).read_bytes().decode("utf-8"))
+        with _open_input(source) as stream:
+            content = stream.read()
+    except GZIP_DAMAGE as error:
+        raise InputError(f"{source}: truncated or corrupt gzip data ({error}); re-create or re-download the file")
+    try:
+        data = json.loads(content.decode("utf-8-sig"))
     except UnicodeDecodeError as error:
         raise InputError(f"{source}: not valid UTF-8 (byte {error.start}); re-encode the file as UTF-8")
     except json.JSONDecodeError as error:

@@ -104,7 +104,7 @@ def test_cot_question_reasons_before_the_answer(tiny_model):
     assert question.endswith(judge.COT_CUE)
     example = c.load("harmless").label_few_shot[0]
     assert example.reasoning in question and judge.COT_ANSWER_CUE in question
-    reasoned = the_judge._with_reasoning([question], ["k"])[0]
+    reasoned = the_judge._with_reasoning([question], ["k"])[0][0]
     assert reasoned.startswith(question) and reasoned.endswith(judge.COT_ANSWER_CUE)
 
 

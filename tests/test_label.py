@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import llama_server
 import pytest
@@ -12,7 +14,9 @@ from scripted_engine import ScriptedEngine, question_parts
 
 from caictl import constitution as c
 from caictl import judge
+from caictl.conversation import parse_transcript
 from caictl.engines import load_engine
+from caictl.records import stable_id
 from caictl.stages import label
 
 llama_server_url = llama_server.llama_server_url
@@ -323,3 +327,113 @@ def test_cot_reasoning_is_marked_as_content_and_reads_as_written(tmp_path):
     read = scored[0][len(asked[0]):]
     assert tokens.unmark(read) == f" {reasoning.strip()}\n{judge.COT_ANSWER_CUE}"
     assert tokens.MARK_OPEN + "<|im_end|>" + tokens.MARK_CLOSE in read
+
+
+# Comparisons people already have, and Anthropic's samples -------------------------------------------------------
+
+HH_RLHF = ("hh-rlhf", "harmless-base-test.part-a.jsonl.gz")
+RL_SAMPLES = ("anthropic-samples", "PALMS_RLMADISON.first5.jsonl")
+
+
+def _hh_rows(shared_data, count: int) -> list[dict]:
+    import gzip
+
+    with gzip.open(shared_data.joinpath(*HH_RLHF), "rt", encoding="utf-8") as handle:
+        return [json.loads(next(handle)) for _ in range(count)]
+
+
+def _prefers(texts):
+    """A judge that prefers whichever response is in `texts`, in either slot."""
+    return lambda principle, a, b: 0.9 if a in texts else 0.1 if b in texts else 0.5
+
+
+def test_hh_rlhf_rows_are_labelled_as_pairs_that_keep_the_human_choice(tmp_path, shared_data):
+    rows = _hh_rows(shared_data, 8)
+    # Each transcript: the conversation, then "\n\nAssistant:" and the labelled reply.
+    conversations = [parse_transcript(r["chosen"].rsplit("\n\nAssistant:", 1)[0]) for r in rows]
+    people = [r["chosen"].rsplit("\n\nAssistant:", 1)[1].strip() for r in rows]
+    others = [r["rejected"].rsplit("\n\nAssistant:", 1)[1].strip() for r in rows]
+    path = str(shared_data.joinpath(*HH_RLHF))
+    for texts, agreement in ((set(people), 1.0), (set(others), 0.0)):
+        out = tmp_path / f"prefs-{agreement}.jsonl"
+        label.run(label.LabelConfig(pairs=path, out=str(out), limit=8), engine=ScriptedEngine(_prefers(texts)))
+        records = read_jsonl(out)
+        assert [r["prompt"] for r in records] == conversations
+        assert [{r["chosen"][0]["content"], r["rejected"][0]["content"]} for r in records] == \
+            [{p, o} for p, o in zip(people, others)]
+        assert all((r["chosen_index"] == r["human_chosen_index"]) == (agreement == 1.0) for r in records)
+        assert json.loads(Path(f"{out}.summary.json").read_text())["agreement_with_people"] == agreement
+    # The person's choice is not always in the first slot.
+    assert {r["human_chosen_index"] for r in records} == {0, 1}
+
+
+def test_prompt_chosen_rejected_rows_are_labelled_as_pairs(tmp_path):
+    ladder = [{"role": "user", "content": "Can I borrow a ladder?"}]
+    tea = [{"role": "user", "content": "Tea?"}]
+    rows = write_jsonl(tmp_path / "rows.jsonl", [
+        {"id": "transcript", "prompt": "\n\nHuman: Can I borrow a ladder?\n\nAssistant:", "chosen": " Sure, here.",
+         "rejected": " No."},
+        {"id": "text", "prompt": "Tea?", "chosen": "Yes please.", "rejected": "Never."},
+        {"id": "trl", "prompt": tea, "chosen": [{"role": "assistant", "content": "Yes please."}],
+         "rejected": [{"role": "assistant", "content": "Never."}]},
+        {"id": "implicit", "chosen": ladder + [{"role": "assistant", "content": "Sure, here."}],
+         "rejected": ladder + [{"role": "assistant", "content": "No."}]},
+        # hh-rlhf style, without ids, the same conversation twice; one reply holds a stray turn marker.
+        {"chosen": "\n\nHuman: Tea?\n\nAssistant: Yes please.", "rejected": "\n\nHuman: Tea?\n\nAssistant: Never."},
+        {"chosen": "\n\nHuman: Tea?\n\nAssistant: Yes please.\n\nAssistant: Milk too.",
+         "rejected": "\n\nHuman: Tea?\n\nAssistant: Never."},
+        # caictl label output, labelled again: a labeller chose between these, not a person.
+        {"id": "relabel", "prompt": tea, "chosen": [{"role": "assistant", "content": "Yes please."}],
+         "rejected": [{"role": "assistant", "content": "Never."}], "p_chosen": 0.7, "chosen_index": 1},
+    ])
+    out = tmp_path / "prefs.jsonl"
+    engine = ScriptedEngine(_prefers({"Sure, here.", "Yes please.", "Yes please.\n\nAssistant: Milk too."}))
+    label.run(label.LabelConfig(pairs=str(rows), out=str(out)), engine=engine)
+    records = read_jsonl(out)
+    assert [(r["id"], r["prompt"], r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in records] == [
+        ("transcript", ladder, "Sure, here.", "No."), ("text", tea, "Yes please.", "Never."),
+        ("trl", tea, "Yes please.", "Never."), ("implicit", ladder, "Sure, here.", "No."),
+        (stable_id(tea), tea, "Yes please.", "Never."),
+        (stable_id(tea) + "-2", tea, "Yes please.\n\nAssistant: Milk too.", "Never."),
+        ("relabel", tea, "Yes please.", "Never.")]
+    assert all(r["chosen_index"] == r["human_chosen_index"] for r in records[:-1])
+    assert "human_chosen_index" not in records[-1]
+
+
+def test_anthropic_rl_samples_are_labelled_without_the_turn_they_stop_on(tmp_path, shared_data):
+    path = shared_data.joinpath(*RL_SAMPLES)
+    rows = read_jsonl(path)
+    out = tmp_path / "prefs.jsonl"
+    label.run(label.LabelConfig(pairs=str(path), out=str(out)), engine=ScriptedEngine())
+    records = read_jsonl(out)
+    # Each sample stops where the model began the next turn ("\n\nHuman:") or wrote "<EOT>" (row 2's first).
+    assert rows[1]["sampled_answers"][0]["sampled_string"].endswith("<EOT>")
+    answers = [[re.sub(r"(\n\nHuman:|<EOT>)\s*$", "", a["sampled_string"]).strip() for a in r["sampled_answers"][:2]]
+               for r in rows]
+    assert [sorted([r["chosen"][0]["content"], r["rejected"][0]["content"]]) for r in records] == \
+        [sorted(pair) for pair in answers]
+    assert [r["prompt"] for r in records] == [parse_transcript(r["rl_prompt"])[:1] for r in rows]
+    assert not any("human_chosen_index" in r for r in records)  # nobody chose between these
+    constitution = c.load_for_stage("harmless", [], "comparison")
+    every = label.read_comparisons(label.LabelConfig(pairs=str(path), pairing="all"), constitution, None)
+    assert len(every) == 5 * (17 * 16 // 2)
+
+
+def test_pairs_that_are_not_one_conversation_name_the_line(tmp_path, tiny_model, shared_data):
+    rows = write_jsonl(tmp_path / "bad.jsonl", [
+        _hh_rows(shared_data, 1)[0],
+        {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello", "rejected": "\n\nHuman: Bye\n\nAssistant: Ciao"},
+        {"rl_prompt": "\n\nHuman: Hi\n\nAssistant:", "sampled_answers": ["Hello", "Ciao"]},
+    ])
+    result = _run(rows, tiny_model, check=False)
+    assert result.returncode == 2
+    assert "bad.jsonl:2: 'chosen' and 'rejected' differ before their last reply" in " ".join(result.stderr.split())
+    result = _run(rows, tiny_model, "--skip-invalid", "-o", tmp_path / "prefs.jsonl")
+    rejected = read_jsonl(tmp_path / "prefs.jsonl.rejects.jsonl")
+    assert [(r["line"], r["error"]) for r in rejected] == [
+        (2, "'chosen' and 'rejected' differ before their last reply; expected two replies to one conversation"),
+        (3, "'sampled_answers' must be a list of at least two objects with a 'sampled_string'")]
+    labelled, = read_jsonl(tmp_path / "prefs.jsonl")  # the hh-rlhf row, by the tiny model
+    assert labelled["human_chosen_index"] in (0, 1)
+    summary = json.loads((tmp_path / "prefs.jsonl.summary.json").read_text())
+    assert summary["agreement_with_people"] == float(labelled["chosen_index"] == labelled["human_chosen_index"])

@@ -261,3 +261,45 @@ def test_writer_refuses_to_append_under_other_settings(tmp_path):
     with pytest.raises(UsageError, match=r"out.jsonl:1: was written with other settings \(rounds: 4 there, 2 now\)"):
         RecordWriter(out, {"model": "m1", "rounds": 2})
     assert RecordWriter(out, {"model": "m1", "rounds": 2}, overwrite=True).done == set()
+
+
+ANTHROPIC = ("anthropic-samples", "LAMDA_SLMADISON.first5.jsonl", "PALMS_RLMADISON.first5.jsonl")
+
+
+def test_anthropic_sl_and_rl_samples_read_as_prompts(shared_data):
+    folder, sl, rl = ANTHROPIC
+    sl_prompts = read_prompts(shared_data / folder / sl)
+    rl_prompts = read_prompts(shared_data / folder / rl)
+    assert [p.messages for p in sl_prompts[:2]] == [
+        [{"role": "user", "content": "What is the best career path if you’re a woman?"}],
+        [{"role": "user", "content": "What is your opinion on plastic straws?"}]]
+    assert rl_prompts[0].messages == [{"role": "user", "content": "Why do people threaten to bomb public places?"}]
+    assert len(sl_prompts) == len(rl_prompts) == 5
+    assert all(len(p.messages) == 1 and "Human:" not in p.messages[0]["content"] for p in sl_prompts + rl_prompts)
+    assert "cst" in sl_prompts[0].extra and "sampled_answers" in rl_prompts[0].extra
+
+
+TRANSCRIPT_PROMPT = "\n\nHuman: first\n\nAssistant: reply\n\nHuman: second\n\nAssistant:"
+PARSED = [{"role": "user", "content": "first"}, {"role": "assistant", "content": "reply"},
+          {"role": "user", "content": "second"}]
+
+
+def test_a_prompt_string_is_a_transcript_when_it_starts_with_a_human_turn(tmp_path, shared_data):
+    from caictl.pm import comparison_of
+    from caictl.records import Row
+    from caictl.stages import dpo, sft
+
+    assert to_prompt({"prompt": TRANSCRIPT_PROMPT}).messages == PARSED
+    assert to_prompt({"prompt": TRANSCRIPT_PROMPT.lstrip()}).messages == PARSED  # "Human: ..." at the very start
+    # The same prompt where the other readers take a `prompt` string: PM texts, DPO rows, sft chat rows.
+    pm = comparison_of({"prompt": TRANSCRIPT_PROMPT, "chosen": " yes", "rejected": " no"})
+    assert pm.chosen == "\n\nHuman: first\n\nAssistant: reply\n\nHuman: second\n\nAssistant: yes"
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": TRANSCRIPT_PROMPT, "chosen": "yes", "rejected": "no"}])
+    (row,), _ = dpo.read_pairs(dpo.DPOConfig(prefs=[str(prefs)], out=str(tmp_path / "dpo")))
+    assert row["prompt"] == PARSED
+    chat = sft.chat_conversation(Row("c.jsonl", 1, {"prompt": TRANSCRIPT_PROMPT, "completion": "yes"}))
+    assert chat == PARSED + [{"role": "assistant", "content": "yes"}]
+    # Anthropic's HHH evaluation questions quote "Human:" inside: they stay one user message.
+    hhh = json.loads((shared_data / "anthropic-evals" / "438HHHEvaluations.part-a.jsonl").read_text().splitlines()[0])
+    assert "\n\nHuman:" in hhh["prompt"]
+    assert to_prompt(hhh).messages == [{"role": "user", "content": hhh["prompt"]}]

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 from conftest import EXAMPLES, caictl, read_jsonl, write_jsonl
+
+from caictl.conversation import parse_transcript
 
 FAST = ["--max-new-tokens", "10", "--batch-size", "8"]
 
@@ -51,3 +55,35 @@ def test_pairs_from_revisions_need_no_model(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"id": "x", "messages": []}])
     result = caictl("sample", "--from-revisions", bad, check=False)
     assert result.returncode == 2 and "bad.jsonl:1: not a revise record" in result.stderr
+
+
+def test_pairs_from_revise_hf_output(tmp_path, tiny_model):
+    hf = tmp_path / "hf.jsonl"
+    caictl("revise", EXAMPLES / "red-team.jsonl", "-o", hf, "--model", tiny_model, "--limit", "4", "--rounds", "1",
+           "--format", "hf", *FAST)
+    rows = read_jsonl(hf)
+    # --format hf ends `messages` with the final revision, or with the first answer when none was usable.
+    expected = [(r["id"], r["messages"][:-1], [r["init_response"], r["messages"][-1]["content"]])
+                for r in rows if r["messages"][-1]["content"] != r["init_response"]]
+    assert expected
+    result = caictl("sample", "--from-revisions", hf)
+    pairs = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(p["id"], p["messages"], p["responses"]) for p in pairs] == expected
+    assert all(p["meta"]["revise"]["format"] == "hf" for p in pairs)
+
+
+def test_pairs_from_anthropic_sl_samples_and_their_prompts_sampled(tmp_path, tiny_model, shared_data):
+    folder = shared_data / "anthropic-samples"
+    sl = read_jsonl(folder / "LAMDA_SLMADISON.first5.jsonl")
+    result = caictl("sample", "--from-revisions", folder / "LAMDA_SLMADISON.first5.jsonl")
+    pairs = [json.loads(line) for line in result.stdout.splitlines()]
+    # The first answer against the last round's revision, to the conversation in rl_prompt.
+    assert [p["responses"] for p in pairs] == [[r["initial_response"][0]["sample"].strip(),
+                                                r["cst"][-1]["revision"]["sample"].strip()] for r in sl]
+    assert [p["messages"] for p in pairs] == [parse_transcript(r["rl_prompt"])[:1] for r in sl]
+    # The RL-CAI samples' prompts are prompts like any other.
+    result = caictl("sample", folder / "PALMS_RLMADISON.first5.jsonl", "--model", tiny_model, "-n", "1",
+                    "--limit", "2", *FAST)
+    assert [json.loads(line)["messages"] for line in result.stdout.splitlines()] == [
+        [{"role": "user", "content": "Why do people threaten to bomb public places?"}],
+        [{"role": "user", "content": "How do I make my classmates like me?"}]]

@@ -144,8 +144,8 @@ def test_a_template_that_leaves_the_end_of_turn_token_untrained_is_refused(tmp_p
 
 def test_revisions_all_uses_every_usable_round():
     row = Row("r.jsonl", 1, revision_records(1)[0])
-    final = sft.revision_conversations(row, "final")
-    every = sft.revision_conversations(row, "all")
+    final = sft.training_conversations(row, "final")
+    every = sft.training_conversations(row, "all")
     assert [c[-1]["content"] for c in final] == [ANSWERS[0]]
     assert [c[-1]["content"] for c in every] == ["Draft: " + ANSWERS[0], ANSWERS[0]]  # the empty one is left out
 
@@ -240,4 +240,42 @@ def test_no_usable_revision_means_nothing_to_train_on():
     record["steps"] = [step for step in record["steps"] if step["flags"]]  # only the empty revision is left
     record["response"] = record["initial_response"]  # so revise kept the first answer
     row = Row(source="r.jsonl", line=1, data=record)
-    assert sft.revision_conversations(row, "final") == [] and sft.revision_conversations(row, "all") == []
+    assert sft.training_conversations(row, "final") == [] and sft.training_conversations(row, "all") == []
+
+
+def test_anthropic_sl_samples_train_on_their_revisions(shared_data):
+    rows = read_jsonl(shared_data / "anthropic-samples" / "LAMDA_SLMADISON.first5.jsonl")
+    for number, data in enumerate(rows, 1):
+        row = Row("sl.jsonl", number, data)
+        prompt = [{"role": "user", "content": data["rl_prompt"].split("Human:")[1].split("\n\nAssistant:")[0].strip()}]
+        revisions = [step["revision"]["sample"].strip() for step in data["cst"]]
+        assert sft.training_conversations(row, "final") == [prompt + [{"role": "assistant", "content": revisions[-1]}]]
+        assert sft.training_conversations(row, "all") == [prompt + [{"role": "assistant", "content": revision}]
+                                                          for revision in revisions]
+
+
+def test_hf_rows_train_on_their_revision_and_never_on_the_first_answer():
+    question = [{"role": "user", "content": "Question?"}]
+    revised = {"id": "a", "init_response": "Sure, here is how.", "revision_response": ANSWERS[0],
+               "messages": question + [{"role": "assistant", "content": ANSWERS[0]}]}
+    # No usable revision: revise --format hf ends `messages` with the first answer.
+    unrevised = {**revised, "messages": question + [{"role": "assistant", "content": "Sure, here is how."}]}
+    assert sft.training_conversations(Row("hf.jsonl", 1, revised), "final") == [revised["messages"]]
+    assert sft.training_conversations(Row("hf.jsonl", 2, unrevised), "final") == []
+
+
+def test_chat_rows_and_anthropic_samples_are_main_input(tmp_path, tiny_model, shared_data):
+    chats = write_jsonl(tmp_path / "chats.jsonl", [
+        {"messages": [{"role": "user", "content": "Boil an egg?"}, {"role": "assistant", "content": "Ten minutes."}]},
+        {"prompt": "\n\nHuman: Capital of France?\n\nAssistant:", "completion": " Paris."},
+    ])
+    sl = shared_data / "anthropic-samples" / "LAMDA_SLMADISON.first5.jsonl"
+    out = tmp_path / "sl-cai"
+    caictl("sft", sl, chats, "-o", out, "--model", tiny_model, "--max-steps", "1", "--max-length", "128")
+    assert json.loads((out / "caictl.json").read_text())["metrics"]["examples_per_source"] == {"revisions": 7}
+    assert [sft.chat_conversation(Row("chats.jsonl", i + 1, r)) for i, r in enumerate(read_jsonl(chats))][1] == [
+        {"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"messages": [{"role": "user", "content": "Hi?"}]}])
+    result = caictl("sft", prompts, "-o", tmp_path / "b", "--model", tiny_model, check=False)
+    assert result.returncode == 2
+    assert "prompts.jsonl:1: the conversation must end with an assistant message" in " ".join(result.stderr.split())

@@ -441,7 +441,7 @@ def dpo_command(
 
 @app.command("sft")
 def sft_command(
-    revisions: Annotated[list[str], typer.Argument(help="revise output file(s).")],
+    revisions: Annotated[list[str], typer.Argument(help="revise output or chat data file(s): the rows --mix reads.")],
     out: Annotated[str, typer.Option("--out", "-o", help="Output model folder.")],
     model: Model = None,
     revisions_mode: Annotated[str, typer.Option(

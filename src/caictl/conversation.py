@@ -31,6 +31,20 @@ def parse_transcript(text: str) -> list[dict]:
     return messages
 
 
+def prompt_from_text(text: str) -> list[dict]:
+    """A prompt given as one string: a transcript when it starts with a human turn, else one user message.
+
+    Only a leading turn marks a transcript: Anthropic's HHH evaluation prompts quote "Human:" inside a question
+    that is itself one user message."""
+    if not text.startswith(("\n\nHuman:", "Human:")):
+        return [{"role": "user", "content": text}]
+    messages = parse_transcript(text if text.startswith("\n") else "\n\n" + text)
+    # A closing "\n\nAssistant:" is the cue for the reply, not a turn of its own.
+    if messages[-1] == {"role": "assistant", "content": ""}:
+        messages.pop()
+    return messages
+
+
 def render_transcript(messages: list[dict], open_assistant_turn: bool = False) -> str:
     """Messages as an Anthropic transcript; optionally end with an open "\\n\\nAssistant:" cue. Control tokens in
     content come out marked (caictl.tokens.mark: invisible unless content holds one; engines read or drop them)."""

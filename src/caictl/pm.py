@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from caictl import tokens
-from caictl.conversation import render_transcript
+from caictl.conversation import prompt_from_text, render_transcript
 from caictl.errors import UsageError
 from caictl.generation import Cuts
 
@@ -46,9 +46,10 @@ def comparison_of(data) -> Comparison:
 def _text(prompt, response) -> str:
     if isinstance(response, str) and prompt is None:
         return response  # an hh-rlhf transcript, already whole
-    messages = prompt if isinstance(prompt, list) else ([{"role": "user", "content": prompt}] if prompt else [])
+    messages = prompt if isinstance(prompt, list) else (prompt_from_text(prompt) if prompt else [])
     if isinstance(response, str):
-        response = [{"role": "assistant", "content": response}]
+        # A reply written to follow "Assistant:" starts with a space; the transcript puts one there itself.
+        response = [{"role": "assistant", "content": response.strip()}]
     if not isinstance(response, list):
         raise ValueError("'chosen' / 'rejected' must be text or a list of messages")
     return render_transcript(messages + response)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-from caictl.conversation import ROLES, parse_transcript, up_to_last_user_turn
+from caictl.conversation import ROLES, parse_transcript, prompt_from_text, up_to_last_user_turn
 from caictl.errors import InputError, UsageError
 from caictl.ui import log
 
@@ -198,7 +198,8 @@ def read_prompts(path: str | Path | None, on_invalid=None) -> list[Prompt]:
     return prompts
 
 
-PROMPT_FIELDS = ("messages", "prompt", "chosen", "transcript", "init_prompt")
+PROMPT_FIELDS = ("messages", "prompt", "chosen", "transcript", "init_prompt", "rl_prompt")
+TRANSCRIPT_FIELDS = ("chosen", "transcript", "rl_prompt")  # rl_prompt: Anthropic's SL-CAI and RL-CAI samples
 
 
 def to_prompt(data: Any) -> Prompt:
@@ -212,12 +213,12 @@ def to_prompt(data: Any) -> Prompt:
     value = data[name]
     if name in ("messages", "prompt") and isinstance(value, list):
         messages = _check_messages(value, name)
-    elif name in ("prompt", "init_prompt") and isinstance(value, str):
+    elif name == "prompt" and isinstance(value, str):
+        messages = prompt_from_text(value)
+    elif name == "init_prompt" and isinstance(value, str):
         messages = [{"role": "user", "content": value}]
-    elif name in ("chosen", "transcript") and isinstance(value, str):
-        messages = parse_transcript(value)
-        if not any(m["role"] == "user" for m in messages):
-            raise ValueError(f"{name!r} is not a '\\n\\nHuman: ... \\n\\nAssistant: ...' transcript")
+    elif name in TRANSCRIPT_FIELDS and isinstance(value, str):
+        messages = _transcript(value, name)
     else:
         raise ValueError(f"field {name!r} has the wrong type ({type(value).__name__})")
     messages = up_to_last_user_turn(messages)
@@ -225,15 +226,13 @@ def to_prompt(data: Any) -> Prompt:
         raise ValueError(f"field {name!r} has no user message")
     if not messages[-1]["content"].strip():
         raise ValueError("the last user message is empty")
-    raw_id = data.get("id")
-    if raw_id is not None and not isinstance(raw_id, (str, int)):
-        raise ValueError(f"'id' must be a string or an integer, got {type(raw_id).__name__}")
-    prompt_id = str(raw_id) if raw_id is not None else stable_id(messages)
     extra = {key: value for key, value in data.items() if key not in ("id", name)}
-    return Prompt(prompt_id, messages, extra)
+    return Prompt(_row_id(data, messages), messages, extra)
 
 
 def _check_messages(value: list, name: str) -> list[dict]:
+    if not isinstance(value, list):
+        raise ValueError(f"{name!r} must be a list of messages, got {type(value).__name__}")
     messages = []
     for index, message in enumerate(value):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
@@ -246,6 +245,204 @@ def _check_messages(value: list, name: str) -> list[dict]:
     if not messages:
         raise ValueError(f"{name!r} is an empty list")
     return messages
+
+
+def _transcript(value: Any, name: str) -> list[dict]:
+    if not isinstance(value, str):
+        raise ValueError(f"field {name!r} has the wrong type ({type(value).__name__})")
+    messages = parse_transcript(value)
+    if not any(m["role"] == "user" for m in messages):
+        raise ValueError(f"{name!r} is not a '\\n\\nHuman: ... \\n\\nAssistant: ...' transcript")
+    return messages
+
+
+def _row_id(data: dict, messages: list[dict]) -> str:
+    raw_id = data.get("id")
+    if raw_id is not None and not isinstance(raw_id, (str, int)):
+        raise ValueError(f"'id' must be a string or an integer, got {type(raw_id).__name__}")
+    return str(raw_id) if raw_id is not None else stable_id(messages)
+
+
+# Where Anthropic's sampled texts stop: the model began the next human turn, or wrote its end-of-text marker.
+SAMPLE_ENDS = ("\n\nHuman:", "<EOT>")
+
+
+def anthropic_sample(text: str) -> str:
+    """A response as Anthropic's sample files hold it, without the marker its sampling stopped on."""
+    previous = None
+    while previous != text:
+        previous, text = text, text.strip()
+        for end in SAMPLE_ENDS:
+            text = text.removesuffix(end)
+    return text
+
+
+@dataclass
+class Pairs:
+    """Responses to one conversation, to be compared two by two (label's input)."""
+
+    id: str
+    messages: list[dict]
+    responses: list[str]
+    human_chosen_index: int | None = None  # the response a person preferred, for rows that say
+    extra: dict = field(default_factory=dict)
+
+
+PAIRS_FORMS = ("'messages' + 'responses' (caictl sample), 'rl_prompt' + 'sampled_answers' (Anthropic's RL-CAI "
+               "samples), or 'chosen' + 'rejected' (hh-rlhf transcripts, or replies to a 'prompt')")
+# The fields a pairs row is read from; the others are carried through.
+PAIRS_FIELDS = ("id", "messages", "responses", "finish_reasons", "meta", "rl_prompt", "sampled_answers", "prompt",
+                "chosen", "rejected", "human_chosen_index")
+
+
+def to_pairs(data: Any) -> Pairs:
+    """Normalise one row of responses to compare. Raises ValueError saying what is wrong."""
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    extra = {key: value for key, value in data.items() if key not in PAIRS_FIELDS}
+    if "messages" in data and "responses" in data:
+        responses = data["responses"]
+        if not isinstance(responses, list) or len(responses) < 2 or not all(isinstance(r, str) for r in responses):
+            raise ValueError("'responses' must be a list of at least two strings")
+        messages = _check_messages(data["messages"], "messages")
+        return Pairs(_row_id(data, messages), messages, responses, extra=extra)
+    if "rl_prompt" in data and "sampled_answers" in data:
+        answers = data["sampled_answers"]
+        if not isinstance(answers, list) or len(answers) < 2 \
+                or not all(isinstance(a, dict) and isinstance(a.get("sampled_string"), str) for a in answers):
+            raise ValueError("'sampled_answers' must be a list of at least two objects with a 'sampled_string'")
+        messages = up_to_last_user_turn(_transcript(data["rl_prompt"], "rl_prompt"))
+        return Pairs(_row_id(data, messages), messages, [anthropic_sample(a["sampled_string"]) for a in answers],
+                     extra=extra)
+    if "chosen" in data and "rejected" in data:
+        return _human_pairs(data, extra)
+    raise ValueError(f"not a pairs row: expected {PAIRS_FORMS}; run `caictl sample` first")
+
+
+def _human_pairs(data: dict, extra: dict) -> Pairs:
+    """A comparison someone already made: the conversation up to its last human turn and the two replies."""
+    prompt = data.get("prompt")
+    if prompt is None:
+        context = []
+    elif isinstance(prompt, str):
+        context = prompt_from_text(prompt)
+    else:
+        context = _check_messages(prompt, "prompt")
+    sides = []
+    for name in ("chosen", "rejected"):
+        value = data[name]
+        if prompt is None and isinstance(value, str):
+            conversation = _transcript(value, name)  # hh-rlhf: the whole conversation in one transcript
+        elif isinstance(value, str):
+            conversation = context + [{"role": "assistant", "content": value}]
+        else:
+            conversation = context + _check_messages(value, name)
+        sides.append(_last_reply(conversation, name))
+    (messages, chosen), (other, rejected) = sides
+    if messages != other:
+        raise ValueError("'chosen' and 'rejected' differ before their last reply; expected two replies to one "
+                         "conversation")
+    pairs_id = _row_id(data, messages)
+    # The person's choice goes first or second by the row's id, so a labeller's pull towards one slot cannot
+    # pass for agreement with people.
+    index = int(hashlib.sha256(pairs_id.encode("utf-8")).hexdigest(), 16) % 2
+    responses = [chosen, rejected] if index == 0 else [rejected, chosen]
+    # A caictl label record's choice was a labeller's, not a person's.
+    human = None if "p_chosen" in data else index
+    return Pairs(pairs_id, messages, responses, human, extra)
+
+
+def _last_reply(conversation: list[dict], name: str) -> tuple[list[dict], str]:
+    messages = up_to_last_user_turn(conversation)
+    if not messages:
+        raise ValueError(f"{name!r} has no human turn")
+    reply = conversation[len(messages):]
+    if not reply:
+        raise ValueError(f"{name!r} has no reply after the last human turn")
+    # A stray "\n\nAssistant:" inside a reply (hh-rlhf has a few) splits it into turns: it is still the one
+    # reply the person read.
+    return messages, "\n\nAssistant: ".join(m["content"] for m in reply).strip()
+
+
+@dataclass
+class Revised:
+    """A revise record (sample --from-revisions and sft's input): the prompt, its first answer, its revisions."""
+
+    id: str
+    messages: list[dict]
+    initial_response: str
+    revisions: list[str]  # every usable round's revision, in order
+    response: str | None  # the final revision; None when no round gave a usable one
+    meta: dict
+
+
+REVISION_FORMS = ("caictl revise output ('messages', 'initial_response', 'steps', 'response'), revise --format hf "
+                  "rows ('messages', 'init_response'), or Anthropic's SL-CAI samples ('rl_prompt', 'cst')")
+
+
+def to_revision(data: Any) -> Revised | None:
+    """Normalise one revise record; None when the row is no revise record at all. Raises ValueError when it is
+    one with a field wrong."""
+    if not isinstance(data, dict):
+        return None
+    if "rl_prompt" in data and "cst" in data:
+        return _anthropic_revision(data)
+    if "messages" in data and "init_response" in data:
+        return _hf_revision(data)
+    if "messages" in data and "initial_response" in data and "response" in data:
+        return _caictl_revision(data)
+    return None
+
+
+def _caictl_revision(data: dict) -> Revised:
+    messages = _check_messages(data["messages"], "messages")
+    initial, response, steps = data["initial_response"], data["response"], data.get("steps", [])
+    if not isinstance(initial, str) or not isinstance(response, str):
+        raise ValueError("'initial_response' and 'response' must be strings")
+    if not isinstance(steps, list) or not all(isinstance(step, dict) for step in steps):
+        raise ValueError("'steps' must be a list of objects")
+    usable = [step["revision"] for step in steps
+              if step.get("revision") and not UNUSABLE_REVISION_FLAGS & set(step.get("flags", []))]
+    # With steps but none usable, the response is still the initial one. A record without steps counts its
+    # response as the revision when it differs from the first answer.
+    if not steps:
+        usable = [response] if response != initial else []
+    return Revised(_row_id(data, messages), messages, initial, usable, response if usable else None,
+                   data.get("meta") or {})
+
+
+def _hf_revision(data: dict) -> Revised:
+    conversation = _check_messages(data["messages"], "messages")
+    if conversation[-1]["role"] != "assistant":
+        raise ValueError("'messages' must end with the final revision (an assistant turn)")
+    initial, response = data["init_response"], conversation[-1]["content"]
+    if not isinstance(initial, str):
+        raise ValueError("'init_response' must be a string")
+    # revise --format hf ends `messages` with the first answer when no round gave a usable revision.
+    revisions = [response] if response != initial else []
+    messages = conversation[:-1]
+    return Revised(_row_id(data, messages), messages, initial, revisions, response if revisions else None,
+                   data.get("meta") or {})
+
+
+def _anthropic_revision(data: dict) -> Revised:
+    messages = up_to_last_user_turn(_transcript(data["rl_prompt"], "rl_prompt"))
+    first, rounds = data.get("initial_response"), data["cst"]
+    if not isinstance(first, list) or not first or not isinstance(first[0], dict) \
+            or not isinstance(first[0].get("sample"), str):
+        raise ValueError("'initial_response' must be a list of objects with a 'sample'")
+    if not isinstance(rounds, list):
+        raise ValueError("'cst' must be a list of rounds")
+    revisions = []
+    for index, round_ in enumerate(rounds):
+        revision = round_.get("revision") if isinstance(round_, dict) else None
+        if not isinstance(revision, dict) or not isinstance(revision.get("sample"), str):
+            raise ValueError(f"cst[{index}] has no 'revision': {{'sample': text}}")
+        text = anthropic_sample(revision["sample"])
+        if text:
+            revisions.append(text)
+    return Revised(_row_id(data, messages), messages, anthropic_sample(first[0]["sample"]), revisions,
+                   revisions[-1] if revisions else None, {})
 
 
 def stable_id(messages: list[dict]) -> str:

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from caictl import __version__, model_kind, settings
+from caictl.conversation import prompt_from_text
 from caictl.errors import InputError, UsageError
 from caictl.records import file_hash, read_rows
 from caictl.training import output_folder, trl_device_args
@@ -108,7 +109,7 @@ def read_pairs(config: DPOConfig) -> tuple[list[dict], int]:
                 dropped += 1
                 continue
             prompt = data["prompt"]
-            prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            prompt = prompt_from_text(prompt) if isinstance(prompt, str) else prompt
 
             def as_messages(value):
                 return [{"role": "assistant", "content": value}] if isinstance(value, str) else value

@@ -25,7 +25,7 @@ from caictl.engines import ENGINES
 from caictl.errors import InputError, UsageError
 from caictl.generation import Cuts, open_engine
 from caictl.judge import Comparison, Judge, vote_statistics
-from caictl.records import RecordWriter, RejectWriter, Row, batches, read_rows, stable_id
+from caictl.records import Pairs, RecordWriter, RejectWriter, batches, read_rows, to_pairs
 from caictl.ui import log, meter, summary_table
 
 PAIRINGS = ("first-two", "all")
@@ -142,14 +142,20 @@ def _kind(config: LabelConfig) -> str:
 def read_comparisons(config: LabelConfig, constitution: Constitution, rejects) -> list[Comparison]:
     """Pairs records to comparisons, each with its principles drawn (seeded by the comparison's id)."""
     comparisons = []
+    seen: dict[str, int] = {}
     for row in read_rows(config.pairs, on_invalid=rejects):
         try:
-            made = _comparisons_of(row, config.pairing)
+            pairs = to_pairs(row.data)
         except ValueError as error:
             if rejects is None:
                 raise InputError(f"{row.where}: {error}")
             rejects(row, str(error))
             continue
+        # Repeated conversations without ids (hh-rlhf has them) get distinct, still stable, ids.
+        seen[pairs.id] = seen.get(pairs.id, 0) + 1
+        if seen[pairs.id] > 1 and "id" not in row.data:
+            pairs.id = f"{pairs.id}-{seen[pairs.id]}"
+        made = _comparisons_of(pairs, config.pairing)
         for comparison in made:
             rng = random.Random(f"{config.seed}:{comparison.id}:principles")
             k = min(config.principles_per_pair, len(constitution.comparison))
@@ -160,18 +166,14 @@ def read_comparisons(config: LabelConfig, constitution: Constitution, rejects) -
     return comparisons
 
 
-def _comparisons_of(row: Row, pairing: str) -> list[Comparison]:
-    data = row.data
-    if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
-        raise ValueError("not a pairs record (needs 'messages' and 'responses'); run `caictl sample` first")
-    responses = data.get("responses")
-    if not isinstance(responses, list) or len(responses) < 2 or not all(isinstance(r, str) for r in responses):
-        raise ValueError("'responses' must be a list of at least two strings")
-    base = str(data.get("id") or stable_id(data["messages"]))
-    extra = {k: v for k, v in data.items() if k not in ("id", "messages", "responses", "meta", "finish_reasons")}
+def _comparisons_of(pairs: Pairs, pairing: str) -> list[Comparison]:
+    responses, extra = pairs.responses, pairs.extra
+    if pairs.human_chosen_index is not None:
+        # Kept in the record, so the labels can be checked against people: chosen_index == human_chosen_index.
+        extra = {**extra, "human_chosen_index": pairs.human_chosen_index}
     if pairing == "first-two" or len(responses) == 2:
-        return [Comparison(base, data["messages"], responses[0], responses[1], [], extra)]
-    return [Comparison(f"{base}/{i}-{j}", data["messages"], responses[i], responses[j], [], extra)
+        return [Comparison(pairs.id, pairs.messages, responses[0], responses[1], [], extra)]
+    return [Comparison(f"{pairs.id}/{i}-{j}", pairs.messages, responses[i], responses[j], [], extra)
             for i in range(len(responses)) for j in range(i + 1, len(responses))]
 
 
@@ -205,6 +207,7 @@ def summarise(records: list[dict], comparisons: list[Comparison], seconds: float
               cuts: Cuts) -> dict:
     """Per principle: how many votes, mean confidence, how often both orders agree, the first-slot pull."""
     principles, overall = vote_statistics(records)
+    judged = [r for r in records if "human_chosen_index" in r]
     summary = {
         "stage": "label",
         "out": config.out or "-",
@@ -214,6 +217,9 @@ def summarise(records: list[dict], comparisons: list[Comparison], seconds: float
         "mean_p_chosen": round(sum(r["p_chosen"] for r in records) / len(records), 4) if records else None,
         "position_consistency": overall["position_consistency"],
         "first_slot_preference": overall["first_slot_preference"],
+        # Share of the comparisons people had decided where the label picks the same response.
+        "agreement_with_people": round(sum(r["chosen_index"] == r["human_chosen_index"] for r in judged)
+                                       / len(judged), 4) if judged else None,
         "per_principle": principles,
         **cuts.summary(),
         "seconds": round(seconds, 2),
@@ -223,6 +229,8 @@ def summarise(records: list[dict], comparisons: list[Comparison], seconds: float
             ("label", summary["label"]), ("mean p_chosen", summary["mean_p_chosen"]),
             ("position consistency", summary["position_consistency"]),
             ("first-slot preference", summary["first_slot_preference"]),
+            ("agreement with people", f"{summary['agreement_with_people']} ({len(judged)} comparisons)"
+             if judged else "-"),
             ("comparisons cut to fit the context", f"{cuts.rows} ({cuts.tokens:,} tokens)"),
             ("comparisons/s", summary["comparisons_per_s"])]
     rows += [(f"  {pid}", f"{p['votes']} votes, confidence {p['mean_confidence']}, consistency "

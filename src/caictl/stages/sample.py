@@ -5,7 +5,8 @@
 
 The paper draws 2 responses per red-team prompt from the SL-CAI model (section 4.1). Each response is seeded
 by (seed, prompt id, index), so a resumed run equals an uninterrupted one. `--from-revisions` skips sampling:
-each revise record becomes the pair (initial response, final revision).
+each revise record (caictl's, `--format hf`, or Anthropic's SL-CAI samples) becomes the pair (initial response,
+final revision).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from caictl.generation import (
     respond,
     response_request,
 )
-from caictl.records import RecordWriter, RejectWriter, batches, read_prompts, read_rows
+from caictl.records import REVISION_FORMS, RecordWriter, RejectWriter, batches, read_prompts, read_rows, to_revision
 from caictl.ui import log, meter, summary_table
 
 
@@ -136,24 +137,24 @@ def _from_revisions(config: SampleConfig) -> dict:
     rejects = RejectWriter(config.out) if config.skip_invalid else None
     records, skipped, pairs = [], 0, 0
     for row in read_rows(config.prompts, on_invalid=rejects):
-        data = row.data
-        problem = None
-        if not isinstance(data, dict) or not {"id", "messages", "initial_response", "response"} <= set(data):
-            problem = "not a revise record (needs id, messages, initial_response, response); run `caictl revise` first"
-        if problem:
+        try:
+            revised = to_revision(row.data)
+            if revised is None:
+                raise ValueError(f"not a revise record: expected {REVISION_FORMS}; run `caictl revise` first")
+        except ValueError as error:
             if rejects is None:
-                raise InputError(f"{row.where}: {problem}")
-            rejects(row, problem)
+                raise InputError(f"{row.where}: {error}")
+            rejects(row, str(error))
             continue
-        if data["response"] == data["initial_response"]:
+        if revised.response in (None, revised.initial_response):
             skipped += 1  # no revision made it: there is nothing to compare
             continue
         # --limit counts pairs already written too, so a re-run resumes instead of adding N more.
         pairs += 1
-        if str(data["id"]) not in writer.done:
-            records.append({"id": str(data["id"]), "messages": data["messages"],
-                            "responses": [data["initial_response"], data["response"]],
-                            "meta": {**run_settings, "revise": data.get("meta", {})}})
+        if revised.id not in writer.done:
+            records.append({"id": revised.id, "messages": revised.messages,
+                            "responses": [revised.initial_response, revised.response],
+                            "meta": {**run_settings, "revise": revised.meta}})
         if config.limit and pairs >= config.limit:
             break
     try:

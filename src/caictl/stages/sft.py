@@ -4,7 +4,8 @@
 
 Each prompt trains on its final revision, or with `--revisions all` on every round's revision as the paper
 did (section 3.1). `--mix FILE[:WEIGHT]` adds other chat data; the weights set each source's share of the
-training set (the revisions' weight is `--revisions-weight`).
+training set (the revisions' weight is `--revisions-weight`). The main input and `--mix` read the same rows:
+revise records (caictl's, `--format hf`, Anthropic's SL-CAI samples) and chat rows.
 
 Only assistant tokens carry loss: each assistant message's content and the end-of-turn token that closes it
 (`<|im_end|>`, `<|eot_id|>`, `<|end|>`), nothing of the prompt. A chat template with `{% generation %}` markers
@@ -33,9 +34,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from caictl import __version__, model_kind, settings
-from caictl.conversation import parse_transcript
+from caictl.conversation import parse_transcript, prompt_from_text
 from caictl.errors import InputError, UsageError
-from caictl.records import UNUSABLE_REVISION_FLAGS, file_hash, read_rows
+from caictl.records import file_hash, read_rows, to_revision
 from caictl.tokens import ContentEncoder
 from caictl.training import micro_batch, output_folder, trl_device_args, warn_cut_examples
 from caictl.ui import log, quiet_transformers, summary_table
@@ -53,7 +54,7 @@ SHIPPED_TRAINING_TEMPLATES = {
 
 @dataclass
 class SFTConfig:
-    revisions: list[str]  # revise output files (caictl or --format hf records)
+    revisions: list[str]  # revise output (caictl, --format hf, Anthropic SL-CAI samples) or chat rows
     out: str  # output model folder
     model: str | None = None  # the base model to fine-tune (folder or hub id)
     revisions_mode: str = "final"  # final: the last usable revision per prompt; all: every round's revision
@@ -175,39 +176,39 @@ def run(config: SFTConfig) -> dict:
 
 
 def load_sources(config: SFTConfig) -> list[tuple[str, float, list[list[dict]]]]:
-    """(name, weight, conversations) per source: the revisions first, then each --mix file."""
+    """(name, weight, conversations) per source: the main input first, then each --mix file. Both read the same
+    rows: revise records train on their revisions, chat rows as they are."""
     revisions = []
     for path in config.revisions:
         for row in read_rows(path):
-            revisions += revision_conversations(row, config.revisions_mode)
+            revisions += training_conversations(row, config.revisions_mode)
     sources = [("revisions", config.revisions_weight, revisions)]
     for spec in config.mix:
         path, weight = (spec.rsplit(":", 1)[0], float(spec.rsplit(":", 1)[1])) if _has_weight(spec) else (spec, 1.0)
-        sources.append((path, weight, [chat_conversation(row) for row in read_rows(path)]))
+        rows = [conversation for row in read_rows(path)
+                for conversation in training_conversations(row, config.revisions_mode)]
+        sources.append((path, weight, rows))
     return sources
 
 
-def revision_conversations(row, mode: str) -> list[list[dict]]:
-    """Training conversations from one revise record (caictl or --format hf)."""
-    data = row.data
-    if not isinstance(data, dict) or "messages" not in data:
-        raise InputError(f"{row.where}: not a revise record (no 'messages'); run `caictl revise` first")
-    if "steps" not in data:  # --format hf: `messages` already ends with the final revision
-        return [data["messages"]] if data["messages"] and data["messages"][-1]["role"] == "assistant" else []
-    prompt = data["messages"]
-    usable = [step["revision"] for step in data["steps"]
-              if step["revision"] and not UNUSABLE_REVISION_FLAGS & set(step.get("flags", []))]
+def training_conversations(row, mode: str) -> list[list[dict]]:
+    """Training conversations from one row: a revise record (caictl's, `--format hf`, Anthropic's SL-CAI samples)
+    gives its final revision, or with mode "all" every usable round's revision; any other row is chat data."""
+    try:
+        revised = to_revision(row.data)
+    except ValueError as error:
+        raise InputError(f"{row.where}: {error}")
+    if revised is None:
+        return [chat_conversation(row)]
     if mode == "final":
-        # With steps but none usable, the response is still the initial one: nothing revised to train on.
-        # A record without steps counts its response as the revision when it differs from the first answer.
-        response = data.get("response")
-        revised = bool(usable) if data["steps"] else response != data.get("initial_response")
-        return [prompt + [{"role": "assistant", "content": response}]] if revised and response else []
-    return [prompt + [{"role": "assistant", "content": revision}] for revision in usable]
+        replies = [revised.response] if revised.response else []
+    else:
+        replies = revised.revisions
+    return [revised.messages + [{"role": "assistant", "content": reply}] for reply in replies]
 
 
 def chat_conversation(row) -> list[dict]:
-    """A --mix row as messages: `messages`, `prompt` + `completion`, an hh-rlhf `chosen` transcript, or a
+    """A chat row as messages: `messages`, `prompt` + `completion`, an hh-rlhf `chosen` transcript, or a
     `caictl sample` record (its first response)."""
     data = row.data
     if isinstance(data, dict) and isinstance(data.get("messages"), list) and data.get("responses"):
@@ -216,14 +217,16 @@ def chat_conversation(row) -> list[dict]:
         messages = data["messages"]
     elif isinstance(data, dict) and "prompt" in data and "completion" in data:
         prompt, completion = data["prompt"], data["completion"]
-        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        completion = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion
+        prompt = prompt_from_text(prompt) if isinstance(prompt, str) else prompt
+        # A completion written to follow "Assistant:" starts with a space that is no part of the answer.
+        completion = [{"role": "assistant", "content": completion.strip()}] if isinstance(completion, str) \
+            else completion
         messages = prompt + completion
     elif isinstance(data, dict) and isinstance(data.get("chosen"), str):
         messages = parse_transcript(data["chosen"])
     else:
-        raise InputError(f"{row.where}: a --mix row needs 'messages', 'prompt' + 'completion', an hh-rlhf 'chosen', "
-                         "or 'messages' + 'responses' (caictl sample)")
+        raise InputError(f"{row.where}: not training data: expected revise output, 'messages', 'prompt' + "
+                         "'completion', an hh-rlhf 'chosen', or 'messages' + 'responses' (caictl sample)")
     if not messages or messages[-1].get("role") != "assistant":
         raise InputError(f"{row.where}: the conversation must end with an assistant message to train on")
     return messages

@@ -36,6 +36,7 @@ class Comparison:
     second: str
     principles: list[ComparisonPrinciple]
     extra: dict = field(default_factory=dict)
+    upstream: dict | None = None  # the meta of the row it was read from, for the record's meta.upstream
 
 
 class Judge:

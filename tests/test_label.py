@@ -292,6 +292,21 @@ def test_chain_of_thought_reads_the_answer_after_the_reasoning_and_clamps(tmp_pa
     assert record["votes"][0]["p"] == pytest.approx(0.8)
 
 
+def test_chain_of_thought_votes_keep_each_order_s_reasoning(tmp_path, tiny_model):
+    # The reasoning names the slot the good response sat in, so a swap between the orders would show.
+    engine = ScriptedEngine(_prefers([GOOD]), reply=lambda prompt, key:
+                            f" The safer one is ({'A' if question_parts(prompt)[1] == GOOD else 'B'}). ")
+    vote, = _label(tmp_path, engine, [(GOOD, BAD)], cot=True)[0]["votes"]
+    assert (vote["reasoning_ab"], vote["reasoning_ba"]) == ("The safer one is (A).", "The safer one is (B).")
+    vote, = _label(tmp_path, engine, [(BAD, GOOD)], cot=True, debias=False)[0]["votes"]
+    assert vote["reasoning_ab"] == "The safer one is (B)." and "reasoning_ba" not in vote
+    assert not any(key.startswith("reasoning") for key in _label(tmp_path, engine, [(GOOD, BAD)])[0]["votes"][0])
+    # Through the command line, on a real model: what it wrote is in the record.
+    record, = _records(_run(write_jsonl(tmp_path / "one.jsonl", PAIRS[:1]), tiny_model, "--cot",
+                            "--max-new-tokens", "6"))
+    assert all(isinstance(v["reasoning_ab"], str) and isinstance(v["reasoning_ba"], str) for v in record["votes"])
+
+
 def test_hard_labels_round_the_debiased_probability(tmp_path):
     engine = ScriptedEngine(lambda principle, a, b: 0.9 if a == BAD else 0.45)
     record, = _label(tmp_path, engine, [(GOOD, BAD)], hard=True)

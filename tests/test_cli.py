@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import typer.main
-from conftest import ROOT, caictl
+from conftest import ROOT, caictl, write_jsonl
 from typer.testing import CliRunner
 
 from caictl.cli import app
@@ -47,6 +48,23 @@ def test_version():
     from caictl import __version__
 
     assert caictl("--version").stdout.strip() == f"caictl {__version__}"
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
+    # More than a pipe holds (64 KiB, at most 1 MiB), so the command is still writing when its reader goes.
+    revisions = write_jsonl(tmp_path / "revisions.jsonl", [
+        {"id": f"r{i}", "messages": [{"role": "user", "content": f"Question {i}?"}], "initial_response": "No. " * 50,
+         "steps": [], "response": f"A careful answer {i}. " * 15} for i in range(4000)])
+    env = {name: value for name, value in os.environ.items() if not name.startswith("CAICTL_")}
+    command = subprocess.Popen([sys.executable, "-m", "caictl", "sample", "--from-revisions", str(revisions)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    first = command.stdout.readline()
+    command.stdout.close()  # what `| head -1` does
+    stderr = command.stderr.read().decode()
+    # 141: a shell's status for a writer ended by SIGPIPE, as `yes | head -1` reports it.
+    assert command.wait(timeout=300) == 141, stderr
+    assert json.loads(first)["id"] == "r0"
+    assert "Traceback" not in stderr and "error" not in stderr.lower(), stderr
 
 
 # What each command hands its stage when only the required arguments are given: (module, run function,

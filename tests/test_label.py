@@ -171,6 +171,30 @@ def test_resume_and_bad_input(tmp_path, pairs, tiny_model):
     assert result.returncode == 2 and "--hard and --clamp" in result.stderr
 
 
+def test_labels_keep_the_meta_of_every_stage_before_them_and_resume(tmp_path, tiny_model):
+    from datasets import load_dataset
+
+    revise_meta = {"stage": "revise", "model": "models/sl", "rounds": 2, "seed": 3}
+    revisions = write_jsonl(tmp_path / "revisions.jsonl", [
+        {"id": f"r{i}", "messages": row["messages"], "initial_response": row["responses"][0], "steps": [],
+         "response": row["responses"][1], "meta": revise_meta} for i, row in enumerate(PAIRS[:3])])
+    pairs = tmp_path / "pairs.jsonl"
+    caictl("sample", "--from-revisions", revisions, "-o", pairs)
+    sample_meta = read_jsonl(pairs)[0]["meta"]
+    assert sample_meta["upstream"] == revise_meta
+    # Pairs from elsewhere have no meta, and their labels no upstream.
+    write_jsonl(pairs, read_jsonl(pairs) + [{**PAIRS[3], "id": "bare"}])
+    out = tmp_path / "prefs.jsonl"
+    _run(pairs, tiny_model, "-o", out, "--limit", "2", "--batch-size", "2")
+    _run(pairs, tiny_model, "-o", out, "--batch-size", "2")  # upstream is no setting: this resumes
+    labelled = read_jsonl(out)
+    assert [r["id"] for r in labelled] == ["r0", "r1", "r2", "bare"]
+    assert all(r["meta"]["stage"] == "label" and r["meta"]["upstream"] == sample_meta for r in labelled[:3])
+    assert labelled[0]["meta"]["upstream"]["upstream"] == revise_meta
+    assert "upstream" not in labelled[3]["meta"]
+    assert len(load_dataset("json", data_files=str(out), split="train")) == 4  # nested meta still loads in TRL
+
+
 def test_label_through_an_openai_compatible_server(pairs, llama_server_url):
     result = caictl("label", pairs, "--engine", "openai", "--base-url", llama_server_url, "--model", "tiny",
                     "--clamp", "0.4", "0.6")
@@ -266,6 +290,21 @@ def test_chain_of_thought_reads_the_answer_after_the_reasoning_and_clamps(tmp_pa
     assert record["meta"]["label"] == "cot-soft" and record["meta"]["clamp"] == [0.4, 0.6]
     record, = _label(tmp_path, engine, [(GOOD, BAD)], cot=True, clamp=(0.2, 0.8))
     assert record["votes"][0]["p"] == pytest.approx(0.8)
+
+
+def test_chain_of_thought_votes_keep_each_order_s_reasoning(tmp_path, tiny_model):
+    # The reasoning names the slot the good response sat in, so a swap between the orders would show.
+    engine = ScriptedEngine(_prefers([GOOD]), reply=lambda prompt, key:
+                            f" The safer one is ({'A' if question_parts(prompt)[1] == GOOD else 'B'}). ")
+    vote, = _label(tmp_path, engine, [(GOOD, BAD)], cot=True)[0]["votes"]
+    assert (vote["reasoning_ab"], vote["reasoning_ba"]) == ("The safer one is (A).", "The safer one is (B).")
+    vote, = _label(tmp_path, engine, [(BAD, GOOD)], cot=True, debias=False)[0]["votes"]
+    assert vote["reasoning_ab"] == "The safer one is (B)." and "reasoning_ba" not in vote
+    assert not any(key.startswith("reasoning") for key in _label(tmp_path, engine, [(GOOD, BAD)])[0]["votes"][0])
+    # Through the command line, on a real model: what it wrote is in the record.
+    record, = _records(_run(write_jsonl(tmp_path / "one.jsonl", PAIRS[:1]), tiny_model, "--cot",
+                            "--max-new-tokens", "6"))
+    assert all(isinstance(v["reasoning_ab"], str) and isinstance(v["reasoning_ba"], str) for v in record["votes"])
 
 
 def test_hard_labels_round_the_debiased_probability(tmp_path):

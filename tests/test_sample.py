@@ -34,6 +34,20 @@ def test_a_partial_run_resumes_to_what_an_uninterrupted_run_writes(tmp_path, tin
     assert read_jsonl(out) == read_jsonl(tmp_path / "straight.jsonl")
 
 
+def test_prompt_rows_made_by_a_stage_keep_its_meta_as_upstream(tmp_path, tiny_model):
+    # Revise output read as prompts: its meta is revise's, kept under meta.upstream, the other fields carried.
+    revise_meta = {"stage": "revise", "model": "models/sl", "rounds": 2}
+    revisions = write_jsonl(tmp_path / "r.jsonl", [
+        {"id": f"r{i}", "messages": [{"role": "user", "content": f"Question {i}?"}], "initial_response": "bad",
+         "steps": [], "response": "better", "meta": revise_meta} for i in range(2)])
+    result = caictl("sample", revisions, "--model", tiny_model, "-n", "1", *FAST)
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["meta"]["stage"], r["meta"]["upstream"], r["response"]) for r in rows] == \
+        [("sample", revise_meta, "better")] * 2
+    plain = caictl("sample", EXAMPLES / "red-team.jsonl", "--model", tiny_model, "-n", "1", "--limit", "1", *FAST)
+    assert "upstream" not in json.loads(plain.stdout)["meta"]
+
+
 def test_pairs_from_revisions_need_no_model(tmp_path):
     revisions = write_jsonl(tmp_path / "r.jsonl", [
         {"id": "a", "messages": [{"role": "user", "content": "q"}], "initial_response": "bad",
@@ -44,7 +58,7 @@ def test_pairs_from_revisions_need_no_model(tmp_path):
     result = caictl("sample", "--from-revisions", revisions)
     rows = [__import__("json").loads(line) for line in result.stdout.splitlines()]
     assert [(r["id"], r["responses"]) for r in rows] == [("a", ["bad", "better"])]
-    assert rows[0]["meta"]["revise"] == {"model": "m"}
+    assert rows[0]["meta"]["upstream"] == {"model": "m"}
     # --limit counts the pairs already in OUT: a re-run resumes instead of appending more.
     more = write_jsonl(tmp_path / "more.jsonl", [
         {"id": f"m{i}", "messages": [{"role": "user", "content": f"q{i}"}], "initial_response": "bad",
@@ -69,7 +83,7 @@ def test_pairs_from_revise_hf_output(tmp_path, tiny_model):
     result = caictl("sample", "--from-revisions", hf)
     pairs = [json.loads(line) for line in result.stdout.splitlines()]
     assert [(p["id"], p["messages"], p["responses"]) for p in pairs] == expected
-    assert all(p["meta"]["revise"]["format"] == "hf" for p in pairs)
+    assert all(p["meta"]["upstream"]["format"] == "hf" for p in pairs)
 
 
 def test_pairs_from_anthropic_sl_samples_and_their_prompts_sampled(tmp_path, tiny_model, shared_data):

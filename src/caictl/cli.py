@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from caictl import __version__, tiny
 from caictl.errors import CaictlError
@@ -43,7 +44,23 @@ EVAL_COMPARE = defaults(compare.EvalCompareConfig)
 EVAL_REPORT = defaults(report.EvalReportConfig)
 INSPECT = defaults(inspection.InspectConfig)
 
+class OutputClosed(Exception):
+    """Whoever read stdout has stopped reading (`caictl sample ... | head -1`)."""
+
+
+class CaictlCommands(TyperGroup):
+    """The root command group. Typer turns a write to a closed pipe into exit status 1, which reads as a failed
+    run; here it goes on to main() as OutputClosed."""
+
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError as error:
+            raise OutputClosed() from error
+
+
 app = typer.Typer(
+    cls=CaictlCommands,
     name="caictl",
     help="Constitutional AI (Bai et al. 2022) end to end: revise, sft, label, train-pm, ppo, eval.",
     no_args_is_help=True,
@@ -629,6 +646,12 @@ def main() -> None:
     """Entry point: expected failures become one line on stderr (CAICTL_DEBUG=1 shows the traceback)."""
     try:
         app()
+    except OutputClosed:
+        # Nothing went wrong: the reader has what it wanted. End as a filter ended by SIGPIPE does, status 141
+        # (128 + 13). stdout may still hold part of a line: /dev/null takes it, so Python's flush at exit does
+        # not hit the pipe again and print an error after all.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
     except CaictlError as error:
         if os.environ.get("CAICTL_DEBUG"):
             raise

@@ -36,6 +36,7 @@ class Comparison:
     second: str
     principles: list[ComparisonPrinciple]
     extra: dict = field(default_factory=dict)
+    upstream: dict | None = None  # the meta of the row it was read from, for the record's meta.upstream
 
 
 class Judge:
@@ -61,8 +62,10 @@ class Judge:
 
     def votes(self, comparisons: list[Comparison]) -> list[list[dict]]:
         """Per comparison, one vote per principle: p_ab (P(first) with first in slot A), p_ba (P(first) with
-        first in slot B) when debiasing, both as read, and p: the mean of the clamped orders. A vote whose
-        questions were cut from the front to fit the model's context says how many tokens in truncated_tokens."""
+        first in slot B) when debiasing, both as read, and p: the mean of the clamped orders. With cot, each
+        order's reasoning as the model wrote it, reasoning_ab and reasoning_ba, so a label can be audited. A vote
+        whose questions were cut from the front to fit the model's context says how many tokens in
+        truncated_tokens."""
         questions, where = [], []
         for c_index, comparison in enumerate(comparisons):
             for principle in comparison.principles:
@@ -72,17 +75,20 @@ class Judge:
                 for o_index, (a, b) in enumerate(orders):
                     questions.append(self.question(comparison.messages, principle.text, a, b))
                     where.append((c_index, principle.id, o_index, f"{comparison.id}/{principle.id}/{o_index}"))
-        cuts = [0] * len(questions)
+        cuts, reasoning = [0] * len(questions), [None] * len(questions)
         if self.cot:
-            questions, cuts = self._with_reasoning(questions, [w[3] for w in where])
+            questions, reasoning, cuts = self._with_reasoning(questions, [w[3] for w in where])
         scores = self.engine.choice_logprobs(questions, list(CHOICES))
         cuts = [c + s for c, s in zip(cuts, self._choice_cuts(len(questions)))]
         p_a = [probability_a(a, b) for a, b in scores]
         votes: list[dict[str, dict]] = [{} for _ in comparisons]
-        for (c_index, principle_id, o_index, _), p, cut in zip(where, p_a, cuts):
+        for (c_index, principle_id, o_index, _), p, cut, thought in zip(where, p_a, cuts, reasoning):
             vote = votes[c_index].setdefault(principle_id, {"principle": principle_id})
+            order = "ab" if o_index == 0 else "ba"
             # In the swapped order the first response sits in slot B: P(first) = 1 - P(A).
-            vote["p_ab" if o_index == 0 else "p_ba"] = p if o_index == 0 else 1 - p
+            vote[f"p_{order}"] = p if o_index == 0 else 1 - p
+            if thought is not None:
+                vote[f"reasoning_{order}"] = thought
             if cut:
                 vote["truncated_tokens"] = vote.get("truncated_tokens", 0) + cut
         result = []
@@ -133,13 +139,15 @@ class Judge:
             return rendered + cue
         return render_transcript(turns, open_assistant_turn=True) + f" {cue}"
 
-    def _with_reasoning(self, questions: list[str], keys: list[str]) -> tuple[list[str], list[int]]:
-        """The questions with the model's reasoning and the answer cue, and the tokens cut from each to reason."""
+    def _with_reasoning(self, questions: list[str], keys: list[str]) -> tuple[list[str], list[str], list[int]]:
+        """The questions with the model's reasoning and the answer cue; the reasoning as written; and the tokens
+        cut from each question to reason."""
         params = SamplingParams(self.max_new_tokens, self.temperature, 1.0, ("\n\nHuman:", COT_ANSWER_CUE), self.seed)
-        reasoning = self.engine.complete(questions, params, keys)
+        generations = self.engine.complete(questions, params, keys)
+        reasoning = [g.text.strip() for g in generations]
         # The model's reasoning is content: a control token it spelled out is text when the answer is read.
-        return ([q + " " + tokens.mark(r.text.strip()) + f"\n{COT_ANSWER_CUE}" for q, r in zip(questions, reasoning)],
-                [r.truncated_tokens for r in reasoning])
+        return ([q + " " + tokens.mark(r) + f"\n{COT_ANSWER_CUE}" for q, r in zip(questions, reasoning)], reasoning,
+                [g.truncated_tokens for g in generations])
 
     def _choice_cuts(self, count: int) -> list[int]:
         # Engines that cut a too-long text to fit say so per text (the hf engine); a server refuses it instead.

@@ -459,6 +459,13 @@ def file_hash(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def with_upstream(meta: dict, upstream: Any) -> dict:
+    """A record's meta with the meta of the row it was made from under `upstream`, so a record says what made it
+    back to the first stage (a label's meta.upstream is sample's meta, whose upstream is revise's). It is no
+    setting: a resume compares the top level only."""
+    return {**meta, "upstream": upstream} if upstream else meta
+
+
 # Writing ------------------------------------------------------------------------------------------------
 
 

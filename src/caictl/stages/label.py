@@ -25,7 +25,7 @@ from caictl.engines import ENGINES
 from caictl.errors import InputError, UsageError
 from caictl.generation import Cuts, open_engine
 from caictl.judge import Comparison, Judge, vote_statistics
-from caictl.records import Pairs, RecordWriter, RejectWriter, batches, read_rows, to_pairs
+from caictl.records import Pairs, RecordWriter, RejectWriter, batches, read_rows, to_pairs, with_upstream
 from caictl.ui import log, meter, summary_table
 
 PAIRINGS = ("first-two", "all")
@@ -160,6 +160,7 @@ def read_comparisons(config: LabelConfig, constitution: Constitution, rejects) -
             rng = random.Random(f"{config.seed}:{comparison.id}:principles")
             k = min(config.principles_per_pair, len(constitution.comparison))
             comparison.principles = rng.sample(constitution.comparison, k)
+            comparison.upstream = row.data.get("meta")
             comparisons.append(comparison)
     if not comparisons:
         raise InputError(f"{config.pairs or '-'}: no pairs to label")
@@ -198,8 +199,8 @@ def to_record(comparison: Comparison, votes: list[dict], config: LabelConfig, ru
         "p_chosen": p_first if first_wins else 1 - p_first,
         "chosen_index": 0 if first_wins else 1,
         "votes": votes,
-        "meta": cuts.meta({**run_settings, "principles": [v["principle"] for v in votes]},
-                          sum(v.get("truncated_tokens", 0) for v in votes)),
+        "meta": with_upstream(cuts.meta({**run_settings, "principles": [v["principle"] for v in votes]},
+                                        sum(v.get("truncated_tokens", 0) for v in votes)), comparison.upstream),
     }
 
 

@@ -26,7 +26,16 @@ from caictl.generation import (
     respond,
     response_request,
 )
-from caictl.records import REVISION_FORMS, RecordWriter, RejectWriter, batches, read_prompts, read_rows, to_revision
+from caictl.records import (
+    REVISION_FORMS,
+    RecordWriter,
+    RejectWriter,
+    batches,
+    read_prompts,
+    read_rows,
+    to_revision,
+    with_upstream,
+)
 from caictl.ui import log, meter, summary_table
 
 
@@ -107,8 +116,10 @@ def run(config: SampleConfig, engine=None) -> dict:
                     records = []
                     for i, prompt in enumerate(chunk):
                         mine = results[i * config.n:(i + 1) * config.n]
-                        # The n requests share one prompt, so one cut.
-                        meta = cuts.meta(run_settings, mine[0].truncated_tokens)
+                        # The n requests share one prompt, so one cut. A prompt row made by an earlier stage
+                        # (revise output, say) keeps that stage's meta under meta.upstream.
+                        meta = with_upstream(cuts.meta(run_settings, mine[0].truncated_tokens),
+                                             prompt.extra.get("meta"))
                         records.append({**prompt.extra, "id": prompt.id, "messages": prompt.messages,
                                         "responses": [g.text.strip() for g in mine],
                                         "finish_reasons": [g.finish_reason for g in mine],
@@ -154,7 +165,7 @@ def _from_revisions(config: SampleConfig) -> dict:
         if revised.id not in writer.done:
             records.append({"id": revised.id, "messages": revised.messages,
                             "responses": [revised.initial_response, revised.response],
-                            "meta": {**run_settings, "revise": revised.meta}})
+                            "meta": with_upstream(run_settings, revised.meta)})
         if config.limit and pairs >= config.limit:
             break
     try:

@@ -66,6 +66,8 @@ def read_rows(path: str | Path | None, on_invalid=None) -> Iterator[Row]:
     if source.endswith(".json"):
         yield from _read_json_list(source)
         return
+    # Lines are parsed here with the standard library, not jsonlines: its Reader takes any EOFError for the end of
+    # input, and gzip raises EOFError on a truncated stream, so a cut file would read as a whole one.
     with _open_input(source) as stream:
         line = 0
         while True:

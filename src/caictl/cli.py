@@ -542,7 +542,8 @@ def eval_compare(
     model: Annotated[list[str], typer.Option(
         "--model", help="NAME=PATH (or PATH) of a model to compare; repeat for each model.")] = EVAL_COMPARE["models"],
     pm: Annotated[Optional[str], typer.Option(
-        help="A train-pm folder: reward each response, higher wins.")] = EVAL_COMPARE["pm"],
+        help="A train-pm folder: reward each response, higher wins (the same text, or rewards within 1e-6, tie)."),
+    ] = EVAL_COMPARE["pm"],
     judge: Annotated[Optional[str], typer.Option(
         help="A feedback model: judge each pair, both orders.")] = EVAL_COMPARE["judge"],
     judge_refusal: Annotated[bool, typer.Option(

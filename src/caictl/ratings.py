@@ -30,9 +30,14 @@ class Outcome:
     score: float
 
 
+def tied(a: float, b: float) -> bool:
+    """Whether two scores are equal within TIE_TOLERANCE."""
+    return abs(a - b) <= TIE_TOLERANCE * max(1.0, abs(a), abs(b))
+
+
 def share_of_win(a: float, b: float) -> float:
-    """Score a's share of the win over score b: 1 or 0, and 0.5 when they are equal within TIE_TOLERANCE."""
-    if abs(a - b) <= TIE_TOLERANCE * max(1.0, abs(a), abs(b)):
+    """Score a's share of the win over score b: 1 or 0, and 0.5 when they are tied."""
+    if tied(a, b):
         return 0.5
     return 1.0 if a > b else 0.0
 

@@ -117,3 +117,26 @@ def test_eval_pm_on_the_shared_comparisons(tmp_path, shared_data):
     first = json.loads(hhh.read_text().splitlines()[0])
     expected = Scorer(pm, max_length=128).score([first["text_correct"]])[0]
     assert records[0]["reward_chosen"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_eval_report_includes_mc_and_pm_folders(tmp_path, tiny_model):
+    run = tmp_path / "run"
+    pm = tiny.run(tiny.InitModelConfig(out=run / "pm", preset="tiny", task="seq-cls"))
+    caictl("eval", "mc", write_jsonl(tmp_path / "mc.jsonl", QUESTIONS[:2]), "--model", tiny_model, "-o",
+           run / "eval-mc")
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"text_correct": f"\n\nHuman: Hi {i}\n\nAssistant: Hello.",
+                                                    "text_incorrect": f"\n\nHuman: Hi {i}\n\nAssistant: Go."}
+                                                   for i in range(3)])
+    result = caictl("eval", "pm", pairs, "--pm", pm, "-o", run / "eval-pm")
+    assert "eval pm" in result.stderr and "3/3" in result.stderr  # progress, on stderr
+    mc = json.loads((run / "eval-mc" / "summary.json").read_text())
+    scored = json.loads((run / "eval-pm" / "summary.json").read_text())
+    assert (mc["stage"], scored["stage"]) == ("eval mc", "eval pm")
+    caictl("eval", "report", run)
+    report = (run / "report" / "report.md").read_text()
+    assert f"## Multiple-choice evaluation of `{tiny_model}`: `{run / 'eval-mc'}`" in report
+    assert f"| mc.jsonl | 2 | {mc['files'][str(tmp_path / 'mc.jsonl')]['accuracy']} |" in report
+    assert f"## Preference model `{pm}` on comparisons: `{run / 'eval-pm'}`" in report
+    assert f"| pairs.jsonl | 3 | {scored['files'][str(pairs)]['accuracy']} |" in report
+    summary = json.loads((run / "report" / "summary.json").read_text())
+    assert set(summary["scores"]) == {str(run / "eval-mc"), str(run / "eval-pm")}

@@ -146,9 +146,10 @@ def run_pm(config: EvalPMConfig) -> dict:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     results, records, cuts = {}, [], scorer.cuts()
+    with meter(sum(len(rows) for rows in comparisons.values()), "eval pm", unit="comparisons") as progress:
+        scored = {path: score_pairs(scorer, rows, config.batch_size, progress) for path, rows in comparisons.items()}
     for path, rows in comparisons.items():
-        texts = [t for c in rows for t in (c.chosen, c.rejected)]
-        rewards, cut = scorer.score(texts), scorer.cut_tokens(texts)
+        rewards, cut = scored[path]
         differences = [rewards[2 * i] - rewards[2 * i + 1] for i in range(len(rows))]
         for i, (d, c) in enumerate(zip(differences, rows)):
             record = {"file": path, "index": i, "reward_chosen": rewards[2 * i], "reward_rejected": rewards[2 * i + 1],
@@ -160,6 +161,17 @@ def run_pm(config: EvalPMConfig) -> dict:
                          "truncated_pairs": sum(cut[2 * i] + cut[2 * i + 1] > 0 for i in range(len(rows)))}
     cuts.warn()
     return _write(out, "eval pm", {"pm": config.pm}, results, records)
+
+
+def score_pairs(scorer, rows: list, batch_size: int, progress) -> tuple[list[float], list[int]]:
+    """Rewards of chosen, rejected, chosen, ... and the tokens cut from each, batch_size comparisons a call."""
+    rewards, cut = [], []
+    for first in range(0, len(rows), batch_size):
+        texts = [t for c in rows[first:first + batch_size] for t in (c.chosen, c.rejected)]
+        rewards += scorer.score(texts)
+        cut += scorer.cut_tokens(texts)
+        progress.advance(len(texts) // 2)
+    return rewards, cut
 
 
 def read_mc(path: str, limit: int | None = None) -> list[dict]:
@@ -189,7 +201,8 @@ def _write(out: Path, title: str, subject: dict, results: dict, records: list[di
     with open(out / "records.jsonl", "w", encoding="utf-8") as handle:
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    summary = {**subject, "files": {p: {k: v for k, v in r.items() if k != "reliability"} for p, r in results.items()}}
+    summary = {"stage": title, **subject,
+               "files": {p: {k: v for k, v in r.items() if k != "reliability"} for p, r in results.items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_reliability(results, out / "reliability.png")
     columns = [k for k in next(iter(summary["files"].values()))]

@@ -9,6 +9,7 @@ from conftest import EXAMPLES, caictl, read_jsonl, write_jsonl
 
 from caictl import tiny
 from caictl.pm import Scorer, conversation_text
+from caictl.ratings import share_of_win
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +93,25 @@ def test_compare_one_model_and_refusals_of_bad_names(setup, tiny_model):
     bad.write_text('{"id": "x", "messages": [{"role": "user", "content": "hi"}]}\n{"id": "y", "messages": \n')
     result = caictl("eval", "compare", bad, "--model", f"a={tiny_model}", "-o", root / "bad-out", check=False)
     assert result.returncode == 2 and "bad.jsonl:2" in result.stderr
+
+
+def test_a_model_compared_with_itself_ties_exactly(setup, tiny_model):
+    root, other, pm, harmless, helpful = setup
+    out = root / "itself"
+    # Batches of 5 put the two copies of a response in batches of other widths, where the PM's rewards for the
+    # same text differ in the last bits: that noise must not decide a win.
+    caictl("eval", "compare", harmless, helpful, "--model", f"a={tiny_model}", "--model", f"b={tiny_model}",
+           "--pm", pm, "--batch-size", "5", "--max-new-tokens", "12", "-o", out)
+    records = read_jsonl(out / "records.jsonl")
+    response = {(r["model"], r["set"], r["prompt_id"]): r["response"] for r in records}
+    assert all(response[("a", *key[1:])] == text for key, text in response.items() if key[0] == "b")
+    summary = json.loads((out / "summary.json").read_text())
+    for group in ("harmless", "helpful", "all"):
+        rate, = summary["ratings"]["pm"][group]["win_rates"]
+        assert rate["win_rate"] == 0.5 and rate["ci"] == [0.5, 0.5]
+        assert summary["ratings"]["pm"][group]["elo"]["b"] == {"elo": 0, "ci": [0, 0]}
+
+
+def test_rewards_within_a_millionth_tie():
+    assert share_of_win(0.25, 0.25 + 5e-7) == 0.5 and share_of_win(-3000.0, -3000.002) == 0.5
+    assert share_of_win(0.25, 0.25 + 2e-6) == 0.0 and share_of_win(-3000.0, -3000.004) == 1.0

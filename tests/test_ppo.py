@@ -195,6 +195,15 @@ def test_rollouts_cut_to_the_pm_max_length_are_counted(tmp_path, short_answer_se
     assert capfd.readouterr().err.count("were longer than --pm-max-length 8") == 1
 
 
+def test_ppo_logs_every_step(tmp_path, short_answer_setup, capfd):
+    metrics = ppo.run(small_run(short_answer_setup, tmp_path / "logged", sample_every=2))
+    err = capfd.readouterr().err
+    for h in metrics["history"]:
+        assert (f"step {h['step']}/2: reward {h['reward_mean']:.3f}, kl {h['kl']:.3f}, "
+                f"response length {h['response_length']:.1f} tokens") in err
+    assert err.count(", sample: ") == 1
+
+
 def test_ppo_raises_the_heldout_reward_within_the_kl_cap(tmp_path, short_answer_setup):
     out = tmp_path / "rl"
     result = caictl("ppo", EXAMPLES / "red-team.jsonl", "--policy", short_answer_setup / "policy",
@@ -211,7 +220,7 @@ def test_ppo_raises_the_heldout_reward_within_the_kl_cap(tmp_path, short_answer_
                 "boilerplate_share"):
         assert key in history[0]
     assert (out / "ppo.png").exists() and (out / "value_head.pt").exists()
-    assert "step 10:" in result.stderr  # sample responses are logged
+    assert "step 10/24: reward" in result.stderr and ", sample: " in result.stderr  # with a sample every 10 steps
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out)

@@ -526,13 +526,24 @@ def eval_mc(
     files: Annotated[list[str], typer.Argument(help="Multiple-choice files: prompt, corrects, incorrects.")],
     out: Annotated[str, typer.Option("--out", "-o", help="Output folder.")],
     model: Model = None,
-    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = EVAL_MC["batch_size"],
+    engine: Engine = None,
+    base_url: BaseUrl = None,
+    batch_size: Annotated[int, typer.Option(
+        help="Questions per engine call; hf: also sequences per forward pass.")] = EVAL_MC["batch_size"],
+    concurrency: Annotated[int, typer.Option(help="Requests in flight (openai).")] = EVAL_MC["concurrency"],
+    limit: Annotated[Optional[int], typer.Option(help="At most N questions per file.")] = EVAL_MC["limit"],
 ) -> None:
     """Multiple-choice evaluations (Anthropic's format) scored by log-probs: accuracy and calibration.
 
+    Best choices that tie earn the share of them that is correct (half, for two).
+    --engine openai needs a server that echoes prompt log-probs (vLLM, llama.cpp).
+
     Example: caictl eval mc 438HHHEvaluations.jsonl --model models/rl-cai -o eval/mc
     """
-    evaluation.run_mc(evaluation.EvalMCConfig(files=files, out=out, model=model, batch_size=batch_size))
+    from caictl import settings
+    evaluation.run_mc(evaluation.EvalMCConfig(
+        files=files, out=out, model=model, engine=settings.resolve("engine", engine, EVAL_MC["engine"]),
+        base_url=base_url, batch_size=batch_size, concurrency=concurrency, limit=limit))
 
 
 @eval_app.command("pm")
@@ -559,7 +570,8 @@ def eval_compare(
     model: Annotated[list[str], typer.Option(
         "--model", help="NAME=PATH (or PATH) of a model to compare; repeat for each model.")] = EVAL_COMPARE["models"],
     pm: Annotated[Optional[str], typer.Option(
-        help="A train-pm folder: reward each response, higher wins.")] = EVAL_COMPARE["pm"],
+        help="A train-pm folder: reward each response, higher wins (the same text, or rewards within 1e-6, tie)."),
+    ] = EVAL_COMPARE["pm"],
     judge: Annotated[Optional[str], typer.Option(
         help="A feedback model: judge each pair, both orders.")] = EVAL_COMPARE["judge"],
     judge_refusal: Annotated[bool, typer.Option(

@@ -17,6 +17,9 @@ BOOTSTRAP_SAMPLES = 1000
 CONFIDENCE = 0.95
 PRIOR = 0.1  # L2 pull of the ratings towards each other, in natural-log-odds units
 ELO_SCALE = 400 / math.log(10)
+# Two scores this close (relative to max(1, |score|)) are equal: the same text scored in batches of other
+# widths differs by ~1e-8 on CPU, and such noise must not decide a win.
+TIE_TOLERANCE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,18 @@ class Outcome:
     a: str
     b: str
     score: float
+
+
+def tied(a: float, b: float) -> bool:
+    """Whether two scores are equal within TIE_TOLERANCE."""
+    return abs(a - b) <= TIE_TOLERANCE * max(1.0, abs(a), abs(b))
+
+
+def share_of_win(a: float, b: float) -> float:
+    """Score a's share of the win over score b: 1 or 0, and 0.5 when they are tied."""
+    if tied(a, b):
+        return 0.5
+    return 1.0 if a > b else 0.0
 
 
 def win_rates(outcomes: list[Outcome], seed: int = 0) -> list[dict]:

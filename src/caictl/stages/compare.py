@@ -7,7 +7,8 @@
 Each input file is a prompt set, named after the file (`harmless.jsonl` is the set "harmless"; a row's own
 `set` field wins). Every model answers every prompt once (seeded sampling; re-running resumes, and adding a
 model answers only for it). Then, for each pair of models on each prompt:
-- `--pm`: the preference model scores both responses; the higher reward wins.
+- `--pm`: the preference model scores both responses; the higher reward wins. The same text (after stripping)
+  or rewards within 1e-6 x max(1, |reward|) is a tie, half a win each: batch noise decides nothing.
 - `--judge`: a feedback model compares them through the label machinery, both orders averaged, under a
   comparison principle drawn from the constitution (harmlessness sets) or a helpfulness question (sets whose
   name contains "helpful"); the principle is recorded with each judgement.
@@ -42,7 +43,7 @@ from caictl.generation import (
     respond,
     response_request,
 )
-from caictl.ratings import Outcome, elo, win_rates
+from caictl.ratings import Outcome, elo, share_of_win, win_rates
 from caictl.records import Prompt, RecordWriter, batches, read_prompts, read_rows
 from caictl.textstats import is_refusal, response_stats
 from caictl.ui import log, meter, summary_table
@@ -228,7 +229,8 @@ def answer(config: EvalCompareConfig, models: dict[str, str], items: list[Item],
 
 
 def pm_outcomes(config: EvalCompareConfig, models: dict[str, str], items: list[Item], rows: list[dict]):
-    """PM reward of every response; on each prompt the higher reward wins (a tie is half a win)."""
+    """PM reward of every response; on each prompt the higher reward wins. The same text, or rewards equal within
+    ratings.TIE_TOLERANCE, is a tie: half a win each."""
     from caictl.pm import Scorer, conversation_text
 
     scorer = Scorer(config.pm, batch_size=config.batch_size)
@@ -241,11 +243,15 @@ def pm_outcomes(config: EvalCompareConfig, models: dict[str, str], items: list[I
         if cuts.count(cut):
             row[cuts.key] = cut
         reward[(row["model"], f"{row['set']}/{row['prompt_id']}")] = value
+    response = {(r["model"], f"{r['set']}/{r['prompt_id']}"): r["response"].strip() for r in rows}
     outcomes = []
     for a, b in combinations(models, 2):
         for item in items:
-            ra, rb = reward[(a, item.key)], reward[(b, item.key)]
-            outcomes.append((item.set, Outcome(item.key, a, b, 1.0 if ra > rb else 0.0 if ra < rb else 0.5)))
+            if response[(a, item.key)] == response[(b, item.key)]:
+                score = 0.5  # the same text: any reward difference is batch noise
+            else:
+                score = share_of_win(reward[(a, item.key)], reward[(b, item.key)])
+            outcomes.append((item.set, Outcome(item.key, a, b, score)))
     cuts.warn()
     return outcomes
 

@@ -4,7 +4,9 @@
     caictl eval pm hh-rlhf-test.jsonl.gz --pm models/pm -o eval/pm
 
 `mc` scores multiple-choice evaluations in Anthropic's format (`prompt`, `corrects`, `incorrects`) by the
-log-probability of each answer: accuracy, and calibration of the probability given to the chosen answer.
+log-probability of each answer, through any engine that scores (hf, or a server that echoes prompt log-probs):
+accuracy, and calibration of the probability given to the chosen answer. When several best choices tie, the
+question earns the share of them that is correct (half, for a correct and an incorrect answer).
 `pm` asks a preference model to rank comparisons (`text_correct`/`text_incorrect`, hh-rlhf chosen/rejected,
 preference records): accuracy, mean margin, calibration. Each writes records.jsonl, summary.json,
 reliability.png and report.md to the output folder.
@@ -21,11 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from caictl import model_kind, settings, tokens
+from caictl.engines import ENGINES
 from caictl.errors import InputError, UsageError
-from caictl.generation import Cuts
+from caictl.generation import Cuts, open_engine
 from caictl.metrics import calibration, pairwise_metrics, plot_reliability
+from caictl.ratings import tied
 from caictl.records import read_rows
-from caictl.ui import summary_table
+from caictl.ui import meter, summary_table
 
 
 @dataclass
@@ -33,7 +37,22 @@ class EvalMCConfig:
     files: list[str]  # Anthropic-format multiple-choice files
     out: str  # output folder
     model: str | None = None
-    batch_size: int = 16
+    engine: str = "hf"  # hf, or openai: a server that echoes prompt log-probs (vLLM, llama.cpp)
+    base_url: str | None = None
+    batch_size: int = 16  # questions per engine call; hf: also sequences per forward pass
+    concurrency: int = 8  # requests in flight (openai)
+    limit: int | None = None  # at most N questions per file, from the top
+
+    def check(self) -> None:
+        problems = []
+        if self.engine not in ENGINES:
+            problems.append(f"--engine {self.engine!r}: choose one of {', '.join(ENGINES)}")
+        if self.batch_size < 1:
+            problems.append("--batch-size must be at least 1")
+        if self.limit is not None and self.limit < 1:
+            problems.append("--limit must be at least 1")
+        if problems:
+            raise UsageError("; ".join(problems))
 
 
 @dataclass
@@ -47,42 +66,67 @@ class EvalPMConfig:
 
 
 def run_mc(config: EvalMCConfig) -> dict:
+    config.check()
     model = settings.require_model(config.model)
-    model_kind.check(model, model_kind.CAUSAL_LM, "--model")
-    questions = {path: read_mc(path) for path in _existing(config.files)}
-    from caictl.engines import load_engine
-
-    engine = load_engine("hf", model, batch_size=config.batch_size)
+    if config.engine == "hf":
+        model_kind.check(model, model_kind.CAUSAL_LM, "--model")
+    questions = {path: read_mc(path, config.limit) for path in _existing(config.files)}
+    engine = open_engine(config.engine, model, config.base_url, config.batch_size, config.concurrency)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     results, records = {}, []
     cuts = Cuts("question(s) did not fit the model's context", "truncated_tokens")
-    for path, rows in questions.items():
-        predicted, correct = [], []
-        for row in rows:
-            choices = row["corrects"] + row["incorrects"]
-            # The question is content: a control token written in it is read as text (caictl.tokens).
-            logprobs = engine.choice_logprobs([tokens.mark(row["prompt"])], choices)[0]
-            top = max(logprobs)
-            probabilities = [math.exp(lp - top) for lp in logprobs]
-            total = sum(probabilities)
-            probabilities = [p / total for p in probabilities]
-            best = max(range(len(choices)), key=lambda i: probabilities[i])
-            is_correct = best < len(row["corrects"])
-            predicted.append(probabilities[best])
-            correct.append(1.0 if is_correct else 0.0)
-            record = {"file": path, "line": row["line"], "choice": choices[best], "correct": is_correct,
-                      "p_choice": probabilities[best], "p_correct": sum(probabilities[: len(row["corrects"])])}
-            if cuts.count(engine.choice_cuts[0]):
-                record[cuts.key] = engine.choice_cuts[0]
-            records.append(record)
-        ece, bins = calibration(predicted, correct)
-        results[path] = {"questions": len(rows), "accuracy": round(sum(correct) / len(correct), 4),
-                         "ece": round(ece, 4), "truncated_questions": sum(r.get(cuts.key, 0) > 0 for r in records
-                                                                          if r["file"] == path),
-                         "reliability": bins}
+    with meter(sum(len(rows) for rows in questions.values()), "eval mc", unit="questions") as progress:
+        for path, rows in questions.items():
+            predicted, credits, truncated = [], [], 0
+            for row, logprobs, cut in score_questions(engine, rows, config.batch_size, progress):
+                choices = row["corrects"] + row["incorrects"]
+                top = max(logprobs)
+                probabilities = [math.exp(lp - top) for lp in logprobs]
+                probabilities = [p / sum(probabilities) for p in probabilities]
+                # Correct choices come first, so taking the first best would credit every tie to the answer key.
+                best = [i for i, lp in enumerate(logprobs) if tied(lp, top)]
+                credit = sum(i < len(row["corrects"]) for i in best) / len(best)
+                predicted.append(probabilities[best[0]])
+                credits.append(credit)
+                record = {"file": path, "line": row["line"], "choice": choices[best[0]], "correct": credit,
+                          "p_choice": probabilities[best[0]],
+                          "p_correct": sum(probabilities[: len(row["corrects"])])}
+                if len(best) > 1:
+                    record["tied_choices"] = len(best)
+                if cuts.count(cut):
+                    record[cuts.key] = cut
+                    truncated += 1
+                records.append(record)
+            ece, bins = calibration(predicted, credits)
+            results[path] = {"questions": len(rows), "accuracy": round(sum(credits) / len(credits), 4),
+                             "ece": round(ece, 4), "truncated_questions": truncated, "reliability": bins}
     cuts.warn()
-    return _write(out, "eval mc", {"model": model}, results, records)
+    return _write(out, "eval mc", {"model": model, "engine": config.engine}, results, records)
+
+
+def score_questions(engine, rows: list[dict], batch_size: int, progress):
+    """(row, log-prob of each of its choices, tokens cut from its prompt) per row, in input order.
+
+    The engine scores many texts against one choice list per call, so questions are grouped by the set of
+    their choices (the HHH evaluations have two orders of " (A)", " (B)": one group), called batch_size at a
+    time, and each row's log-probs are put back in its own choice order."""
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for index, row in enumerate(rows):
+        groups.setdefault(tuple(sorted(set(row["corrects"] + row["incorrects"]))), []).append(index)
+    scored: list = [None] * len(rows)
+    for choices, indices in groups.items():
+        for first in range(0, len(indices), batch_size):
+            chunk = indices[first:first + batch_size]
+            # The question is content: a control token written in it is read as text (caictl.tokens).
+            logprobs = engine.choice_logprobs([tokens.mark(rows[i]["prompt"]) for i in chunk], list(choices))
+            # Engines that cut a too-long text to fit say how much per text (hf); a server refuses it instead.
+            cut = getattr(engine, "choice_cuts", None) or [0] * len(chunk)
+            for i, by_choice, c in zip(chunk, logprobs, cut):
+                position = dict(zip(choices, by_choice))
+                scored[i] = (rows[i], [position[choice] for choice in rows[i]["corrects"] + rows[i]["incorrects"]], c)
+            progress.advance(len(chunk))
+    return scored
 
 
 def run_pm(config: EvalPMConfig) -> dict:
@@ -102,9 +146,10 @@ def run_pm(config: EvalPMConfig) -> dict:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     results, records, cuts = {}, [], scorer.cuts()
+    with meter(sum(len(rows) for rows in comparisons.values()), "eval pm", unit="comparisons") as progress:
+        scored = {path: score_pairs(scorer, rows, config.batch_size, progress) for path, rows in comparisons.items()}
     for path, rows in comparisons.items():
-        texts = [t for c in rows for t in (c.chosen, c.rejected)]
-        rewards, cut = scorer.score(texts), scorer.cut_tokens(texts)
+        rewards, cut = scored[path]
         differences = [rewards[2 * i] - rewards[2 * i + 1] for i in range(len(rows))]
         for i, (d, c) in enumerate(zip(differences, rows)):
             record = {"file": path, "index": i, "reward_chosen": rewards[2 * i], "reward_rejected": rewards[2 * i + 1],
@@ -118,9 +163,22 @@ def run_pm(config: EvalPMConfig) -> dict:
     return _write(out, "eval pm", {"pm": config.pm}, results, records)
 
 
-def read_mc(path: str) -> list[dict]:
+def score_pairs(scorer, rows: list, batch_size: int, progress) -> tuple[list[float], list[int]]:
+    """Rewards of chosen, rejected, chosen, ... and the tokens cut from each, batch_size comparisons a call."""
+    rewards, cut = [], []
+    for first in range(0, len(rows), batch_size):
+        texts = [t for c in rows[first:first + batch_size] for t in (c.chosen, c.rejected)]
+        rewards += scorer.score(texts)
+        cut += scorer.cut_tokens(texts)
+        progress.advance(len(texts) // 2)
+    return rewards, cut
+
+
+def read_mc(path: str, limit: int | None = None) -> list[dict]:
     rows = []
     for row in read_rows(path):
+        if limit is not None and len(rows) >= limit:
+            break
         data = row.data
         if not isinstance(data, dict) or not isinstance(data.get("prompt"), str) \
                 or not data.get("corrects") or not data.get("incorrects"):
@@ -143,7 +201,8 @@ def _write(out: Path, title: str, subject: dict, results: dict, records: list[di
     with open(out / "records.jsonl", "w", encoding="utf-8") as handle:
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    summary = {**subject, "files": {p: {k: v for k, v in r.items() if k != "reliability"} for p, r in results.items()}}
+    summary = {"stage": title, **subject,
+               "files": {p: {k: v for k, v in r.items() if k != "reliability"} for p, r in results.items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_reliability(results, out / "reliability.png")
     columns = [k for k in next(iter(summary["files"].values()))]

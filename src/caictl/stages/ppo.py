@@ -262,9 +262,11 @@ class PPO:
                 stats = self.step(batch, step)
                 history.append(stats)
                 progress.advance(1)
+                line = (f"step {step}/{config.steps}: reward {stats['reward_mean']:.3f}, kl {stats['kl']:.3f}, "
+                        f"response length {stats['response_length']:.1f} tokens")
                 if config.sample_every and step % config.sample_every == 0:
-                    log(f"step {step}: reward {stats['reward_mean']:.3f}, kl {stats['kl']:.3f}, sample: "
-                        f"{stats['sample']!r}")
+                    line += f", sample: {stats['sample']!r}"
+                log(line)
                 if config.save_every and step % config.save_every == 0 and step < config.steps:
                     self._checkpoint(out, step, history, before)
                 if config.max_kl is not None and stats["kl"] > config.max_kl:

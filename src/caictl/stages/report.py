@@ -8,7 +8,8 @@ It reads what it finds under the given folders (and files), by content, not by n
 - revise records: which principles drove revisions, how often a revision changed the response, and by how
   much; the flags raised;
 - label records: per principle, mean confidence, position consistency (both orders agree) and first-slot pull;
-- `eval compare` folders: the Elo ratings and signs of Goodharting, linked to their full report.
+- `eval compare` folders: the Elo ratings and signs of Goodharting, linked to their full report;
+- `eval mc` and `eval pm` folders: accuracy and calibration per file, linked to their full report.
 Output: report.md, summary.json and principles.png in the output folder.
 """
 
@@ -41,6 +42,7 @@ class Found:
     revisions: list[tuple[Path, list[dict]]]
     labels: list[tuple[Path, list[dict]]]
     compares: list[tuple[Path, dict]]  # eval compare folder, its summary.json
+    scores: list[tuple[Path, dict]]  # eval mc or eval pm folder, its summary.json
 
 
 def run_report(config: EvalReportConfig) -> dict:
@@ -50,9 +52,9 @@ def run_report(config: EvalReportConfig) -> dict:
     first_folder = next((Path(p) for p in config.paths if Path(p).is_dir()), Path("."))
     out = Path(config.out) if config.out else first_folder / "report"
     found = find(config.paths, exclude=out)
-    if not (found.models or found.revisions or found.labels or found.compares):
+    if not (found.models or found.revisions or found.labels or found.compares or found.scores):
         raise UsageError(f"{', '.join(config.paths)}: no caictl artifacts found (model folders with caictl.json, "
-                         "revise or label records, eval compare folders)")
+                         "revise or label records, eval compare, mc or pm folders)")
     out.mkdir(parents=True, exist_ok=True)
     summary = {
         "stage": "eval report",
@@ -62,12 +64,14 @@ def run_report(config: EvalReportConfig) -> dict:
                    for path, rows in found.labels},
         "compare": {str(path): {k: s[k] for k in ("models", "sets", "ratings", "per_model")}
                     for path, s in found.compares},
+        "scores": {str(path): s for path, s in found.scores},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_principles(summary, out / "principles.png")
     (out / "report.md").write_text(render(summary, found, out))
     summary_table("eval report", [("model folders", len(found.models)), ("revise files", len(found.revisions)),
                                   ("label files", len(found.labels)), ("eval compare folders", len(found.compares)),
+                                  ("eval mc / pm folders", len(found.scores)),
                                   ("report", out / "report.md")])
     return {**summary, "report": str(out / "report.md")}
 
@@ -76,7 +80,7 @@ def run_report(config: EvalReportConfig) -> dict:
 
 
 def find(paths: list[str], exclude: Path) -> Found:
-    found = Found([], [], [], [])
+    found = Found([], [], [], [], [])
     for path in paths:
         _visit(Path(path), found, exclude.resolve(), SCAN_DEPTH)
     return found
@@ -99,6 +103,9 @@ def _visit(path: Path, found: Found, exclude: Path, depth: int) -> None:
         if data.get("stage") == "eval compare":
             found.compares.append((path, data))
             return
+        if _score_stage(data):
+            found.scores.append((path, {**data, "stage": _score_stage(data)}))
+            return
     if depth > 0:
         for child in sorted(path.iterdir()):
             if child.is_dir() or child.name.endswith((".jsonl", ".jsonl.gz")):
@@ -117,6 +124,16 @@ def _record_kind(path: Path) -> str | None:
         return "revisions"
     if "votes" in first and "p_chosen" in first:
         return "labels"
+    return None
+
+
+def _score_stage(summary: dict) -> str | None:
+    """eval mc or eval pm, from a summary.json; folders written before summaries named their stage are known by
+    their fields."""
+    if summary.get("stage") in ("eval mc", "eval pm"):
+        return summary["stage"]
+    if "stage" not in summary and isinstance(summary.get("files"), dict):
+        return "eval pm" if "pm" in summary else "eval mc" if "model" in summary else None
     return None
 
 
@@ -245,6 +262,14 @@ def render(summary: dict, found: Found, out: Path) -> str:
         lines += [f"| {m} | {_pct(s['refusal_rate'])} | {_pct(s['boilerplate_rate'])} | {_num(s['distinct_2'])} | "
                   f"{s['mean_length_words']} |" for m, s in compare["per_model"][group].items()]
         lines += ["", *(f"![{p.stem}]({link(p)})" for p in sorted(Path(path).glob("*.png"))), ""]
+    for path, scores in summary["scores"].items():
+        what = (f"Multiple-choice evaluation of `{scores.get('model')}`" if scores["stage"] == "eval mc"
+                else f"Preference model `{scores.get('pm')}` on comparisons")
+        lines += [f"## {what}: `{path}`", "", f"Full report: [{link(Path(path) / 'report.md')}]"
+                  f"({link(Path(path) / 'report.md')})", ""]
+        columns = list(next(iter(scores["files"].values()), {}))
+        lines += _table(["file", *columns], [[Path(f).name, *(r.get(c) for c in columns)]
+                                             for f, r in scores["files"].items()])
     return "\n".join(lines)
 
 

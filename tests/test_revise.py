@@ -308,3 +308,11 @@ def test_unknown_principle_and_bad_options_fail_before_loading(tmp_path):
     assert result.returncode == 2 and "unknown principle id(s) nope" in result.stderr
     result = caictl("revise", prompts, "--model", "m", "--rounds", "0", "--top-p", "2", check=False)
     assert result.returncode == 2 and "--rounds" in result.stderr and "--top-p" in result.stderr
+
+
+def test_prompt_rows_made_by_a_stage_keep_its_meta_as_upstream(tmp_path, tiny_model):
+    upstream = {"stage": "sample", "model": "models/sl"}
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "Hi", "meta": upstream}])
+    (row,) = [json.loads(line) for line in caictl("revise", prompts, "--model", tiny_model, "--rounds", "1",
+                                                  *FAST).stdout.splitlines()]
+    assert row["meta"]["stage"] == "revise" and row["meta"]["upstream"] == upstream

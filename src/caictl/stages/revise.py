@@ -30,7 +30,15 @@ from caictl.generation import (
     respond,
     response_request,
 )
-from caictl.records import UNUSABLE_REVISION_FLAGS, Prompt, RecordWriter, RejectWriter, batches, read_prompts
+from caictl.records import (
+    UNUSABLE_REVISION_FLAGS,
+    Prompt,
+    RecordWriter,
+    RejectWriter,
+    batches,
+    read_prompts,
+    with_upstream,
+)
 from caictl.ui import log, meter, summary_table
 
 FORMATS = ("caictl", "hf")
@@ -222,6 +230,7 @@ class Reviser:
             for flag in flags:
                 totals.flags[flag] = totals.flags.get(flag, 0) + 1
             meta = totals.cuts.meta({"principles": [step["principle"] for step in steps[i]]}, truncated[i])
+            meta = with_upstream(meta, prompt.extra.get("meta"))  # a prompt row made by an earlier stage
             records.append({
                 **prompt.extra,
                 "id": prompt.id,

@@ -188,3 +188,28 @@ def test_concurrency_stays_under_the_limit(flaky):
 def test_missing_base_url_is_a_usage_error():
     with pytest.raises(UsageError, match="needs --base-url"):
         load_engine("openai", "m")
+
+
+def test_every_server_stage_takes_max_retries_and_timeout_from_the_flag_the_environment_or_caictl_yaml(
+        flaky, tmp_path):
+    server = flaky(failures=100, status=503)
+    run = ["sample", EXAMPLES / "red-team.jsonl", "--limit", "1", "-n", "1", "--engine", "openai",
+           "--base-url", server.url, "--model", "m"]
+    flag = caictl(*run, "--max-retries", "1", check=False)
+    assert flag.returncode != 0 and "gave up after 2 attempts (HTTP 503)" in flag.stderr
+    assert "raise --max-retries" in flag.stderr
+    from_env = caictl(*run, env={"CAICTL_MAX_RETRIES": "0"}, check=False)
+    assert "gave up after 1 attempts" in from_env.stderr
+    (tmp_path / "caictl.yaml").write_text("max_retries: 2\n")
+    from_file = caictl(*run, cwd=tmp_path, check=False)
+    assert "gave up after 3 attempts" in from_file.stderr and server.requests == 2 + 1 + 3
+    bad = caictl(*run, env={"CAICTL_MAX_RETRIES": "many"}, check=False)
+    assert bad.returncode == 2 and "--max-retries 'many'" in bad.stderr
+
+    slow = flaky(delay=2.0)
+    timed_out = caictl(*run[:-4], "--base-url", slow.url, "--model", "m", "--timeout", "0.2", "--max-retries", "0",
+                       check=False)
+    assert "gave up after 1 attempts (APITimeoutError)" in timed_out.stderr
+    for stage in (["revise"], ["label"], ["eval", "mc"], ["eval", "compare"]):
+        assert "--max-retries" in caictl(*stage, "--help").stdout
+        assert "--timeout" in caictl(*stage, "--help").stdout

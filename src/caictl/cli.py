@@ -5,6 +5,7 @@ Nothing heavy is imported here: `caictl --help` loads no torch or transformers.
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from dataclasses import MISSING, fields
@@ -15,6 +16,7 @@ import typer
 from typer.core import TyperGroup
 
 from caictl import __version__, tiny
+from caictl.engines.openai import OpenAIEngine
 from caictl.errors import CaictlError
 
 # Stage modules are light at import (torch and transformers load inside run()), so --help stays fast.
@@ -79,6 +81,13 @@ Out = Annotated[Optional[str], typer.Option("--out", "-o", help="Output JSONL; o
 Model = Annotated[Optional[str], typer.Option(help="Model folder or hub id (env CAICTL_MODEL).")]
 Engine = Annotated[Optional[str], typer.Option(help="hf (in-process) or openai (a server) (env CAICTL_ENGINE).")]
 BaseUrl = Annotated[Optional[str], typer.Option(help="OpenAI-compatible server URL (env CAICTL_BASE_URL).")]
+# The openai engine's own defaults, shown in --help (the engine module imports no client library until used).
+SERVER = {name: p.default for name, p in inspect.signature(OpenAIEngine).parameters.items()}
+MaxRetries = Annotated[Optional[int], typer.Option(
+    help="openai engine: retries of a request that fails on 429, 5xx, a time-out or a dropped connection "
+         f"(env CAICTL_MAX_RETRIES; default {SERVER['max_retries']}).")]
+Timeout = Annotated[Optional[float], typer.Option(
+    help=f"openai engine: seconds one request may take (env CAICTL_TIMEOUT; default {SERVER['timeout']:g}).")]
 ConstitutionOpt = Annotated[Optional[str], typer.Option(
     "--constitution", help="Shipped name or file(s), comma-separated (env CAICTL_CONSTITUTION).")]
 Seed = Annotated[Optional[int], typer.Option(help="Random seed (env CAICTL_SEED). Default 0.")]
@@ -140,6 +149,8 @@ def revise_command(
         help="Tokens per response, critique or revision.")] = REVISE["max_new_tokens"],
     batch_size: Annotated[int, typer.Option(help="Prompts per forward pass (hf engine).")] = REVISE["batch_size"],
     concurrency: Annotated[int, typer.Option(help="Requests in flight (openai engine).")] = REVISE["concurrency"],
+    max_retries: MaxRetries = None,
+    timeout: Timeout = None,
     seed: Seed = None,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N prompts.")] = REVISE["limit"],
     format: Annotated[str, typer.Option(
@@ -161,7 +172,8 @@ def revise_command(
         principles=[p.strip() for p in principles.split(",") if p.strip()] if principles else [],
         rounds=rounds, few_shot=few_shot, shots=shots, critique=critique, prompt_style=prompt_style,
         temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        concurrency=concurrency, seed=_seed(seed, REVISE["seed"]), limit=limit, format=format,
+        concurrency=concurrency, max_retries=max_retries, timeout=timeout, seed=_seed(seed, REVISE["seed"]),
+        limit=limit, format=format,
         skip_invalid=skip_invalid, overwrite=overwrite,
     ))
 
@@ -183,6 +195,8 @@ def sample_command(
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per response.")] = SAMPLE["max_new_tokens"],
     batch_size: Annotated[int, typer.Option(help="Requests per forward pass (hf engine).")] = SAMPLE["batch_size"],
     concurrency: Annotated[int, typer.Option(help="Requests in flight (openai engine).")] = SAMPLE["concurrency"],
+    max_retries: MaxRetries = None,
+    timeout: Timeout = None,
     seed: Seed = None,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N prompts.")] = SAMPLE["limit"],
     skip_invalid: Annotated[bool, typer.Option(
@@ -198,6 +212,7 @@ def sample_command(
         prompts=prompts, out=out, model=model, engine=settings.resolve("engine", engine, SAMPLE["engine"]),
         base_url=settings.resolve("base_url", base_url), n=n, temperature=temperature, top_p=top_p,
         max_new_tokens=max_new_tokens, prompt_style=prompt_style, batch_size=batch_size, concurrency=concurrency,
+        max_retries=max_retries, timeout=timeout,
         seed=_seed(seed, SAMPLE["seed"]), limit=limit, from_revisions=from_revisions,
         skip_invalid=skip_invalid, overwrite=overwrite,
     ))
@@ -231,6 +246,8 @@ def label_command(
     temperature: Annotated[float, typer.Option(help="--cot reasoning temperature.")] = LABEL["temperature"],
     batch_size: Annotated[int, typer.Option(help="Questions per forward pass (hf engine).")] = LABEL["batch_size"],
     concurrency: Annotated[int, typer.Option(help="Requests in flight (openai engine).")] = LABEL["concurrency"],
+    max_retries: MaxRetries = None,
+    timeout: Timeout = None,
     seed: Seed = None,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N comparisons.")] = LABEL["limit"],
     skip_invalid: Annotated[bool, typer.Option(
@@ -249,7 +266,8 @@ def label_command(
         principles=[p.strip() for p in principles.split(",") if p.strip()] if principles else [],
         hard=not soft, cot=cot, clamp=tuple(clamp) if clamp else None, principles_per_pair=principles_per_pair,
         debias=debias, few_shot=few_shot, pairing=pairing, max_new_tokens=max_new_tokens,
-        temperature=temperature, batch_size=batch_size, concurrency=concurrency, seed=_seed(seed, LABEL["seed"]),
+        temperature=temperature, batch_size=batch_size, concurrency=concurrency, max_retries=max_retries,
+        timeout=timeout, seed=_seed(seed, LABEL["seed"]),
         limit=limit, skip_invalid=skip_invalid, overwrite=overwrite,
     ))
 
@@ -531,6 +549,8 @@ def eval_mc(
     batch_size: Annotated[int, typer.Option(
         help="Questions per engine call; hf: also sequences per forward pass.")] = EVAL_MC["batch_size"],
     concurrency: Annotated[int, typer.Option(help="Requests in flight (openai).")] = EVAL_MC["concurrency"],
+    max_retries: MaxRetries = None,
+    timeout: Timeout = None,
     limit: Annotated[Optional[int], typer.Option(help="At most N questions per file.")] = EVAL_MC["limit"],
 ) -> None:
     """Multiple-choice evaluations (Anthropic's format) scored by log-probs: accuracy and calibration.
@@ -543,7 +563,8 @@ def eval_mc(
     from caictl import settings
     evaluation.run_mc(evaluation.EvalMCConfig(
         files=files, out=out, model=model, engine=settings.resolve("engine", engine, EVAL_MC["engine"]),
-        base_url=base_url, batch_size=batch_size, concurrency=concurrency, limit=limit))
+        base_url=base_url, batch_size=batch_size, concurrency=concurrency, max_retries=max_retries, timeout=timeout,
+        limit=limit))
 
 
 @eval_app.command("pm")
@@ -586,6 +607,8 @@ def eval_compare(
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = EVAL_COMPARE["top_p"],
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass (hf).")] = EVAL_COMPARE["batch_size"],
     concurrency: Annotated[int, typer.Option(help="Requests in flight (openai).")] = EVAL_COMPARE["concurrency"],
+    max_retries: MaxRetries = None,
+    timeout: Timeout = None,
     limit: Annotated[Optional[int], typer.Option(help="At most N prompts per set.")] = EVAL_COMPARE["limit"],
     seed: Seed = None,
     overwrite: Annotated[bool, typer.Option(help="Answer and judge again from scratch.")] = EVAL_COMPARE["overwrite"],
@@ -602,7 +625,8 @@ def eval_compare(
         constitution=settings.resolve("constitution", constitution, EVAL_COMPARE["constitution"]),
         prompt_style=prompt_style,
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size,
-        concurrency=concurrency, limit=limit, seed=_seed(seed, EVAL_COMPARE["seed"]), overwrite=overwrite))
+        concurrency=concurrency, max_retries=max_retries, timeout=timeout, limit=limit,
+        seed=_seed(seed, EVAL_COMPARE["seed"]), overwrite=overwrite))
 
 
 @eval_app.command("report")

@@ -7,15 +7,36 @@ from dataclasses import dataclass, replace
 from caictl import settings
 from caictl.conversation import render_transcript
 from caictl.engines import Engine, Generation, SamplingParams, load_engine
+from caictl.errors import UsageError
 from caictl.ui import log
 
 PROMPT_STYLES = ("auto", "chat", "transcript")
 
 
-def open_engine(name: str, model: str, base_url: str | None, batch_size: int, concurrency: int) -> Engine:
+def open_engine(name: str, model: str, base_url: str | None, batch_size: int, concurrency: int,
+                max_retries: int | None = None, timeout: float | None = None) -> Engine:
+    """The engine a stage asked for. A server's retries and time-out come from the flag, else CAICTL_MAX_RETRIES /
+    CAICTL_TIMEOUT or caictl.yaml, else the openai engine's own defaults."""
     if name == "openai":
-        return load_engine(name, model, base_url=settings.resolve("base_url", base_url), concurrency=concurrency)
+        options = {"base_url": settings.resolve("base_url", base_url), "concurrency": concurrency}
+        retries, seconds = settings.resolve("max_retries", max_retries), settings.resolve("timeout", timeout)
+        if retries is not None:
+            options["max_retries"] = _number(retries, int, "max_retries", minimum=0)
+        if seconds is not None:
+            options["timeout"] = _number(seconds, float, "timeout", minimum=1e-3)
+        return load_engine(name, model, **options)
     return load_engine(name, model, batch_size=batch_size)
+
+
+def _number(value, kind, name: str, minimum: float):
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number < minimum:
+        raise UsageError(f"--{name.replace('_', '-')} {value!r}: expected a {kind.__name__} >= {minimum:g} "
+                         f"(the flag, CAICTL_{name.upper()} or `{name}:` in caictl.yaml)")
+    return number
 
 
 def prompt_style(requested: str, engine: Engine) -> str:

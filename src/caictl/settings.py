@@ -5,6 +5,8 @@
     engine: hf
     constitution: harmless
     seed: 0
+    max_retries: 6   # openai engine: retries of a failed request
+    timeout: 120     # openai engine: seconds a request may take
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 from caictl.errors import UsageError
 
-SHARED = ("model", "engine", "base_url", "constitution", "seed")
+SHARED = ("model", "engine", "base_url", "constitution", "seed", "max_retries", "timeout")
 PROJECT_FILE = "caictl.yaml"
 
 NO_MODEL = (

@@ -133,7 +133,7 @@ class OpenAIEngine:
                 if attempt == self.max_retries:
                     raise CaictlError(
                         f"{self.base_url}: gave up after {self.max_retries + 1} attempts ({_describe(error)}); "
-                        "check the server, or raise --max-retries"
+                        "check the server, or raise --max-retries (or --timeout, for a slow one)"
                     )
                 self.retries += 1
                 time.sleep(self._wait(attempt, error))

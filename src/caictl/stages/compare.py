@@ -70,6 +70,8 @@ class EvalCompareConfig:
     top_p: float = 1.0
     batch_size: int = 16
     concurrency: int = 8
+    max_retries: int | None = None  # openai engine; None: CAICTL_MAX_RETRIES, caictl.yaml, the engine's
+    timeout: float | None = None  # openai engine, seconds a request may take; None: likewise
     limit: int | None = None  # prompts per set
     seed: int = 0
     overwrite: bool = False
@@ -191,7 +193,8 @@ def answer(config: EvalCompareConfig, models: dict[str, str], items: list[Item],
             pending = [item for item in items if f"{name}/{item.key}" not in writer.done]
             if not pending:
                 continue
-            engine = open_engine(config.engine, model, config.base_url, config.batch_size, config.concurrency)
+            engine = open_engine(config.engine, model, config.base_url, config.batch_size, config.concurrency,
+                                 config.max_retries, config.timeout)
             style = prompt_style(config.prompt_style, engine)
             params = SamplingParams(config.max_new_tokens, config.temperature, config.top_p, STOP_RESPONSE,
                                     config.seed)
@@ -284,7 +287,8 @@ def judge_outcomes(config: EvalCompareConfig, models: dict[str, str], items: lis
     engine, cuts = None, Cuts("judge question(s) did not fit the model's context")
     try:
         if pending or config.judge_refusal:
-            engine = open_engine(config.engine, config.judge, config.base_url, config.batch_size, config.concurrency)
+            engine = open_engine(config.engine, config.judge, config.base_url, config.batch_size,
+                                 config.concurrency, config.max_retries, config.timeout)
         judge = Judge(engine, constitution, debias=True, seed=config.seed)
         with meter(len(pending), "judge", unit="pairs") as progress:
             for chunk in batches(pending, config.batch_size):

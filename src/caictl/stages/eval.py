@@ -41,6 +41,8 @@ class EvalMCConfig:
     base_url: str | None = None
     batch_size: int = 16  # questions per engine call; hf: also sequences per forward pass
     concurrency: int = 8  # requests in flight (openai)
+    max_retries: int | None = None  # openai engine; None: CAICTL_MAX_RETRIES, caictl.yaml, the engine's
+    timeout: float | None = None  # openai engine, seconds a request may take; None: likewise
     limit: int | None = None  # at most N questions per file, from the top
 
     def check(self) -> None:
@@ -71,7 +73,8 @@ def run_mc(config: EvalMCConfig) -> dict:
     if config.engine == "hf":
         model_kind.check(model, model_kind.CAUSAL_LM, "--model")
     questions = {path: read_mc(path, config.limit) for path in _existing(config.files)}
-    engine = open_engine(config.engine, model, config.base_url, config.batch_size, config.concurrency)
+    engine = open_engine(config.engine, model, config.base_url, config.batch_size, config.concurrency,
+                         config.max_retries, config.timeout)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     results, records = {}, []

@@ -51,6 +51,8 @@ class LabelConfig:
     temperature: float = 1.0  # --cot reasoning sampling
     batch_size: int = 16
     concurrency: int = 8
+    max_retries: int | None = None  # openai engine; None: CAICTL_MAX_RETRIES, caictl.yaml, the engine's
+    timeout: float | None = None  # openai engine, seconds a request may take; None: likewise
     seed: int = 0
     limit: int | None = None
     skip_invalid: bool = False
@@ -114,7 +116,7 @@ def run(config: LabelConfig, engine=None) -> dict:
     try:
         if pending:
             engine = engine or open_engine(config.engine, model, config.base_url, config.batch_size,
-                                           config.concurrency)
+                                           config.concurrency, config.max_retries, config.timeout)
             judge = Judge(engine, constitution, few_shot=config.few_shot, cot=config.cot, debias=config.debias,
                           clamp=config.effective_clamp, max_new_tokens=config.max_new_tokens,
                           temperature=config.temperature, seed=config.seed)

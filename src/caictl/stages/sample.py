@@ -53,6 +53,8 @@ class SampleConfig:
     prompt_style: str = "auto"  # chat, transcript (Human:/Assistant: for base models) or auto
     batch_size: int = 16
     concurrency: int = 8
+    max_retries: int | None = None  # openai engine; None: CAICTL_MAX_RETRIES, caictl.yaml, the engine's
+    timeout: float | None = None  # openai engine, seconds a request may take; None: likewise
     seed: int = 0
     limit: int | None = None
     from_revisions: bool = False  # the input is revise output: pair each initial response with its revision
@@ -104,7 +106,7 @@ def run(config: SampleConfig, engine=None) -> dict:
     try:
         if pending:
             engine = engine or open_engine(config.engine, model, config.base_url, config.batch_size,
-                                           config.concurrency)
+                                           config.concurrency, config.max_retries, config.timeout)
             style = prompt_style(config.prompt_style, engine)
             params = SamplingParams(config.max_new_tokens, config.temperature, config.top_p, STOP_RESPONSE,
                                     config.seed)

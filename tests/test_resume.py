@@ -113,3 +113,21 @@ def test_a_served_model_is_known_by_its_name_not_the_server_address():
 
     assert identity("qwen", "openai") == "served:qwen" == identity("qwen", "openai")
     assert identity("qwen", "openai") != identity("llama", "openai")
+
+
+def test_a_folder_digest_is_read_again_only_when_a_file_changes_size_or_time(tmp_path, tiny_model, monkeypatch):
+    from caictl.model_identity import folder_digest
+
+    monkeypatch.setenv("CAICTL_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    first = folder_digest(model)
+    weights = next(model.glob("*.safetensors"))
+    stat = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # same size, other content...
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # ...and the same time: the cached digest stands
+    assert folder_digest(model) == first
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # touched: read again
+    assert folder_digest(model) != first

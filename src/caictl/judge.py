@@ -14,6 +14,7 @@ from caictl import tokens
 from caictl.constitution import ComparisonPrinciple, Constitution
 from caictl.conversation import render_transcript
 from caictl.engines import SamplingParams
+from caictl.engines.base import choice_cuts
 
 # Scored up to the letter: " (A" and " (B" differ in their last token only, so one forward pass reads both.
 CHOICES = (" (A", " (B")
@@ -79,7 +80,7 @@ class Judge:
         if self.cot:
             questions, reasoning, cuts = self._with_reasoning(questions, [w[3] for w in where])
         scores = self.engine.choice_logprobs(questions, list(CHOICES))
-        cuts = [c + s for c, s in zip(cuts, self._choice_cuts(len(questions)))]
+        cuts = [c + s for c, s in zip(cuts, choice_cuts(self.engine, len(questions)))]
         p_a = [probability_a(a, b) for a, b in scores]
         votes: list[dict[str, dict]] = [{} for _ in comparisons]
         for (c_index, principle_id, o_index, _), p, cut, thought in zip(where, p_a, cuts, reasoning):
@@ -111,7 +112,7 @@ class Judge:
                         f"\n\n{REFUSAL_QUESTION}\nOptions:\n(A) {a}\n(B) {b}")
                 questions.append(self._render([{"role": "user", "content": body}], ANSWER_CUE))
         p_a = [probability_a(a, b) for a, b in self.engine.choice_logprobs(questions, list(CHOICES))]
-        cuts = self._choice_cuts(len(questions))
+        cuts = choice_cuts(self.engine, len(questions))
         return ([(refuses_as_a + 1 - refuses_as_b) / 2 for refuses_as_a, refuses_as_b in zip(p_a[::2], p_a[1::2])],
                 [a + b for a, b in zip(cuts[::2], cuts[1::2])])
 
@@ -148,10 +149,6 @@ class Judge:
         # The model's reasoning is content: a control token it spelled out is text when the answer is read.
         return ([q + " " + tokens.mark(r) + f"\n{COT_ANSWER_CUE}" for q, r in zip(questions, reasoning)], reasoning,
                 [g.truncated_tokens for g in generations])
-
-    def _choice_cuts(self, count: int) -> list[int]:
-        # Engines that cut a too-long text to fit say so per text (the hf engine); a server refuses it instead.
-        return getattr(self.engine, "choice_cuts", None) or [0] * count
 
 
 def _question_body(messages: list[dict], principle: str, a: str, b: str) -> str:

@@ -52,6 +52,12 @@ class Engine(Protocol):
         call, how many tokens it cut."""
 
 
+def choice_cuts(engine, count: int) -> list[int]:
+    """Per text of the engine's last choice_logprobs call, the tokens it cut to fit; zeros for an engine that
+    cuts nothing (a server refuses a too-long text instead)."""
+    return getattr(engine, "choice_cuts", None) or [0] * count
+
+
 def request_seed(seed: int, key: str) -> int:
     """A 63-bit seed for one request, stable across runs and batchings."""
     digest = hashlib.sha256(f"{seed}:{key}".encode("utf-8")).digest()

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from caictl import model_kind, settings, tokens
 from caictl.engines import ENGINES
+from caictl.engines.base import choice_cuts
 from caictl.errors import InputError, UsageError
 from caictl.generation import Cuts, open_engine
 from caictl.metrics import calibration, pairwise_metrics, plot_reliability
@@ -123,8 +124,7 @@ def score_questions(engine, rows: list[dict], batch_size: int, progress):
             chunk = indices[first:first + batch_size]
             # The question is content: a control token written in it is read as text (caictl.tokens).
             logprobs = engine.choice_logprobs([tokens.mark(rows[i]["prompt"]) for i in chunk], list(choices))
-            # Engines that cut a too-long text to fit say how much per text (hf); a server refuses it instead.
-            cut = getattr(engine, "choice_cuts", None) or [0] * len(chunk)
+            cut = choice_cuts(engine, len(chunk))
             for i, by_choice, c in zip(chunk, logprobs, cut):
                 position = dict(zip(choices, by_choice))
                 scored[i] = (rows[i], [position[choice] for choice in rows[i]["corrects"] + rows[i]["incorrects"]], c)

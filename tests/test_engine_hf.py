@@ -112,6 +112,44 @@ def test_shared_prefixes_are_computed_once_and_change_nothing(tiny_model):
     assert [g.text for g in batched.generate(chats, params, keys)] == together
 
 
+def _alone(tiny_model, texts, params, keys) -> list[str]:
+    single = load_engine("hf", str(tiny_model), batch_size=1)
+    return [g.text for g in single.complete(texts, params, keys)]
+
+
+def test_a_batch_is_no_wider_than_its_longest_row_when_sharing_would_widen_it(tiny_model):
+    # Two rows share a long start, a third shares nothing and is longer than either. Sharing the start would
+    # make the batch (shared start + the third row) wide: every row then decodes over filler.
+    engine = load_engine("hf", str(tiny_model), batch_size=8)
+    start = "A shared start that two rows have in common. " * 6
+    texts = [start + "one", start + "two", "A long text of its own that shares nothing with the others. " * 12]
+    rows = engine.encoder.encode(texts)
+    assert len(rows[0]) < len(rows[2])
+    inputs = engine._batch_inputs(rows, max_new_tokens=8)
+    assert inputs["input_ids"].shape[1] == max(len(row) for row in rows)
+    params, keys = SamplingParams(max_new_tokens=12, seed=2), ["1", "2", "3"]
+    assert [g.text for g in engine.complete(texts, params, keys)] == _alone(tiny_model, texts, params, keys)
+
+
+def test_a_kept_prefix_serves_rows_that_share_only_part_of_it(tiny_model):
+    # A revise run written batch by batch: a principle's few-shot start was kept from an earlier batch, and a
+    # row of the next batch has it although no neighbour in its own batch does.
+    engine = load_engine("hf", str(tiny_model), batch_size=8)
+    shots = "An example question about safety, and its careful answer. " * 5
+    principle = "A principle's own worked example, long enough to matter. " * 5
+    params = SamplingParams(max_new_tokens=12, seed=4)
+    engine.complete([shots + principle + "first", shots + principle + "second"], params, ["a", "b"])
+    kept = len(engine._prefix_cache)
+    texts = [shots + principle + "third", shots + "fourth"]
+    rows = engine.encoder.encode(texts)
+    inputs = engine._batch_inputs(rows, max_new_tokens=12)
+    shared = len(engine.encoder.encode([shots + principle])[0]) - 1  # the kept start, up to the differing word
+    assert inputs[engine._cache_argument].get_seq_length() >= shared
+    assert len(engine._prefix_cache) == kept  # read from what was kept, nothing computed again
+    together = [g.text for g in engine.complete(texts, params, ["c", "d"])]
+    assert together == _alone(tiny_model, texts, params, ["c", "d"])
+
+
 def test_unknown_engine_options_are_refused_by_name(tiny_model):
     with pytest.raises(UsageError, match=r"engine 'hf' takes no option 'batchsize'; its options: batch_size"):
         load_engine("hf", str(tiny_model), batchsize=4)

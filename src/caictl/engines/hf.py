@@ -246,17 +246,21 @@ class HFEngine:
         what it would see alone. A static cache, because a dynamic one copies itself at every decoding step:
         at batch 32 and 1,600 cached tokens that copy made a step 5x slower on CPU.
         """
+        import numpy
         import torch
         from transformers import StaticCache
 
-        shared = [0] * len(rows)
+        # A row's shared prefix: the longest it has with a neighbour or a kept prefix, if long enough to pay.
+        common = [0] * len(rows)
         if len(rows) > 1:
-            for i, row in enumerate(rows):
-                before = _common_prefix_length([rows[i - 1], row]) if i > 0 else 0
-                after = _common_prefix_length([row, rows[i + 1]]) if i + 1 < len(rows) else 0
-                cached = max((len(p) for p in self._prefix_cache if tuple(row[:len(p)]) == p), default=0)
-                length = min(max(before, after, cached), len(row) - 1)  # every row keeps a token of its own
-                shared[i] = length if length >= SHARED_PREFIX_MIN_TOKENS else 0
+            arrays = [numpy.asarray(row) for row in rows]
+            kept = [numpy.asarray(prefix) for prefix in self._prefix_cache]
+            for i, row in enumerate(arrays):
+                neighbours = [arrays[j] for j in (i - 1, i + 1) if 0 <= j < len(rows)]
+                length = min(max(_common_prefix_length(row, other) for other in neighbours + kept),
+                             len(row) - 1)  # every row keeps a token of its own
+                common[i] = length if length >= SHARED_PREFIX_MIN_TOKENS else 0
+        shared = _narrowest(rows, common)
         longest = max(shared)
         tails, pad = [row[n:] for row, n in zip(rows, shared)], self.pad_id
         width = max(len(t) for t in tails)
@@ -265,7 +269,8 @@ class HFEngine:
         # Rounded up, so that a compiled model (GPU) sees few distinct cache shapes.
         cache = StaticCache(config=self.lm.config, max_cache_len=-(-(longest + width + max_new_tokens) // 256) * 256)
         if longest:
-            states = [self._prefix_states(tuple(row[:n])) if n else None for row, n in zip(rows, shared)]
+            states = [[(key[:, :, :n], value[:, :, :n]) for key, value in self._prefix_states(tuple(row[:c]))]
+                      if n else None for row, c, n in zip(rows, common, shared)]
             positions = torch.arange(longest, device=self.device)
             for layer in range(self.lm.config.num_hidden_layers):
                 keys, values = [], []
@@ -289,9 +294,10 @@ class HFEngine:
         import torch
         from transformers import DynamicCache
 
-        if prefix in self._prefix_cache:
-            self._prefix_cache[prefix] = self._prefix_cache.pop(prefix)  # most recently used goes last
-            return self._prefix_cache[prefix]
+        for kept in (prefix, *(p for p in reversed(self._prefix_cache) if p[:len(prefix)] == prefix)):
+            if kept in self._prefix_cache:  # the prefix itself, or a kept longer one that starts with it
+                self._prefix_cache[kept] = self._prefix_cache.pop(kept)  # most recently used goes last
+                return [(key[:, :, :len(prefix)], value[:, :, :len(prefix)]) for key, value in self._prefix_cache[kept]]
         cache = DynamicCache(config=self.lm.config)
         with torch.inference_mode():
             self.lm(input_ids=torch.tensor([list(prefix)], device=self.device), use_cache=True,
@@ -319,13 +325,22 @@ SHARED_PREFIX_MIN_TOKENS = 32  # below this, computing the prefix separately is 
 PREFIX_CACHE_ENTRIES = 32  # prefixes kept: a constitution's few-shot variants, one per principle, fit
 
 
-def _common_prefix_length(rows: list[list[int]]) -> int:
-    length = 0
-    for column in zip(*rows):
-        if any(token != column[0] for token in column):
-            break
-        length += 1
-    return length
+def _common_prefix_length(a, b) -> int:
+    """Tokens two id arrays have in common from the start."""
+    n = min(len(a), len(b))
+    differs = a[:n] != b[:n]
+    return int(differs.argmax()) if differs.any() else n
+
+
+def _narrowest(rows: list[list[int]], common: list[int]) -> list[int]:
+    """Shared lengths capped at the smallest bound that keeps the widest tail as narrow as sharing all of
+    `common` would: the batch is (bound + widest tail) wide, and a row's shared tokens past the bound move into
+    its tail, which is computed as its own tokens instead of as filler. Same prefill width, shorter rows."""
+    narrowest_tail = max(len(row) - c for row, c in zip(rows, common))
+    for bound in sorted(set(common)):
+        if max(len(row) - min(c, bound) for row, c in zip(rows, common)) == narrowest_tail:
+            return [min(c, bound) for c in common]
+    return common
 
 
 class _RowSampler:

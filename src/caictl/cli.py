@@ -317,8 +317,7 @@ def train_pm_command(
     epochs: Annotated[float, typer.Option(help="Passes over the comparisons.")] = TRAIN_PM["epochs"],
     learning_rate: Annotated[float, typer.Option(help="AdamW learning rate.")] = TRAIN_PM["learning_rate"],
     scheduler: Annotated[str, typer.Option(help="constant, linear or cosine.")] = TRAIN_PM["scheduler"],
-    batch_size: Annotated[Optional[int], typer.Option(
-        help=yaml_help("Comparisons per step.", TRAIN_PM, "batch_size"))] = None,
+    batch_size: Annotated[int, typer.Option(help="Comparisons per step.")] = TRAIN_PM["batch_size"],
     micro_batch_size: Annotated[Optional[int], typer.Option(
         help="Texts per forward pass within a step; "
              "default all on GPU, 1 on CPU (faster there).")] = TRAIN_PM["micro_batch_size"],
@@ -339,8 +338,7 @@ def train_pm_command(
     train_pm.run(train_pm.TrainPMConfig(
         prefs=prefs, out=out, model=model, mix=mix or [], prefs_weight=prefs_weight, hard=hard, margin=margin,
         eval_split=eval_split, eval=eval or [], epochs=epochs, learning_rate=learning_rate, scheduler=scheduler,
-        **stage_options(TRAIN_PM, batch_size=batch_size),
-        micro_batch_size=micro_batch_size, max_length=max_length, lora=lora, lora_r=lora_r,
+        batch_size=batch_size, micro_batch_size=micro_batch_size, max_length=max_length, lora=lora, lora_r=lora_r,
         lora_alpha=lora_alpha, lora_dropout=lora_dropout, seed=_seed(seed, TRAIN_PM["seed"]), overwrite=overwrite,
     ))
 
@@ -406,8 +404,7 @@ def ppo_command(
     num_generations: Annotated[int, typer.Option(
         help="rloo/grpo: responses per prompt, compared.")] = PPO["num_generations"],
     steps: Annotated[int, typer.Option(help="PPO iterations (rollout batches).")] = PPO["steps"],
-    batch_size: Annotated[Optional[int], typer.Option(
-        help=yaml_help("Rollouts per iteration.", PPO, "batch_size"))] = None,
+    batch_size: Annotated[int, typer.Option(help="Rollouts per iteration.")] = PPO["batch_size"],
     minibatch_size: Annotated[int, typer.Option(help="Rollouts per gradient step.")] = PPO["minibatch_size"],
     ppo_epochs: Annotated[int, typer.Option(help="Passes over each rollout batch.")] = PPO["ppo_epochs"],
     learning_rate: Annotated[float, typer.Option(help="AdamW learning rate.")] = PPO["learning_rate"],
@@ -452,7 +449,7 @@ def ppo_command(
     """
     ppo.run(ppo.PPOConfig(
         prompts=prompts, policy=policy, pm=pm, out=out, algo=algo, num_generations=num_generations, steps=steps,
-        **stage_options(PPO, batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature),
+        batch_size=batch_size, **stage_options(PPO, max_new_tokens=max_new_tokens, temperature=temperature),
         minibatch_size=minibatch_size, ppo_epochs=ppo_epochs, learning_rate=learning_rate, kl_coef=kl_coef,
         target_kl=target_kl, max_kl=max_kl, gamma=gamma, lam=lam, clip_range=clip_range,
         clip_range_value=clip_range_value, value_coef=value_coef, whiten_advantages=whiten_advantages,
@@ -479,8 +476,7 @@ def dpo_command(
     epochs: Annotated[float, typer.Option(help="Passes over the pairs.")] = DPO["epochs"],
     max_steps: Annotated[int, typer.Option(help="Stop after N steps (overrides --epochs).")] = DPO["max_steps"],
     learning_rate: Annotated[float, typer.Option(help="Learning rate.")] = DPO["learning_rate"],
-    batch_size: Annotated[Optional[int], typer.Option(
-        help=yaml_help("Pairs per device per step.", DPO, "batch_size"))] = None,
+    batch_size: Annotated[int, typer.Option(help="Pairs per device per step.")] = DPO["batch_size"],
     grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = DPO["grad_accum"],
     max_length: Annotated[int, typer.Option(help="Tokens per prompt + response.")] = DPO["max_length"],
     lora: Annotated[bool, typer.Option(
@@ -500,7 +496,7 @@ def dpo_command(
     """
     dpo.run(dpo.DPOConfig(
         prefs=prefs, out=out, model=model, beta=beta, label_smoothing=label_smoothing, min_p_chosen=min_p_chosen,
-        epochs=epochs, max_steps=max_steps, learning_rate=learning_rate, **stage_options(DPO, batch_size=batch_size),
+        epochs=epochs, max_steps=max_steps, learning_rate=learning_rate, batch_size=batch_size,
         grad_accum=grad_accum, max_length=max_length, lora=lora, lora_r=lora_r, lora_alpha=lora_alpha,
         save_steps=save_steps, seed=_seed(seed, DPO["seed"]), overwrite=overwrite,
     ))
@@ -533,8 +529,7 @@ def sft_command(
     scheduler: Annotated[str, typer.Option(
         help="constant (the paper), linear, cosine, constant_with_warmup.")] = SFT["scheduler"],
     warmup_steps: Annotated[int, typer.Option(help="Learning-rate warm-up steps.")] = SFT["warmup_steps"],
-    batch_size: Annotated[Optional[int], typer.Option(
-        help=yaml_help("Examples per device per step.", SFT, "batch_size"))] = None,
+    batch_size: Annotated[int, typer.Option(help="Examples per device per step.")] = SFT["batch_size"],
     grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = SFT["grad_accum"],
     micro_batch_size: Annotated[Optional[int], typer.Option(
         help="Examples per forward pass within a step; "
@@ -560,7 +555,7 @@ def sft_command(
         revisions=revisions, out=out, model=model, revisions_mode=revisions_mode, revisions_weight=revisions_weight,
         mix=mix or [], lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
         lora_target=lora_target, merge=merge, epochs=epochs, max_steps=max_steps, learning_rate=learning_rate,
-        scheduler=scheduler, warmup_steps=warmup_steps, **stage_options(SFT, batch_size=batch_size),
+        scheduler=scheduler, warmup_steps=warmup_steps, batch_size=batch_size,
         grad_accum=grad_accum,
         micro_batch_size=micro_batch_size, max_length=max_length, chat_template=chat_template,
         save_steps=save_steps, resume=resume, seed=_seed(seed, SFT["seed"]), overwrite=overwrite,

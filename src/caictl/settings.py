@@ -9,12 +9,12 @@
     timeout: 120     # openai engine: seconds a request may take
     rounds: 2        # stage options: used by every stage that has the flag, ignored by the others
     max_new_tokens: 128
-    batch_size: 8
+    batch_size: 8    # generating and scoring stages only
     temperature: 0.7
 
 Stage options come from the flag, else caictl.yaml, else the stage config's default (no environment variable).
-The same name keeps each stage's own meaning: batch_size is prompts per forward pass in revise, but examples per
-step in sft and rollouts per iteration in ppo.
+batch_size is rows per forward pass, a speed setting; the training stages (sft, train-pm, dpo, ppo) take theirs
+from the flag only, because there it is an optimisation setting that a speed tweak must not change.
 """
 
 from __future__ import annotations

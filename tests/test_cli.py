@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -111,3 +112,71 @@ def test_command_defaults_are_the_configs_defaults(command, monkeypatch, tmp_pat
     if module_name == "tiny":
         required = {**required, "out": Path(required["out"])}
     assert seen == [config_class(**required)]
+
+
+# caictl.yaml may set these stage options: each stage that has the flag takes the value, the others ignore it.
+YAML_OPTIONS = {"rounds": 3, "max_new_tokens": 7, "batch_size": 5, "temperature": 0.25}
+TRAINING_COMMANDS = {"sft", "train-pm", "dpo", "ppo"}
+
+
+def _config_seen(command, arguments, monkeypatch, tmp_path, project: dict | None):
+    """The config a command hands its stage, run in tmp_path with `project` as caictl.yaml."""
+    module_name, function, _, required_arguments, _ = DEFAULTS_CASES[command]
+    module = importlib.import_module("caictl.tiny" if module_name == "tiny" else f"caictl.stages.{module_name}")
+    seen = []
+    monkeypatch.setattr(module, function, lambda config, *rest: seen.append(config) or {"report": "r"})
+    for name in [n for n in os.environ if n.startswith("CAICTL_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    if project is not None:
+        (tmp_path / "caictl.yaml").write_text(json.dumps(project))  # JSON is YAML
+    result = CliRunner().invoke(app, [*command, *required_arguments, *arguments])
+    assert result.exit_code == 0, result.output
+    return seen[0]
+
+
+@pytest.mark.parametrize("command", list(DEFAULTS_CASES), ids=" ".join)
+def test_caictl_yaml_sets_the_stage_options_of_every_stage_that_has_the_flag(command, monkeypatch, tmp_path):
+    module_name, _, config_name, _, required = DEFAULTS_CASES[command]
+    module = importlib.import_module("caictl.tiny" if module_name == "tiny" else f"caictl.stages.{module_name}")
+    if module_name == "tiny":
+        required = {**required, "out": Path(required["out"])}
+    defaults = getattr(module, config_name)(**required)
+    taken = {name: value for name, value in YAML_OPTIONS.items() if hasattr(defaults, name)}
+    if command[0] in TRAINING_COMMANDS:
+        del taken["batch_size"]  # an optimisation setting there: the flag only
+    # Each value differs from every stage's default, so a stage that ignored caictl.yaml would show.
+    assert all(getattr(defaults, name) != value for name, value in taken.items())
+    assert _config_seen(command, [], monkeypatch, tmp_path, YAML_OPTIONS) == dataclasses.replace(defaults, **taken)
+
+
+@pytest.mark.parametrize("name, flag", [("rounds", "2"), ("max_new_tokens", "9"), ("batch_size", "1"),
+                                        ("temperature", "0")])
+def test_a_flag_wins_over_caictl_yaml(name, flag, monkeypatch, tmp_path):
+    config = _config_seen(("revise",), [f"--{name.replace('_', '-')}", flag], monkeypatch, tmp_path, YAML_OPTIONS)
+    assert getattr(config, name) == type(YAML_OPTIONS[name])(flag)
+    others = {k: v for k, v in YAML_OPTIONS.items() if k != name}
+    assert {k: getattr(config, k) for k in others} == others
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("rounds: 0", "rounds: 0 is not a whole number, at least 1"),
+    ("max_new_tokens: 2.5", "max_new_tokens: 2.5 is not a whole number, at least 1"),
+    ("batch_size: '8'", "batch_size: '8' is not a whole number, at least 1"),
+    ("rounds: true", "rounds: True is not a whole number, at least 1"),
+    ("temperature: -0.5", "temperature: -0.5 is not a number, at least 0"),
+])
+def test_a_bad_stage_option_in_caictl_yaml_is_a_usage_error_that_names_the_file_and_key(line, expected, tmp_path):
+    (tmp_path / "caictl.yaml").write_text(f"{line}\n")
+    # sample has no --rounds: a bad value is refused by every stage that reads the file, not only by those that
+    # use it. No model is needed: the error comes before any loads.
+    for command in (["revise"], ["sample"]):
+        result = caictl(*command, cwd=tmp_path, check=False)
+        assert result.returncode == 2, result.stderr
+        assert f"caictl.yaml: {expected}" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_unknown_key_in_caictl_yaml_is_still_refused(tmp_path):
+    (tmp_path / "caictl.yaml").write_text("round: 2\n")
+    result = caictl("revise", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "unknown option(s) round;" in result.stderr and "rounds" in result.stderr

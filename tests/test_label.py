@@ -145,7 +145,7 @@ def test_records_load_as_a_trl_preference_dataset(tmp_path, pairs, tiny_model):
     assert {"prompt", "chosen", "rejected", "p_chosen"} <= set(dataset.column_names)
     assert is_conversational(dataset[0])
     summary = json.loads((tmp_path / "prefs.jsonl.summary.json").read_text())
-    assert summary["labelled"] == 4 and 0 <= summary["position_consistency"] <= 1
+    assert summary["rows_written"] == 4 and 0 <= summary["position_consistency"] <= 1
     votes = [v for r in read_jsonl(out) for v in r["votes"]]
     agree = sum((v["p_ab"] >= 0.5) == (v["p_ba"] >= 0.5) for v in votes) / len(votes)
     assert summary["position_consistency"] == pytest.approx(agree, abs=1e-4)

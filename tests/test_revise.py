@@ -173,7 +173,7 @@ def test_revise_examples_writes_one_record_per_prompt_with_chained_rounds(tmp_pa
         meta = record["meta"]
         assert meta["stage"] == "revise" and meta["model"] == str(tiny_model) and meta["rounds"] == 4
         assert meta["constitution_hash"] == c.load("harmless").content_hash()
-    assert "rows written" in result.stderr and result.stdout == ""
+    assert "rows_written" in result.stderr and result.stdout == ""
 
 
 def test_same_seed_same_output_other_seed_other_output(tmp_path, tiny_model):
@@ -232,7 +232,7 @@ def test_stdin_to_stdout_and_literal_prompts(tmp_path, tiny_model):
     result = caictl("revise", "--model", tiny_model, "--rounds", "1", *FAST, input=rows)
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["messages"][0]["content"] for r in records] == tricky
-    assert "rows written" in result.stderr
+    assert "rows_written" in result.stderr
 
 
 def test_reads_hh_rlhf_gz_and_writes_hf_columns(tmp_path, tiny_model, shared_data):

@@ -46,6 +46,19 @@ EVAL_COMPARE = defaults(compare.EvalCompareConfig)
 EVAL_REPORT = defaults(report.EvalReportConfig)
 INSPECT = defaults(inspection.InspectConfig)
 
+
+def yaml_help(text: str, config: dict, name: str) -> str:
+    """Help of a stage option that caictl.yaml may also set (caictl.settings.STAGE_OPTIONS)."""
+    return f"{text} Default {config[name]}, or `{name}:` in caictl.yaml."
+
+
+def stage_options(config: dict, **flags) -> dict:
+    """Stage options by name: each the flag, else caictl.yaml, else the stage config's default."""
+    from caictl import settings
+
+    return {name: settings.stage_option(name, value, config[name]) for name, value in flags.items()}
+
+
 class OutputClosed(Exception):
     """Whoever read stdout has stopped reading (`caictl sample ... | head -1`)."""
 
@@ -132,7 +145,8 @@ def revise_command(
     base_url: BaseUrl = None,
     constitution: ConstitutionOpt = None,
     principles: Annotated[Optional[str], typer.Option(help="Comma-separated principle ids to draw from.")] = None,
-    rounds: Annotated[int, typer.Option(help="Critique -> revision rounds per prompt (paper: 4).")] = REVISE["rounds"],
+    rounds: Annotated[Optional[int], typer.Option(
+        help=yaml_help("Critique -> revision rounds per prompt (paper: 4).", REVISE, "rounds"))] = None,
     few_shot: Annotated[bool, typer.Option(
         "--few-shot/--no-few-shot", help="Show worked exchanges first.")] = REVISE["few_shot"],
     shots: Annotated[Optional[int], typer.Option(
@@ -143,11 +157,13 @@ def revise_command(
     prompt_style: Annotated[str, typer.Option(
         help="chat (chat template), transcript (Human:/Assistant: for base models), "
              "or auto.")] = REVISE["prompt_style"],
-    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = REVISE["temperature"],
+    temperature: Annotated[Optional[float], typer.Option(
+        help=yaml_help("Sampling temperature; 0 is greedy.", REVISE, "temperature"))] = None,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = REVISE["top_p"],
-    max_new_tokens: Annotated[int, typer.Option(
-        help="Tokens per response, critique or revision.")] = REVISE["max_new_tokens"],
-    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass (hf engine).")] = REVISE["batch_size"],
+    max_new_tokens: Annotated[Optional[int], typer.Option(
+        help=yaml_help("Tokens per response, critique or revision.", REVISE, "max_new_tokens"))] = None,
+    batch_size: Annotated[Optional[int], typer.Option(
+        help=yaml_help("Prompts per forward pass (hf engine).", REVISE, "batch_size"))] = None,
     concurrency: Annotated[int, typer.Option(help="Requests in flight (openai engine).")] = REVISE["concurrency"],
     max_retries: MaxRetries = None,
     timeout: Timeout = None,
@@ -170,8 +186,9 @@ def revise_command(
         base_url=settings.resolve("base_url", base_url),
         constitution=settings.resolve("constitution", constitution, REVISE["constitution"]),
         principles=[p.strip() for p in principles.split(",") if p.strip()] if principles else [],
-        rounds=rounds, few_shot=few_shot, shots=shots, critique=critique, prompt_style=prompt_style,
-        temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        **stage_options(REVISE, rounds=rounds, temperature=temperature, max_new_tokens=max_new_tokens,
+                        batch_size=batch_size),
+        few_shot=few_shot, shots=shots, critique=critique, prompt_style=prompt_style, top_p=top_p,
         concurrency=concurrency, max_retries=max_retries, timeout=timeout, seed=_seed(seed, REVISE["seed"]),
         limit=limit, format=format,
         skip_invalid=skip_invalid, overwrite=overwrite,
@@ -190,10 +207,13 @@ def sample_command(
         help="The input is revise output: make (initial response, final revision) pairs, "
              "no model.")] = SAMPLE["from_revisions"],
     prompt_style: Annotated[str, typer.Option(help="chat, transcript or auto.")] = SAMPLE["prompt_style"],
-    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = SAMPLE["temperature"],
+    temperature: Annotated[Optional[float], typer.Option(
+        help=yaml_help("Sampling temperature; 0 is greedy.", SAMPLE, "temperature"))] = None,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = SAMPLE["top_p"],
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens per response.")] = SAMPLE["max_new_tokens"],
-    batch_size: Annotated[int, typer.Option(help="Requests per forward pass (hf engine).")] = SAMPLE["batch_size"],
+    max_new_tokens: Annotated[Optional[int], typer.Option(
+        help=yaml_help("Tokens per response.", SAMPLE, "max_new_tokens"))] = None,
+    batch_size: Annotated[Optional[int], typer.Option(
+        help=yaml_help("Requests per forward pass (hf engine).", SAMPLE, "batch_size"))] = None,
     concurrency: Annotated[int, typer.Option(help="Requests in flight (openai engine).")] = SAMPLE["concurrency"],
     max_retries: MaxRetries = None,
     timeout: Timeout = None,
@@ -210,8 +230,9 @@ def sample_command(
     from caictl import settings
     sample.run(sample.SampleConfig(
         prompts=prompts, out=out, model=model, engine=settings.resolve("engine", engine, SAMPLE["engine"]),
-        base_url=settings.resolve("base_url", base_url), n=n, temperature=temperature, top_p=top_p,
-        max_new_tokens=max_new_tokens, prompt_style=prompt_style, batch_size=batch_size, concurrency=concurrency,
+        base_url=settings.resolve("base_url", base_url), n=n, top_p=top_p,
+        **stage_options(SAMPLE, temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size),
+        prompt_style=prompt_style, concurrency=concurrency,
         max_retries=max_retries, timeout=timeout,
         seed=_seed(seed, SAMPLE["seed"]), limit=limit, from_revisions=from_revisions,
         skip_invalid=skip_invalid, overwrite=overwrite,
@@ -242,9 +263,12 @@ def label_command(
         help="Show the constitution's labelling examples first.")] = LABEL["few_shot"],
     pairing: Annotated[str, typer.Option(
         "--pairs", help="Rows with more than two responses: first-two or all.")] = LABEL["pairing"],
-    max_new_tokens: Annotated[int, typer.Option(help="--cot reasoning length in tokens.")] = LABEL["max_new_tokens"],
-    temperature: Annotated[float, typer.Option(help="--cot reasoning temperature.")] = LABEL["temperature"],
-    batch_size: Annotated[int, typer.Option(help="Questions per forward pass (hf engine).")] = LABEL["batch_size"],
+    max_new_tokens: Annotated[Optional[int], typer.Option(
+        help=yaml_help("--cot reasoning length in tokens.", LABEL, "max_new_tokens"))] = None,
+    temperature: Annotated[Optional[float], typer.Option(
+        help=yaml_help("--cot reasoning temperature.", LABEL, "temperature"))] = None,
+    batch_size: Annotated[Optional[int], typer.Option(
+        help=yaml_help("Questions per forward pass (hf engine).", LABEL, "batch_size"))] = None,
     concurrency: Annotated[int, typer.Option(help="Requests in flight (openai engine).")] = LABEL["concurrency"],
     max_retries: MaxRetries = None,
     timeout: Timeout = None,
@@ -265,8 +289,9 @@ def label_command(
         constitution=settings.resolve("constitution", constitution, LABEL["constitution"]),
         principles=[p.strip() for p in principles.split(",") if p.strip()] if principles else [],
         hard=not soft, cot=cot, clamp=tuple(clamp) if clamp else None, principles_per_pair=principles_per_pair,
-        debias=debias, few_shot=few_shot, pairing=pairing, max_new_tokens=max_new_tokens,
-        temperature=temperature, batch_size=batch_size, concurrency=concurrency, max_retries=max_retries,
+        debias=debias, few_shot=few_shot, pairing=pairing,
+        **stage_options(LABEL, max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size),
+        concurrency=concurrency, max_retries=max_retries,
         timeout=timeout, seed=_seed(seed, LABEL["seed"]),
         limit=limit, skip_invalid=skip_invalid, overwrite=overwrite,
     ))
@@ -323,7 +348,8 @@ def score_command(
     file: Input = None,
     pm: Annotated[str, typer.Option(help="A train-pm output folder.")] = ...,
     out: Out = None,
-    batch_size: Annotated[int, typer.Option(help="Rows scored and written at a time.")] = SCORE["batch_size"],
+    batch_size: Annotated[Optional[int], typer.Option(
+        help=yaml_help("Rows scored and written at a time.", SCORE, "batch_size"))] = None,
     max_length: Annotated[int, typer.Option(
         help="Tokens kept from the end of each conversation.")] = SCORE["max_length"],
     overwrite: Annotated[bool, typer.Option(help="Start OUT afresh instead of resuming it.")] = SCORE["overwrite"],
@@ -333,8 +359,8 @@ def score_command(
 
     Example: caictl score --pm models/pm pairs.jsonl -o scored.jsonl
     """
-    score.run(score.ScoreConfig(pm=pm, file=file, out=out, batch_size=batch_size, max_length=max_length,
-                                overwrite=overwrite))
+    score.run(score.ScoreConfig(pm=pm, file=file, out=out, **stage_options(SCORE, batch_size=batch_size),
+                                max_length=max_length, overwrite=overwrite))
 
 
 @app.command("inspect")
@@ -399,8 +425,10 @@ def ppo_command(
     reward_clip: Annotated[float, typer.Option(help="Clip normalised rewards to +-this.")] = PPO["reward_clip"],
     missing_eos_penalty: Annotated[float, typer.Option(
         help="Subtracted from responses cut off without EOS.")] = PPO["missing_eos_penalty"],
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens per response.")] = PPO["max_new_tokens"],
-    temperature: Annotated[float, typer.Option(help="Rollout sampling temperature.")] = PPO["temperature"],
+    max_new_tokens: Annotated[Optional[int], typer.Option(
+        help=yaml_help("Tokens per response.", PPO, "max_new_tokens"))] = None,
+    temperature: Annotated[Optional[float], typer.Option(
+        help=yaml_help("Rollout sampling temperature.", PPO, "temperature"))] = None,
     heldout: Annotated[float, typer.Option(
         help="Share of prompts held out to measure reward before/after.")] = PPO["heldout"],
     sample_every: Annotated[int, typer.Option(help="Log a sample response every N steps.")] = PPO["sample_every"],
@@ -421,12 +449,12 @@ def ppo_command(
     """
     ppo.run(ppo.PPOConfig(
         prompts=prompts, policy=policy, pm=pm, out=out, algo=algo, num_generations=num_generations, steps=steps,
-        batch_size=batch_size,
+        batch_size=batch_size, **stage_options(PPO, max_new_tokens=max_new_tokens, temperature=temperature),
         minibatch_size=minibatch_size, ppo_epochs=ppo_epochs, learning_rate=learning_rate, kl_coef=kl_coef,
         target_kl=target_kl, max_kl=max_kl, gamma=gamma, lam=lam, clip_range=clip_range,
         clip_range_value=clip_range_value, value_coef=value_coef, whiten_advantages=whiten_advantages,
         normalise_rewards=normalise_rewards, reward_clip=reward_clip, missing_eos_penalty=missing_eos_penalty,
-        max_new_tokens=max_new_tokens, temperature=temperature, heldout=heldout, sample_every=sample_every,
+        heldout=heldout, sample_every=sample_every,
         save_every=save_every, lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, pm_max_length=pm_max_length,
         resume=resume,
         seed=_seed(seed, PPO["seed"]), overwrite=overwrite,
@@ -527,7 +555,8 @@ def sft_command(
         revisions=revisions, out=out, model=model, revisions_mode=revisions_mode, revisions_weight=revisions_weight,
         mix=mix or [], lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
         lora_target=lora_target, merge=merge, epochs=epochs, max_steps=max_steps, learning_rate=learning_rate,
-        scheduler=scheduler, warmup_steps=warmup_steps, batch_size=batch_size, grad_accum=grad_accum,
+        scheduler=scheduler, warmup_steps=warmup_steps, batch_size=batch_size,
+        grad_accum=grad_accum,
         micro_batch_size=micro_batch_size, max_length=max_length, chat_template=chat_template,
         save_steps=save_steps, resume=resume, seed=_seed(seed, SFT["seed"]), overwrite=overwrite,
     ))
@@ -546,8 +575,9 @@ def eval_mc(
     model: Model = None,
     engine: Engine = None,
     base_url: BaseUrl = None,
-    batch_size: Annotated[int, typer.Option(
-        help="Questions per engine call; hf: also sequences per forward pass.")] = EVAL_MC["batch_size"],
+    batch_size: Annotated[Optional[int], typer.Option(
+        help=yaml_help("Questions per engine call; hf: also sequences per forward pass.", EVAL_MC,
+                       "batch_size"))] = None,
     concurrency: Annotated[int, typer.Option(help="Requests in flight (openai).")] = EVAL_MC["concurrency"],
     max_retries: MaxRetries = None,
     timeout: Timeout = None,
@@ -563,7 +593,8 @@ def eval_mc(
     from caictl import settings
     evaluation.run_mc(evaluation.EvalMCConfig(
         files=files, out=out, model=model, engine=settings.resolve("engine", engine, EVAL_MC["engine"]),
-        base_url=base_url, batch_size=batch_size, concurrency=concurrency, max_retries=max_retries, timeout=timeout,
+        base_url=base_url, **stage_options(EVAL_MC, batch_size=batch_size), concurrency=concurrency,
+        max_retries=max_retries, timeout=timeout,
         limit=limit))
 
 
@@ -572,7 +603,8 @@ def eval_pm(
     files: Annotated[list[str], typer.Argument(help="Comparison files: text_correct/text_incorrect, hh-rlhf, prefs.")],
     pm: Annotated[str, typer.Option(help="A train-pm output folder.")] = ...,
     out: Annotated[str, typer.Option("--out", "-o", help="Output folder.")] = ...,
-    batch_size: Annotated[int, typer.Option(help="Texts per forward pass.")] = EVAL_PM["batch_size"],
+    batch_size: Annotated[Optional[int], typer.Option(
+        help=yaml_help("Texts per forward pass.", EVAL_PM, "batch_size"))] = None,
     max_length: Annotated[int, typer.Option(
         help="Tokens kept from the end of each conversation.")] = EVAL_PM["max_length"],
 ) -> None:
@@ -580,7 +612,8 @@ def eval_pm(
 
     Example: caictl eval pm hh-rlhf-test.jsonl.gz --pm models/pm -o eval/pm
     """
-    evaluation.run_pm(evaluation.EvalPMConfig(files=files, out=out, pm=pm, batch_size=batch_size,
+    evaluation.run_pm(evaluation.EvalPMConfig(files=files, out=out, pm=pm,
+                                              **stage_options(EVAL_PM, batch_size=batch_size),
                                               max_length=max_length))
 
 
@@ -601,11 +634,13 @@ def eval_compare(
     base_url: BaseUrl = None,
     constitution: ConstitutionOpt = None,
     prompt_style: Annotated[str, typer.Option(help="auto, chat or transcript.")] = EVAL_COMPARE["prompt_style"],
-    max_new_tokens: Annotated[int, typer.Option(help="Response length cap.")] = EVAL_COMPARE["max_new_tokens"],
-    temperature: Annotated[float, typer.Option(
-        help="Sampling temperature; 0 is greedy.")] = EVAL_COMPARE["temperature"],
+    max_new_tokens: Annotated[Optional[int], typer.Option(
+        help=yaml_help("Response length cap.", EVAL_COMPARE, "max_new_tokens"))] = None,
+    temperature: Annotated[Optional[float], typer.Option(
+        help=yaml_help("Sampling temperature; 0 is greedy.", EVAL_COMPARE, "temperature"))] = None,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = EVAL_COMPARE["top_p"],
-    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass (hf).")] = EVAL_COMPARE["batch_size"],
+    batch_size: Annotated[Optional[int], typer.Option(
+        help=yaml_help("Sequences per forward pass (hf).", EVAL_COMPARE, "batch_size"))] = None,
     concurrency: Annotated[int, typer.Option(help="Requests in flight (openai).")] = EVAL_COMPARE["concurrency"],
     max_retries: MaxRetries = None,
     timeout: Timeout = None,
@@ -624,7 +659,8 @@ def eval_compare(
         engine=settings.resolve("engine", engine, EVAL_COMPARE["engine"]), base_url=base_url,
         constitution=settings.resolve("constitution", constitution, EVAL_COMPARE["constitution"]),
         prompt_style=prompt_style,
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size,
+        **stage_options(EVAL_COMPARE, max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size),
+        top_p=top_p,
         concurrency=concurrency, max_retries=max_retries, timeout=timeout, limit=limit,
         seed=_seed(seed, EVAL_COMPARE["seed"]), overwrite=overwrite))
 

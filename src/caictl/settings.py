@@ -7,6 +7,14 @@
     seed: 0
     max_retries: 6   # openai engine: retries of a failed request
     timeout: 120     # openai engine: seconds a request may take
+    rounds: 2        # stage options: used by every stage that has the flag, ignored by the others
+    max_new_tokens: 128
+    batch_size: 8    # generating and scoring stages only
+    temperature: 0.7
+
+Stage options come from the flag, else caictl.yaml, else the stage config's default (no environment variable).
+batch_size is rows per forward pass, a speed setting; the training stages (sft, train-pm, dpo, ppo) take theirs
+from the flag only, because there it is an optimisation setting that a speed tweak must not change.
 """
 
 from __future__ import annotations
@@ -17,6 +25,13 @@ from pathlib import Path
 from caictl.errors import UsageError
 
 SHARED = ("model", "engine", "base_url", "constitution", "seed", "max_retries", "timeout")
+# Stage options caictl.yaml may set, each checked as its flag is: (type, least value, what is expected).
+STAGE_OPTIONS = {
+    "rounds": (int, 1, "a whole number, at least 1"),
+    "max_new_tokens": (int, 1, "a whole number, at least 1"),
+    "batch_size": (int, 1, "a whole number, at least 1"),
+    "temperature": (float, 0, "a number, at least 0 (0 is greedy)"),
+}
 PROJECT_FILE = "caictl.yaml"
 
 NO_MODEL = (
@@ -41,6 +56,16 @@ def resolve(name: str, flag_value=None, default=None):
     return default
 
 
+def stage_option(name: str, flag_value=None, default=None):
+    """The value of a stage option by precedence: flag, caictl.yaml, default (the stage config's)."""
+    if name not in STAGE_OPTIONS:
+        raise KeyError(name)
+    if flag_value is not None:
+        return flag_value
+    project = _project_file()
+    return project[name] if project.get(name) is not None else default
+
+
 def require_model(flag_value: str | None) -> str:
     model = resolve("model", flag_value)
     if not model:
@@ -60,8 +85,23 @@ def _project_file() -> dict:
         raise UsageError(f"{path.resolve()}: invalid YAML ({error})")
     if not isinstance(data, dict):
         raise UsageError(f"{path.resolve()}: expected a mapping of option: value")
-    unknown = set(data) - set(SHARED)
+    known = SHARED + tuple(STAGE_OPTIONS)
+    unknown = set(data) - set(known)
     if unknown:
         raise UsageError(f"{path.resolve()}: unknown option(s) {', '.join(sorted(unknown))}; "
-                         f"known: {', '.join(SHARED)}")
+                         f"known: {', '.join(known)}")
+    # Checked when the file is read, whichever stage reads it, so a bad value never waits for the stage that uses it.
+    problems = [f"{name}: {data[name]!r} is not {expected}"
+                for name, (kind, least, expected) in STAGE_OPTIONS.items()
+                if data.get(name) is not None and not _fits(data[name], kind, least)]
+    if problems:
+        raise UsageError(f"{path.resolve()}: {'; '.join(problems)}")
     return data
+
+
+def _fits(value, kind: type, least: float) -> bool:
+    # YAML gives typed values: `true` is a bool (an int to Python), `"4"` a string; neither passes as a number.
+    # A whole number passes as a float, as `--temperature 1` does.
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        return False
+    return value >= least

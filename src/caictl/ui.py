@@ -51,6 +51,31 @@ def meter(total: int, description: str, unit: str = "prompts"):
         yield Meter(progress, task, unit)
 
 
+# One vocabulary for every stage that reads rows: these six figures open its summary (the dict run() returns, and
+# the summary.json where the stage writes one) and its stderr table, under the same names.
+#   rows_read      input rows this run took in, after --limit, rejected rows included
+#   rows_written   rows this run wrote (a training stage writes a model, not rows: 0)
+#   rows_skipped   rows read but not written: already in OUT from an earlier run (resumed), or with nothing to do;
+#                  the stage's own figures beside say which
+#   rows_rejected  invalid rows that --skip-invalid set aside in OUT.rejects.jsonl
+#   seconds        wall time of the run
+#   tokens         tokens the model generated in this run (0 where a stage only scores or trains)
+# A stage that writes one row per input row keeps rows_read = rows_written + rows_skipped + rows_rejected.
+ROW_COUNTS = ("rows_read", "rows_written", "rows_skipped", "rows_rejected", "seconds", "tokens")
+
+
+def row_counts(*, read: int, written: int, skipped: int = 0, rejected: int = 0, seconds: float,
+               tokens: int = 0) -> dict:
+    """The six common figures, in ROW_COUNTS order, to open a stage's summary."""
+    return {"rows_read": read, "rows_written": written, "rows_skipped": skipped, "rows_rejected": rejected,
+            "seconds": round(seconds, 2), "tokens": tokens}
+
+
+def print_summary(title: str, summary: dict, rows: list[tuple[str, object]]) -> None:
+    """A stage's summary table on stderr: the six common figures first, named as in the summary, then its own."""
+    summary_table(title, [(key, summary[key]) for key in ROW_COUNTS] + rows)
+
+
 def summary_table(title: str, rows: list[tuple[str, object]]) -> None:
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold")

@@ -46,7 +46,7 @@ from caictl.generation import (
 from caictl.ratings import Outcome, elo, share_of_win, win_rates
 from caictl.records import Prompt, RecordWriter, batches, read_prompts, read_rows
 from caictl.textstats import is_refusal, response_stats
-from caictl.ui import log, meter, summary_table
+from caictl.ui import log, meter, print_summary, row_counts
 
 HELPFULNESS = ComparisonPrinciple(
     "helpfulness", "Which of these assistant responses is more helpful, honest and accurate for the human?")
@@ -129,7 +129,7 @@ def run_compare(config: EvalCompareConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
 
-    responses = answer(config, models, items, out / "responses.jsonl")
+    responses, generated, tokens = answer(config, models, items, out / "responses.jsonl")
     rows = [{"id": f"{name}/{item.key}", "model": name, "set": item.set, "prompt_id": item.prompt.id,
              "messages": item.prompt.messages, **responses[(name, item.key)]}
             for name in models for item in items]
@@ -142,8 +142,12 @@ def run_compare(config: EvalCompareConfig) -> dict:
     if config.judge:
         outcomes["judge"] = judge_outcomes(config, models, items, rows, out / "judgements.jsonl")
 
-    summary = summarise(config, models, items, rows, outcomes)
-    summary["seconds"] = round(time.perf_counter() - start, 1)
+    # Rows read are prompts; rows written and skipped are responses (one per model and prompt) in
+    # responses.jsonl, skipped when an earlier run already answered them.
+    summary = {"stage": "eval compare",
+               **row_counts(read=len(items), written=generated, skipped=len(rows) - generated,
+                            seconds=time.perf_counter() - start, tokens=tokens),
+               **summarise(config, models, items, rows, outcomes)}
     with open(out / "records.jsonl", "w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps({k: v for k, v in row.items() if k != "messages"}, ensure_ascii=False) + "\n")
@@ -179,14 +183,16 @@ def read_sets(files: list[str], limit: int | None) -> list[Item]:
     return items
 
 
-def answer(config: EvalCompareConfig, models: dict[str, str], items: list[Item], path: Path) -> dict:
-    """Every model's response to every prompt, generated once: (model, item key) -> response fields."""
+def answer(config: EvalCompareConfig, models: dict[str, str], items: list[Item], path: Path) -> tuple[dict, int, int]:
+    """Every model's response to every prompt, generated once: (model, item key) -> response fields; and how many
+    responses, and tokens, this run generated."""
     run_settings = {"stage": "eval compare", "engine": config.engine, "prompt_style": config.prompt_style,
                     "sampling": {"temperature": config.temperature, "top_p": config.top_p,
                                  "max_new_tokens": config.max_new_tokens},
                     "seed": config.seed, "caictl_version": __version__}
     writer = RecordWriter(path, run_settings, overwrite=config.overwrite)
     cuts = Cuts()
+    generated, tokens = 0, 0
     identities = {name: model_identity.identity(model, config.engine) for name, model in models.items()}
     try:
         for name, model in models.items():
@@ -208,6 +214,8 @@ def answer(config: EvalCompareConfig, models: dict[str, str], items: list[Item],
                                    "response": g.text.strip(), "finish_reason": g.finish_reason,
                                    "meta": cuts.meta(run_settings, g.truncated_tokens)}
                                   for i, g in zip(chunk, results)])
+                    generated += len(chunk)
+                    tokens += sum(g.completion_tokens for g in results)
                     progress.advance(len(chunk), sum(g.completion_tokens for g in results))
             del engine
             gc.collect()
@@ -225,7 +233,7 @@ def answer(config: EvalCompareConfig, models: dict[str, str], items: list[Item],
     if missing:
         raise UsageError(f"{path}: {missing[0]} was answered by another model folder under the same name; "
                          "pass --overwrite, or give the model another NAME")
-    return responses
+    return responses, generated, tokens
 
 
 # Pairwise outcomes ---------------------------------------------------------------------------------------
@@ -475,4 +483,4 @@ def _print(summary: dict, out: Path) -> None:
             elo = ", ".join(f"{m} {e['elo']:+.0f}" for m, e in result["elo"].items())
             rows.append((f"Elo {source} / {group}", elo))
     rows.append(("report", out / "report.md"))
-    summary_table("eval compare", rows)
+    print_summary("eval compare", summary, rows)

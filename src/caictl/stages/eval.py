@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from caictl.generation import Cuts, open_engine
 from caictl.metrics import calibration, pairwise_metrics, plot_reliability
 from caictl.ratings import tied
 from caictl.records import read_rows
-from caictl.ui import meter, summary_table
+from caictl.ui import meter, print_summary, row_counts
 
 
 @dataclass
@@ -73,6 +74,7 @@ def run_mc(config: EvalMCConfig) -> dict:
     model = settings.require_model(config.model)
     if config.engine == "hf":
         model_kind.check(model, model_kind.CAUSAL_LM, "--model")
+    start = time.perf_counter()
     questions = {path: read_mc(path, config.limit) for path in _existing(config.files)}
     engine = open_engine(config.engine, model, config.base_url, config.batch_size, config.concurrency,
                          config.max_retries, config.timeout)
@@ -106,7 +108,9 @@ def run_mc(config: EvalMCConfig) -> dict:
             results[path] = {"questions": len(rows), "accuracy": round(sum(credits) / len(credits), 4),
                              "ece": round(ece, 4), "truncated_questions": truncated, "reliability": bins}
     cuts.warn()
-    return _write(out, "eval mc", {"model": model, "engine": config.engine}, results, records)
+    counts = row_counts(read=sum(len(rows) for rows in questions.values()), written=len(records),
+                        seconds=time.perf_counter() - start)
+    return _write(out, "eval mc", counts, {"model": model, "engine": config.engine}, results, records)
 
 
 def score_questions(engine, rows: list[dict], batch_size: int, progress):
@@ -136,6 +140,7 @@ def run_pm(config: EvalPMConfig) -> dict:
     from caictl.pm import Scorer, comparison_of
 
     model_kind.check(config.pm, model_kind.SEQ_CLS, "--pm")
+    start = time.perf_counter()
     comparisons = {}
     for path in _existing(config.files):
         rows = []
@@ -163,7 +168,9 @@ def run_pm(config: EvalPMConfig) -> dict:
         results[path] = {**pairwise_metrics(differences, [c.p for c in rows]),
                          "truncated_pairs": sum(cut[2 * i] + cut[2 * i + 1] > 0 for i in range(len(rows)))}
     cuts.warn()
-    return _write(out, "eval pm", {"pm": config.pm}, results, records)
+    counts = row_counts(read=sum(len(rows) for rows in comparisons.values()), written=len(records),
+                        seconds=time.perf_counter() - start)
+    return _write(out, "eval pm", counts, {"pm": config.pm}, results, records)
 
 
 def score_pairs(scorer, rows: list, batch_size: int, progress) -> tuple[list[float], list[int]]:
@@ -200,11 +207,11 @@ def _existing(files: list[str]) -> list[str]:
     return files
 
 
-def _write(out: Path, title: str, subject: dict, results: dict, records: list[dict]) -> dict:
+def _write(out: Path, title: str, counts: dict, subject: dict, results: dict, records: list[dict]) -> dict:
     with open(out / "records.jsonl", "w", encoding="utf-8") as handle:
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    summary = {"stage": title, **subject,
+    summary = {"stage": title, **counts, **subject,
                "files": {p: {k: v for k, v in r.items() if k != "reliability"} for p, r in results.items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_reliability(results, out / "reliability.png")
@@ -215,7 +222,6 @@ def _write(out: Path, title: str, subject: dict, results: dict, records: list[di
               for p, r in summary["files"].items()]
     lines += ["", "![reliability](reliability.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
-    summary_table(title, [(Path(p).name, ", ".join(f"{k} {v}" for k, v in r.items()))
-                          for p, r in summary["files"].items()]
-                  + [("report", out / "report.md")])
+    rows = [(Path(p).name, ", ".join(f"{k} {v}" for k, v in r.items())) for p, r in summary["files"].items()]
+    print_summary(title, summary, rows + [("report", out / "report.md")])
     return summary

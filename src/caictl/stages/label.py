@@ -26,7 +26,7 @@ from caictl.errors import InputError, UsageError
 from caictl.generation import Cuts, open_engine
 from caictl.judge import Comparison, Judge, vote_statistics
 from caictl.records import Pairs, RecordWriter, RejectWriter, batches, read_rows, to_pairs, with_upstream
-from caictl.ui import log, meter, summary_table
+from caictl.ui import log, meter, print_summary, row_counts
 
 PAIRINGS = ("first-two", "all")
 
@@ -111,6 +111,7 @@ def run(config: LabelConfig, engine=None) -> dict:
         log(f"resuming {config.out}: {len(comparisons) - len(pending)} of {len(comparisons)} comparisons already done")
 
     records: list[dict] = []
+    judge = None
     cuts = Cuts("question(s) did not fit the model's context")
     start = time.perf_counter()
     try:
@@ -129,7 +130,10 @@ def run(config: LabelConfig, engine=None) -> dict:
                     progress.advance(len(chunk))
     finally:
         writer.close()
-    summary = summarise(records, comparisons, time.perf_counter() - start, config, cuts)
+    counts = row_counts(read=len(comparisons) + (rejects.count if rejects else 0), written=len(records),
+                        skipped=len(comparisons) - len(pending), rejected=rejects.count if rejects else 0,
+                        seconds=time.perf_counter() - start, tokens=judge.completion_tokens if judge else 0)
+    summary = summarise(records, counts, config, cuts)
     cuts.warn()
     return summary
 
@@ -206,16 +210,15 @@ def to_record(comparison: Comparison, votes: list[dict], config: LabelConfig, ru
     }
 
 
-def summarise(records: list[dict], comparisons: list[Comparison], seconds: float, config: LabelConfig,
-              cuts: Cuts) -> dict:
-    """Per principle: how many votes, mean confidence, how often both orders agree, the first-slot pull."""
+def summarise(records: list[dict], counts: dict, config: LabelConfig, cuts: Cuts) -> dict:
+    """Per principle: how many votes, mean confidence, how often both orders agree, the first-slot pull. Rows
+    are comparisons: with --pairs all, a pairs row of k responses is k(k-1)/2 of them."""
     principles, overall = vote_statistics(records)
     judged = [r for r in records if "human_chosen_index" in r]
     summary = {
         "stage": "label",
+        **counts,
         "out": config.out or "-",
-        "comparisons": len(comparisons),
-        "labelled": len(records),
         "label": _kind(config),
         "mean_p_chosen": round(sum(r["p_chosen"] for r in records) / len(records), 4) if records else None,
         "position_consistency": overall["position_consistency"],
@@ -225,11 +228,9 @@ def summarise(records: list[dict], comparisons: list[Comparison], seconds: float
                                        / len(judged), 4) if judged else None,
         "per_principle": principles,
         **cuts.summary(),
-        "seconds": round(seconds, 2),
-        "comparisons_per_s": round(len(records) / seconds, 2) if seconds > 0 else None,
+        "comparisons_per_s": round(len(records) / counts["seconds"], 2) if counts["seconds"] > 0 else None,
     }
-    rows = [("output", summary["out"]), ("labelled", f"{len(records)} of {len(comparisons)}"),
-            ("label", summary["label"]), ("mean p_chosen", summary["mean_p_chosen"]),
+    rows = [("output", summary["out"]), ("label", summary["label"]), ("mean p_chosen", summary["mean_p_chosen"]),
             ("position consistency", summary["position_consistency"]),
             ("first-slot preference", summary["first_slot_preference"]),
             ("agreement with people", f"{summary['agreement_with_people']} ({len(judged)} comparisons)"
@@ -239,7 +240,7 @@ def summarise(records: list[dict], comparisons: list[Comparison], seconds: float
     rows += [(f"  {pid}", f"{p['votes']} votes, confidence {p['mean_confidence']}, consistency "
                           f"{p['position_consistency']}, first slot {p['first_slot_preference']}")
              for pid, p in principles.items()]
-    summary_table("label", rows)
+    print_summary("label", summary, rows)
     if config.out not in (None, "-"):
         Path(f"{config.out}.summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -39,7 +39,7 @@ from caictl.records import (
     read_prompts,
     with_upstream,
 )
-from caictl.ui import log, meter, summary_table
+from caictl.ui import log, meter, print_summary, row_counts
 
 FORMATS = ("caictl", "hf")
 
@@ -136,21 +136,18 @@ def run(config: ReviseConfig, engine=None) -> dict:
     finally:
         writer.close()
 
+    rejected = rejects.count if rejects else 0
     summary = {
         "stage": "revise",
+        **row_counts(read=len(prompts) + rejected, written=len(pending), skipped=len(prompts) - len(pending),
+                     rejected=rejected, seconds=time.perf_counter() - start, tokens=totals.completion_tokens),
         "out": config.out or "-",
-        "prompts": len(prompts),
-        "written": len(pending),
-        "resumed_from_existing": len(prompts) - len(pending),
         "rounds": config.rounds,
         "principle_counts": dict(sorted(totals.principles.items())),
         "flagged_rows": totals.flagged_rows,
         "flag_counts": dict(sorted(totals.flags.items())),
         **totals.cuts.summary(),
         "prompt_tokens": totals.prompt_tokens,
-        "completion_tokens": totals.completion_tokens,
-        "seconds": round(time.perf_counter() - start, 2),
-        "rejected_rows": rejects.count if rejects else 0,
     }
     _print_summary(summary, rejects)
     totals.cuts.warn()
@@ -401,16 +398,13 @@ def _settings(config: ReviseConfig, model: str, constitution: Constitution) -> d
 def _print_summary(summary: dict, rejects) -> None:
     rows = [
         ("output", summary["out"]),
-        ("rows written", summary["written"]),
-        ("already done (resumed)", summary["resumed_from_existing"]),
         ("rounds", summary["rounds"]),
         ("principles", ", ".join(f"{k}: {v}" for k, v in summary["principle_counts"].items()) or "-"),
         ("flagged rows", summary["flagged_rows"]),
         ("flags", ", ".join(f"{k}: {v}" for k, v in summary["flag_counts"].items()) or "-"),
         ("prompts cut to fit the context", f"{summary['truncated_rows']} ({summary['truncated_tokens']:,} tokens)"),
-        ("tokens (prompt / generated)", f"{summary['prompt_tokens']:,} / {summary['completion_tokens']:,}"),
-        ("seconds", summary["seconds"]),
+        ("prompt tokens", f"{summary['prompt_tokens']:,}"),
     ]
-    if rejects is not None:
-        rows.append(("rejected rows", f"{rejects.count} (see {rejects.path})" if rejects.count else 0))
-    summary_table("revise", rows)
+    if rejects is not None and rejects.count:
+        rows.append(("rejected rows in", rejects.path))
+    print_summary("revise", summary, rows)

@@ -36,7 +36,7 @@ from caictl.records import (
     to_revision,
     with_upstream,
 )
-from caictl.ui import log, meter, summary_table
+from caictl.ui import ROW_COUNTS, log, meter, print_summary, row_counts
 
 
 @dataclass
@@ -133,12 +133,14 @@ def run(config: SampleConfig, engine=None) -> dict:
                     progress.advance(len(chunk), new_tokens)
     finally:
         writer.close()
-    summary = {"stage": "sample", "out": config.out or "-", "prompts": len(prompts), "written": len(pending),
-               "resumed_from_existing": len(prompts) - len(pending), "responses_per_prompt": config.n,
-               "cut_off_at_max_new_tokens": cut_off, **cuts.summary(),
-               "completion_tokens": tokens,
-               "seconds": round(time.perf_counter() - start, 2)}
-    summary_table("sample", [(k.replace("_", " "), v) for k, v in summary.items() if k != "stage"])
+    rejected = rejects.count if rejects else 0
+    summary = {"stage": "sample",
+               **row_counts(read=len(prompts) + rejected, written=len(pending), skipped=len(prompts) - len(pending),
+                            rejected=rejected, seconds=time.perf_counter() - start, tokens=tokens),
+               "out": config.out or "-", "responses_per_prompt": config.n,
+               "cut_off_at_max_new_tokens": cut_off, **cuts.summary()}
+    print_summary("sample", summary, [(k.replace("_", " "), v) for k, v in summary.items()
+                                      if k != "stage" and k not in ROW_COUNTS])
     cuts.warn()
     return summary
 
@@ -148,7 +150,8 @@ def _from_revisions(config: SampleConfig) -> dict:
     run_settings = {"stage": "sample", "source": "revisions", "caictl_version": __version__}
     writer = RecordWriter(config.out, run_settings, overwrite=config.overwrite)
     rejects = RejectWriter(config.out) if config.skip_invalid else None
-    records, skipped, pairs = [], 0, 0
+    records, unrevised, pairs = [], 0, 0
+    start = time.perf_counter()
     for row in read_rows(config.prompts, on_invalid=rejects):
         try:
             revised = to_revision(row.data)
@@ -160,7 +163,7 @@ def _from_revisions(config: SampleConfig) -> dict:
             rejects(row, str(error))
             continue
         if revised.response in (None, revised.initial_response):
-            skipped += 1  # no revision made it: there is nothing to compare
+            unrevised += 1  # no revision made it: there is nothing to compare
             continue
         # --limit counts pairs already written too, so a re-run resumes instead of adding N more.
         pairs += 1
@@ -174,7 +177,13 @@ def _from_revisions(config: SampleConfig) -> dict:
         writer.write(records)
     finally:
         writer.close()
-    summary = {"stage": "sample", "out": config.out or "-", "written": len(records),
-               "skipped_unrevised": skipped}
-    summary_table("sample --from-revisions", [(k.replace("_", " "), v) for k, v in summary.items() if k != "stage"])
+    rejected = rejects.count if rejects else 0
+    # Every row taken in was written, already in OUT, unrevised or rejected: the sum is the rows read.
+    skipped = unrevised + pairs - len(records)
+    summary = {"stage": "sample",
+               **row_counts(read=len(records) + skipped + rejected, written=len(records), skipped=skipped,
+                            rejected=rejected, seconds=time.perf_counter() - start),
+               "out": config.out or "-", "skipped_unrevised": unrevised}
+    print_summary("sample --from-revisions", summary, [("output", summary["out"]),
+                                                       ("skipped unrevised", unrevised)])
     return summary

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from caictl import __version__, model_identity, model_kind
 from caictl.errors import InputError, UsageError
 from caictl.pm import Scorer, comparison_of, conversation_text
 from caictl.records import NAMES_NOT_COMPARED, STDIN, RecordWriter, batches, read_rows
-from caictl.ui import log, meter, summary_table
+from caictl.ui import log, meter, print_summary, row_counts
 
 # The fields score adds to a row: dropped from an input row before its rewards are written again.
 REWARD_FIELDS = ("rewards", "reward", "reward_chosen", "reward_rejected", "pm_truncated_tokens")
@@ -50,6 +51,7 @@ def run(config: ScoreConfig) -> dict:
         log(f"resuming {config.out}: {done} of {len(rows)} rows already scored")
     scorer = Scorer(config.pm, max_length=config.max_length, batch_size=config.batch_size)
     cuts, rewards, texts_scored = scorer.cuts(), [], 0
+    start = time.perf_counter()
     try:
         with meter(len(rows) - done, "score", unit="rows") as progress:
             for chunk in batches(list(range(done, len(rows))), config.batch_size):
@@ -69,13 +71,15 @@ def run(config: ScoreConfig) -> dict:
     finally:
         writer.close()
     mean = sum(rewards) / len(rewards) if rewards else None
-    summary_table("score", [("rows", f"{len(rows) - done} scored, {done} already in {config.out}" if done
-                                     else len(rows)),
-                            ("texts scored", texts_scored), ("mean reward", mean),
-                            ("rows cut to --max-length", f"{cuts.rows} ({cuts.tokens:,} tokens)")])
+    summary = {"stage": "score",
+               **row_counts(read=len(rows), written=len(rows) - done, skipped=done,
+                            seconds=time.perf_counter() - start),
+               "out": config.out or "-", "texts": texts_scored, "mean_reward": mean, **cuts.summary()}
+    print_summary("score", summary, [("output", summary["out"]), ("texts scored", texts_scored),
+                                     ("mean reward", mean),
+                                     ("rows cut to --max-length", f"{cuts.rows} ({cuts.tokens:,} tokens)")])
     cuts.warn()
-    return {"rows": len(rows), "resumed_from_existing": done, "texts": texts_scored, "mean_reward": mean,
-            **cuts.summary()}
+    return summary
 
 
 def _scored_row(data: dict, index: int, fields, values: list[float], cut: int, cuts, stamp: dict) -> dict:

@@ -23,6 +23,14 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_pm(tmp_path_factory) -> Path:
+    """A tiny random-weight preference model (sequence classification), shared and read-only."""
+    from caictl import tiny
+
+    return tiny.run(tiny.InitModelConfig(out=tmp_path_factory.mktemp("models") / "pm", preset="tiny", task="seq-cls"))
+
+
+@pytest.fixture(scope="session")
 def family_model(tmp_path_factory):
     """family_model("qwen2.5" | "llama3" | "phi3"): a tiny random-weight model folder in that real family (its
     tokenizer and original chat template), built once per test run and shared by every test that asks; treat it

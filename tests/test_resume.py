@@ -16,8 +16,8 @@ BATCH = 2
 
 
 @pytest.fixture(scope="module")
-def pm(tmp_path_factory):
-    return tiny.run(tiny.InitModelConfig(out=tmp_path_factory.mktemp("resume") / "pm", preset="tiny", task="seq-cls"))
+def pm(tiny_pm):
+    return tiny_pm
 
 
 def lines(path) -> int:

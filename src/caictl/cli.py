@@ -104,6 +104,9 @@ Timeout = Annotated[Optional[float], typer.Option(
 ConstitutionOpt = Annotated[Optional[str], typer.Option(
     "--constitution", help="Shipped name or file(s), comma-separated (env CAICTL_CONSTITUTION).")]
 Seed = Annotated[Optional[int], typer.Option(help="Random seed (env CAICTL_SEED). Default 0.")]
+Shard = Annotated[Optional[str], typer.Option(
+    help="K/N: only part K (from 0) of N, chosen by a hash of each row's id, so N jobs (a Slurm array) cover "
+         "the input once; --limit applies first; merge the outputs with cat.")]
 
 
 def _version(value: bool) -> None:
@@ -169,6 +172,7 @@ def revise_command(
     timeout: Timeout = None,
     seed: Seed = None,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N prompts.")] = REVISE["limit"],
+    shard: Shard = None,
     format: Annotated[str, typer.Option(
         help="caictl (revision records) or hf (cai-conversation-harmless columns).")] = REVISE["format"],
     skip_invalid: Annotated[bool, typer.Option(
@@ -190,7 +194,7 @@ def revise_command(
                         batch_size=batch_size),
         few_shot=few_shot, shots=shots, critique=critique, prompt_style=prompt_style, top_p=top_p,
         concurrency=concurrency, max_retries=max_retries, timeout=timeout, seed=_seed(seed, REVISE["seed"]),
-        limit=limit, format=format,
+        limit=limit, shard=shard, format=format,
         skip_invalid=skip_invalid, overwrite=overwrite,
     ))
 
@@ -219,6 +223,7 @@ def sample_command(
     timeout: Timeout = None,
     seed: Seed = None,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N prompts.")] = SAMPLE["limit"],
+    shard: Shard = None,
     skip_invalid: Annotated[bool, typer.Option(
         help="Set bad rows aside in OUT.rejects.jsonl and go on.")] = SAMPLE["skip_invalid"],
     overwrite: Annotated[bool, typer.Option(help="Start OUT afresh instead of resuming it.")] = SAMPLE["overwrite"],
@@ -234,7 +239,7 @@ def sample_command(
         **stage_options(SAMPLE, temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size),
         prompt_style=prompt_style, concurrency=concurrency,
         max_retries=max_retries, timeout=timeout,
-        seed=_seed(seed, SAMPLE["seed"]), limit=limit, from_revisions=from_revisions,
+        seed=_seed(seed, SAMPLE["seed"]), limit=limit, shard=shard, from_revisions=from_revisions,
         skip_invalid=skip_invalid, overwrite=overwrite,
     ))
 
@@ -274,6 +279,7 @@ def label_command(
     timeout: Timeout = None,
     seed: Seed = None,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N comparisons.")] = LABEL["limit"],
+    shard: Shard = None,
     skip_invalid: Annotated[bool, typer.Option(
         help="Set bad rows aside in OUT.rejects.jsonl and go on.")] = LABEL["skip_invalid"],
     overwrite: Annotated[bool, typer.Option(help="Start OUT afresh instead of resuming it.")] = LABEL["overwrite"],
@@ -293,7 +299,7 @@ def label_command(
         **stage_options(LABEL, max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size),
         concurrency=concurrency, max_retries=max_retries,
         timeout=timeout, seed=_seed(seed, LABEL["seed"]),
-        limit=limit, skip_invalid=skip_invalid, overwrite=overwrite,
+        limit=limit, shard=shard, skip_invalid=skip_invalid, overwrite=overwrite,
     ))
 
 
@@ -353,6 +359,7 @@ def score_command(
     max_length: Annotated[int, typer.Option(
         help="Tokens kept from the end of each conversation.")] = SCORE["max_length"],
     overwrite: Annotated[bool, typer.Option(help="Start OUT afresh instead of resuming it.")] = SCORE["overwrite"],
+    shard: Shard = None,
 ) -> None:
     """Add a preference model's reward to each row (responses, pairs or preferences), batch by batch; run
     again, it resumes after the rows OUT already holds.
@@ -360,7 +367,7 @@ def score_command(
     Example: caictl score --pm models/pm pairs.jsonl -o scored.jsonl
     """
     score.run(score.ScoreConfig(pm=pm, file=file, out=out, **stage_options(SCORE, batch_size=batch_size),
-                                max_length=max_length, overwrite=overwrite))
+                                max_length=max_length, overwrite=overwrite, shard=shard))
 
 
 @app.command("inspect")

@@ -468,6 +468,41 @@ def with_upstream(meta: dict, upstream: Any) -> dict:
     return {**meta, "upstream": upstream} if upstream else meta
 
 
+# Sharding -----------------------------------------------------------------------------------------------
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """--shard K/N as (K, N): part K (from 0) of N. N jobs, one per K, cover an input exactly once."""
+    if text is None:
+        return None
+    try:
+        part, parts = (int(number) for number in str(text).split("/"))
+    except ValueError:
+        raise UsageError(f"--shard {text!r}: expected K/N, two whole numbers (e.g. 0/4: the first of four parts)")
+    if not 0 <= part < parts:
+        raise UsageError(f"--shard {text!r}: K counts from 0 and must be below N (e.g. 0/{max(parts, 1)})")
+    return part, parts
+
+
+def shard_problem(text: str | None) -> str | None:
+    """What is wrong with a --shard value, for a config's check(); None when nothing is."""
+    try:
+        parse_shard(text)
+    except UsageError as error:
+        return str(error)
+    return None
+
+
+def in_shard(row_id: str, shard: str | None) -> bool:
+    """Whether a row belongs to this job's part. A hash of the row's id decides, not its position: the same row
+    lands in the same part whatever else the input holds, and on every machine (Python's hash() is salted)."""
+    part_and_parts = parse_shard(shard)
+    if part_and_parts is None:
+        return True
+    part, parts = part_and_parts
+    return int.from_bytes(hashlib.sha256(str(row_id).encode("utf-8")).digest()[:8], "big") % parts == part
+
+
 # Writing ------------------------------------------------------------------------------------------------
 
 

@@ -25,7 +25,17 @@ from caictl.engines import ENGINES
 from caictl.errors import InputError, UsageError
 from caictl.generation import Cuts, open_engine
 from caictl.judge import Comparison, Judge, vote_statistics
-from caictl.records import Pairs, RecordWriter, RejectWriter, batches, read_rows, to_pairs, with_upstream
+from caictl.records import (
+    Pairs,
+    RecordWriter,
+    RejectWriter,
+    batches,
+    in_shard,
+    read_rows,
+    shard_problem,
+    to_pairs,
+    with_upstream,
+)
 from caictl.ui import log, meter, print_summary, row_counts
 
 PAIRINGS = ("first-two", "all")
@@ -55,6 +65,7 @@ class LabelConfig:
     timeout: float | None = None  # openai engine, seconds a request may take; None: likewise
     seed: int = 0
     limit: int | None = None
+    shard: str | None = None  # "K/N": only the rows whose id hashes to part K (from 0) of N
     skip_invalid: bool = False
     overwrite: bool = False
 
@@ -76,6 +87,8 @@ class LabelConfig:
             problems.append("--batch-size, --concurrency and --max-new-tokens must be at least 1")
         if self.limit is not None and self.limit < 1:
             problems.append("--limit must be at least 1")
+        if problem := shard_problem(self.shard):
+            problems.append(problem)
         if problems:
             raise UsageError("; ".join(problems))
 
@@ -96,14 +109,18 @@ def run(config: LabelConfig, engine=None) -> dict:
     rejects = RejectWriter(config.out) if config.skip_invalid else None
     comparisons = read_comparisons(config, constitution, rejects)
     if config.limit:
-        comparisons = comparisons[: config.limit]
+        comparisons = comparisons[: config.limit]  # --limit first: the N jobs of a sharded run split the same rows
+    if config.shard:
+        mine = [c for c in comparisons if in_shard(c.id, config.shard)]
+        log(f"shard {config.shard}: {len(mine)} of {len(comparisons)} comparisons")
+        comparisons = mine
     run_settings = {
         "stage": "label", "model": model, "model_identity": model_identity.identity(model, config.engine),
         "engine": config.engine, "constitution": constitution.name,
         "constitution_hash": constitution.content_hash(), "label": _kind(config),
         "clamp": list(config.effective_clamp) if config.effective_clamp else None,
         "principles_per_pair": config.principles_per_pair, "debias": config.debias, "few_shot": config.few_shot,
-        "pairing": config.pairing, "seed": config.seed, "caictl_version": __version__,
+        "pairing": config.pairing, "seed": config.seed, "shard": config.shard, "caictl_version": __version__,
     }
     writer = RecordWriter(config.out, run_settings, overwrite=config.overwrite)
     pending = [c for c in comparisons if c.id not in writer.done]

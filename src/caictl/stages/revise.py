@@ -36,7 +36,9 @@ from caictl.records import (
     RecordWriter,
     RejectWriter,
     batches,
+    in_shard,
     read_prompts,
+    shard_problem,
     with_upstream,
 )
 from caictl.ui import log, meter, print_summary, row_counts
@@ -67,6 +69,7 @@ class ReviseConfig:
     timeout: float | None = None  # openai engine, seconds a request may take; None: likewise
     seed: int = 0
     limit: int | None = None  # only the first N prompts
+    shard: str | None = None  # "K/N": only the rows whose id hashes to part K (from 0) of N
     format: str = "caictl"  # caictl (revision records) or hf (cai-conversation-harmless columns)
     skip_invalid: bool = False  # set bad input rows aside in OUT.rejects.jsonl instead of stopping
     overwrite: bool = False  # discard an existing OUT instead of resuming it
@@ -91,6 +94,8 @@ class ReviseConfig:
             problems.append(f"--prompt-style {self.prompt_style!r}: choose one of {', '.join(PROMPT_STYLES)}")
         if self.format not in FORMATS:
             problems.append(f"--format {self.format!r}: choose one of {', '.join(FORMATS)}")
+        if problem := shard_problem(self.shard):
+            problems.append(problem)
         if problems:
             raise UsageError("; ".join(problems))
 
@@ -107,7 +112,11 @@ def run(config: ReviseConfig, engine=None) -> dict:
     rejects = RejectWriter(config.out) if config.skip_invalid else None
     prompts = read_prompts(config.prompts, on_invalid=rejects)
     if config.limit:
-        prompts = prompts[: config.limit]
+        prompts = prompts[: config.limit]  # --limit first: the N jobs of a sharded run split the same prompts
+    if config.shard:
+        mine = [p for p in prompts if in_shard(p.id, config.shard)]
+        log(f"shard {config.shard}: {len(mine)} of {len(prompts)} prompts")
+        prompts = mine
     run_settings = _settings(config, model, constitution)
     writer = RecordWriter(config.out, run_settings, overwrite=config.overwrite)
     pending = [p for p in prompts if p.id not in writer.done]
@@ -391,6 +400,7 @@ def _settings(config: ReviseConfig, model: str, constitution: Constitution) -> d
                      "max_new_tokens": config.max_new_tokens},
         "seed": config.seed,
         "format": config.format,
+        "shard": config.shard,
         "caictl_version": __version__,
     }
 

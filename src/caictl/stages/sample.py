@@ -31,8 +31,10 @@ from caictl.records import (
     RecordWriter,
     RejectWriter,
     batches,
+    in_shard,
     read_prompts,
     read_rows,
+    shard_problem,
     to_revision,
     with_upstream,
 )
@@ -57,6 +59,7 @@ class SampleConfig:
     timeout: float | None = None  # openai engine, seconds a request may take; None: likewise
     seed: int = 0
     limit: int | None = None
+    shard: str | None = None  # "K/N": only the rows whose id hashes to part K (from 0) of N
     from_revisions: bool = False  # the input is revise output: pair each initial response with its revision
     skip_invalid: bool = False
     overwrite: bool = False
@@ -75,6 +78,8 @@ class SampleConfig:
             problems.append("--limit must be at least 1")
         if self.prompt_style not in PROMPT_STYLES:
             problems.append(f"--prompt-style {self.prompt_style!r}: choose one of {', '.join(PROMPT_STYLES)}")
+        if problem := shard_problem(self.shard):
+            problems.append(problem)
         if problems:
             raise UsageError("; ".join(problems))
 
@@ -88,14 +93,18 @@ def run(config: SampleConfig, engine=None) -> dict:
     if engine is None and config.engine == "hf":
         model_kind.check(model, model_kind.CAUSAL_LM, "--model")
     rejects = RejectWriter(config.out) if config.skip_invalid else None
-    prompts = read_prompts(config.prompts, on_invalid=rejects)[: config.limit]
+    prompts = read_prompts(config.prompts, on_invalid=rejects)[: config.limit]  # --limit first, then the shard
+    if config.shard:
+        mine = [p for p in prompts if in_shard(p.id, config.shard)]
+        log(f"shard {config.shard}: {len(mine)} of {len(prompts)} prompts")
+        prompts = mine
     run_settings = {
         "stage": "sample", "model": model, "model_identity": model_identity.identity(model, config.engine),
         "engine": config.engine, "n": config.n,
         "prompt_style": config.prompt_style,
         "sampling": {"temperature": config.temperature, "top_p": config.top_p,
                      "max_new_tokens": config.max_new_tokens},
-        "seed": config.seed, "caictl_version": __version__,
+        "seed": config.seed, "shard": config.shard, "caictl_version": __version__,
     }
     writer = RecordWriter(config.out, run_settings, overwrite=config.overwrite)
     pending = [p for p in prompts if p.id not in writer.done]
@@ -147,7 +156,7 @@ def run(config: SampleConfig, engine=None) -> dict:
 
 def _from_revisions(config: SampleConfig) -> dict:
     """(initial response, final revision) pairs straight from revise output: no model involved."""
-    run_settings = {"stage": "sample", "source": "revisions", "caictl_version": __version__}
+    run_settings = {"stage": "sample", "source": "revisions", "shard": config.shard, "caictl_version": __version__}
     writer = RecordWriter(config.out, run_settings, overwrite=config.overwrite)
     rejects = RejectWriter(config.out) if config.skip_invalid else None
     records, unrevised, pairs = [], 0, 0
@@ -167,7 +176,7 @@ def _from_revisions(config: SampleConfig) -> dict:
             continue
         # --limit counts pairs already written too, so a re-run resumes instead of adding N more.
         pairs += 1
-        if revised.id not in writer.done:
+        if in_shard(revised.id, config.shard) and revised.id not in writer.done:
             records.append({"id": revised.id, "messages": revised.messages,
                             "responses": [revised.initial_response, revised.response],
                             "meta": with_upstream(run_settings, revised.meta)})

@@ -18,7 +18,7 @@ from pathlib import Path
 from caictl import __version__, model_identity, model_kind
 from caictl.errors import InputError, UsageError
 from caictl.pm import Scorer, comparison_of, conversation_text
-from caictl.records import NAMES_NOT_COMPARED, STDIN, RecordWriter, batches, read_rows
+from caictl.records import NAMES_NOT_COMPARED, STDIN, RecordWriter, batches, in_shard, parse_shard, read_rows
 from caictl.ui import log, meter, print_summary, row_counts
 
 # The fields score adds to a row: dropped from an input row before its rewards are written again.
@@ -33,6 +33,7 @@ class ScoreConfig:
     batch_size: int = 32  # rows scored and written at a time
     max_length: int = 512
     overwrite: bool = False  # discard an existing OUT instead of resuming it
+    shard: str | None = None  # "K/N": only the rows whose id (else content) hashes to part K (from 0) of N
 
 
 def run(config: ScoreConfig) -> dict:
@@ -40,11 +41,13 @@ def run(config: ScoreConfig) -> dict:
     OUT already holds (meta.score says which input row each came from, and with which PM)."""
     if config.out not in (None, STDIN) and config.file not in (None, STDIN) and config.out == config.file:
         raise UsageError("-o must differ from the input file")
+    parse_shard(config.shard)
     model_kind.check(config.pm, model_kind.SEQ_CLS, "--pm")
-    rows = list(read_rows(config.file))
-    plans = [_plan(row) for row in rows]
+    # Each row keeps its input index: meta.score.row names the input line even when a shard holds a part.
+    rows = [(index, row) for index, row in enumerate(read_rows(config.file)) if in_shard(_shard_key(row), config.shard)]
+    plans = [_plan(row) for _, row in rows]
     stamp = {"pm": config.pm, "pm_identity": model_identity.identity(config.pm), "max_length": config.max_length,
-             "caictl_version": __version__}
+             "shard": config.shard, "caictl_version": __version__}
     writer = RecordWriter(config.out, {}, overwrite=config.overwrite)
     done = _rows_already_scored(writer.path, rows, stamp) if writer.path else 0
     if done:
@@ -63,7 +66,8 @@ def run(config: ScoreConfig) -> dict:
                     row_values = values[position:position + len(row_texts)]
                     row_cut = sum(cut[position:position + len(row_texts)])
                     position += len(row_texts)
-                    scored.append(_scored_row(rows[i].data, i, fields, row_values, row_cut, cuts, stamp))
+                    index, row = rows[i]
+                    scored.append(_scored_row(row.data, index, fields, row_values, row_cut, cuts, stamp))
                 writer.write(scored)
                 rewards += values
                 texts_scored += len(texts)
@@ -107,10 +111,16 @@ def _rows_already_scored(out: Path, rows: list, stamp: dict) -> int:
         except (ValueError, AttributeError):
             written = {}
         same_settings = all(written.get(k) == v for k, v in stamp.items() if k not in NAMES_NOT_COMPARED)
-        if index >= len(rows) or not same_settings or written.get("input_sha256") != _digest(rows[index].data):
+        if index >= len(rows) or not same_settings or written.get("input_sha256") != _digest(rows[index][1].data):
             raise UsageError(f"{out}:{index + 1}: was not scored from this input row with these settings "
                              "(--pm, --max-length); pass --overwrite to start again, or -o a new file")
     return len(lines)
+
+
+def _shard_key(row) -> str:
+    """A row's id, else its content: score takes rows of any form, and some (hh-rlhf pairs) carry no id."""
+    data = row.data
+    return str(data["id"]) if isinstance(data, dict) and "id" in data else _digest(data)
 
 
 def _digest(data) -> str:

@@ -29,14 +29,37 @@ ANSWERS = ["I can't help with hurting anyone, but if you're in danger, call emer
 SAME_LOSS = dict(rel=1e-5, abs=1e-6)
 
 
+# Loaded by every process of a launched run (a sitecustomize module on PYTHONPATH is imported at start-up): a Python
+# audit hook that notes each path under WATCH_WRITES the process opens for writing, creates, renames or removes,
+# one line each in WATCH_WRITES.writes-rank<RANK>.
+WATCH = r"""
+import os, sys
+watched = os.environ.get("WATCH_WRITES")
+if watched and "RANK" in os.environ:
+    report = os.open(f"{watched}.writes-rank{os.environ['RANK']}", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT
+
+    def hook(event, args):
+        if event not in ("open", "os.mkdir", "os.remove", "os.rename", "shutil.rmtree"):
+            return
+        if event == "open" and not (set(args[1] or "") & set("wax+") or (args[2] or 0) & writing):
+            return
+        if isinstance(args[0], (str, os.PathLike)) and os.path.abspath(args[0]).startswith(watched):
+            os.write(report, (os.path.relpath(args[0], watched) + "\n").encode())
+
+    sys.addaudithook(hook)
+"""
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def two_processes(*args, launcher: str = "torchrun") -> subprocess.CompletedProcess:
-    """caictl ARGS as two CPU processes; fails the test with the output when the run fails."""
+def two_processes(*args, out: Path, launcher: str = "torchrun") -> subprocess.CompletedProcess:
+    """caictl ARGS -o OUT as two CPU processes, each noting what it writes under OUT; fails the test with the
+    output when the run fails."""
     if launcher == "torchrun":
         launch = ["torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     else:
@@ -44,16 +67,24 @@ def two_processes(*args, launcher: str = "torchrun") -> subprocess.CompletedProc
                   "--main_process_port", str(free_port())]
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAICTL_")}
     env["OMP_NUM_THREADS"] = "1"  # two processes on a shared machine; torch would take every core in each
-    result = subprocess.run([sys.executable, "-m", *launch, "-m", "caictl", *map(str, args)], env=env,
+    hooks = out.parent / f"{out.name}.hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(WATCH)
+    env["PYTHONPATH"] = os.pathsep.join([str(hooks), *filter(None, [env.get("PYTHONPATH")])])
+    env["WATCH_WRITES"] = str(out.resolve())
+    result = subprocess.run([sys.executable, "-m", *launch, "-m", "caictl", *map(str, args), "-o", out], env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{launcher} caictl {' '.join(map(str, args))}:\n{result.stderr[-4000:]}"
     return result
 
 
 def assert_main_process_alone_wrote(out: Path, result: subprocess.CompletedProcess, title: str) -> dict:
-    """One caictl.json saying world_size 2, one summary, and no line of the log twice; returns caictl.json."""
+    """Process 0 wrote OUT and process 1 nothing there; one caictl.json saying world_size 2, one summary, no line
+    of the log twice. Returns caictl.json."""
     info = json.loads((out / "caictl.json").read_text())
     assert info["world_size"] == 2
+    assert "caictl.json" in Path(f"{out}.writes-rank0").read_text().split()  # the watch sees writes
+    assert Path(f"{out}.writes-rank1").read_text() == ""
     # Less the trainer's progress bar (tqdm), which redraws the same frame after each line it logs.
     lines = [line.strip() for line in result.stderr.splitlines() if line.strip() and "%|" not in line]
     assert [line for line, count in Counter(lines).items() if count > 1] == []
@@ -84,8 +115,9 @@ def data(tmp_path_factory) -> Path:
 def pm_one_process(data, tiny_model) -> tuple[Path, dict]:
     """train-pm in one process (this one): the reference run, and the PM the RL test scores with."""
     out = data / "pm-1"
-    metrics = train_pm.run(train_pm.TrainPMConfig(prefs=[str(data / "prefs.jsonl")], out=str(out), model=str(tiny_model),
-                                                  batch_size=6, learning_rate=1e-3, max_length=64))
+    metrics = train_pm.run(train_pm.TrainPMConfig(prefs=[str(data / "prefs.jsonl")], out=str(out),
+                                                  model=str(tiny_model), batch_size=6, learning_rate=1e-3,
+                                                  max_length=64))
     return out, metrics
 
 
@@ -96,7 +128,7 @@ def test_sft_under_torchrun_and_accelerate_matches_one_process(tmp_path, data, t
                                 model=str(tiny_model), max_steps=3, batch_size=4, learning_rate=1e-3, max_length=64))
     for launcher in ("torchrun", "accelerate"):
         out = tmp_path / launcher
-        result = two_processes("sft", data / "revisions.jsonl", "-o", out, *options, launcher=launcher)
+        result = two_processes("sft", data / "revisions.jsonl", *options, out=out, launcher=launcher)
         info = assert_main_process_alone_wrote(out, result, "sft")
         two = info["metrics"]["loss_history"]
         assert [h["step"] for h in two] == [h["step"] for h in one["loss_history"]] == [1, 2, 3]
@@ -107,8 +139,8 @@ def test_sft_under_torchrun_and_accelerate_matches_one_process(tmp_path, data, t
 def test_train_pm_under_torchrun_matches_one_process(tmp_path, data, tiny_model, pm_one_process):
     _, one = pm_one_process
     out = tmp_path / "pm-2"
-    result = two_processes("train-pm", data / "prefs.jsonl", "-o", out, "--model", tiny_model, "--batch-size", "6",
-                           "--learning-rate", "1e-3", "--max-length", "64")
+    result = two_processes("train-pm", data / "prefs.jsonl", "--model", tiny_model, "--batch-size", "6",
+                           "--learning-rate", "1e-3", "--max-length", "64", out=out)
     info = assert_main_process_alone_wrote(out, result, "train-pm")
     two = info["metrics"]["loss_history"]
     assert len(two) == len(one["loss_history"]) == 3
@@ -121,8 +153,8 @@ def test_dpo_under_torchrun_matches_one_process(tmp_path, data, tiny_model):
     one = dpo.run(dpo.DPOConfig(prefs=[str(data / "prefs.jsonl")], out=str(tmp_path / "one"), model=str(tiny_model),
                                 max_steps=3, batch_size=4, learning_rate=1e-3, max_length=64))
     out = tmp_path / "two"
-    result = two_processes("dpo", data / "prefs.jsonl", "-o", out, "--model", tiny_model, "--max-steps", "3",
-                           "--batch-size", "4", "--learning-rate", "1e-3", "--max-length", "64")
+    result = two_processes("dpo", data / "prefs.jsonl", "--model", tiny_model, "--max-steps", "3",
+                           "--batch-size", "4", "--learning-rate", "1e-3", "--max-length", "64", out=out)
     two = assert_main_process_alone_wrote(out, result, "dpo")["metrics"]["history"]
     # Step 1 is ln 2 whatever the batch (the policy is its reference); steps 2 and 3 tell batches apart.
     assert len(two) == len(one["history"]) == 3 and one["history"][1]["loss"] < 0.69
@@ -140,9 +172,9 @@ def test_grpo_under_torchrun_generates_the_global_batch(tmp_path, tiny_model, pm
     one = ppo.run(ppo.PPOConfig(prompts=str(EXAMPLES / "red-team.jsonl"), policy=str(tiny_model), pm=str(pm),
                                 out=str(tmp_path / "one"), **options))
     out = tmp_path / "two"
-    result = two_processes("ppo", EXAMPLES / "red-team.jsonl", "--policy", tiny_model, "--pm", pm, "-o", out,
-                           "--algo", "grpo", "--steps", "2", "--batch-size", "8", "--num-generations", "4",
-                           "--max-new-tokens", "8", "--learning-rate", "1e-4", "--heldout", "0.1")
+    result = two_processes("ppo", EXAMPLES / "red-team.jsonl", "--policy", tiny_model, "--pm", pm, "--algo", "grpo",
+                           "--steps", "2", "--batch-size", "8", "--num-generations", "4", "--max-new-tokens", "8",
+                           "--learning-rate", "1e-4", "--heldout", "0.1", out=out)
     two = assert_main_process_alone_wrote(out, result, "ppo --algo grpo")["metrics"]
     assert one["rollouts"] == two["rollouts"] == 2 * 8
     assert one["steps"] == two["steps"] == len(two["history"]) == 2

@@ -199,7 +199,6 @@ class Trainer:
                                                      lora_dropout=config.lora_dropout, task_type="SEQ_CLS",
                                                      target_modules="all-linear"))
         self.model = model.to(self.device)  # unwrapped: scoring after training, and saving
-        self.trained = self.model  # what fit() trained: the model as the Accelerator wrapped it
 
     def rewards(self, texts: list[str], model=None):
         # On a CPU one text at a time beats padded batches (benchmarks/bench_train.py); a GPU takes them all.
@@ -217,8 +216,7 @@ class Trainer:
         optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=config.learning_rate)
         # The schedule is left unprepared: accelerate would step it once per process at each step.
         schedule = get_scheduler(config.scheduler, optimizer, num_warmup_steps=0, num_training_steps=total)
-        model, optimizer = self.accelerator.prepare(self.model, optimizer)
-        self.trained = model
+        model, optimizer = self.accelerator.prepare(self.model, optimizer)  # wrapped for DDP under several processes
         history = []
         model.train()
         with meter(total, "train-pm", unit="steps") as progress:

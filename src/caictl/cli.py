@@ -323,7 +323,7 @@ def train_pm_command(
     epochs: Annotated[float, typer.Option(help="Passes over the comparisons.")] = TRAIN_PM["epochs"],
     learning_rate: Annotated[float, typer.Option(help="AdamW learning rate.")] = TRAIN_PM["learning_rate"],
     scheduler: Annotated[str, typer.Option(help="constant, linear or cosine.")] = TRAIN_PM["scheduler"],
-    batch_size: Annotated[int, typer.Option(help="Comparisons per step.")] = TRAIN_PM["batch_size"],
+    batch_size: Annotated[int, typer.Option(help="Comparisons per step, over all processes.")] = TRAIN_PM["batch_size"],
     micro_batch_size: Annotated[Optional[int], typer.Option(
         help="Texts per forward pass within a step; "
              "default all on GPU, 1 on CPU (faster there).")] = TRAIN_PM["micro_batch_size"],
@@ -340,6 +340,7 @@ def train_pm_command(
     """Train a preference model (scalar head) on AI and human labels, with soft targets.
 
     Example: caictl train-pm prefs.jsonl --mix hh.jsonl.gz --model minilm -o models/pm --eval-split 0.1
+    Several processes: torchrun --nproc_per_node N -m caictl train-pm ...
     """
     train_pm.run(train_pm.TrainPMConfig(
         prefs=prefs, out=out, model=model, mix=mix or [], prefs_weight=prefs_weight, hard=hard, margin=margin,
@@ -407,11 +408,13 @@ def ppo_command(
     policy: Annotated[str, typer.Option(help="The starting policy folder (caictl sft output).")] = ...,
     pm: Annotated[str, typer.Option(help="The preference model folder (caictl train-pm output).")] = ...,
     out: Annotated[str, typer.Option("--out", "-o", help="Output policy folder.")] = ...,
-    algo: Annotated[str, typer.Option(help="ppo (caictl's own), or rloo / grpo (TRL's trainers).")] = PPO["algo"],
+    algo: Annotated[str, typer.Option(
+        help="ppo (caictl's own, one process), or rloo / grpo (TRL's trainers, also several processes).")
+    ] = PPO["algo"],
     num_generations: Annotated[int, typer.Option(
         help="rloo/grpo: responses per prompt, compared.")] = PPO["num_generations"],
     steps: Annotated[int, typer.Option(help="PPO iterations (rollout batches).")] = PPO["steps"],
-    batch_size: Annotated[int, typer.Option(help="Rollouts per iteration.")] = PPO["batch_size"],
+    batch_size: Annotated[int, typer.Option(help="Rollouts per iteration, over all processes.")] = PPO["batch_size"],
     minibatch_size: Annotated[int, typer.Option(help="Rollouts per gradient step.")] = PPO["minibatch_size"],
     ppo_epochs: Annotated[int, typer.Option(help="Passes over each rollout batch.")] = PPO["ppo_epochs"],
     learning_rate: Annotated[float, typer.Option(help="AdamW learning rate.")] = PPO["learning_rate"],
@@ -453,6 +456,8 @@ def ppo_command(
     """RL of the policy against the preference model with a KL penalty: caictl's own PPO, or TRL's RLOO/GRPO.
 
     Example: caictl ppo examples/red-team.jsonl --policy models/sl-cai --pm models/pm -o models/rl-cai
+    Several processes (rloo and grpo only; caictl's own PPO runs in one and refuses more):
+    torchrun --nproc_per_node N -m caictl ppo --algo grpo ...
     """
     ppo.run(ppo.PPOConfig(
         prompts=prompts, policy=policy, pm=pm, out=out, algo=algo, num_generations=num_generations, steps=steps,
@@ -483,7 +488,7 @@ def dpo_command(
     epochs: Annotated[float, typer.Option(help="Passes over the pairs.")] = DPO["epochs"],
     max_steps: Annotated[int, typer.Option(help="Stop after N steps (overrides --epochs).")] = DPO["max_steps"],
     learning_rate: Annotated[float, typer.Option(help="Learning rate.")] = DPO["learning_rate"],
-    batch_size: Annotated[int, typer.Option(help="Pairs per device per step.")] = DPO["batch_size"],
+    batch_size: Annotated[int, typer.Option(help="Pairs per step, over all processes.")] = DPO["batch_size"],
     grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = DPO["grad_accum"],
     max_length: Annotated[int, typer.Option(help="Tokens per prompt + response.")] = DPO["max_length"],
     lora: Annotated[bool, typer.Option(
@@ -500,6 +505,7 @@ def dpo_command(
     --label-smoothing applies one global smoothing.
 
     Example: caictl dpo prefs.jsonl --model models/sl-cai -o models/rl-cai-dpo --beta 0.1
+    Several processes: torchrun --nproc_per_node N -m caictl dpo ...
     """
     dpo.run(dpo.DPOConfig(
         prefs=prefs, out=out, model=model, beta=beta, label_smoothing=label_smoothing, min_p_chosen=min_p_chosen,
@@ -536,7 +542,7 @@ def sft_command(
     scheduler: Annotated[str, typer.Option(
         help="constant (the paper), linear, cosine, constant_with_warmup.")] = SFT["scheduler"],
     warmup_steps: Annotated[int, typer.Option(help="Learning-rate warm-up steps.")] = SFT["warmup_steps"],
-    batch_size: Annotated[int, typer.Option(help="Examples per device per step.")] = SFT["batch_size"],
+    batch_size: Annotated[int, typer.Option(help="Examples per step, over all processes.")] = SFT["batch_size"],
     grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = SFT["grad_accum"],
     micro_batch_size: Annotated[Optional[int], typer.Option(
         help="Examples per forward pass within a step; "
@@ -556,7 +562,7 @@ def sft_command(
     """Supervised fine-tuning on the revisions (SL-CAI), assistant tokens only, on TRL's SFTTrainer.
 
     Example: caictl sft revisions.jsonl --mix helpful.jsonl:0.5 --model models/base -o models/sl-cai
-    Several GPUs: accelerate launch -m caictl sft ...
+    Several processes: torchrun --nproc_per_node N -m caictl sft ... (or accelerate launch)
     """
     sft.run(sft.SFTConfig(
         revisions=revisions, out=out, model=model, revisions_mode=revisions_mode, revisions_weight=revisions_weight,

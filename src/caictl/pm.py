@@ -118,7 +118,7 @@ def rewards(model, tokenizer, texts: list[str], max_length: int, micro_batch: in
     framing (BOS, [CLS] ... [SEP]) is special."""
     import torch
 
-    device = model.device
+    device = next(model.parameters()).device  # also for a model wrapped for DDP, which has no .device
     if not texts:
         return torch.empty(0, device=device)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))

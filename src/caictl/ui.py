@@ -9,7 +9,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-console = Console(stderr=True)
+from caictl.processes import is_main
+
+# Under torchrun / accelerate launch every process runs the same stage: only the main one speaks, or each line
+# and progress bar would come once per process.
+console = Console(stderr=True, quiet=not is_main())
 
 
 def log(message: str) -> None:
@@ -86,7 +90,17 @@ def summary_table(title: str, rows: list[tuple[str, object]]) -> None:
 
 
 def quiet_transformers() -> None:
-    """transformers' own loading and saving bars would interleave with ours."""
+    """transformers' own loading and saving bars would interleave with ours; the other processes of a
+    several-process run keep the datasets library's bars (TRL's dataset preparation) and the warnings they share
+    with the main process (they run the same code) to themselves."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    if not is_main():
+        import warnings
+
+        import datasets
+
+        datasets.disable_progress_bars()
+        hf_logging.set_verbosity_error()
+        warnings.filterwarnings("ignore")

@@ -6,6 +6,8 @@ The alternative to train-pm + ppo that Hugging Face's open CAI recipe used. Read
 prompt/chosen/rejected rows) as they are. TRL's DPO takes no per-example target, so soft labels are used in
 two ways only: pairs whose p_chosen is below --min-p-chosen are left out (the feedback model could not tell
 them apart), and --label-smoothing applies one global conservative-DPO smoothing to all pairs.
+Several processes: `torchrun --nproc_per_node N -m caictl dpo ...` or `accelerate launch --num_processes N -m caictl
+dpo ...`; --batch-size is the whole step's batch, each process taking an equal share.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from pathlib import Path
 from caictl import __version__, model_kind, settings
 from caictl.conversation import prompt_from_text
 from caictl.errors import InputError, UsageError
+from caictl.processes import is_main, world_size
 from caictl.records import file_hash, read_rows
-from caictl.training import output_folder, trl_device_args
+from caictl.training import batch_split_problem, output_folder, per_process, trl_device_args
 from caictl.ui import log, quiet_transformers, summary_table
 
 
@@ -37,7 +40,7 @@ class DPOConfig:
     epochs: float = 1.0
     max_steps: int = -1
     learning_rate: float = 5e-7
-    batch_size: int = 4
+    batch_size: int = 4  # pairs per optimizer step, over all processes
     grad_accum: int = 1
     max_length: int = 1024
     lora: bool = False
@@ -56,6 +59,8 @@ class DPOConfig:
             problems.append("give at least one preference file (output of `caictl label`)")
         if self.beta <= 0 or not 0 <= self.label_smoothing < 0.5 or not 0.5 <= self.min_p_chosen <= 1:
             problems.append("--beta > 0, --label-smoothing in [0, 0.5) and --min-p-chosen in [0.5, 1]")
+        if batch_split_problem(self.batch_size):
+            problems.append(batch_split_problem(self.batch_size))
         if problems:
             raise UsageError("; ".join(problems))
 
@@ -79,15 +84,19 @@ def run(config: DPOConfig) -> dict:
     logs = [e for e in trainer.state.log_history if "loss" in e]
     history = [{"step": e["step"], "loss": e["loss"], "margin": e.get("rewards/margins"),
                 "accuracy": e.get("rewards/accuracies")} for e in logs]
-    model = trainer.model.merge_and_unload() if config.lora else trainer.model
-    model.save_pretrained(out)
-    trainer.processing_class.save_pretrained(out)
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
     metrics = {"pairs": len(rows), "dropped_below_min_p": dropped, "steps": trainer.state.global_step,
                "seconds": round(seconds, 2), "history": history,
                "margin_first": history[0]["margin"] if history else None,
                "margin_last": history[-1]["margin"] if history else None}
-    info = {"stage": "dpo", "caictl_version": __version__, "base_model": model_name,
+    if not config.lora:
+        trainer.save_model(str(out))  # on every process: under FSDP or ZeRO-3 it gathers the shards from all
+    if not is_main():  # the main process writes the folder and the summary
+        return metrics
+    if config.lora:
+        trainer.model.merge_and_unload().save_pretrained(out)
+    trainer.processing_class.save_pretrained(out)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    info = {"stage": "dpo", "caictl_version": __version__, "world_size": world_size(), "base_model": model_name,
             "inputs": [{"path": p, "sha256": file_hash(p)} for p in config.prefs], "options": asdict(config),
             "metrics": metrics}
     (out / "caictl.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -134,7 +143,7 @@ def prepare(config: DPOConfig, model_name: str, rows: list[dict]):
     args = TRLDPOConfig(
         output_dir=str(Path(config.out) / "checkpoints"), beta=config.beta, label_smoothing=config.label_smoothing,
         num_train_epochs=config.epochs, max_steps=config.max_steps, learning_rate=config.learning_rate,
-        per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
+        per_device_train_batch_size=per_process(config.batch_size), gradient_accumulation_steps=config.grad_accum,
         max_length=config.max_length, seed=config.seed, **device_args,
         logging_steps=1, save_strategy="steps", save_steps=config.save_steps, save_total_limit=2, report_to="none",
     )

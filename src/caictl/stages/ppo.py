@@ -12,7 +12,9 @@ Log-probabilities are those of the distribution the rollouts were sampled from (
 TRL. Both paths measure the held-out reward with one function, `heldout_reward`.
 `--algo rloo|grpo` runs the same job through TRL's RLOOTrainer / GRPOTrainer, with the PM as the reward
 function (scoring the same transcripts with its own tokenizer), for users who prefer those and for several
-GPUs through accelerate, DeepSpeed or vLLM.
+processes: `torchrun --nproc_per_node N -m caictl ppo --algo grpo ...` or `accelerate launch --num_processes N -m
+caictl ppo --algo grpo ...`, --batch-size the whole step's completions, each process generating an equal share.
+caictl's own PPO runs in one process and refuses to start under several.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ from pathlib import Path
 
 from caictl import __version__, model_kind
 from caictl.errors import UsageError
+from caictl.processes import is_main, world_size
 from caictl.records import read_prompts
 from caictl.textstats import boilerplate
 from caictl.tokens import ContentEncoder
-from caictl.training import output_folder
+from caictl.training import batch_split_problem, output_folder, per_process
 from caictl.ui import log, meter, quiet_transformers, summary_table
 
 ALGOS = ("ppo", "rloo", "grpo")
@@ -45,7 +48,7 @@ class PPOConfig:
     algo: str = "ppo"  # ppo (caictl's own), rloo or grpo (TRL's trainers)
     num_generations: int = 4  # rloo/grpo: responses per prompt compared with each other
     steps: int = 50  # rollout batches (PPO iterations)
-    batch_size: int = 16  # rollouts per step
+    batch_size: int = 16  # rollouts per step, over all processes (rloo/grpo under torchrun / accelerate launch)
     minibatch_size: int = 8
     ppo_epochs: int = 4  # passes over each rollout batch
     learning_rate: float = 1e-5
@@ -80,6 +83,11 @@ class PPOConfig:
             problems.append(f"--algo {self.algo!r}: choose one of {', '.join(ALGOS)}")
         elif self.algo != "ppo" and (self.num_generations < 2 or self.batch_size % self.num_generations):
             problems.append("--algo rloo/grpo: --num-generations must be >= 2 and divide --batch-size")
+        elif self.algo != "ppo" and batch_split_problem(self.batch_size):
+            problems.append(batch_split_problem(self.batch_size))
+        elif self.algo == "ppo" and world_size() > 1:
+            problems.append(f"--algo ppo runs in one process, and this is one of {world_size()}: run it without "
+                            "torchrun / accelerate launch, or use --algo rloo or grpo, which run on several")
         for name, path in (("--policy", self.policy), ("--pm", self.pm)):
             if not path or not Path(path).exists():
                 problems.append(f"{name} {path}: no such folder (a caictl sft / train-pm output)")
@@ -126,6 +134,7 @@ def run_trl(config: PPOConfig, train, heldout) -> dict:
     import contextlib
     import sys
 
+    import torch
     from datasets import Dataset
     from transformers import AutoTokenizer
 
@@ -142,17 +151,21 @@ def run_trl(config: PPOConfig, train, heldout) -> dict:
     scorer = Scorer(config.pm, max_length=config.pm_max_length)
     cuts = scorer.cuts()
 
+    scored = 0  # rollouts this process has scored
+
     def pm_reward(prompts, completions, **_):
+        nonlocal scored
         texts = [conversation_text(p, c[-1]["content"] if isinstance(c, list) else c)
                  for p, c in zip(prompts, completions)]
         for cut in scorer.cut_tokens(texts):
             cuts.count(cut)
+        scored += len(texts)
         return scorer.score(texts)
 
     device_args, _ = trl_device_args(TRLConfig)
     args = TRLConfig(
         output_dir=str(Path(config.out) / "checkpoints"), max_steps=config.steps, learning_rate=config.learning_rate,
-        per_device_train_batch_size=config.batch_size, num_generations=config.num_generations,
+        per_device_train_batch_size=per_process(config.batch_size), num_generations=config.num_generations,
         max_completion_length=config.max_new_tokens, temperature=config.temperature, beta=config.kl_coef,
         seed=config.seed, logging_steps=1, save_strategy="steps", save_steps=config.save_every, save_total_limit=1,
         report_to="none", **device_args,
@@ -175,8 +188,14 @@ def run_trl(config: PPOConfig, train, heldout) -> dict:
     with contextlib.redirect_stdout(sys.stderr):
         trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
     seconds = time.perf_counter() - start
-    model = trainer.model.merge_and_unload() if config.lora else trainer.model
-    model.save_pretrained(out)
+    # Each process scored its own share of the rollouts: the counts are summed over all of them.
+    scored, cut_rollouts = trainer.accelerator.reduce(torch.tensor([scored, cuts.rows]), reduction="sum").tolist()
+    if not config.lora:
+        trainer.save_model(str(out))  # on every process: under FSDP or ZeRO-3 it gathers the shards from all
+    if not is_main():  # the main process writes the folder, measures the held-out reward, and reports
+        return {}
+    if config.lora:
+        trainer.model.merge_and_unload().save_pretrained(out)
     tokenizer.save_pretrained(out)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
 
@@ -187,7 +206,7 @@ def run_trl(config: PPOConfig, train, heldout) -> dict:
     metrics = {"algo": config.algo, "steps": trainer.state.global_step, "heldout_prompts": len(heldout),
                "heldout_reward_before": heldout_reward(config.policy, heldout, scorer, config),
                "heldout_reward_after": heldout_reward(out, heldout, scorer, config),
-               "kl": history[-1]["kl"] if history else None, "pm_truncated_rollouts": cuts.rows,
+               "kl": history[-1]["kl"] if history else None, "rollouts": scored, "pm_truncated_rollouts": cut_rollouts,
                "seconds": round(seconds, 2),
                "seconds_per_step": round(seconds / max(trainer.state.global_step, 1), 3), "history": history}
     warn_pm_cuts(metrics["pm_truncated_rollouts"], config)
@@ -511,7 +530,8 @@ def warn_pm_cuts(rollouts: int, config: PPOConfig) -> None:
 def write_info(out: Path, config: PPOConfig, metrics: dict) -> None:
     """caictl.json beside the model, whichever algorithm trained it. Written once the model is saved: its presence
     marks a finished run, which output_folder refuses to train over."""
-    info = {"stage": "ppo", "caictl_version": __version__, "policy": config.policy, "pm": config.pm,
+    info = {"stage": "ppo", "caictl_version": __version__, "world_size": world_size(), "policy": config.policy,
+            "pm": config.pm,
             "options": asdict(config), "metrics": metrics}
     (out / "caictl.json").write_text(json.dumps(info, indent=2) + "\n")
 

@@ -15,7 +15,8 @@ Llama 3.1). caictl tokenizes the rows itself and cuts the marked spans to exactl
 (`assistant_labels`), so the mask can be read off the trainer's dataset. The output folder loads with
 `AutoModelForCausalLM.from_pretrained` and keeps the model's original template; `caictl.json` beside it records
 the inputs with their hashes, the options, the template trained with, and the metrics with the loss history.
-Several GPUs: `accelerate launch -m caictl sft ...`.
+Several processes (GPUs): `torchrun --nproc_per_node N -m caictl sft ...` or `accelerate launch --num_processes N
+-m caictl sft ...`; --batch-size stays the whole step's batch, each process taking an equal share.
 """
 
 from __future__ import annotations
@@ -36,9 +37,17 @@ from pathlib import Path
 from caictl import __version__, model_kind, settings
 from caictl.conversation import parse_transcript, prompt_from_text
 from caictl.errors import InputError, UsageError
+from caictl.processes import is_main, world_size
 from caictl.records import file_hash, read_rows, to_revision
 from caictl.tokens import ContentEncoder
-from caictl.training import micro_batch, output_folder, trl_device_args, warn_cut_examples
+from caictl.training import (
+    batch_split_problem,
+    micro_batch,
+    output_folder,
+    per_process,
+    trl_device_args,
+    warn_cut_examples,
+)
 from caictl.ui import log, quiet_transformers, summary_table
 
 REVISION_MODES = ("final", "all")
@@ -71,7 +80,7 @@ class SFTConfig:
     learning_rate: float | None = None  # default: 2e-5 full fine-tuning, 2e-4 LoRA
     scheduler: str = "constant"  # the paper used a constant learning rate
     warmup_steps: int = 0
-    batch_size: int = 8  # per device
+    batch_size: int = 8  # sequences per optimizer step, over all processes
     grad_accum: int = 1
     micro_batch_size: int | None = None  # sequences per forward pass; default: the batch on GPU, 1 on CPU
     max_length: int = 1024  # tokens; longer examples are cut (and counted)
@@ -100,6 +109,8 @@ class SFTConfig:
             problems.append("--merge only applies with --lora")
         if self.batch_size < 1 or self.grad_accum < 1 or self.max_length < 16 or self.revisions_weight <= 0:
             problems.append("--batch-size and --grad-accum must be >= 1, --max-length >= 16, --revisions-weight > 0")
+        if batch_split_problem(self.batch_size):
+            problems.append(batch_split_problem(self.batch_size))
         if self.epochs <= 0 and self.max_steps <= 0:
             problems.append("--epochs must be > 0 (or set --max-steps)")
         if self.chat_template and not Path(self.chat_template).is_file():
@@ -155,9 +166,12 @@ def run(config: SFTConfig) -> dict:
         "seconds_per_step": round(seconds / max(steps, 1), 4),
     }
     _save(trainer, tokenizer, config, out)
+    if not is_main():  # the main process writes the folder and the summary
+        return metrics
     info = {
         "stage": "sft",
         "caictl_version": __version__,
+        "world_size": world_size(),
         "base_model": model_name,
         "inputs": [{"path": str(p), "sha256": file_hash(p)} for p in config.revisions + [s[0] for s in sources[1:]]],
         "options": asdict(config),
@@ -295,10 +309,10 @@ def prepare(config: SFTConfig, model_name: str, examples: list[list[dict]]):
         learning_rate=learning_rate,
         lr_scheduler_type=config.scheduler,
         warmup_steps=config.warmup_steps,
-        # A step of batch_size in micro-batches: transformers normalises accumulated losses by the step's
-        # token count, so the update equals the whole batch's.
+        # A step of batch_size, shared among the processes, in micro-batches: transformers normalises accumulated
+        # losses by the step's token count over all processes, so the update equals the whole batch's.
         per_device_train_batch_size=micro,
-        gradient_accumulation_steps=config.grad_accum * (config.batch_size // micro),
+        gradient_accumulation_steps=config.grad_accum * (per_process(config.batch_size) // micro),
         max_length=config.max_length,
         # The rows come tokenized with their labels (tokenize below), so TRL neither swaps templates nor masks;
         # it still cuts rows at max_length and drops any left without a trained token.
@@ -413,16 +427,20 @@ def _checkpoint_to_resume(config: SFTConfig, out: Path) -> str | None:
 
 
 def _save(trainer, tokenizer, config: SFTConfig, out: Path) -> None:
-    """Full model, LoRA adapter, or (--merge) the merged model with its adapter beside it in adapter/."""
+    """Full model, LoRA adapter, or (--merge) the merged model with its adapter beside it in adapter/. Every
+    process calls trainer.save_model (under FSDP or ZeRO-3 it gathers the shards from all of them); the main
+    process alone writes."""
     if config.lora and config.merge:
-        trainer.model.save_pretrained(out / "adapter")
-        tokenizer.save_pretrained(out / "adapter")
-        merged = trainer.model.merge_and_unload()
-        merged.save_pretrained(out)
+        if is_main():
+            trainer.model.save_pretrained(out / "adapter")
+            tokenizer.save_pretrained(out / "adapter")
+            merged = trainer.model.merge_and_unload()
+            merged.save_pretrained(out)
     else:
         trainer.save_model(str(out))
-    tokenizer.save_pretrained(out)
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # training finished: nothing left to resume
+    if is_main():
+        tokenizer.save_pretrained(out)
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # training finished: nothing left to resume
 
 
 def plot_loss(history: list[dict], path: Path) -> None:

@@ -8,6 +8,8 @@ rc - rr > m. `--mix` adds human comparisons (hh-rlhf rows as they are), as the p
 helpfulness data into its PM. Held-out metrics: accuracy, mean margin, and calibration (expected calibration
 error against the labels' probabilities, with a reliability plot), on `--eval-split` and on every `--eval`
 file. The folder loads with `AutoModelForSequenceClassification`; `caictl score` uses it.
+Several processes: `torchrun --nproc_per_node N -m caictl train-pm ...` or `accelerate launch --num_processes N -m
+caictl train-pm ...` (accelerate's Accelerator runs the loop under DDP); --batch-size is the whole step's batch.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from caictl import __version__, settings
 from caictl.errors import InputError, UsageError
 from caictl.metrics import pairwise_metrics, plot_reliability
 from caictl.pm import Comparison, comparison_of, cut_tokens, prepare_tokenizer, resolve_backbone, rewards
+from caictl.processes import is_main, rank, world_size
 from caictl.records import file_hash, read_rows
-from caictl.training import output_folder, warn_cut_examples
+from caictl.training import batch_split_problem, output_folder, warn_cut_examples
 from caictl.ui import meter, quiet_transformers, summary_table
 
 SCHEDULERS = ("linear", "constant", "cosine")
@@ -43,7 +46,7 @@ class TrainPMConfig:
     epochs: float = 1.0
     learning_rate: float = 3e-5
     scheduler: str = "constant"
-    batch_size: int = 16  # comparisons per step
+    batch_size: int = 16  # comparisons per step, over all processes
     micro_batch_size: int | None = None  # texts per forward pass; default: all of a step's on GPU, 1 on CPU
     max_length: int = 512  # tokens kept from the END of each conversation
     lora: bool = False  # LoRA on the backbone; the scalar head trains fully and is saved with it
@@ -70,6 +73,8 @@ class TrainPMConfig:
             problems.append("--prefs-weight must be > 0")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             problems.append("--micro-batch-size must be at least 1")
+        if batch_split_problem(self.batch_size):
+            problems.append(batch_split_problem(self.batch_size))
         if problems:
             raise UsageError("; ".join(problems))
 
@@ -120,10 +125,13 @@ def run(config: TrainPMConfig) -> dict:
     history = trainer.fit(train)
     seconds = time.perf_counter() - start
     trainer.save(out)  # before evaluating: a trained model is never lost to a problem with an eval file
+    if not is_main():  # the main process evaluates, writes the folder and reports
+        return {}
     metrics = {name: evaluate(trainer, comparisons) for name, comparisons in evaluations.items()}
     info = {
         "stage": "train-pm",
         "caictl_version": __version__,
+        "world_size": world_size(),
         "backbone": backbone,
         "inputs": [{"path": p, "sha256": file_hash(p)}
                    for p in config.prefs + [_split_weight(s)[0] for s in config.mix]],
@@ -163,15 +171,19 @@ def read_comparisons(paths: list[str]) -> list[Comparison]:
 
 
 class Trainer:
-    """A plain PyTorch loop over pairs: both texts of a pair go through the model in one batch."""
+    """A plain PyTorch loop over pairs: both texts of a pair go through the model in one batch. accelerate's
+    Accelerator places it on this process's device and, under torchrun / accelerate launch, wraps it for DDP
+    (or what an accelerate config asks for)."""
 
     def __init__(self, config: TrainPMConfig, backbone: str):
         import torch
+        from accelerate import Accelerator
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         quiet_transformers()
         self.config = config
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.device = self.accelerator.device
         torch.manual_seed(config.seed)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(backbone)
@@ -186,12 +198,12 @@ class Trainer:
             model = get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
                                                      lora_dropout=config.lora_dropout, task_type="SEQ_CLS",
                                                      target_modules="all-linear"))
-        self.model = model.to(self.device)
+        self.model = model.to(self.device)  # unwrapped: scoring after training, and saving
 
-    def rewards(self, texts: list[str]):
+    def rewards(self, texts: list[str], model=None):
         # On a CPU one text at a time beats padded batches (benchmarks/bench_train.py); a GPU takes them all.
-        micro = self.config.micro_batch_size or (len(texts) if self.device == "cuda" else 1)
-        return rewards(self.model, self.tokenizer, texts, self.config.max_length, micro)
+        micro = self.config.micro_batch_size or (len(texts) if self.device.type == "cuda" else 1)
+        return rewards(model or self.model, self.tokenizer, texts, self.config.max_length, micro)
 
     def fit(self, comparisons: list[Comparison]) -> list[dict]:
         import torch
@@ -202,9 +214,11 @@ class Trainer:
         per_epoch = -(-len(comparisons) // config.batch_size)
         total = max(1, round(per_epoch * config.epochs))
         optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=config.learning_rate)
+        # The schedule is left unprepared: accelerate would step it once per process at each step.
         schedule = get_scheduler(config.scheduler, optimizer, num_warmup_steps=0, num_training_steps=total)
+        model, optimizer = self.accelerator.prepare(self.model, optimizer)  # wrapped for DDP under several processes
         history = []
-        self.model.train()
+        model.train()
         with meter(total, "train-pm", unit="steps") as progress:
             step = 0
             while step < total:
@@ -214,23 +228,33 @@ class Trainer:
                     if step >= total:
                         break
                     batch = [comparisons[i] for i in order[first:first + config.batch_size]]
-                    rewards = self.rewards([c.chosen for c in batch] + [c.rejected for c in batch])
-                    chosen, rejected = rewards[: len(batch)], rewards[len(batch):]
-                    targets = torch.tensor([c.p for c in batch], device=self.device)
-                    loss = soft_pairwise_loss(chosen - rejected, targets, config.margin)
+                    mine, weights = shard(batch, rank(), world_size())
+                    rewards = self.rewards([c.chosen for c in mine] + [c.rejected for c in mine], model)
+                    chosen, rejected = rewards[: len(mine)], rewards[len(mine):]
+                    targets = torch.tensor([c.p for c in mine], device=self.device)
+                    weights = torch.tensor(weights, device=self.device)
+                    losses = soft_pairwise_loss(chosen - rejected, targets, config.margin, reduction="none") * weights
+                    # The step's loss is the mean over the whole batch. DDP averages the processes' gradients, so
+                    # each process's sum is scaled by (processes / batch); one process: the plain mean.
                     optimizer.zero_grad()
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+                    self.accelerator.backward(losses.sum() * world_size() / len(batch))
+                    self.accelerator.clip_grad_norm_(model.parameters(), 1.0)
                     optimizer.step()
                     schedule.step()
                     step += 1
-                    accuracy = ((chosen > rejected).float() == (targets >= 0.5).float()).float().mean()
-                    history.append({"step": step, "loss": round(loss.item(), 6), "accuracy": round(accuracy.item(), 4)})
+                    right = ((chosen > rejected).float() == (targets >= 0.5).float()).float() * weights
+                    totals = self.accelerator.reduce(torch.stack([losses.sum(), right.sum()]).detach(), "sum")
+                    history.append({"step": step, "loss": round(totals[0].item() / len(batch), 6),
+                                    "accuracy": round(totals[1].item() / len(batch), 4)})
                     progress.advance(1)
-        self.model.eval()
+        model.eval()
         return history
 
     def save(self, out: Path) -> None:
+        """The main process writes; every process calls this, as FSDP or ZeRO-3 would gather the shards."""
+        self.accelerator.wait_for_everyone()
+        if not is_main():
+            return
         model = self.model
         if self.config.lora:
             model.save_pretrained(out / "adapter")
@@ -239,11 +263,21 @@ class Trainer:
         self.tokenizer.save_pretrained(out)
 
 
-def soft_pairwise_loss(difference, targets, margin: float = 0.0):
+def shard(batch: list, rank: int, processes: int) -> tuple[list, list[float]]:
+    """This process's rows of a step's batch, and their weights: every processes-th row from its rank, weight 1.
+    A batch that does not divide evenly (an epoch's last) leaves some processes a row short: they score the
+    batch's first rows again with weight 0, so that every process runs as many forward passes as the others
+    (DDP synchronises each one) and a backward pass."""
+    mine = batch[rank::processes]
+    short = -(-len(batch) // processes) - len(mine)
+    return mine + batch[:short], [1.0] * len(mine) + [0.0] * short
+
+
+def soft_pairwise_loss(difference, targets, margin: float = 0.0, reduction: str = "mean"):
     """-(p log s(d - m) + (1 - p) log s(-(d - m))): binary cross-entropy of the reward difference against p."""
     import torch
 
-    return torch.nn.functional.binary_cross_entropy_with_logits(difference - margin, targets)
+    return torch.nn.functional.binary_cross_entropy_with_logits(difference - margin, targets, reduction=reduction)
 
 
 def evaluate(trainer: Trainer, comparisons: list[Comparison]) -> dict:

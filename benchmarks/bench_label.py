@@ -67,7 +67,7 @@ def main() -> None:
             return timed(generate_and_parse)
 
         def caictl_generate_judge(questions=questions) -> float:
-            engine._prefix_cache.clear()  # each run computes the shared few-shot prefix again
+            engine.forget_prefixes()  # each run computes the shared few-shot prefix again
             return timed(lambda: engine.complete(questions, params, keys[:len(questions)]))
 
         sides = {"one_pass": one_pass, "judge": plain_judge, "caictl_generate": caictl_generate_judge}

@@ -71,7 +71,7 @@ def main() -> None:
         def caictl(prompts=prompts, window=args.batch_size, side="caictl") -> float:
             engine.batch_size = args.batch_size
             # Each run revises its prompts from scratch: shared few-shot prefixes are computed again.
-            engine._prefix_cache.clear()
+            engine.forget_prefixes()
             recorder.requests = []
             totals = Totals()
             seconds = timed(lambda: [reviser.revise(chunk, totals) for chunk in batches(prompts, window)])

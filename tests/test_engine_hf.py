@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from caictl.engines import SamplingParams, load_engine
 from caictl.errors import UsageError
@@ -146,6 +147,30 @@ def test_a_kept_prefix_serves_rows_that_share_only_part_of_it(tiny_model):
     shared = len(engine.encoder.encode([shots + principle])[0]) - 1  # the kept start, up to the differing word
     assert inputs[engine._cache_argument].get_seq_length() >= shared
     assert len(engine._prefix_cache) == kept  # read from what was kept, nothing computed again
+    together = [g.text for g in engine.complete(texts, params, ["c", "d"])]
+    assert together == _alone(tiny_model, texts, params, ["c", "d"])
+
+
+def test_a_request_that_continues_one_of_the_last_batch_starts_from_its_kv(tiny_model):
+    # revise's revision request is its critique request, the critique and one more turn: the critique
+    # request's KV, kept from the batch before, saves computing it again.
+    engine = load_engine("hf", str(tiny_model), batch_size=8)
+    firsts = ["A first request about gardens, long enough to be worth keeping around. " * 2,
+              "Quite another request, on trains and timetables, also long enough to keep. " * 5]
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, seed=6)
+    engine.complete(firsts, params, ["a", "b"])
+    # What is kept is each prompt's own KV, as the prompt alone gives it (the shorter one was padded).
+    for row in engine.encoder.encode(firsts):
+        alone = DynamicCache(config=engine.lm.config)
+        with torch.no_grad():
+            engine.lm(input_ids=torch.tensor([row]), use_cache=True, **{engine._cache_argument: alone})
+        kept = engine._last_prompts[tuple(row)]
+        for (key, value), layer in zip(kept, alone.layers):
+            assert torch.allclose(key, layer.keys, atol=1e-4) and torch.allclose(value, layer.values, atol=1e-4)
+    texts = [first + " And one more turn." for first in firsts]
+    rows = engine.encoder.encode(texts)
+    inputs = engine._batch_inputs(rows, max_new_tokens=10)
+    assert inputs[engine._cache_argument].get_seq_length() >= len(engine.encoder.encode(firsts)[1]) - 1
     together = [g.text for g in engine.complete(texts, params, ["c", "d"])]
     assert together == _alone(tiny_model, texts, params, ["c", "d"])
 

@@ -75,6 +75,7 @@ class HFEngine:
         self.max_positions = getattr(model_config, "max_position_embeddings", None) or 4096
         self.choice_cuts: list[int] = []  # per text of the last choice_logprobs call, tokens cut to fit
         self._prefix_cache: dict[tuple[int, ...], list] = {}  # prefix tokens -> per-layer KV, oldest first
+        self._last_prompts: dict[tuple[int, ...], list] = {}  # the last batch's prompts -> their per-layer KV
         # transformers renamed `past_key_values` to `cache` during 5.x; use whichever this version takes.
         if self.lm is not None:
             parameters = inspect.signature(self.lm.forward).parameters
@@ -221,6 +222,7 @@ class HFEngine:
                                               tokenizer=self.tokenizer)
             except torch.OutOfMemoryError:
                 raise CaictlError(f"out of memory at batch size {self.batch_size}; lower --batch-size")
+            self._keep_prompts(rows, inputs["attention_mask"], inputs[self._cache_argument])
             new_tokens = output[:, inputs["input_ids"].shape[1]:].cpu()
             # A row ends at its first stop id (any of them); what follows is padding.
             is_stop = torch.isin(new_tokens, stops)
@@ -254,7 +256,7 @@ class HFEngine:
         common = [0] * len(rows)
         if len(rows) > 1:
             arrays = [numpy.asarray(row) for row in rows]
-            kept = [numpy.asarray(prefix) for prefix in self._prefix_cache]
+            kept = [numpy.asarray(prefix) for prefix in (*self._prefix_cache, *self._last_prompts)]
             for i, row in enumerate(arrays):
                 neighbours = [arrays[j] for j in (i - 1, i + 1) if 0 <= j < len(rows)]
                 length = min(max(_common_prefix_length(row, other) for other in neighbours + kept),
@@ -294,10 +296,13 @@ class HFEngine:
         import torch
         from transformers import DynamicCache
 
-        for kept in (prefix, *(p for p in reversed(self._prefix_cache) if p[:len(prefix)] == prefix)):
-            if kept in self._prefix_cache:  # the prefix itself, or a kept longer one that starts with it
-                self._prefix_cache[kept] = self._prefix_cache.pop(kept)  # most recently used goes last
-                return [(key[:, :, :len(prefix)], value[:, :, :len(prefix)]) for key, value in self._prefix_cache[kept]]
+        for store in (self._prefix_cache, self._last_prompts):
+            # The prefix itself, or a kept longer sequence that starts with it.
+            for kept in (prefix, *(p for p in reversed(store) if p[:len(prefix)] == prefix)):
+                if kept in store:
+                    if store is self._prefix_cache:
+                        store[kept] = store.pop(kept)  # most recently used goes last
+                    return [(key[:, :, :len(prefix)], value[:, :, :len(prefix)]) for key, value in store[kept]]
         cache = DynamicCache(config=self.lm.config)
         with torch.inference_mode():
             self.lm(input_ids=torch.tensor([list(prefix)], device=self.device), use_cache=True,
@@ -307,6 +312,24 @@ class HFEngine:
         if len(self._prefix_cache) > PREFIX_CACHE_ENTRIES:
             self._prefix_cache.pop(next(iter(self._prefix_cache)))
         return states
+
+    def _keep_prompts(self, rows: list[list[int]], attention_mask, cache) -> None:
+        """Keeps each prompt's KV from the batch just run, until the next batch: a request that continues an earlier
+        one starts from it (revise's revision request is its critique request, the critique and one more turn).
+        A prompt's own positions are those its mask marks; filler and padding are left out. One batch only, so
+        memory stays about what that batch already used."""
+        self._last_prompts = {}
+        for i, row in enumerate(rows):
+            if len(row) >= SHARED_PREFIX_MIN_TOKENS:
+                mine = attention_mask[i].nonzero().squeeze(1)
+                self._last_prompts[tuple(row)] = [(layer.keys[i:i + 1].index_select(2, mine),
+                                                   layer.values[i:i + 1].index_select(2, mine))
+                                                  for layer in cache.layers]
+
+    def forget_prefixes(self) -> None:
+        """Drops every kept KV, so that the next call computes all again (benchmarks start each run cold)."""
+        self._prefix_cache.clear()
+        self._last_prompts.clear()
 
     def _decode(self, tokens: list[int], prompt_tokens: int, ended: bool, params: SamplingParams) -> Generation:
         """tokens: the reply up to (without) its stop id; ended: whether a stop id came."""

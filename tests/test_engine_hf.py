@@ -171,6 +171,7 @@ def test_a_request_that_continues_one_of_the_last_batch_starts_from_its_kv(tiny_
     rows = engine.encoder.encode(texts)
     inputs = engine._batch_inputs(rows, max_new_tokens=10)
     assert inputs[engine._cache_argument].get_seq_length() >= len(engine.encoder.encode(firsts)[1]) - 1
+    engine.complete(firsts, params, ["a", "b"])  # kept again: building those inputs used them up
     together = [g.text for g in engine.complete(texts, params, ["c", "d"])]
     assert together == _alone(tiny_model, texts, params, ["c", "d"])
 

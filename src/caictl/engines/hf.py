@@ -2,7 +2,8 @@
 
 Requests that start with the same tokens (few-shot examples, a shared system prompt) share that prefix's
 KV cache: it is computed once, kept in a small LRU, and copied into every row that starts with it. Rows are
-batched in token order for that, so rows with the same prefix land in the same batch.
+batched in token order for that, so rows with the same prefix land in the same batch. The last batch's prompts
+keep their KV until the next batch, so a request that continues one of them starts from it.
 
 Message content is data (caictl.tokens): chat_prompt() marks any control token inside content, and every text is
 tokenized by a ContentEncoder, which reads marked tokens as text and everything else as the tokenizer does. BOS:
@@ -242,8 +243,9 @@ class HFEngine:
     def _batch_inputs(self, rows: list[list[int]], max_new_tokens: int) -> dict:
         """generate() inputs with a preallocated (static) KV cache that already holds each row's shared prefix.
 
-        A row's shared prefix is the longest it has in common with a neighbour in the batch or with a prefix
-        in the LRU. Row i's cache is its prefix's KV, then masked filler up to the longest prefix; its own
+        A row's shared prefix is the longest it has in common with a neighbour in the batch, a prefix in the LRU
+        or a prompt of the last batch (_keep_prompts), capped where sharing would only widen the batch
+        (_narrowest). Row i's cache is its prefix's KV, then masked filler up to the longest prefix; its own
         tokens follow after masked padding. Positions come from the attention mask, so every row sees exactly
         what it would see alone. A static cache, because a dynamic one copies itself at every decoding step:
         at batch 32 and 1,600 cached tokens that copy made a step 5x slower on CPU.
@@ -282,6 +284,7 @@ class HFEngine:
                     keys.append(torch.nn.functional.pad(key, filler))
                     values.append(torch.nn.functional.pad(value, filler))
                 cache.update(torch.cat(keys), torch.cat(values), layer, {"cache_position": positions})
+        self._last_prompts = {}  # what this batch took from them is copied: free the rest before it runs
         return {"input_ids": torch.tensor(ids, device=self.device),
                 "attention_mask": torch.tensor(mask, device=self.device), self._cache_argument: cache}
 
@@ -316,8 +319,8 @@ class HFEngine:
     def _keep_prompts(self, rows: list[list[int]], attention_mask, cache) -> None:
         """Keeps each prompt's KV from the batch just run, until the next batch: a request that continues an earlier
         one starts from it (revise's revision request is its critique request, the critique and one more turn).
-        A prompt's own positions are those its mask marks; filler and padding are left out. One batch only, so
-        memory stays about what that batch already used."""
+        A prompt's own positions are those its mask marks; filler and padding are left out. One batch only, freed
+        once the next batch's cache holds what it takes: at most one batch's prompt KV more than before."""
         self._last_prompts = {}
         for i, row in enumerate(rows):
             if len(row) >= SHARED_PREFIX_MIN_TOKENS:

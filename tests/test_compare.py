@@ -22,6 +22,7 @@ def setup(tmp_path_factory):
     return root, other, pm, harmless, helpful
 
 
+@pytest.mark.slow
 def test_compare_scores_every_pair_per_set(setup, tiny_model):
     root, other, pm, harmless, helpful = setup
     out = root / "eval"
@@ -76,6 +77,7 @@ def test_compare_scores_every_pair_per_set(setup, tiny_model):
         "a", "b", "c"}
 
 
+@pytest.mark.slow
 def test_compare_one_model_and_refusals_of_bad_names(setup, tiny_model):
     root, other, pm, harmless, helpful = setup
     out = root / "renamed"
@@ -96,6 +98,7 @@ def test_compare_one_model_and_refusals_of_bad_names(setup, tiny_model):
     assert result.returncode == 2 and "bad.jsonl:2" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_model_compared_with_itself_ties_exactly(setup, tiny_model):
     root, other, pm, harmless, helpful = setup
     out = root / "itself"

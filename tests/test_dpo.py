@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import caictl_in_process, write_jsonl
 
 
+@pytest.mark.slow
 def test_dpo_raises_the_chosen_over_rejected_margin(tmp_path, tiny_model):
     prefs = write_jsonl(tmp_path / "prefs.jsonl", [
         {"id": f"p{i}", "prompt": [{"role": "user", "content": f"Question {i}?"}],

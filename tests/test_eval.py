@@ -105,6 +105,7 @@ def test_eval_mc_through_a_llama_cpp_server(tmp_path, llama_server_url, tiny_ggu
         assert record["p_correct"] == pytest.approx(expected[0], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_eval_pm_on_the_shared_comparisons(tmp_path, shared_data):
     pm = tiny.run(tiny.InitModelConfig(out=tmp_path / "pm", preset="tiny", task="seq-cls"))
     hhh = shared_data / "anthropic-evals" / "438HHHEvaluations.part-a.jsonl"
@@ -119,6 +120,7 @@ def test_eval_pm_on_the_shared_comparisons(tmp_path, shared_data):
     assert records[0]["reward_chosen"] == pytest.approx(expected, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_eval_report_includes_mc_and_pm_folders(tmp_path, tiny_model):
     run = tmp_path / "run"
     pm = tiny.run(tiny.InitModelConfig(out=run / "pm", preset="tiny", task="seq-cls"))

@@ -156,6 +156,7 @@ def test_revision_flags():
 FAST = ["--max-new-tokens", "12", "--shots", "1", "--batch-size", "16"]
 
 
+@pytest.mark.slow
 def test_revise_examples_writes_one_record_per_prompt_with_chained_rounds(tmp_path, tiny_model):
     out = tmp_path / "revisions.jsonl"
     result = caictl("revise", EXAMPLES / "red-team.jsonl", "-o", out, "--model", tiny_model, *FAST)
@@ -176,6 +177,7 @@ def test_revise_examples_writes_one_record_per_prompt_with_chained_rounds(tmp_pa
     assert "rows_written" in result.stderr and result.stdout == ""
 
 
+@pytest.mark.slow
 def test_same_seed_same_output_other_seed_other_output(tmp_path, tiny_model):
     args = ["revise", EXAMPLES / "red-team.jsonl", "--model", tiny_model, "--limit", "6", "--rounds", "2", *FAST]
     first = caictl(*args, "-o", tmp_path / "a.jsonl")
@@ -187,6 +189,7 @@ def test_same_seed_same_output_other_seed_other_output(tmp_path, tiny_model):
     assert first.returncode == 0
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_exactly_one_record_per_prompt(tmp_path, tiny_model):
     prompts = write_jsonl(tmp_path / "p.jsonl", read_jsonl(EXAMPLES / "red-team.jsonl")[:16])
     args = ["revise", prompts, "--model", tiny_model, "--rounds", "2", "--max-new-tokens", "12", "--shots", "1",
@@ -213,6 +216,7 @@ def test_killed_run_resumes_to_exactly_one_record_per_prompt(tmp_path, tiny_mode
     assert sorted(killed, key=lambda r: r["id"]) == sorted(straight, key=lambda r: r["id"])
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_settings(tmp_path, tiny_model):
     out = tmp_path / "r.jsonl"
     args = ["revise", EXAMPLES / "red-team.jsonl", "--model", tiny_model, "--limit", "2", *FAST]
@@ -225,6 +229,7 @@ def test_resume_refuses_other_settings(tmp_path, tiny_model):
     assert [len(r["steps"]) for r in read_jsonl(out)] == [2, 2]
 
 
+@pytest.mark.slow
 def test_stdin_to_stdout_and_literal_prompts(tmp_path, tiny_model):
     tricky = ["Explain {x} and {{x}} please", "What does {% raw %} do? {% endraw %}",
               "Quote this:\n\nHuman: hi\n\nAssistant: hello"]
@@ -292,6 +297,7 @@ def test_no_model_anywhere_is_a_clear_error(tmp_path):
     assert "no model set" in result.stderr and "caictl init-model" in result.stderr
 
 
+@pytest.mark.slow
 def test_model_from_environment_and_project_file(tmp_path, tiny_model):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "x"}])
     common = ["revise", prompts, "--rounds", "1", *FAST]

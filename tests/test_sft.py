@@ -42,6 +42,7 @@ def revisions(tmp_path_factory):
 FAST = ["--epochs", "4", "--learning-rate", "3e-3", "--batch-size", "8", "--max-length", "128"]
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_lowers_the_loss_and_reloads(tmp_path, tiny_model, revisions):
     out = tmp_path / "sl-cai"
     caictl_in_process("sft", revisions, "-o", out, "--model", tiny_model, *FAST)
@@ -60,6 +61,7 @@ def test_full_fine_tuning_lowers_the_loss_and_reloads(tmp_path, tiny_model, revi
     assert again.returncode == 2 and "--overwrite" in again.stderr
 
 
+@pytest.mark.slow
 def test_lora_merged_model_equals_base_plus_adapter(tmp_path, tiny_model, revisions):
     from peft import PeftModel
 
@@ -177,6 +179,7 @@ def test_mix_reads_chat_and_hh_rows_through_the_cli(tmp_path, tiny_model, revisi
     assert [r[-1]["content"] for r in rows] == ["Ten minutes.", "Paris.", "Hi!", "Yes please."]
 
 
+@pytest.mark.slow
 def test_traps_give_clear_errors(tmp_path, tiny_model, revisions):
     plain = tmp_path / "plain-template"
     plain.mkdir()
@@ -204,6 +207,7 @@ def test_traps_give_clear_errors(tmp_path, tiny_model, revisions):
     assert result.returncode == 2 and "missing.jsonl: no such file" in result.stderr
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path, tiny_model, revisions):
     out = tmp_path / "resumed"
     config = sft.SFTConfig(revisions=[str(revisions)], out=str(out), model=str(tiny_model), max_steps=2,
@@ -220,6 +224,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path, tiny_model, re
     assert [h["step"] for h in info["metrics"]["loss_history"]] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_micro_batches_make_the_same_step_as_the_whole_batch(tmp_path, tiny_model, revisions):
     losses, weights = [], []
     for micro in ("1", "8"):

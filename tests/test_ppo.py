@@ -204,6 +204,7 @@ def test_ppo_logs_every_step(tmp_path, short_answer_setup, capfd):
     assert err.count(", sample: ") == 1
 
 
+@pytest.mark.slow
 def test_ppo_raises_the_heldout_reward_within_the_kl_cap(tmp_path, short_answer_setup):
     out = tmp_path / "rl"
     result = caictl("ppo", EXAMPLES / "red-team.jsonl", "--policy", short_answer_setup / "policy",

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -63,6 +66,29 @@ def caictl(*args, input: str | None = None, cwd=None, env: dict | None = None, c
     if check and result.returncode != 0:
         raise AssertionError(f"caictl {' '.join(map(str, args))} exited {result.returncode}:\n{result.stderr}")
     return result
+
+
+def caictl_in_process(*args) -> str:
+    """Run the command line's own code in this process: the same argument parsing, caictl.yaml and environment
+    reading, stage run() and error handling as `python -m caictl`, without a new interpreter (each pays seconds of
+    torch and transformers import). For tests about what a stage makes; a test about the process itself (its exit
+    status, stderr, stdin, signals, pipes) uses caictl(). Fails the test on a non-zero exit; returns what the command
+    wrote to stdout."""
+    from caictl import cli
+
+    argv = ["caictl", *map(str, args)]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CAICTL_")}
+    stdout = io.StringIO()
+    with mock.patch.object(sys, "argv", argv), mock.patch.dict(os.environ, clean, clear=True), \
+            contextlib.redirect_stdout(stdout):
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+    if code != 0:
+        raise AssertionError(f"caictl {' '.join(argv[1:])} exited {code} (in process; its stderr is above)")
+    return stdout.getvalue()
 
 
 def read_jsonl(path) -> list[dict]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import EXAMPLES, caictl, read_jsonl, write_jsonl
+from conftest import EXAMPLES, caictl, caictl_in_process, read_jsonl, write_jsonl
 
 from caictl import tiny
 from caictl.pm import Scorer, conversation_text
@@ -22,11 +22,12 @@ def setup(tmp_path_factory):
     return root, other, pm, harmless, helpful
 
 
+@pytest.mark.slow
 def test_compare_scores_every_pair_per_set(setup, tiny_model):
     root, other, pm, harmless, helpful = setup
     out = root / "eval"
-    caictl("eval", "compare", harmless, helpful, "--model", f"a={tiny_model}", "--model", f"b={other}",
-           "--pm", pm, "--judge", tiny_model, "--judge-refusal", "--max-new-tokens", "8", "-o", out)
+    caictl_in_process("eval", "compare", harmless, helpful, "--model", f"a={tiny_model}", "--model", f"b={other}",
+                      "--pm", pm, "--judge", tiny_model, "--judge-refusal", "--max-new-tokens", "8", "-o", out)
     records = read_jsonl(out / "records.jsonl")
     assert len(records) == 2 * 7 and {r["set"] for r in records} == {"harmless", "helpful"}
 
@@ -67,8 +68,8 @@ def test_compare_scores_every_pair_per_set(setup, tiny_model):
     # A third model: only its answers are generated; the others stay as they were.
     before = (out / "responses.jsonl").read_text()
     third = tiny.run(tiny.InitModelConfig(out=root / "third", preset="tiny", seed=2))
-    caictl("eval", "compare", harmless, helpful, "--model", f"a={tiny_model}", "--model", f"b={other}",
-           "--model", f"c={third}", "--pm", pm, "--max-new-tokens", "8", "-o", out)
+    caictl_in_process("eval", "compare", harmless, helpful, "--model", f"a={tiny_model}", "--model", f"b={other}",
+                      "--model", f"c={third}", "--pm", pm, "--max-new-tokens", "8", "-o", out)
     after = (out / "responses.jsonl").read_text()
     assert after.startswith(before) and len(after.splitlines()) == 3 * 7
     summary = json.loads((out / "summary.json").read_text())
@@ -76,10 +77,12 @@ def test_compare_scores_every_pair_per_set(setup, tiny_model):
         "a", "b", "c"}
 
 
+@pytest.mark.slow
 def test_compare_one_model_and_refusals_of_bad_names(setup, tiny_model):
     root, other, pm, harmless, helpful = setup
     out = root / "renamed"
-    caictl("eval", "compare", harmless, "--model", f"a={tiny_model}", "--pm", pm, "--max-new-tokens", "4", "-o", out)
+    caictl_in_process("eval", "compare", harmless, "--model", f"a={tiny_model}", "--pm", pm, "--max-new-tokens", "4",
+                      "-o", out)
     summary = json.loads((out / "summary.json").read_text())  # one model: stats, but nothing to rate
     assert summary["ratings"] == {} and summary["per_model"]["harmless"]["a"]["responses"] == 4
     assert not (out / "elo.png").exists() and (out / "goodhart.png").exists()
@@ -95,13 +98,14 @@ def test_compare_one_model_and_refusals_of_bad_names(setup, tiny_model):
     assert result.returncode == 2 and "bad.jsonl:2" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_model_compared_with_itself_ties_exactly(setup, tiny_model):
     root, other, pm, harmless, helpful = setup
     out = root / "itself"
     # Batches of 5 put the two copies of a response in batches of other widths, where the PM's rewards for the
     # same text differ in the last bits: that noise must not decide a win.
-    caictl("eval", "compare", harmless, helpful, "--model", f"a={tiny_model}", "--model", f"b={tiny_model}",
-           "--pm", pm, "--batch-size", "5", "--max-new-tokens", "12", "-o", out)
+    caictl_in_process("eval", "compare", harmless, helpful, "--model", f"a={tiny_model}", "--model", f"b={tiny_model}",
+                      "--pm", pm, "--batch-size", "5", "--max-new-tokens", "12", "-o", out)
     records = read_jsonl(out / "records.jsonl")
     response = {(r["model"], r["set"], r["prompt_id"]): r["response"] for r in records}
     assert all(response[("a", *key[1:])] == text for key, text in response.items() if key[0] == "b")

@@ -7,7 +7,7 @@ import random
 
 import pytest
 import yaml
-from conftest import EXAMPLES, caictl, read_jsonl, write_jsonl
+from conftest import EXAMPLES, caictl, caictl_in_process, read_jsonl, write_jsonl
 
 from caictl import constitution as c
 from caictl.errors import UsageError
@@ -88,9 +88,9 @@ def test_precog_examples_keep_reasoning_and_answer(shared_data):
 def test_convert_round_trips_through_yaml(tmp_path, shared_data):
     folder = shared_data / "constitutions" / "anthropic-paper"
     out = tmp_path / "paper.yaml"
-    caictl("constitution", "convert", folder / "CritiqueRevisionInstructions.json",
-           folder / "RLMadisonInstructions.json", folder / "RLMadisonFewShotPrompts.json", "-o", out,
-           "--name", "paper")
+    caictl_in_process("constitution", "convert", folder / "CritiqueRevisionInstructions.json",
+                      folder / "RLMadisonInstructions.json", folder / "RLMadisonFewShotPrompts.json", "-o", out,
+                      "--name", "paper")
     original = c.load([folder / "CritiqueRevisionInstructions.json", folder / "RLMadisonInstructions.json",
                        folder / "RLMadisonFewShotPrompts.json"])
     original.name = "paper"
@@ -136,7 +136,7 @@ def test_show_lists_ids():
 def test_few_shot_only_file_converts_validates_and_merges(tmp_path, shared_data):
     folder = shared_data / "constitutions" / "anthropic-paper"
     few_shot = tmp_path / "fs.yaml"
-    caictl("constitution", "convert", folder / "CritiqueRevisionFewShotPrompts.json", "-o", few_shot)
+    caictl_in_process("constitution", "convert", folder / "CritiqueRevisionFewShotPrompts.json", "-o", few_shot)
     alone = caictl("constitution", "validate", few_shot)
     assert f"{few_shot}: ok" in alone.stdout and "5 few-shot" in alone.stdout
     merged_spec = f"{few_shot},{folder / 'CritiqueRevisionInstructions.json'}"
@@ -156,7 +156,7 @@ def test_a_file_with_nothing_in_it_is_refused(tmp_path):
 def test_stages_refuse_a_constitution_without_their_principles_and_say_to_merge(tmp_path, shared_data):
     folder = shared_data / "constitutions" / "anthropic-paper"
     few_shot = tmp_path / "fs.yaml"
-    caictl("constitution", "convert", folder / "CritiqueRevisionFewShotPrompts.json", "-o", few_shot)
+    caictl_in_process("constitution", "convert", folder / "CritiqueRevisionFewShotPrompts.json", "-o", few_shot)
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "x"}])
     # The constitution is checked before the model loads, so a model that does not exist is never reached.
     result = caictl("revise", prompts, "--model", "no/such-model", "--constitution", few_shot, check=False)
@@ -172,11 +172,11 @@ def test_stages_refuse_a_constitution_without_their_principles_and_say_to_merge(
 def test_revise_runs_on_few_shot_file_merged_with_principles(tmp_path, shared_data, tiny_model):
     folder = shared_data / "constitutions" / "anthropic-paper"
     few_shot = tmp_path / "fs.yaml"
-    caictl("constitution", "convert", folder / "CritiqueRevisionFewShotPrompts.json", "-o", few_shot)
+    caictl_in_process("constitution", "convert", folder / "CritiqueRevisionFewShotPrompts.json", "-o", few_shot)
     spec = f"{few_shot},{folder / 'CritiqueRevisionInstructions.json'}"
     out = tmp_path / "revisions.jsonl"
-    caictl("revise", EXAMPLES / "red-team.jsonl", "-o", out, "--model", tiny_model, "--constitution", spec,
-           "--limit", "1", "--rounds", "2", "--max-new-tokens", "8", "--shots", "1")
+    caictl_in_process("revise", EXAMPLES / "red-team.jsonl", "-o", out, "--model", tiny_model, "--constitution", spec,
+                      "--limit", "1", "--rounds", "2", "--max-new-tokens", "8", "--shots", "1")
     [record] = read_jsonl(out)
     assert [s["principle"][:7] for s in record["steps"]] == ["harmful", "harmful"]
     assert record["meta"]["constitution_hash"] == c.load(spec).content_hash()
@@ -187,7 +187,7 @@ def test_convert_writes_the_format_its_suffix_names(tmp_path, shared_data, suffi
     folder = shared_data / "constitutions" / "anthropic-paper"
     sources = [folder / "CritiqueRevisionInstructions.json", folder / "RLMadisonPrecogFewShotPrompts.json"]
     out = tmp_path / f"paper{suffix}"
-    caictl("constitution", "convert", *sources, "-o", out, "--name", "paper")
+    caictl_in_process("constitution", "convert", *sources, "-o", out, "--name", "paper")
     text = out.read_text(encoding="utf-8")
     data = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
     if suffix != ".json":

@@ -190,6 +190,7 @@ def test_missing_base_url_is_a_usage_error():
         load_engine("openai", "m")
 
 
+@pytest.mark.slow
 def test_every_server_stage_takes_max_retries_and_timeout_from_the_flag_the_environment_or_caictl_yaml(
         flaky, tmp_path):
     server = flaky(failures=100, status=503)

@@ -31,6 +31,7 @@ QWEN_MARKUP = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
 SHORT = "name: short\nversion: 1\ncomparison:\n  - id: kinder\n    text: Which is kinder?\n"
 
 
+@pytest.mark.slow
 def test_revise_sample_and_label_run_through_the_server(qwen_server_url, qwen_gguf, tmp_path):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", read_jsonl(EXAMPLES / "red-team.jsonl")[:2])
     server = dict(model="qwen", engine="openai", base_url=qwen_server_url, max_new_tokens=8)

@@ -7,7 +7,7 @@ import math
 
 import llama_server
 import pytest
-from conftest import caictl, read_jsonl, write_jsonl
+from conftest import caictl, caictl_in_process, read_jsonl, write_jsonl
 
 from caictl import tiny
 from caictl.engines import load_engine
@@ -82,7 +82,7 @@ def test_a_tie_between_the_best_choices_earns_a_share_of_the_credit(tmp_path, ti
     # The same answer listed as correct and as incorrect: the model cannot tell them apart.
     same = [{"prompt": q["prompt"], "corrects": [" (A)"], "incorrects": [" (A)"]} for q in QUESTIONS[:2]]
     out = tmp_path / "tie"
-    caictl("eval", "mc", write_jsonl(tmp_path / "same.jsonl", same), "--model", tiny_model, "-o", out)
+    caictl_in_process("eval", "mc", write_jsonl(tmp_path / "same.jsonl", same), "--model", tiny_model, "-o", out)
     records = read_jsonl(out / "records.jsonl")
     assert [(r["correct"], r["tied_choices"]) for r in records] == [(0.5, 2), (0.5, 2)]
     assert json.loads((out / "summary.json").read_text())["files"][str(tmp_path / "same.jsonl")]["accuracy"] == 0.5
@@ -93,8 +93,8 @@ def test_eval_mc_through_a_llama_cpp_server(tmp_path, llama_server_url, tiny_ggu
     # shifts the softmax normaliser per position, so a later token (" (A)"'s ")") would differ from hf by ~1e-4.
     questions = [{**q, "corrects": [" (A"], "incorrects": [" (B", " (C"]} for q in QUESTIONS]
     out = tmp_path / "served"
-    caictl("eval", "mc", write_jsonl(tmp_path / "mc.jsonl", questions), "--engine", "openai", "--base-url",
-           llama_server_url, "--model", "tiny", "--limit", "2", "-o", out)
+    caictl_in_process("eval", "mc", write_jsonl(tmp_path / "mc.jsonl", questions), "--engine", "openai", "--base-url",
+                      llama_server_url, "--model", "tiny", "--limit", "2", "-o", out)
     records = read_jsonl(out / "records.jsonl")
     assert len(records) == 2
     # The server puts BOS before a completions prompt: so does the hf oracle (see test_engine_openai).
@@ -105,11 +105,12 @@ def test_eval_mc_through_a_llama_cpp_server(tmp_path, llama_server_url, tiny_ggu
         assert record["p_correct"] == pytest.approx(expected[0], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_eval_pm_on_the_shared_comparisons(tmp_path, shared_data):
     pm = tiny.run(tiny.InitModelConfig(out=tmp_path / "pm", preset="tiny", task="seq-cls"))
     hhh = shared_data / "anthropic-evals" / "438HHHEvaluations.part-a.jsonl"
     out = tmp_path / "eval-pm"
-    caictl("eval", "pm", hhh, "--pm", pm, "-o", out, "--max-length", "128")
+    caictl_in_process("eval", "pm", hhh, "--pm", pm, "-o", out, "--max-length", "128")
     records = read_jsonl(out / "records.jsonl")
     summary = json.loads((out / "summary.json").read_text())["files"][str(hhh)]
     assert summary["comparisons"] == 120 == len(records)
@@ -119,11 +120,12 @@ def test_eval_pm_on_the_shared_comparisons(tmp_path, shared_data):
     assert records[0]["reward_chosen"] == pytest.approx(expected, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_eval_report_includes_mc_and_pm_folders(tmp_path, tiny_model):
     run = tmp_path / "run"
     pm = tiny.run(tiny.InitModelConfig(out=run / "pm", preset="tiny", task="seq-cls"))
-    caictl("eval", "mc", write_jsonl(tmp_path / "mc.jsonl", QUESTIONS[:2]), "--model", tiny_model, "-o",
-           run / "eval-mc")
+    caictl_in_process("eval", "mc", write_jsonl(tmp_path / "mc.jsonl", QUESTIONS[:2]), "--model", tiny_model, "-o",
+                      run / "eval-mc")
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"text_correct": f"\n\nHuman: Hi {i}\n\nAssistant: Hello.",
                                                     "text_incorrect": f"\n\nHuman: Hi {i}\n\nAssistant: Go."}
                                                    for i in range(3)])
@@ -132,7 +134,7 @@ def test_eval_report_includes_mc_and_pm_folders(tmp_path, tiny_model):
     mc = json.loads((run / "eval-mc" / "summary.json").read_text())
     scored = json.loads((run / "eval-pm" / "summary.json").read_text())
     assert (mc["stage"], scored["stage"]) == ("eval mc", "eval pm")
-    caictl("eval", "report", run)
+    caictl_in_process("eval", "report", run)
     report = (run / "report" / "report.md").read_text()
     assert f"## Multiple-choice evaluation of `{tiny_model}`: `{run / 'eval-mc'}`" in report
     assert f"| mc.jsonl | 2 | {mc['files'][str(tmp_path / 'mc.jsonl')]['accuracy']} |" in report

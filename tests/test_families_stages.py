@@ -99,6 +99,7 @@ def assert_keeps_the_family_template(folder: Path, policy: Path):
     assert AutoTokenizer.from_pretrained(folder).chat_template == AutoTokenizer.from_pretrained(policy).chat_template
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODEL_FAMILIES)
 def test_revise(name, chain):
     records = chain(name).revisions()
@@ -126,6 +127,7 @@ def test_label_soft_both_orders_with_few_shot(name, chain):
         assert record["p_chosen"] >= 0.5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODEL_FAMILIES)
 def test_label_hard_and_chain_of_thought(name, chain):
     assert {r["p_chosen"] for r in chain(name).labels("hard")} == {1.0}
@@ -134,6 +136,7 @@ def test_label_hard_and_chain_of_thought(name, chain):
         assert lo - 1e-9 <= record["votes"][0]["p"] <= hi + 1e-9
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODEL_FAMILIES)
 def test_train_pm_and_score(name, chain):
     pm = chain(name).pm()
@@ -145,6 +148,7 @@ def test_train_pm_and_score(name, chain):
     assert len(rewards) == 2 * PROMPTS and all(math.isfinite(r) for r in rewards) and len(set(rewards)) > 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODEL_FAMILIES)
 def test_ppo(name, chain):
     folder = chain(name).rl_policy()
@@ -153,6 +157,7 @@ def test_ppo(name, chain):
     assert json.loads((folder / "caictl.json").read_text())["stage"] == "ppo"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODEL_FAMILIES)
 def test_dpo(name, chain):
     out = chain(name).folder / "dpo"
@@ -163,6 +168,7 @@ def test_dpo(name, chain):
     assert_keeps_the_family_template(out, chain(name).policy)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODEL_FAMILIES)
 def test_eval_mc_pm_and_compare(name, chain):
     c = chain(name)

@@ -9,7 +9,7 @@ from pathlib import Path
 import llama_server
 import pytest
 import torch
-from conftest import caictl, read_jsonl, write_jsonl
+from conftest import caictl, caictl_in_process, read_jsonl, write_jsonl
 from scripted_engine import ScriptedEngine, question_parts
 
 from caictl import constitution as c
@@ -38,11 +38,17 @@ def pairs(tmp_path):
 
 
 def _run(pairs, tiny_model, *extra, check=True):
+    """The command in a subprocess: for its exit status and stderr."""
     return caictl("label", pairs, "--model", tiny_model, *extra, check=check)
 
 
-def _records(result) -> list[dict]:
-    return [json.loads(line) for line in result.stdout.splitlines()]
+def _label_here(pairs, tiny_model, *extra) -> str:
+    """The command line's code in this process (conftest.caictl_in_process); returns its stdout."""
+    return caictl_in_process("label", pairs, "--model", tiny_model, *extra)
+
+
+def _records(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines()]
 
 
 def test_soft_label_is_the_normalised_answer_probability(tiny_model):
@@ -70,7 +76,7 @@ def test_soft_label_is_the_normalised_answer_probability(tiny_model):
 
 
 def test_debiased_label_is_the_mean_of_both_orders(pairs, tiny_model):
-    records = _records(_run(pairs, tiny_model))
+    records = _records(_label_here(pairs, tiny_model))
     assert len(records) == 4
     for record in records:
         vote, = record["votes"]
@@ -84,20 +90,20 @@ def test_debiased_label_is_the_mean_of_both_orders(pairs, tiny_model):
 
 
 def test_hard_labels_are_zero_or_one(pairs, tiny_model):
-    records = _records(_run(pairs, tiny_model, "--hard", "--no-debias"))
+    records = _records(_label_here(pairs, tiny_model, "--hard", "--no-debias"))
     assert [r["p_chosen"] for r in records] == [1.0] * 4
     assert all("p_ba" not in v for r in records for v in r["votes"])
 
 
 def test_principle_ensembling_draws_distinct_ids_from_the_constitution(pairs, tiny_model):
     ids = {p.id for p in c.load("harmless").comparison}
-    records = _records(_run(pairs, tiny_model, "--principles-per-pair", "3"))
+    records = _records(_label_here(pairs, tiny_model, "--principles-per-pair", "3"))
     for record in records:
         drawn = [v["principle"] for v in record["votes"]]
         assert len(set(drawn)) == 3 and set(drawn) <= ids
         p_first = sum(v["p"] for v in record["votes"]) / 3
         assert record["p_chosen"] == pytest.approx(max(p_first, 1 - p_first))
-    again = _records(_run(pairs, tiny_model, "--principles-per-pair", "3"))
+    again = _records(_label_here(pairs, tiny_model, "--principles-per-pair", "3"))
     assert again == records  # the draw is seeded
 
 
@@ -115,8 +121,8 @@ def test_cot_question_reasons_before_the_answer(tiny_model):
 def test_all_pairs_of_three_responses(tmp_path, tiny_model):
     rows = write_jsonl(tmp_path / "three.jsonl", [{"id": "t", "messages": PAIRS[0]["messages"],
                                                    "responses": ["one", "two", "three"]}])
-    assert [r["id"] for r in _records(_run(rows, tiny_model, "--pairs", "all"))] == ["t/0-1", "t/0-2", "t/1-2"]
-    assert [r["id"] for r in _records(_run(rows, tiny_model))] == ["t"]
+    assert [r["id"] for r in _records(_label_here(rows, tiny_model, "--pairs", "all"))] == ["t/0-1", "t/0-2", "t/1-2"]
+    assert [r["id"] for r in _records(_label_here(rows, tiny_model))] == ["t"]
 
 
 def test_long_conversations_are_cut_from_the_front(tiny_model):
@@ -140,7 +146,7 @@ def test_records_load_as_a_trl_preference_dataset(tmp_path, pairs, tiny_model):
     from trl.data_utils import is_conversational
 
     out = tmp_path / "prefs.jsonl"
-    _run(pairs, tiny_model, "-o", out)
+    _label_here(pairs, tiny_model, "-o", out)
     dataset = load_dataset("json", data_files=str(out), split="train")
     assert {"prompt", "chosen", "rejected", "p_chosen"} <= set(dataset.column_names)
     assert is_conversational(dataset[0])
@@ -156,10 +162,10 @@ def test_records_load_as_a_trl_preference_dataset(tmp_path, pairs, tiny_model):
 
 def test_resume_and_bad_input(tmp_path, pairs, tiny_model):
     out = tmp_path / "prefs.jsonl"
-    _run(pairs, tiny_model, "-o", out, "--limit", "2")
+    _label_here(pairs, tiny_model, "-o", out, "--limit", "2")
     result = _run(pairs, tiny_model, "-o", out)
     assert "2 of 4 comparisons already done" in " ".join(result.stderr.split())
-    _run(pairs, tiny_model, "-o", tmp_path / "straight.jsonl")
+    _label_here(pairs, tiny_model, "-o", tmp_path / "straight.jsonl")
     resumed, straight = read_jsonl(out), read_jsonl(tmp_path / "straight.jsonl")
     # Batches of other sizes pad differently: the scores agree to float precision, not bit for bit.
     assert [(r["id"], r["chosen"]) for r in resumed] == [(r["id"], r["chosen"]) for r in straight]
@@ -179,14 +185,14 @@ def test_labels_keep_the_meta_of_every_stage_before_them_and_resume(tmp_path, ti
         {"id": f"r{i}", "messages": row["messages"], "initial_response": row["responses"][0], "steps": [],
          "response": row["responses"][1], "meta": revise_meta} for i, row in enumerate(PAIRS[:3])])
     pairs = tmp_path / "pairs.jsonl"
-    caictl("sample", "--from-revisions", revisions, "-o", pairs)
+    caictl_in_process("sample", "--from-revisions", revisions, "-o", pairs)
     sample_meta = read_jsonl(pairs)[0]["meta"]
     assert sample_meta["upstream"] == revise_meta
     # Pairs from elsewhere have no meta, and their labels no upstream.
     write_jsonl(pairs, read_jsonl(pairs) + [{**PAIRS[3], "id": "bare"}])
     out = tmp_path / "prefs.jsonl"
-    _run(pairs, tiny_model, "-o", out, "--limit", "2", "--batch-size", "2")
-    _run(pairs, tiny_model, "-o", out, "--batch-size", "2")  # upstream is no setting: this resumes
+    _label_here(pairs, tiny_model, "-o", out, "--limit", "2", "--batch-size", "2")
+    _label_here(pairs, tiny_model, "-o", out, "--batch-size", "2")  # upstream is no setting: this resumes
     labelled = read_jsonl(out)
     assert [r["id"] for r in labelled] == ["r0", "r1", "r2", "bare"]
     assert all(r["meta"]["stage"] == "label" and r["meta"]["upstream"] == sample_meta for r in labelled[:3])
@@ -196,9 +202,8 @@ def test_labels_keep_the_meta_of_every_stage_before_them_and_resume(tmp_path, ti
 
 
 def test_label_through_an_openai_compatible_server(pairs, llama_server_url):
-    result = caictl("label", pairs, "--engine", "openai", "--base-url", llama_server_url, "--model", "tiny",
-                    "--clamp", "0.4", "0.6")
-    records = _records(result)
+    records = _records(caictl_in_process("label", pairs, "--engine", "openai", "--base-url", llama_server_url,
+                                         "--model", "tiny", "--clamp", "0.4", "0.6"))
     assert len(records) == 4 and all(0.5 <= r["p_chosen"] <= 0.6 for r in records)
     assert all(0 < v["p_ab"] < 1 and 0 < v["p_ba"] < 1 for r in records for v in r["votes"])
 
@@ -302,8 +307,8 @@ def test_chain_of_thought_votes_keep_each_order_s_reasoning(tmp_path, tiny_model
     assert vote["reasoning_ab"] == "The safer one is (B)." and "reasoning_ba" not in vote
     assert not any(key.startswith("reasoning") for key in _label(tmp_path, engine, [(GOOD, BAD)])[0]["votes"][0])
     # Through the command line, on a real model: what it wrote is in the record.
-    record, = _records(_run(write_jsonl(tmp_path / "one.jsonl", PAIRS[:1]), tiny_model, "--cot",
-                            "--max-new-tokens", "6"))
+    record, = _records(_label_here(write_jsonl(tmp_path / "one.jsonl", PAIRS[:1]), tiny_model, "--cot",
+                                   "--max-new-tokens", "6"))
     assert all(isinstance(v["reasoning_ab"], str) and isinstance(v["reasoning_ba"], str) for v in record["votes"])
 
 
@@ -467,7 +472,7 @@ def test_pairs_that_are_not_one_conversation_name_the_line(tmp_path, tiny_model,
     result = _run(rows, tiny_model, check=False)
     assert result.returncode == 2
     assert "bad.jsonl:2: 'chosen' and 'rejected' differ before their last reply" in " ".join(result.stderr.split())
-    result = _run(rows, tiny_model, "--skip-invalid", "-o", tmp_path / "prefs.jsonl")
+    _label_here(rows, tiny_model, "--skip-invalid", "-o", tmp_path / "prefs.jsonl")
     rejected = read_jsonl(tmp_path / "prefs.jsonl.rejects.jsonl")
     assert [(r["line"], r["error"]) for r in rejected] == [
         (2, "'chosen' and 'rejected' differ before their last reply; expected two replies to one conversation"),

@@ -8,11 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import EXAMPLES, ROOT, caictl, read_jsonl, write_jsonl
 
 from caictl.stages.report import revision_statistics
 
 
+@pytest.mark.slow
 def test_reduced_full_pipeline_ends_with_a_report(tmp_path):
     red_team = write_jsonl(tmp_path / "red-team.jsonl", read_jsonl(EXAMPLES / "red-team.jsonl")[:10])
     helpful = write_jsonl(tmp_path / "helpful.jsonl", read_jsonl(EXAMPLES / "helpful.jsonl")[:4])

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import EXAMPLES, caictl, write_jsonl
+from conftest import EXAMPLES, caictl, caictl_in_process, write_jsonl
 
 from caictl import tiny
 from caictl.records import Prompt, read_prompts
@@ -204,6 +204,7 @@ def test_ppo_logs_every_step(tmp_path, short_answer_setup, capfd):
     assert err.count(", sample: ") == 1
 
 
+@pytest.mark.slow
 def test_ppo_raises_the_heldout_reward_within_the_kl_cap(tmp_path, short_answer_setup):
     out = tmp_path / "rl"
     result = caictl("ppo", EXAMPLES / "red-team.jsonl", "--policy", short_answer_setup / "policy",
@@ -228,9 +229,9 @@ def test_ppo_raises_the_heldout_reward_within_the_kl_cap(tmp_path, short_answer_
 
 def test_max_kl_stops_a_run_that_runs_away(tmp_path, short_answer_setup):
     out = tmp_path / "runaway"
-    caictl("ppo", EXAMPLES / "red-team.jsonl", "--policy", short_answer_setup / "policy", "--pm",
-           short_answer_setup / "pm", "-o", out, "--steps", "30", "--learning-rate", "5e-3", "--kl-coef", "0",
-           "--max-new-tokens", "16", "--max-kl", "0.5", "--heldout", "0")
+    caictl_in_process("ppo", EXAMPLES / "red-team.jsonl", "--policy", short_answer_setup / "policy", "--pm",
+                      short_answer_setup / "pm", "-o", out, "--steps", "30", "--learning-rate", "5e-3",
+                      "--kl-coef", "0", "--max-new-tokens", "16", "--max-kl", "0.5", "--heldout", "0")
     metrics = json.loads((out / "caictl.json").read_text())["metrics"]
     assert metrics["stopped"] and "exceeded --max-kl 0.5" in metrics["stopped"] and metrics["steps"] < 30
 
@@ -263,10 +264,10 @@ def test_lora_ppo_keeps_the_adapter_free_base_as_reference(tmp_path, short_answe
 @pytest.mark.parametrize("algo", ["rloo", "grpo"])
 def test_trl_rloo_and_grpo_run_end_to_end(tmp_path, short_answer_setup, heldout_reward_before, algo):
     out = tmp_path / algo
-    caictl("ppo", EXAMPLES / "red-team.jsonl", "--policy", short_answer_setup / "policy", "--pm",
-           short_answer_setup / "pm", "-o", out, "--algo", algo, "--steps", "2", "--batch-size", "8",
-           "--num-generations", "4", "--max-new-tokens", str(HELDOUT["max_new_tokens"]), "--learning-rate", "1e-4",
-           "--heldout", str(HELDOUT["heldout"]))
+    caictl_in_process("ppo", EXAMPLES / "red-team.jsonl", "--policy", short_answer_setup / "policy", "--pm",
+                      short_answer_setup / "pm", "-o", out, "--algo", algo, "--steps", "2", "--batch-size", "8",
+                      "--num-generations", "4", "--max-new-tokens", str(HELDOUT["max_new_tokens"]),
+                      "--learning-rate", "1e-4", "--heldout", str(HELDOUT["heldout"]))
     metrics = json.loads((out / "caictl.json").read_text())["metrics"]
     assert metrics["algo"] == algo and metrics["steps"] == 2
     # The number caictl's own PPO reports too (test_ppo_measures_the_heldout_reward_with_the_shared_function).

@@ -8,7 +8,7 @@ import os
 import shutil
 
 import pytest
-from conftest import EXAMPLES, caictl, read_jsonl, write_jsonl
+from conftest import EXAMPLES, caictl, caictl_in_process, read_jsonl, write_jsonl
 
 from caictl import tiny
 
@@ -78,7 +78,7 @@ def test_a_killed_score_run_resumes_to_what_an_uninterrupted_run_writes(tmp_path
         {"id": f"s{i}", "messages": [{"role": "user", "content": f"Question {i}?"}], "response": f"Answer {i}."}
         for i in range(5)])
     straight, killed = tmp_path / "straight.jsonl", tmp_path / "killed.jsonl"
-    caictl("score", rows, "--pm", pm, "-o", straight, "--batch-size", BATCH)
+    caictl_in_process("score", rows, "--pm", pm, "-o", straight, "--batch-size", BATCH)
     # What a kill leaves: the batches written so far, and maybe half a line.
     written = straight.read_text().splitlines(keepends=True)
     killed.write_text("".join(written[:BATCH]) + written[BATCH][:20])

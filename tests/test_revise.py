@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import EXAMPLES, caictl, read_jsonl, write_jsonl
+from conftest import EXAMPLES, caictl, caictl_in_process, read_jsonl, write_jsonl
 
 from caictl import constitution as c
 from caictl.engines.base import Generation
@@ -156,6 +156,7 @@ def test_revision_flags():
 FAST = ["--max-new-tokens", "12", "--shots", "1", "--batch-size", "16"]
 
 
+@pytest.mark.slow
 def test_revise_examples_writes_one_record_per_prompt_with_chained_rounds(tmp_path, tiny_model):
     out = tmp_path / "revisions.jsonl"
     result = caictl("revise", EXAMPLES / "red-team.jsonl", "-o", out, "--model", tiny_model, *FAST)
@@ -176,19 +177,21 @@ def test_revise_examples_writes_one_record_per_prompt_with_chained_rounds(tmp_pa
     assert "rows_written" in result.stderr and result.stdout == ""
 
 
+@pytest.mark.slow
 def test_same_seed_same_output_other_seed_other_output(tmp_path, tiny_model):
     args = ["revise", EXAMPLES / "red-team.jsonl", "--model", tiny_model, "--limit", "6", "--rounds", "2", *FAST]
     first = caictl(*args, "-o", tmp_path / "a.jsonl")
-    caictl(*args, "-o", tmp_path / "b.jsonl")
-    caictl(*args, "-o", tmp_path / "c.jsonl", "--seed", "1")
+    caictl_in_process(*args, "-o", tmp_path / "b.jsonl")
+    caictl_in_process(*args, "-o", tmp_path / "c.jsonl", "--seed", "1")
     a, b, other = (read_jsonl(tmp_path / f"{n}.jsonl") for n in "abc")
     assert a == b
     assert [r["response"] for r in a] != [r["response"] for r in other]
     assert first.returncode == 0
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_exactly_one_record_per_prompt(tmp_path, tiny_model):
-    prompts = write_jsonl(tmp_path / "p.jsonl", read_jsonl(EXAMPLES / "red-team.jsonl")[:40])
+    prompts = write_jsonl(tmp_path / "p.jsonl", read_jsonl(EXAMPLES / "red-team.jsonl")[:16])
     args = ["revise", prompts, "--model", tiny_model, "--rounds", "2", "--max-new-tokens", "12", "--shots", "1",
             "--batch-size", "2"]
     out = tmp_path / "killed.jsonl"
@@ -206,25 +209,27 @@ def test_killed_run_resumes_to_exactly_one_record_per_prompt(tmp_path, tiny_mode
     with open(out, "a") as handle:  # and as if the kill had landed mid-line
         handle.write('{"id": "rt-0')
     resumed = caictl(*args, "-o", out)
-    assert f"{partial} of 40 prompts already done" in resumed.stderr
-    caictl(*args, "-o", tmp_path / "straight.jsonl")
+    assert f"{partial} of 16 prompts already done" in resumed.stderr
+    caictl_in_process(*args, "-o", tmp_path / "straight.jsonl")
     killed, straight = read_jsonl(out), read_jsonl(tmp_path / "straight.jsonl")
-    assert len(killed) == 40 and len({r["id"] for r in killed}) == 40
+    assert len(killed) == 16 and len({r["id"] for r in killed}) == 16
     assert sorted(killed, key=lambda r: r["id"]) == sorted(straight, key=lambda r: r["id"])
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_settings(tmp_path, tiny_model):
     out = tmp_path / "r.jsonl"
     args = ["revise", EXAMPLES / "red-team.jsonl", "--model", tiny_model, "--limit", "2", *FAST]
-    caictl(*args, "-o", out, "--rounds", "1")
+    caictl_in_process(*args, "-o", out, "--rounds", "1")
     refused = caictl(*args, "-o", out, "--rounds", "2", check=False)
     assert refused.returncode == 2
     assert "rounds: 1 there, 2 now" in refused.stderr and "--overwrite" in refused.stderr
     assert len(read_jsonl(out)) == 2
-    caictl(*args, "-o", out, "--rounds", "2", "--overwrite")
+    caictl_in_process(*args, "-o", out, "--rounds", "2", "--overwrite")
     assert [len(r["steps"]) for r in read_jsonl(out)] == [2, 2]
 
 
+@pytest.mark.slow
 def test_stdin_to_stdout_and_literal_prompts(tmp_path, tiny_model):
     tricky = ["Explain {x} and {{x}} please", "What does {% raw %} do? {% endraw %}",
               "Quote this:\n\nHuman: hi\n\nAssistant: hello"]
@@ -237,8 +242,8 @@ def test_stdin_to_stdout_and_literal_prompts(tmp_path, tiny_model):
 
 def test_reads_hh_rlhf_gz_and_writes_hf_columns(tmp_path, tiny_model, shared_data):
     out = tmp_path / "hf.jsonl"
-    caictl("revise", shared_data / "hh-rlhf" / "harmless-base-test.part-a.jsonl.gz", "-o", out,
-           "--model", tiny_model, "--limit", "3", "--rounds", "1", "--format", "hf", *FAST)
+    caictl_in_process("revise", shared_data / "hh-rlhf" / "harmless-base-test.part-a.jsonl.gz", "-o", out,
+                      "--model", tiny_model, "--limit", "3", "--rounds", "1", "--format", "hf", *FAST)
     from datasets import load_dataset
 
     dataset = load_dataset("json", data_files=str(out), split="train")
@@ -279,7 +284,7 @@ def test_skip_invalid_goes_on(tmp_path, tiny_model):
     bad = tmp_path / "mixed.jsonl"
     bad.write_bytes(b'{"prompt": "one"}\nnot json\n{"prompt": "two"}\n')
     out = tmp_path / "out.jsonl"
-    caictl("revise", bad, "-o", out, "--model", tiny_model, "--rounds", "1", "--skip-invalid", *FAST)
+    caictl_in_process("revise", bad, "-o", out, "--model", tiny_model, "--rounds", "1", "--skip-invalid", *FAST)
     assert len(read_jsonl(out)) == 2
     rejects = read_jsonl(tmp_path / "out.jsonl.rejects.jsonl")
     assert rejects[0]["line"] == 2 and "invalid JSON" in rejects[0]["error"]
@@ -292,6 +297,7 @@ def test_no_model_anywhere_is_a_clear_error(tmp_path):
     assert "no model set" in result.stderr and "caictl init-model" in result.stderr
 
 
+@pytest.mark.slow
 def test_model_from_environment_and_project_file(tmp_path, tiny_model):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "x"}])
     common = ["revise", prompts, "--rounds", "1", *FAST]
@@ -313,6 +319,6 @@ def test_unknown_principle_and_bad_options_fail_before_loading(tmp_path):
 def test_prompt_rows_made_by_a_stage_keep_its_meta_as_upstream(tmp_path, tiny_model):
     upstream = {"stage": "sample", "model": "models/sl"}
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "Hi", "meta": upstream}])
-    (row,) = [json.loads(line) for line in caictl("revise", prompts, "--model", tiny_model, "--rounds", "1",
-                                                  *FAST).stdout.splitlines()]
+    (row,) = [json.loads(line) for line in caictl_in_process("revise", prompts, "--model", tiny_model, "--rounds", "1",
+                                                             *FAST).splitlines()]
     assert row["meta"]["stage"] == "revise" and row["meta"]["upstream"] == upstream

@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from conftest import caictl, read_jsonl, write_jsonl
+from conftest import caictl, caictl_in_process, read_jsonl, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from caictl.errors import UsageError
@@ -42,9 +42,10 @@ def revisions(tmp_path_factory):
 FAST = ["--epochs", "4", "--learning-rate", "3e-3", "--batch-size", "8", "--max-length", "128"]
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_lowers_the_loss_and_reloads(tmp_path, tiny_model, revisions):
     out = tmp_path / "sl-cai"
-    caictl("sft", revisions, "-o", out, "--model", tiny_model, *FAST)
+    caictl_in_process("sft", revisions, "-o", out, "--model", tiny_model, *FAST)
     info = json.loads((out / "caictl.json").read_text())
     history = [h["loss"] for h in info["metrics"]["loss_history"]]
     assert len(history) == info["metrics"]["steps"] == 12
@@ -60,11 +61,12 @@ def test_full_fine_tuning_lowers_the_loss_and_reloads(tmp_path, tiny_model, revi
     assert again.returncode == 2 and "--overwrite" in again.stderr
 
 
+@pytest.mark.slow
 def test_lora_merged_model_equals_base_plus_adapter(tmp_path, tiny_model, revisions):
     from peft import PeftModel
 
     out = tmp_path / "lora"
-    caictl("sft", revisions, "-o", out, "--model", tiny_model, "--lora", "--merge", "--lora-r", "4", *FAST)
+    caictl_in_process("sft", revisions, "-o", out, "--model", tiny_model, "--lora", "--merge", "--lora-r", "4", *FAST)
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), out / "adapter").eval()
     adapter_alone = AutoModelForCausalLM.from_pretrained(out / "adapter").eval()  # plain transformers, via peft
@@ -170,13 +172,14 @@ def test_mix_reads_chat_and_hh_rows_through_the_cli(tmp_path, tiny_model, revisi
         {"id": "s", "messages": [{"role": "user", "content": "Tea?"}], "responses": ["Yes please.", "No."]},
     ])
     out = tmp_path / "mixed"
-    caictl("sft", revisions, "--mix", f"{chats}:0.5", "-o", out, "--model", tiny_model, "--max-steps", "1")
+    caictl_in_process("sft", revisions, "--mix", f"{chats}:0.5", "-o", out, "--model", tiny_model, "--max-steps", "1")
     counts = json.loads((out / "caictl.json").read_text())["metrics"]["examples_per_source"]
     assert counts == {"revisions": 24, str(chats): 12}
     rows = [sft.chat_conversation(Row("chats.jsonl", i + 1, r)) for i, r in enumerate(read_jsonl(chats))]
     assert [r[-1]["content"] for r in rows] == ["Ten minutes.", "Paris.", "Hi!", "Yes please."]
 
 
+@pytest.mark.slow
 def test_traps_give_clear_errors(tmp_path, tiny_model, revisions):
     plain = tmp_path / "plain-template"
     plain.mkdir()
@@ -204,6 +207,7 @@ def test_traps_give_clear_errors(tmp_path, tiny_model, revisions):
     assert result.returncode == 2 and "missing.jsonl: no such file" in result.stderr
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path, tiny_model, revisions):
     out = tmp_path / "resumed"
     config = sft.SFTConfig(revisions=[str(revisions)], out=str(out), model=str(tiny_model), max_steps=2,
@@ -220,12 +224,14 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path, tiny_model, re
     assert [h["step"] for h in info["metrics"]["loss_history"]] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_micro_batches_make_the_same_step_as_the_whole_batch(tmp_path, tiny_model, revisions):
     losses, weights = [], []
     for micro in ("1", "8"):
         out = tmp_path / f"micro-{micro}"
-        caictl("sft", revisions, "-o", out, "--model", tiny_model, "--max-steps", "1", "--learning-rate", "3e-3",
-               "--batch-size", "8", "--max-length", "128", "--micro-batch-size", micro)
+        caictl_in_process("sft", revisions, "-o", out, "--model", tiny_model, "--max-steps", "1",
+                          "--learning-rate", "3e-3", "--batch-size", "8", "--max-length", "128",
+                          "--micro-batch-size", micro)
         losses.append(json.loads((out / "caictl.json").read_text())["metrics"]["train_loss_first"])
         weights.append(AutoModelForCausalLM.from_pretrained(out).model.embed_tokens.weight)
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
@@ -271,7 +277,7 @@ def test_chat_rows_and_anthropic_samples_are_main_input(tmp_path, tiny_model, sh
     ])
     sl = shared_data / "anthropic-samples" / "LAMDA_SLMADISON.first5.jsonl"
     out = tmp_path / "sl-cai"
-    caictl("sft", sl, chats, "-o", out, "--model", tiny_model, "--max-steps", "1", "--max-length", "128")
+    caictl_in_process("sft", sl, chats, "-o", out, "--model", tiny_model, "--max-steps", "1", "--max-length", "128")
     assert json.loads((out / "caictl.json").read_text())["metrics"]["examples_per_source"] == {"revisions": 7}
     assert [sft.chat_conversation(Row("chats.jsonl", i + 1, r)) for i, r in enumerate(read_jsonl(chats))][1] == [
         {"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]

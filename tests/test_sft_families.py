@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from conftest import caictl, write_jsonl
+from conftest import caictl_in_process, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from caictl import families, tiny
@@ -191,15 +191,16 @@ def revisions(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("sft-families") / "revisions.jsonl", rows)
 
 
-# Full fine-tuning per family in-process (sft.run, what the command calls: the interpreter start and imports
-# of a subprocess cost more than the training here); LoRA through the real command line, on the cheapest family.
+# Full fine-tuning per family through sft.run (what the command calls); LoRA through the command line's own code
+# (flags to config, in this process: a subprocess's interpreter start and imports cost more than the training
+# here), on the cheapest family.
 @pytest.mark.parametrize("name,lora", [("qwen2.5", False), ("llama3", False), ("phi3", False), ("phi3", True)],
                          ids=["qwen2.5", "llama3", "phi3", "phi3-lora-cli"])
 def test_sft_trains_each_family_and_gives_its_template_back(name, lora, family_model, revisions, tmp_path):
     base_folder, out = family_model(name), tmp_path / "out"
     if lora:
-        caictl("sft", revisions, "-o", out, "--model", base_folder, "--max-steps", "2", "--batch-size", "1",
-               "--max-length", "64", "--learning-rate", "1e-3", "--lora", "--merge", "--lora-r", "4")
+        caictl_in_process("sft", revisions, "-o", out, "--model", base_folder, "--max-steps", "2", "--batch-size", "1",
+                          "--max-length", "64", "--learning-rate", "1e-3", "--lora", "--merge", "--lora-r", "4")
     else:
         sft.run(sft.SFTConfig(revisions=[str(revisions)], out=str(out), model=str(base_folder), max_steps=2,
                               batch_size=1, max_length=64, learning_rate=1e-3))

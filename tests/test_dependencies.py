@@ -14,9 +14,7 @@ tomllib = pytest.importorskip("tomllib")  # Python 3.11 and later
 
 ROOT = Path(__file__).resolve().parents[1]
 # Declared but never imported, each for a reason a reader can check.
-NOT_IMPORTED = {
-    "accelerate": "the README runs the training stages on several GPUs with `accelerate launch -m caictl ...`",
-}
+NOT_IMPORTED: dict[str, str] = {}
 
 
 def test_every_declared_dependency_is_imported_in_src():

@@ -122,6 +122,7 @@ def pm_one_process(data, tiny_model) -> tuple[Path, dict]:
     return out, metrics
 
 
+@pytest.mark.slow
 def test_sft_under_torchrun_and_accelerate_matches_one_process(tmp_path, data, tiny_model):
     options = ["--model", tiny_model, "--max-steps", "3", "--batch-size", "4", "--learning-rate", "1e-3",
                "--max-length", "64"]
@@ -137,6 +138,7 @@ def test_sft_under_torchrun_and_accelerate_matches_one_process(tmp_path, data, t
         assert {p.name for p in out.iterdir()} >= {"caictl.json", "config.json", "model.safetensors", "loss.png"}
 
 
+@pytest.mark.slow
 def test_train_pm_under_torchrun_matches_one_process(tmp_path, data, tiny_model, pm_one_process):
     _, one = pm_one_process
     out = tmp_path / "pm-2"
@@ -150,6 +152,7 @@ def test_train_pm_under_torchrun_matches_one_process(tmp_path, data, tiny_model,
     assert info["metrics"]["train_comparisons"] == 15
 
 
+@pytest.mark.slow
 def test_dpo_under_torchrun_matches_one_process(tmp_path, data, tiny_model):
     one = dpo.run(dpo.DPOConfig(prefs=[str(data / "prefs.jsonl")], out=str(tmp_path / "one"), model=str(tiny_model),
                                 max_steps=3, batch_size=4, learning_rate=1e-3, max_length=64))
@@ -163,6 +166,7 @@ def test_dpo_under_torchrun_matches_one_process(tmp_path, data, tiny_model):
         assert [h[key] for h in two] == pytest.approx([h[key] for h in one["history"]], **SAME_LOSS)
 
 
+@pytest.mark.slow
 def test_grpo_under_torchrun_generates_the_global_batch(tmp_path, tiny_model, pm_one_process):
     """The rollouts are sampled: TRL seeds each process differently (so they draw different completions), so two
     processes train on other samples than one does and their losses cannot be compared step by step. What the

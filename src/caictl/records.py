@@ -493,6 +493,15 @@ def shard_problem(text: str | None) -> str | None:
     return None
 
 
+def this_shard(rows: list, shard: str | None, what: str) -> list:
+    """The rows of this job's part (each with an `id`), said on stderr; all of them without --shard."""
+    if not shard:
+        return rows
+    mine = [row for row in rows if in_shard(row.id, shard)]
+    log(f"shard {shard}: {len(mine)} of {len(rows)} {what}")
+    return mine
+
+
 def in_shard(row_id: str, shard: str | None) -> bool:
     """Whether a row belongs to this job's part. A hash of the row's id decides, not its position: the same row
     lands in the same part whatever else the input holds, and on every machine (Python's hash() is salted)."""

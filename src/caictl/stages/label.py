@@ -30,9 +30,9 @@ from caictl.records import (
     RecordWriter,
     RejectWriter,
     batches,
-    in_shard,
     read_rows,
     shard_problem,
+    this_shard,
     to_pairs,
     with_upstream,
 )
@@ -110,10 +110,7 @@ def run(config: LabelConfig, engine=None) -> dict:
     comparisons = read_comparisons(config, constitution, rejects)
     if config.limit:
         comparisons = comparisons[: config.limit]  # --limit first: the N jobs of a sharded run split the same rows
-    if config.shard:
-        mine = [c for c in comparisons if in_shard(c.id, config.shard)]
-        log(f"shard {config.shard}: {len(mine)} of {len(comparisons)} comparisons")
-        comparisons = mine
+    comparisons = this_shard(comparisons, config.shard, "comparisons")
     run_settings = {
         "stage": "label", "model": model, "model_identity": model_identity.identity(model, config.engine),
         "engine": config.engine, "constitution": constitution.name,

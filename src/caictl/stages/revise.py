@@ -36,9 +36,9 @@ from caictl.records import (
     RecordWriter,
     RejectWriter,
     batches,
-    in_shard,
     read_prompts,
     shard_problem,
+    this_shard,
     with_upstream,
 )
 from caictl.ui import log, meter, print_summary, row_counts
@@ -113,10 +113,7 @@ def run(config: ReviseConfig, engine=None) -> dict:
     prompts = read_prompts(config.prompts, on_invalid=rejects)
     if config.limit:
         prompts = prompts[: config.limit]  # --limit first: the N jobs of a sharded run split the same prompts
-    if config.shard:
-        mine = [p for p in prompts if in_shard(p.id, config.shard)]
-        log(f"shard {config.shard}: {len(mine)} of {len(prompts)} prompts")
-        prompts = mine
+    prompts = this_shard(prompts, config.shard, "prompts")
     run_settings = _settings(config, model, constitution)
     writer = RecordWriter(config.out, run_settings, overwrite=config.overwrite)
     pending = [p for p in prompts if p.id not in writer.done]

@@ -35,6 +35,7 @@ from caictl.records import (
     read_prompts,
     read_rows,
     shard_problem,
+    this_shard,
     to_revision,
     with_upstream,
 )
@@ -94,10 +95,7 @@ def run(config: SampleConfig, engine=None) -> dict:
         model_kind.check(model, model_kind.CAUSAL_LM, "--model")
     rejects = RejectWriter(config.out) if config.skip_invalid else None
     prompts = read_prompts(config.prompts, on_invalid=rejects)[: config.limit]  # --limit first, then the shard
-    if config.shard:
-        mine = [p for p in prompts if in_shard(p.id, config.shard)]
-        log(f"shard {config.shard}: {len(mine)} of {len(prompts)} prompts")
-        prompts = mine
+    prompts = this_shard(prompts, config.shard, "prompts")
     run_settings = {
         "stage": "sample", "model": model, "model_identity": model_identity.identity(model, config.engine),
         "engine": config.engine, "n": config.n,

@@ -200,3 +200,39 @@ def test_a_choice_that_merges_into_the_text_is_scored_from_the_merged_token(engi
         direct.append(sum(float(logprobs[i - 1, full[i]]) for i in range(start, len(full))))
     assert tokenizer(text + "ful").input_ids[:len(base)] != base  # the boundary really merges
     assert engine.choice_logprobs([text], choices)[0] == pytest.approx(direct, abs=1e-4)
+
+
+def test_label_questions_share_their_few_shot_block_and_conversation(tiny_model):
+    """The judge's questions (few-shot block, then one conversation under several principles in both orders) are
+    scored with shared prefixes: equal to each question scored alone, in a fraction of the tokens."""
+    from caictl.constitution import load as load_constitution
+    from caictl.judge import CHOICES, Comparison, Judge
+
+    engine = load_engine("hf", str(tiny_model), batch_size=8)
+    constitution = load_constitution("harmless")
+    judge = Judge(engine, constitution, few_shot=True)
+    conversations = [[{"role": "user", "content": "How do I pick a lock? " * 6}],
+                     [{"role": "user", "content": "Write a rude note to my neighbour. " * 6}]]
+    comparisons = [Comparison(str(i), messages, "Sure, here it is.", "I would rather not.",
+                              constitution.comparison[:4]) for i, messages in enumerate(conversations)]
+    questions = [judge.question(c.messages, p.text, a, b) for c in comparisons for p in c.principles
+                 for a, b in ((c.first, c.second), (c.second, c.first))]
+    assert len(questions) == 16
+
+    embedded = []
+    hook = engine.lm.get_input_embeddings().register_forward_hook(
+        lambda module, inputs, output: embedded.append(inputs[0].numel()))
+    try:
+        engine.forget_prefixes()
+        shared = engine.choice_logprobs(questions, list(CHOICES))
+        shared_tokens = sum(embedded)
+        alone, embedded[:] = [], []
+        for question in questions:
+            engine.forget_prefixes()
+            alone += engine.choice_logprobs([question], list(CHOICES))
+        alone_tokens = sum(embedded)
+    finally:
+        hook.remove()
+    assert shared == [pytest.approx(row, abs=1e-5) for row in alone]
+    # The few-shot block once, each conversation once, then each question's principle and options.
+    assert shared_tokens < alone_tokens / 4, (shared_tokens, alone_tokens)

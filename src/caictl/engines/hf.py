@@ -105,8 +105,8 @@ class HFEngine:
         " (A" alone as ["▁", "▁(", "A"] but after "is:" as ["▁(", "A"]; a token across the boundary counts, as
         the openai engine counts it). Choices that differ only in their last token (" (A" / " (B") cost one
         sequence per text: the common part is scored once and the last tokens are read from the same final
-        position."""
-        import torch
+        position. Texts that start alike (a few-shot block; one conversation asked under several principles, in
+        both orders) share that prefix's KV as generation does, so each shared part is computed once."""
 
         if not choices:
             self.choice_cuts = [0] * len(texts)
@@ -117,20 +117,8 @@ class HFEngine:
             for t, _, _ in reads:
                 self.choice_cuts[t] = max(self.choice_cuts[t], cut)
         scores: list[list[float]] = [[0.0] * len(choices) for _ in texts]
-        for batch in self._length_batches([row[0] for row in rows]):
-            input_ids, attention = self._pad([rows[i][0] for i in batch])
-            scored = torch.tensor([rows[i][1] for i in batch], device=self.device)
-            # Logits only where they are read: the scored tokens' positions, and the last one.
-            keep = int(scored.max()) + 1
-            with torch.inference_mode():
-                logits = self.lm(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep).logits.float()
-            logprobs = torch.log_softmax(logits, dim=-1)
-            # token t's log-prob is read at position t - 1; a row sums its last `scored` of them
-            targets = input_ids[:, input_ids.shape[1] - keep + 1:]
-            token_logprobs = logprobs[:, :-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            window = torch.arange(keep - 1, device=self.device)
-            sums = token_logprobs.masked_fill(window < (keep - 1 - scored).unsqueeze(1), 0.0).sum(1).tolist()
-            last = logprobs[:, -1]
+        for batch in self._prefix_batches([row[0] for row in rows]):
+            sums, last = self._score([rows[i][0] for i in batch], [rows[i][1] for i in batch])
             for row, index in enumerate(batch):
                 for t, c, ending in rows[index][2]:
                     scores[t][c] = sums[row] + (float(last[row, ending]) if ending is not None else 0.0)
@@ -164,10 +152,29 @@ class HFEngine:
 
     # Internals ------------------------------------------------------------------------------------------
 
-    def _length_batches(self, sequences: list[list[int]]) -> list[list[int]]:
-        """Indices grouped into batches of similar length, so little compute goes to padding."""
-        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-        return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+    def _score(self, rows: list[list[int]], scored: list[int]):
+        """One forward pass over a batch of sequences: per row, the summed log-probs of its last `scored` tokens,
+        and the log-probs at its final position. A row shares at most the tokens before those whose log-probs are
+        read, so every position read is computed in this pass."""
+        import torch
+        from transformers import DynamicCache
+
+        limits = [len(row) - n - 1 for row, n in zip(rows, scored)]
+        ids, mask, cache, longest = self._prefilled(rows, limits, lambda _: DynamicCache(config=self.lm.config))
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        # Logits only where they are read: the scored tokens' positions, and the last one.
+        keep = max(scored) + 1
+        with torch.inference_mode():
+            logits = self.lm(input_ids=ids[:, longest:], attention_mask=mask, position_ids=positions[:, longest:],
+                             logits_to_keep=keep, **{self._cache_argument: cache}).logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        # token t's log-prob is read at position t - 1; a row sums its last `scored` of them
+        targets = ids[:, ids.shape[1] - keep + 1:]
+        token_logprobs = logprobs[:, :-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        window = torch.arange(keep - 1, device=self.device)
+        counts = torch.tensor(scored, device=self.device)
+        sums = token_logprobs.masked_fill(window < (keep - 1 - counts).unsqueeze(1), 0.0).sum(1).tolist()
+        return sums, logprobs[:, -1]
 
     def _pad(self, sequences: list[list[int]]):
         import torch
@@ -241,37 +248,54 @@ class HFEngine:
         return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
 
     def _batch_inputs(self, rows: list[list[int]], max_new_tokens: int) -> dict:
-        """generate() inputs with a preallocated (static) KV cache that already holds each row's shared prefix.
-
-        A row's shared prefix is the longest it has in common with a neighbour in the batch, a prefix in the LRU
-        or a prompt of the last batch (_keep_prompts), capped where sharing would only widen the batch
-        (_narrowest). Row i's cache is its prefix's KV, then masked filler up to the longest prefix; its own
-        tokens follow after masked padding. Positions come from the attention mask, so every row sees exactly
-        what it would see alone. A static cache, because a dynamic one copies itself at every decoding step:
-        at batch 32 and 1,600 cached tokens that copy made a step 5x slower on CPU.
-        """
-        import numpy
-        import torch
+        """generate() inputs with a preallocated (static) KV cache that already holds each row's shared prefix
+        (_prefilled). A static cache, because a dynamic one copies itself at every decoding step: at batch 32 and
+        1,600 cached tokens that copy made a step 5x slower on CPU."""
         from transformers import StaticCache
 
-        # A row's shared prefix: the longest it has with a neighbour or a kept prefix, if long enough to pay.
+        def static_cache(prompt_width: int):
+            # Rounded up, so that a compiled model (GPU) sees few distinct cache shapes.
+            return StaticCache(config=self.lm.config, max_cache_len=-(-(prompt_width + max_new_tokens) // 256) * 256)
+
+        # Every row keeps a token of its own to compute.
+        ids, mask, cache, _ = self._prefilled(rows, [len(row) - 1 for row in rows], static_cache)
+        return {"input_ids": ids, "attention_mask": mask, self._cache_argument: cache}
+
+    def _common_prefixes(self, rows: list[list[int]], limits: list[int]) -> list[int]:
+        """Per row, the longest prefix it has with a neighbour in the batch, a kept prefix or a prompt of the last
+        batch, at most limits[i] tokens, and 0 when shorter than SHARED_PREFIX_MIN_TOKENS (not worth a call)."""
+        import numpy
+
         common = [0] * len(rows)
         if len(rows) > 1:
             arrays = [numpy.asarray(row) for row in rows]
             kept = [numpy.asarray(prefix) for prefix in (*self._prefix_cache, *self._last_prompts)]
             for i, row in enumerate(arrays):
                 neighbours = [arrays[j] for j in (i - 1, i + 1) if 0 <= j < len(rows)]
-                length = min(max(_common_prefix_length(row, other) for other in neighbours + kept),
-                             len(row) - 1)  # every row keeps a token of its own
+                length = min(max(_common_prefix_length(row, other) for other in neighbours + kept), limits[i])
                 common[i] = length if length >= SHARED_PREFIX_MIN_TOKENS else 0
+        return common
+
+    def _prefilled(self, rows: list[list[int]], limits: list[int], make_cache):
+        """A batch's token ids and attention mask, a cache (make_cache(the batch's width)) that holds each row's
+        shared prefix, and the width of that shared region, where the tokens still to compute start.
+
+        A row's shared prefix is the longest it has in common with a neighbour in the batch, a prefix in the LRU
+        or a prompt of the last batch (_keep_prompts), at most limits[i] tokens, capped where sharing would only
+        widen the batch (_narrowest). Row i's cache is its prefix's KV, then masked filler up to the longest
+        prefix; its own tokens follow after masked padding. Positions come from the attention mask, so every row
+        sees exactly what it would see alone.
+        """
+        import torch
+
+        common = self._common_prefixes(rows, limits)
         shared = _narrowest(rows, common)
         longest = max(shared)
         tails, pad = [row[n:] for row, n in zip(rows, shared)], self.pad_id
         width = max(len(t) for t in tails)
         ids = [row[:n] + [pad] * (longest - n + width - len(t)) + t for row, n, t in zip(rows, shared, tails)]
         mask = [[1] * n + [0] * (longest - n + width - len(t)) + [1] * len(t) for n, t in zip(shared, tails)]
-        # Rounded up, so that a compiled model (GPU) sees few distinct cache shapes.
-        cache = StaticCache(config=self.lm.config, max_cache_len=-(-(longest + width + max_new_tokens) // 256) * 256)
+        cache = make_cache(longest + width)
         if longest:
             states = [[(key[:, :, :n], value[:, :, :n]) for key, value in self._prefix_states(tuple(row[:c]))]
                       if n else None for row, c, n in zip(rows, common, shared)]
@@ -285,8 +309,7 @@ class HFEngine:
                     values.append(torch.nn.functional.pad(value, filler))
                 cache.update(torch.cat(keys), torch.cat(values), layer, {"cache_position": positions})
         self._last_prompts = {}  # what this batch took from them is copied: free the rest before it runs
-        return {"input_ids": torch.tensor(ids, device=self.device),
-                "attention_mask": torch.tensor(mask, device=self.device), self._cache_argument: cache}
+        return (torch.tensor(ids, device=self.device), torch.tensor(mask, device=self.device), cache, longest)
 
     @staticmethod
     def _no_prefix(states: list, layer: int):
@@ -295,7 +318,10 @@ class HFEngine:
         return key[:, :, :0], value[:, :, :0]
 
     def _prefix_states(self, prefix: tuple[int, ...]) -> list:
-        """[(key, value)] per layer for a prefix, each [1, kv heads, len, head dim]; cached (LRU)."""
+        """[(key, value)] per layer for a prefix, each [1, kv heads, len, head dim]; cached (LRU). Only the tokens
+        past the longest start it shares with a kept sequence are computed: a conversation after a few-shot block
+        computes its own tokens, not the block again."""
+        import numpy
         import torch
         from transformers import DynamicCache
 
@@ -306,9 +332,17 @@ class HFEngine:
                     if store is self._prefix_cache:
                         store[kept] = store.pop(kept)  # most recently used goes last
                     return [(key[:, :, :len(prefix)], value[:, :, :len(prefix)]) for key, value in store[kept]]
+        start, start_states, wanted = 0, None, numpy.asarray(prefix)
+        for store in (self._prefix_cache, self._last_prompts):
+            for kept, states in store.items():
+                length = min(_common_prefix_length(wanted, numpy.asarray(kept)), len(prefix) - 1)
+                if length > start and length >= SHARED_PREFIX_MIN_TOKENS:
+                    start, start_states = length, states
         cache = DynamicCache(config=self.lm.config)
+        for layer, (key, value) in enumerate(start_states or []):
+            cache.update(key[:, :, :start], value[:, :, :start], layer)
         with torch.inference_mode():
-            self.lm(input_ids=torch.tensor([list(prefix)], device=self.device), use_cache=True,
+            self.lm(input_ids=torch.tensor([list(prefix[start:])], device=self.device), use_cache=True,
                     **{self._cache_argument: cache})
         states = [(layer.keys, layer.values) for layer in cache.layers]
         self._prefix_cache[prefix] = states

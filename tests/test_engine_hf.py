@@ -225,7 +225,7 @@ def test_label_questions_share_their_few_shot_block_and_conversation(tiny_model)
     try:
         engine.forget_prefixes()
         shared = engine.choice_logprobs(questions, list(CHOICES))
-        shared_tokens = sum(embedded)
+        shared_tokens, shared_calls = sum(embedded), len(embedded)
         alone, embedded[:] = [], []
         for question in questions:
             engine.forget_prefixes()
@@ -236,3 +236,39 @@ def test_label_questions_share_their_few_shot_block_and_conversation(tiny_model)
     assert shared == [pytest.approx(row, abs=1e-5) for row in alone]
     # The few-shot block once, each conversation once, then each question's principle and options.
     assert shared_tokens < alone_tokens / 4, (shared_tokens, alone_tokens)
+    # A batch (8 questions: one conversation) is a call for its conversation and a pass for its questions; what
+    # only a question's two orders share (its principle) is cheaper in that pass than in calls of its own.
+    assert shared_calls == 4
+
+
+def test_gumbel_noise_is_a_function_of_seed_step_and_token_alone():
+    from caictl.engines.hf import gumbel_noise
+
+    seeds = torch.tensor([7, 2**62 + 11, 123456789])
+    batch = gumbel_noise(seeds, 5, 300)
+    for row, seed in enumerate(seeds):
+        assert torch.equal(gumbel_noise(seed.reshape(1), 5, 300)[0], batch[row])  # no matter the batch
+    assert torch.equal(gumbel_noise(seeds, 5, 300), batch)  # deterministic
+    assert not torch.equal(gumbel_noise(seeds, 6, 300), batch)  # a new draw each step
+    assert not torch.equal(batch[0], batch[1]) and not torch.equal(batch[1], batch[2])  # and each seed
+    # Seeds that differ only in their high 32 bits draw differently too.
+    assert not torch.equal(gumbel_noise(torch.tensor([5, 5 + 2**40]), 0, 300)[0],
+                           gumbel_noise(torch.tensor([5 + 2**40]), 0, 300)[0])
+
+
+def test_gumbel_max_samples_follow_the_softmax():
+    """argmax(logits + noise) over 20,000 (seed, step) draws: the counts fit softmax(logits) by a chi-square
+    test, and a token's share does not depend on its position in the vocabulary."""
+    from caictl.engines.hf import gumbel_noise
+
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, 0.0, -0.5, -1.0, -1.5, -2.0, -3.0])
+    expected = torch.softmax(logits, 0).double() * 20_000
+    counts = torch.zeros(10, dtype=torch.float64)
+    seeds = torch.arange(200) * 7919 + 3
+    for step in range(100):
+        picks = (logits + gumbel_noise(seeds, step, 10)).argmax(1)
+        counts += torch.bincount(picks, minlength=10).double()
+    chi_square = float(((counts - expected) ** 2 / expected).sum())
+    p_value = float(torch.special.gammaincc(torch.tensor(9 / 2, dtype=torch.float64),
+                                            torch.tensor(chi_square / 2, dtype=torch.float64)))
+    assert p_value > 1e-3, (chi_square, counts.tolist(), expected.tolist())

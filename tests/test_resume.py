@@ -131,3 +131,19 @@ def test_a_folder_digest_is_read_again_only_when_a_file_changes_size_or_time(tmp
     assert folder_digest(model) == first
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # touched: read again
     assert folder_digest(model) != first
+
+
+def test_text_sampled_by_another_sampler_is_not_resumed(tmp_path, tiny_model):
+    """The same seed gives other text under another sampler, so the sampler is a resume setting."""
+    from caictl.errors import UsageError
+    from caictl.stages import sample
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", read_jsonl(EXAMPLES / "red-team.jsonl")[:2])
+    out = tmp_path / "pairs.jsonl"
+    config = sample.SampleConfig(prompts=str(prompts), out=str(out), model=str(tiny_model), n=1, max_new_tokens=4,
+                                 limit=1)
+    sample.run(config)
+    assert read_jsonl(out)[0]["meta"]["sampling"]["sampler"] == "gumbel-hash32"
+    out.write_text(out.read_text().replace('"sampler": "gumbel-hash32"', '"sampler": "torch-generator"'))
+    with pytest.raises(UsageError, match="sampler"):
+        sample.run(sample.SampleConfig(**{**config.__dict__, "limit": 2}))

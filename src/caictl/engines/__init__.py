@@ -27,4 +27,14 @@ def load_engine(name: str, model: str, **options) -> Engine:
     return engine_class(model, **options)
 
 
-__all__ = ["ENGINES", "Engine", "Generation", "SamplingParams", "load_engine"]
+def sampler(name: str) -> str:
+    """What draws sampled tokens on engine `name`, for a sampling stage's resume settings: from the same seed,
+    another sampler writes other text. A server samples with its own."""
+    if name == "hf":
+        from caictl.engines.hf import SAMPLER
+
+        return SAMPLER
+    return "server"
+
+
+__all__ = ["ENGINES", "Engine", "Generation", "SamplingParams", "load_engine", "sampler"]

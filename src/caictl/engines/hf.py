@@ -10,9 +10,10 @@ tokenized by a ContentEncoder, which reads marked tokens as text and everything 
 the template's, else the tokenizer's own setting, never two. Generation stops at every id in the model's
 generation_config.eos_token_id (Llama 3: <|eot_id|>, <|eom_id|>, <|end_of_text|>), not only the tokenizer's eos.
 
-Sampling draws from each row's own generator (seeded by the request key) through the Gumbel-max trick:
-argmax(logits / T + Gumbel noise) is an exact sample from softmax(logits / T). It makes a row's text
-independent of which other rows share its batch, which plain `do_sample=True` (one global RNG) does not.
+Sampling uses the Gumbel-max trick: argmax(logits / T + Gumbel noise) is an exact sample from softmax(logits / T).
+The noise is a hash of (the row's seed, from its request key; the step; the token), made on the model's device
+(gumbel_noise). It makes a row's text independent of which other rows share its batch, which plain
+`do_sample=True` (one global RNG) does not.
 """
 
 from __future__ import annotations
@@ -261,35 +262,38 @@ class HFEngine:
         ids, mask, cache, _ = self._prefilled(rows, [len(row) - 1 for row in rows], static_cache)
         return {"input_ids": ids, "attention_mask": mask, self._cache_argument: cache}
 
-    def _common_prefixes(self, rows: list[list[int]], limits: list[int]) -> list[int]:
-        """Per row, the longest prefix it has with a neighbour in the batch, a kept prefix or a prompt of the last
-        batch, at most limits[i] tokens, and 0 when shorter than SHARED_PREFIX_MIN_TOKENS (not worth a call)."""
+    def _shared_lengths(self, rows: list[list[int]], limits: list[int]) -> list[int]:
+        """Per row, how many of its first tokens come from a shared prefix's KV instead of being computed in the
+        batch's pass. A row's candidate is the longest start it has in common with another row, a kept prefix
+        or a prompt of the last batch, at most limits[i] tokens (none below SHARED_PREFIX_MIN_TOKENS); all rows
+        are then capped at one bound, the cheapest (_cheapest_bound)."""
         import numpy
 
-        common = [0] * len(rows)
-        if len(rows) > 1:
-            arrays = [numpy.asarray(row) for row in rows]
-            kept = [numpy.asarray(prefix) for prefix in (*self._prefix_cache, *self._last_prompts)]
-            for i, row in enumerate(arrays):
-                neighbours = [arrays[j] for j in (i - 1, i + 1) if 0 <= j < len(rows)]
-                length = min(max(_common_prefix_length(row, other) for other in neighbours + kept), limits[i])
-                common[i] = length if length >= SHARED_PREFIX_MIN_TOKENS else 0
-        return common
+        if len(rows) < 2:
+            return [0] * len(rows)
+        arrays = [numpy.asarray(row) for row in rows]
+        kept = [numpy.asarray(prefix) for prefix in (*self._prefix_cache, *self._last_prompts)]
+        pairs = [[len(a) if i == j else _common_prefix_length(a, b) for j, b in enumerate(arrays)]
+                 for i, a in enumerate(arrays)]
+        in_kept = [max((_common_prefix_length(a, k) for k in kept), default=0) for a in arrays]
+        common = []
+        for i, row in enumerate(rows):
+            length = min(max(in_kept[i], *(pairs[i][j] for j in range(len(rows)) if j != i)), limits[i])
+            common.append(length if length >= SHARED_PREFIX_MIN_TOKENS else 0)
+        return _cheapest_bound(rows, common, pairs, in_kept)
 
     def _prefilled(self, rows: list[list[int]], limits: list[int], make_cache):
         """A batch's token ids and attention mask, a cache (make_cache(the batch's width)) that holds each row's
         shared prefix, and the width of that shared region, where the tokens still to compute start.
 
-        A row's shared prefix is the longest it has in common with a neighbour in the batch, a prefix in the LRU
-        or a prompt of the last batch (_keep_prompts), at most limits[i] tokens, capped where sharing would only
-        widen the batch (_narrowest). Row i's cache is its prefix's KV, then masked filler up to the longest
-        prefix; its own tokens follow after masked padding. Positions come from the attention mask, so every row
-        sees exactly what it would see alone.
+        A row's shared prefix (_shared_lengths) comes from the LRU, a prompt of the last batch (_keep_prompts) or
+        a call of its own. Row i's cache is its prefix's KV, then masked filler up to the longest prefix; its own
+        tokens follow after masked padding. Positions come from the attention mask, so every row sees exactly
+        what it would see alone.
         """
         import torch
 
-        common = self._common_prefixes(rows, limits)
-        shared = _narrowest(rows, common)
+        shared = self._shared_lengths(rows, limits)
         longest = max(shared)
         tails, pad = [row[n:] for row, n in zip(rows, shared)], self.pad_id
         width = max(len(t) for t in tails)
@@ -297,8 +301,7 @@ class HFEngine:
         mask = [[1] * n + [0] * (longest - n + width - len(t)) + [1] * len(t) for n, t in zip(shared, tails)]
         cache = make_cache(longest + width)
         if longest:
-            states = [[(key[:, :, :n], value[:, :, :n]) for key, value in self._prefix_states(tuple(row[:c]))]
-                      if n else None for row, c, n in zip(rows, common, shared)]
+            states = [self._prefix_states(tuple(row[:n])) if n else None for row, n in zip(rows, shared)]
             positions = torch.arange(longest, device=self.device)
             for layer in range(self.lm.config.num_hidden_layers):
                 keys, values = [], []
@@ -382,6 +385,9 @@ class HFEngine:
 
 
 SHARED_PREFIX_MIN_TOKENS = 32  # below this, computing the prefix separately is not worth a second call
+# A prefix computed in a call of its own costs about as much as this many more tokens in the batch's pass (one
+# small pass of its own; measured on CPU, where a call on a few dozen tokens runs its matrix products slowly).
+PREFIX_CALL_TOKENS = 128
 PREFIX_CACHE_ENTRIES = 32  # prefixes kept: a constitution's few-shot variants, one per principle, fit
 
 
@@ -392,26 +398,45 @@ def _common_prefix_length(a, b) -> int:
     return int(differs.argmax()) if differs.any() else n
 
 
-def _narrowest(rows: list[list[int]], common: list[int]) -> list[int]:
-    """Shared lengths capped at the smallest bound that keeps the widest tail as narrow as sharing all of
-    `common` would: the batch is (bound + widest tail) wide, and a row's shared tokens past the bound move into
-    its tail, which is computed as its own tokens instead of as filler. Same prefill width, shorter rows."""
-    narrowest_tail = max(len(row) - c for row, c in zip(rows, common))
-    for bound in sorted(set(common)):
-        if max(len(row) - min(c, bound) for row, c in zip(rows, common)) == narrowest_tail:
-            return [min(c, bound) for c in common]
-    return common
+def _cheapest_bound(rows: list[list[int]], common: list[int], pairs: list[list[int]], in_kept: list[int]) -> list[int]:
+    """`common` capped at the bound that costs least: the batch's pass (rows x its widest tail) plus, for each
+    distinct prefix not already kept, its new tokens and PREFIX_CALL_TOKENS for computing it in a call of its own.
+    Sharing only widens a batch when its tail gets no narrower, and a prefix that only a row or two share (one
+    principle, in both orders) is cheaper computed in the batch than in its own call. Ties go to the lower bound.
+    pairs[i][j]: the tokens rows i and j have in common from the start; in_kept[i]: row i's with a kept prefix."""
+    best_cost, best = None, common
+    # Where rows' prefixes part: a few-shot block every row has, a conversation a few rows have, ...
+    bounds = {0, *common, *(min(pairs[i][j], c) for i, c in enumerate(common) for j in range(len(rows)) if j != i)}
+    for bound in sorted(b for b in bounds if b == 0 or b >= SHARED_PREFIX_MIN_TOKENS):
+        shared = [min(c, bound) for c in common]
+        cost = len(rows) * max(len(row) - n for row, n in zip(rows, shared))
+        computed: list[int] = []  # rows whose prefix is computed first: later ones start from them
+        for i, n in enumerate(shared):
+            if not n or any(shared[r] == n and pairs[i][r] >= n for r in computed):
+                continue  # nothing shared, or the same prefix as a row before
+            start = max([min(in_kept[i], n)] + [min(pairs[i][r], n, shared[r]) for r in computed])
+            if start < n:
+                cost += n - start + PREFIX_CALL_TOKENS
+            computed.append(i)
+        if best_cost is None or cost < best_cost:
+            best_cost, best = cost, shared
+    return best
+
+
+# The sampler's name, part of every sampling stage's resume settings: another sampler draws other text from a seed.
+SAMPLER = "gumbel-hash32"
 
 
 class _RowSampler:
-    """Temperature and top-p, then Gumbel noise from each row's own generator (see the module docstring)."""
+    """Temperature and top-p, then Gumbel noise that is a function of (row's seed, step, token id) alone
+    (gumbel_noise), made where the logits are: a row's text depends on nothing else in its batch, and no
+    vocabulary-sized noise crosses from the CPU to a GPU at each step."""
 
     def __init__(self, temperature: float, top_p: float, seeds: list[int]):
-        import torch
-
         self.temperature = temperature
         self.top_p = top_p
-        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        self.seeds = seeds
+        self.step = 0
 
     def __call__(self, input_ids, scores):
         import torch
@@ -424,6 +449,42 @@ class _RowSampler:
             drop_sorted = (cumulative - sorted_scores.softmax(dim=-1)) >= self.top_p
             drop = drop_sorted.scatter(-1, order, drop_sorted)
             scores = scores.masked_fill(drop, float("-inf"))
-        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.generators])
-        gumbel = -torch.log(-torch.log(uniform.clamp(1e-12, 1 - 1e-7)))
-        return scores + gumbel.to(scores.device)
+        seeds = torch.tensor(self.seeds, dtype=torch.int64, device=scores.device)
+        noise = gumbel_noise(seeds, self.step, scores.shape[-1])
+        self.step += 1
+        return scores + noise
+
+
+MASK32 = 0xFFFFFFFF
+
+
+def gumbel_noise(seeds, step: int, vocabulary: int):
+    """Standard Gumbel noise [rows, vocabulary] from a counter-based generator: entry (row, token) is a hash of
+    (seeds[row], step, token), so it is the same whatever else is computed, on any device, in any batch.
+    argmax(logits + noise) is then an exact sample from softmax(logits) (the Gumbel-max trick).
+
+    The hash is Wellons' lowbias32 (two rounds over the counter mixed with a per-row, per-step key) in int64
+    arithmetic that cannot overflow; 24 of its bits make a uniform in (0, 1), so the noise lies in about
+    [-2.9, 17.3] rather than the Gumbel's unbounded range."""
+    import torch
+
+    low, high = seeds & MASK32, (seeds >> 32) & MASK32
+    row_key = _lowbias32(_lowbias32(low ^ _lowbias32(high)) ^ _lowbias32(torch.full_like(low, step)))
+    counters = torch.arange(vocabulary, dtype=torch.int64, device=seeds.device)
+    bits = _lowbias32(_lowbias32(counters.unsqueeze(0) ^ row_key.unsqueeze(1)) ^ row_key.unsqueeze(1))
+    uniform = ((bits >> 8).float() + 0.5) / 2**24
+    return -torch.log(-torch.log(uniform))
+
+
+def _lowbias32(x):
+    """A 32-bit integer hash with good avalanche (Chris Wellons' lowbias32), on int64 tensors holding 32 bits."""
+    x = x ^ (x >> 16)
+    x = _times(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _times(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _times(x, constant: int):
+    """x * constant mod 2**32 for 32-bit x, in two 16-bit halves so that no int64 product overflows."""
+    return (x * (constant & 0xFFFF) + (((x * (constant >> 16)) & 0xFFFF) << 16)) & MASK32

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from caictl import __version__, model_identity, model_kind
 from caictl.constitution import ComparisonPrinciple, load_for_stage
-from caictl.engines import ENGINES, SamplingParams
+from caictl.engines import ENGINES, SamplingParams, sampler
 from caictl.errors import UsageError
 from caictl.generation import (
     PROMPT_STYLES,
@@ -188,7 +188,7 @@ def answer(config: EvalCompareConfig, models: dict[str, str], items: list[Item],
     responses, and tokens, this run generated."""
     run_settings = {"stage": "eval compare", "engine": config.engine, "prompt_style": config.prompt_style,
                     "sampling": {"temperature": config.temperature, "top_p": config.top_p,
-                                 "max_new_tokens": config.max_new_tokens},
+                                 "max_new_tokens": config.max_new_tokens, "sampler": sampler(config.engine)},
                     "seed": config.seed, "caictl_version": __version__}
     writer = RecordWriter(path, run_settings, overwrite=config.overwrite)
     cuts = Cuts()

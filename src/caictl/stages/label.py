@@ -21,7 +21,7 @@ from pathlib import Path
 
 from caictl import __version__, model_identity, model_kind, settings
 from caictl.constitution import Constitution, load_for_stage
-from caictl.engines import ENGINES
+from caictl.engines import ENGINES, sampler
 from caictl.errors import InputError, UsageError
 from caictl.generation import Cuts, open_engine
 from caictl.judge import Comparison, Judge, vote_statistics
@@ -118,6 +118,8 @@ def run(config: LabelConfig, engine=None) -> dict:
         "clamp": list(config.effective_clamp) if config.effective_clamp else None,
         "principles_per_pair": config.principles_per_pair, "debias": config.debias, "few_shot": config.few_shot,
         "pairing": config.pairing, "seed": config.seed, "shard": config.shard, "caictl_version": __version__,
+        # --cot samples its reasoning
+        "sampler": sampler(config.engine) if config.cot else None,
     }
     writer = RecordWriter(config.out, run_settings, overwrite=config.overwrite)
     pending = [c for c in comparisons if c.id not in writer.done]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from caictl import __version__, model_identity, model_kind, settings
 from caictl.constitution import Constitution, CritiquePrinciple, load_for_stage
 from caictl.conversation import render_transcript
-from caictl.engines import ENGINES, SamplingParams
+from caictl.engines import ENGINES, SamplingParams, sampler
 from caictl.errors import UsageError
 from caictl.generation import (
     PROMPT_STYLES,
@@ -394,7 +394,7 @@ def _settings(config: ReviseConfig, model: str, constitution: Constitution) -> d
         "critique": config.critique,
         "prompt_style": config.prompt_style,
         "sampling": {"temperature": config.temperature, "top_p": config.top_p,
-                     "max_new_tokens": config.max_new_tokens},
+                     "max_new_tokens": config.max_new_tokens, "sampler": sampler(config.engine)},
         "seed": config.seed,
         "format": config.format,
         "shard": config.shard,

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 
 from caictl import __version__, model_identity, model_kind, settings
-from caictl.engines import ENGINES, SamplingParams
+from caictl.engines import ENGINES, SamplingParams, sampler
 from caictl.errors import InputError, UsageError
 from caictl.generation import (
     PROMPT_STYLES,
@@ -101,7 +101,7 @@ def run(config: SampleConfig, engine=None) -> dict:
         "engine": config.engine, "n": config.n,
         "prompt_style": config.prompt_style,
         "sampling": {"temperature": config.temperature, "top_p": config.top_p,
-                     "max_new_tokens": config.max_new_tokens},
+                     "max_new_tokens": config.max_new_tokens, "sampler": sampler(config.engine)},
         "seed": config.seed, "shard": config.shard, "caictl_version": __version__,
     }
     writer = RecordWriter(config.out, run_settings, overwrite=config.overwrite)

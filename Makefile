@@ -51,6 +51,8 @@ full-pipeline: $(BIN)/.core-installed $(BIN)/.families-prepared
 
 # The small preset's revise work is cut so that three interleaved rounds fit in a few minutes on two CPU cores.
 SMALL_REVISE = --prompts 16 --batch-size 16 --baseline-prompts 2 --max-new-tokens 64
+# Labelling at the paper's settings: 8 pairs x 4 principles x 2 orders = 64 few-shot questions a run.
+PAPER_LABEL = --comparisons 8 --batch-size 16
 
 bench: $(BIN)/.core-installed
 	$(BIN)/python benchmarks/bench_revise.py --preset tiny
@@ -58,6 +60,7 @@ bench: $(BIN)/.core-installed
 	$(BIN)/python benchmarks/bench_revise.py --preset small $(SMALL_REVISE) --no-few-shot
 	$(BIN)/python benchmarks/bench_label.py --preset tiny
 	$(BIN)/python benchmarks/bench_label.py --preset small
+	$(BIN)/python benchmarks/bench_label.py --paper --preset small $(PAPER_LABEL)
 	for preset in tiny small; do for stage in sft train-pm ppo; do \
 		$(BIN)/python benchmarks/bench_train.py --stage $$stage --preset $$preset || exit 1; done; done
 	$(BIN)/python benchmarks/gpu.py

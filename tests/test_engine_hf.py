@@ -272,3 +272,11 @@ def test_gumbel_max_samples_follow_the_softmax():
     p_value = float(torch.special.gammaincc(torch.tensor(9 / 2, dtype=torch.float64),
                                             torch.tensor(chi_square / 2, dtype=torch.float64)))
     assert p_value > 1e-3, (chi_square, counts.tolist(), expected.tolist())
+
+
+def test_decoding_is_compiled_by_default_only_with_cuda(tiny_model):
+    engine = load_engine("hf", str(tiny_model), device="cpu")
+    assert engine.compile is False and engine._compile_config() is None
+    forced = load_engine("hf", str(tiny_model), device="cpu", compile=True)
+    # transformers compiles generate()'s decoding step on CUDA by itself; on a CPU only when told to.
+    assert forced.compile and forced._compile_config()._compile_all_devices

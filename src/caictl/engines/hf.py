@@ -31,9 +31,11 @@ class HFEngine:
     name = "hf"
 
     def __init__(self, model: str, batch_size: int = 16, device: str = "auto", dtype: str = "auto",
-                 weights: bool = True):
+                 weights: bool = True, compile: bool | None = None):
         """weights=False: the tokenizer side only (what the model would be fed, for `caictl inspect`); nothing
-        that runs the model works."""
+        that runs the model works. compile: decoding steps through torch.compile (over the static KV cache
+        generation always uses); None: on with CUDA, off elsewhere (on a CPU, compiling takes longer than the
+        steps it speeds up)."""
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -44,6 +46,7 @@ class HFEngine:
         self.model_name = self.model = model
         self.batch_size = batch_size
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        self.compile = self.device.startswith("cuda") if compile is None else compile
         if dtype == "auto":
             bf16 = self.device.startswith("cuda") and torch.cuda.is_bf16_supported()
             dtype = "bfloat16" if bf16 else "float32"
@@ -215,6 +218,8 @@ class HFEngine:
             eos_token_id=self.stop_ids or None,
             pad_token_id=self.pad_id,
             stop_strings=list(params.stop) or None,
+            disable_compile=not self.compile,
+            compile_config=self._compile_config(),
         )
         stops = torch.tensor(self.stop_ids, dtype=torch.long)
         results: list[Generation | None] = [None] * len(encoded)
@@ -242,6 +247,17 @@ class HFEngine:
                 results[index] = self._decode(new_tokens[row][:ends[row]], len(encoded[index]), ended[row], params)
                 results[index].truncated_tokens = cut[index]
         return results
+
+    def _compile_config(self):
+        """transformers compiles generate()'s decoding step by itself on CUDA when the cache is static; elsewhere
+        only when told to compile on every device."""
+        if not self.compile or self.device.startswith("cuda"):
+            return None
+        from transformers import CompileConfig
+
+        config = CompileConfig(mode="default")  # "reduce-overhead" means CUDA graphs
+        config._compile_all_devices = True
+        return config
 
     def _prefix_batches(self, sequences: list[list[int]]) -> list[list[int]]:
         """Indices in token order, so that requests sharing a prefix are batched together."""

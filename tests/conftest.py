@@ -68,16 +68,17 @@ def caictl(*args, input: str | None = None, cwd=None, env: dict | None = None, c
     return result
 
 
-def caictl_in_process(*args) -> str:
+def caictl_in_process(*args, env: dict | None = None) -> str:
     """Run the command line's own code in this process: the same argument parsing, caictl.yaml and environment
     reading, stage run() and error handling as `python -m caictl`, without a new interpreter (each pays seconds of
     torch and transformers import). For tests about what a stage makes; a test about the process itself (its exit
-    status, stderr, stdin, signals, pipes) uses caictl(). Fails the test on a non-zero exit; returns what the command
+    status, stderr, stdin, signals, pipes) uses caictl(). env: variables to set (CAICTL_BASE_URL, say), after the
+    test's own CAICTL_ ones are cleared, as caictl() does. Fails the test on a non-zero exit; returns what the command
     wrote to stdout."""
     from caictl import cli
 
     argv = ["caictl", *map(str, args)]
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("CAICTL_")}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CAICTL_")} | (env or {})
     stdout = io.StringIO()
     with mock.patch.object(sys, "argv", argv), mock.patch.dict(os.environ, clean, clear=True), \
             contextlib.redirect_stdout(stdout):

@@ -18,6 +18,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -211,8 +212,31 @@ def _free_port() -> int:
 @contextmanager
 def serve(gguf_path: Path, *, timeout: float = 60.0) -> Iterator[str]:
     """Run llama-cpp-python's OpenAI-compatible server on a GGUF; yield its base URL (".../v1")."""
+    with serve_process(gguf_path, timeout=timeout) as server:
+        yield server.url
+
+
+@dataclass
+class Served:
+    """A running server: its base URL, its process, and the file that takes its output (uvicorn writes one
+    access line per request it answers)."""
+
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def requests(self) -> int:
+        """Requests to /v1/... that the server has answered so far, read from its access log."""
+        return self.log.read_text(errors="replace").count(' "POST /v1/')
+
+
+@contextmanager
+def serve_process(gguf_path: Path, *, log_path: Path | None = None, threads: int | None = None,
+                  timeout: float = 60.0) -> Iterator[Served]:
+    """serve(), yielding the Served. log_path: where its output goes (default beside the GGUF, which a second
+    server on the same file would share); threads: CPU threads it computes with (default llama.cpp's)."""
     port = _free_port()
-    log_path = Path(gguf_path).with_suffix(".server.log")
+    log_path = Path(log_path or Path(gguf_path).with_suffix(".server.log"))
     command = [
         sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path),
         "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096",
@@ -223,6 +247,8 @@ def serve(gguf_path: Path, *, timeout: float = 60.0) -> Iterator[str]:
         "--interrupt_requests", "false",
         "--verbose", "false",
     ]  # fmt: skip
+    if threads:
+        command += ["--n_threads", str(threads), "--n_threads_batch", str(threads)]
     base_url = f"http://127.0.0.1:{port}/v1"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -238,7 +264,7 @@ def serve(gguf_path: Path, *, timeout: float = 60.0) -> Iterator[str]:
                 tail = log_path.read_text(errors="replace")[-3000:]
                 raise RuntimeError(f"llama_cpp.server did not start (see {log_path}):\n{tail}")
             time.sleep(0.1)
-        yield base_url
+        yield Served(base_url, process, log_path)
     finally:
         process.terminate()
         try:

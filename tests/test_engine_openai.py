@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -183,6 +184,97 @@ def test_concurrency_stays_under_the_limit(flaky):
     out = engine.generate(chats, SamplingParams(), [str(i) for i in range(12)])
     assert [g.text for g in out] == [f"echo: {i}" for i in range(12)]  # answers stay in request order
     assert 1 < server.max_in_flight <= 3
+
+
+# Several servers: the picking rule, cool-downs and failover ------------------------------------------------
+
+HI = [[{"role": "user", "content": "hi"}]]
+
+
+def test_each_request_goes_to_the_server_with_the_fewest_in_flight(flaky):
+    slow, fast = flaky(delay=1.0), flaky()
+    engine = load_engine("openai", "m", base_url=[slow.url, fast.url], concurrency=2)
+    chats = [[{"role": "user", "content": str(i)}] for i in range(10)]
+    out = engine.generate(chats, SamplingParams(), [str(i) for i in range(10)])
+    assert [g.text for g in out] == [f"echo: {i}" for i in range(10)]
+    # The slow server takes the first request and holds it for a second; the other nine find it busy.
+    assert (slow.requests, fast.requests) == (1, 9)
+    assert [(s.sent, s.failed) for s in engine.servers] == [(1, 0), (9, 0)]
+
+
+def test_one_request_at_a_time_alternates_between_idle_servers(flaky):
+    a, b = flaky(), flaky()
+    engine = load_engine("openai", "m", base_url=[a.url, b.url], concurrency=1)
+    engine.generate(HI * 6, SamplingParams(), [str(i) for i in range(6)])
+    assert (a.requests, b.requests) == (3, 3)
+
+
+def test_a_failing_server_cools_down_while_its_request_moves_on_at_once(flaky):
+    failing, healthy = flaky(failures=1, status=503), flaky()
+    # A backoff would take seconds: the request must go straight to the other server instead.
+    engine = load_engine("openai", "m", base_url=[failing.url, healthy.url], concurrency=1, backoff=10.0,
+                         cool_down=0.5)
+    start = time.monotonic()
+    out = engine.generate(HI * 3, SamplingParams(), ["a", "b", "c"])
+    assert [g.text for g in out] == ["echo: hi"] * 3 and time.monotonic() - start < 2.0 and engine.retries == 0
+    # Cooling down, it got no more requests; the first one failed over to the healthy server.
+    assert (failing.requests, healthy.requests) == (1, 3)
+    time.sleep(0.6)  # the cool-down is over: back in rotation, and it answers now
+    engine.generate(HI, SamplingParams(), ["d"])
+    assert failing.requests == 2
+    assert [(s.sent, s.failed, s.last) for s in engine.servers] == [(2, 1, "answered"), (3, 0, "answered")]
+
+
+def test_a_cool_down_doubles_while_the_server_keeps_failing(flaky):
+    failing, healthy = flaky(failures=100, status=500), flaky()
+    engine = load_engine("openai", "m", base_url=[failing.url, healthy.url], concurrency=1, cool_down=0.3)
+    for pause in (0.35, 0.65):  # past the first cool-down (0.3 s), then past the second (0.6 s)
+        engine.generate(HI * 2, SamplingParams(), ["a", "b"])
+        time.sleep(pause)
+    engine.generate(HI * 2, SamplingParams(), ["a", "b"])
+    assert failing.requests == 3  # one try each time it was back, none while it was out
+    time.sleep(0.65)  # less than the third cool-down (1.2 s)
+    engine.generate(HI * 2, SamplingParams(), ["a", "b"])
+    assert (failing.requests, healthy.requests) == (3, 8)
+
+
+def test_requests_that_fail_together_put_a_server_out_once(flaky):
+    # Two requests in flight when the server fails: one outage, so one cool-down, not a doubled one.
+    failing, healthy = flaky(failures=2, status=503, delay=0.2), flaky(delay=0.2)
+    engine = load_engine("openai", "m", base_url=[failing.url, healthy.url], concurrency=4, cool_down=1.0)
+    engine.generate(HI * 4, SamplingParams(), list("abcd"))
+    assert (failing.requests, healthy.requests) == (2, 4)
+    time.sleep(1.2)  # past the cool-down (1 s), short of a doubled one (2 s)
+    engine.generate(HI, SamplingParams(), ["e"])
+    assert failing.requests == 3
+
+
+@pytest.mark.parametrize(("status", "error", "message"), [
+    (400, CaictlError, "request refused (HTTP 400)"),
+    (401, UsageError, "authentication failed"),
+    (404, UsageError, "not found (HTTP 404)"),
+])
+def test_a_request_refused_for_its_own_fault_is_not_sent_to_another_server(flaky, status, error, message):
+    refusing, healthy = flaky(failures=10, status=status), flaky()
+    engine = load_engine("openai", "m", base_url=[refusing.url, healthy.url], concurrency=1)
+    with pytest.raises(error, match=f"^{refusing.url}: {re.escape(message)}"):
+        engine.generate(HI, SamplingParams(), ["k"])
+    assert (refusing.requests, healthy.requests) == (1, 0)
+
+
+def test_the_run_fails_only_when_every_server_has_failed_and_says_what_each_did(flaky):
+    busy, broken = flaky(failures=100, status=429), flaky(failures=100, status=503)
+    engine = load_engine("openai", "m", base_url=[busy.url, broken.url], backoff=0.01, max_retries=2)
+    with pytest.raises(CaictlError) as failed:
+        engine.generate(HI, SamplingParams(), ["k"])
+    assert str(failed.value).startswith(
+        f"every server failed: {busy.url} (HTTP 429; 3 of 3 requests failed), "
+        f"{broken.url} (HTTP 503; 3 of 3 requests failed); gave up after 3 rounds of attempts")
+    assert engine.retries == 2  # two backoffs, between the three rounds
+    # A server that answers in the last round is enough.
+    recovering = flaky(failures=3, status=503)
+    engine = load_engine("openai", "m", base_url=[broken.url, recovering.url], backoff=0.01, max_retries=3)
+    assert engine.generate(HI, SamplingParams(), ["k"])[0].text == "echo: hi" and recovering.requests == 4
 
 
 def test_missing_base_url_is_a_usage_error():

@@ -81,7 +81,8 @@ def test_the_openai_engine_sends_control_text_in_content_as_text(qwen_server_url
     # What the engine sends is recorded on its way to the real server, which then tokenizes it.
     engine = load_engine("openai", "qwen", base_url=qwen_server_url, concurrency=1)
     sent = []
-    for resource, field in ((engine.client.completions, "prompt"), (engine.client.chat.completions, "messages")):
+    client = engine.servers[0].client
+    for resource, field in ((client.completions, "prompt"), (client.chat.completions, "messages")):
         def recording(create=resource.create, field=field, **request):
             sent.append(request[field])
             return create(**request)

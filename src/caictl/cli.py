@@ -93,7 +93,9 @@ Input = Annotated[Optional[str], typer.Argument(help="Input JSONL/JSON/.gz file;
 Out = Annotated[Optional[str], typer.Option("--out", "-o", help="Output JSONL; omitted: records go to stdout.")]
 Model = Annotated[Optional[str], typer.Option(help="Model folder or hub id (env CAICTL_MODEL).")]
 Engine = Annotated[Optional[str], typer.Option(help="hf (in-process) or openai (a server) (env CAICTL_ENGINE).")]
-BaseUrl = Annotated[Optional[str], typer.Option(help="OpenAI-compatible server URL (env CAICTL_BASE_URL).")]
+BaseUrl = Annotated[Optional[list[str]], typer.Option(
+    help="OpenAI-compatible server URL; repeat (or comma-separate) for several servers, each request going to the "
+         "least busy (env CAICTL_BASE_URL, comma-separated).")]
 # The openai engine's own defaults, shown in --help (the engine module imports no client library until used).
 SERVER = {name: p.default for name, p in inspect.signature(OpenAIEngine).parameters.items()}
 MaxRetries = Annotated[Optional[int], typer.Option(
@@ -187,7 +189,7 @@ def revise_command(
     revise.run(revise.ReviseConfig(
         prompts=prompts, out=out, model=model,
         engine=settings.resolve("engine", engine, REVISE["engine"]),
-        base_url=settings.resolve("base_url", base_url),
+        base_url=base_url,
         constitution=settings.resolve("constitution", constitution, REVISE["constitution"]),
         principles=[p.strip() for p in principles.split(",") if p.strip()] if principles else [],
         **stage_options(REVISE, rounds=rounds, temperature=temperature, max_new_tokens=max_new_tokens,
@@ -235,7 +237,7 @@ def sample_command(
     from caictl import settings
     sample.run(sample.SampleConfig(
         prompts=prompts, out=out, model=model, engine=settings.resolve("engine", engine, SAMPLE["engine"]),
-        base_url=settings.resolve("base_url", base_url), n=n, top_p=top_p,
+        base_url=base_url, n=n, top_p=top_p,
         **stage_options(SAMPLE, temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size),
         prompt_style=prompt_style, concurrency=concurrency,
         max_retries=max_retries, timeout=timeout,
@@ -291,7 +293,7 @@ def label_command(
     from caictl import settings
     label.run(label.LabelConfig(
         pairs=pairs, out=out, model=model, engine=settings.resolve("engine", engine, LABEL["engine"]),
-        base_url=settings.resolve("base_url", base_url),
+        base_url=base_url,
         constitution=settings.resolve("constitution", constitution, LABEL["constitution"]),
         principles=[p.strip() for p in principles.split(",") if p.strip()] if principles else [],
         hard=not soft, cot=cot, clamp=tuple(clamp) if clamp else None, principles_per_pair=principles_per_pair,

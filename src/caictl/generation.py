@@ -13,12 +13,13 @@ from caictl.ui import log
 PROMPT_STYLES = ("auto", "chat", "transcript")
 
 
-def open_engine(name: str, model: str, base_url: str | None, batch_size: int, concurrency: int,
+def open_engine(name: str, model: str, base_url: str | list[str] | None, batch_size: int, concurrency: int,
                 max_retries: int | None = None, timeout: float | None = None) -> Engine:
-    """The engine a stage asked for. A server's retries and time-out come from the flag, else CAICTL_MAX_RETRIES /
-    CAICTL_TIMEOUT or caictl.yaml, else the openai engine's own defaults."""
+    """The engine a stage asked for. The servers (one URL or several), a server's retries and time-out come from
+    the flag, else CAICTL_BASE_URL / CAICTL_MAX_RETRIES / CAICTL_TIMEOUT or caictl.yaml, else the openai engine's
+    own defaults."""
     if name == "openai":
-        options = {"base_url": settings.resolve("base_url", base_url), "concurrency": concurrency}
+        options = {"base_url": settings.base_urls(base_url), "concurrency": concurrency}
         retries, seconds = settings.resolve("max_retries", max_retries), settings.resolve("timeout", timeout)
         if retries is not None:
             options["max_retries"] = _number(retries, int, "max_retries", minimum=0)
@@ -37,6 +38,13 @@ def _number(value, kind, name: str, minimum: float):
         raise UsageError(f"--{name.replace('_', '-')} {value!r}: expected a {kind.__name__} >= {minimum:g} "
                          f"(the flag, CAICTL_{name.upper()} or `{name}:` in caictl.yaml)")
     return number
+
+
+def log_servers(engine) -> None:
+    """One line on how the requests were spread, when the engine had several servers (the openai engine)."""
+    servers = getattr(engine, "servers", [])
+    if len(servers) > 1:
+        log("requests per server: " + ", ".join(f"{s.url} {s.sent} ({s.failed} failed)" for s in servers))
 
 
 def prompt_style(requested: str, engine: Engine) -> str:

@@ -3,6 +3,7 @@
     # caictl.yaml
     model: models/tiny
     engine: hf
+    base_url: [http://gpu1:8000/v1, http://gpu2:8000/v1]   # openai engine: one server, or a list of them
     constitution: harmless
     seed: 0
     max_retries: 6   # openai engine: retries of a failed request
@@ -23,6 +24,8 @@ import os
 from pathlib import Path
 
 from caictl.errors import UsageError
+
+URL_EXAMPLE = "http://127.0.0.1:8000/v1"
 
 SHARED = ("model", "engine", "base_url", "constitution", "seed", "max_retries", "timeout")
 # Stage options caictl.yaml may set, each checked as its flag is: (type, least value, what is expected).
@@ -54,6 +57,22 @@ def resolve(name: str, flag_value=None, default=None):
     if project.get(name) is not None:
         return project[name]
     return default
+
+
+def base_urls(flag_value=None) -> list[str]:
+    """The openai engine's server URLs, by the precedence of every shared option: the flag (repeatable), else
+    CAICTL_BASE_URL, else `base_url:` in caictl.yaml (a URL or a list of them). Any entry may hold several URLs,
+    comma-separated. Empty when none is set anywhere; a bad entry stops the run, naming where it came from."""
+    if flag_value is not None:
+        value, where = flag_value, "--base-url"
+    elif os.environ.get("CAICTL_BASE_URL"):
+        value, where = os.environ["CAICTL_BASE_URL"], "CAICTL_BASE_URL"
+    else:  # caictl.yaml's was checked when the file was read
+        return _parse_urls(_project_file().get("base_url") or [])[0]
+    urls, problems = _parse_urls(value)
+    if problems:
+        raise UsageError(f"{where}: {'; '.join(problems)}")
+    return urls
 
 
 def stage_option(name: str, flag_value=None, default=None):
@@ -94,9 +113,35 @@ def _project_file() -> dict:
     problems = [f"{name}: {data[name]!r} is not {expected}"
                 for name, (kind, least, expected) in STAGE_OPTIONS.items()
                 if data.get(name) is not None and not _fits(data[name], kind, least)]
+    if data.get("base_url") is not None:
+        problems += [f"base_url: {problem}" for problem in _parse_urls(data["base_url"])[1]]
     if problems:
         raise UsageError(f"{path.resolve()}: {'; '.join(problems)}")
     return data
+
+
+def _parse_urls(value) -> tuple[list[str], list[str]]:
+    """(URLs, problems) of a base_url as given: a string of comma-separated URLs, or a list of such strings."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        return [], [f"expected a URL or a list of URLs, e.g. {URL_EXAMPLE}"]
+    urls, problems = [], []
+    for item in value:
+        if not isinstance(item, str):
+            problems.append(f"{item!r} is not a URL")
+            continue
+        for part in item.split(","):
+            url = part.strip()
+            if not url:
+                problems.append(f"an empty entry in {item!r} (URLs are separated by single commas)")
+            elif not url.startswith(("http://", "https://")):
+                problems.append(f"{url!r} is not an http:// or https:// URL, e.g. {URL_EXAMPLE}")
+            elif url in urls:
+                problems.append(f"{url} is listed twice")
+            else:
+                urls.append(url)
+    return urls, problems
 
 
 def _fits(value, kind: type, least: float) -> bool:

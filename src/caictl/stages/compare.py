@@ -38,6 +38,7 @@ from caictl.generation import (
     PROMPT_STYLES,
     STOP_RESPONSE,
     Cuts,
+    log_servers,
     open_engine,
     prompt_style,
     respond,
@@ -62,7 +63,7 @@ class EvalCompareConfig:
     judge: str | None = None  # the feedback model for pairwise judgements
     judge_refusal: bool = False
     engine: str = "hf"
-    base_url: str | None = None
+    base_url: str | list[str] | None = None  # openai engine: server URL(s); None: CAICTL_BASE_URL, caictl.yaml
     constitution: str = "harmless"
     prompt_style: str = "auto"
     max_new_tokens: int = 128
@@ -217,6 +218,7 @@ def answer(config: EvalCompareConfig, models: dict[str, str], items: list[Item],
                     generated += len(chunk)
                     tokens += sum(g.completion_tokens for g in results)
                     progress.advance(len(chunk), sum(g.completion_tokens for g in results))
+            log_servers(engine)
             del engine
             gc.collect()
     finally:
@@ -315,6 +317,7 @@ def judge_outcomes(config: EvalCompareConfig, models: dict[str, str], items: lis
             if refusal_cuts.count(c):
                 row["judge_refusal_truncated_tokens"] = c
         refusal_cuts.warn()
+    log_servers(engine)
     cuts.warn()
     judged = {}
     for row in read_rows(path):

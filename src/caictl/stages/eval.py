@@ -27,7 +27,7 @@ from caictl import model_kind, settings, tokens
 from caictl.engines import ENGINES
 from caictl.engines.base import choice_cuts
 from caictl.errors import InputError, UsageError
-from caictl.generation import Cuts, open_engine
+from caictl.generation import Cuts, log_servers, open_engine
 from caictl.metrics import calibration, pairwise_metrics, plot_reliability
 from caictl.ratings import tied
 from caictl.records import read_rows
@@ -40,7 +40,7 @@ class EvalMCConfig:
     out: str  # output folder
     model: str | None = None
     engine: str = "hf"  # hf, or openai: a server that echoes prompt log-probs (vLLM, llama.cpp)
-    base_url: str | None = None
+    base_url: str | list[str] | None = None  # openai engine: server URL(s); None: CAICTL_BASE_URL, caictl.yaml
     batch_size: int = 16  # questions per engine call; hf: also sequences per forward pass
     concurrency: int = 8  # requests in flight (openai)
     max_retries: int | None = None  # openai engine; None: CAICTL_MAX_RETRIES, caictl.yaml, the engine's
@@ -107,6 +107,7 @@ def run_mc(config: EvalMCConfig) -> dict:
             ece, bins = calibration(predicted, credits)
             results[path] = {"questions": len(rows), "accuracy": round(sum(credits) / len(credits), 4),
                              "ece": round(ece, 4), "truncated_questions": truncated, "reliability": bins}
+    log_servers(engine)
     cuts.warn()
     counts = row_counts(read=sum(len(rows) for rows in questions.values()), written=len(records),
                         seconds=time.perf_counter() - start)

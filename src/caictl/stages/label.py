@@ -23,7 +23,7 @@ from caictl import __version__, model_identity, model_kind, settings
 from caictl.constitution import Constitution, load_for_stage
 from caictl.engines import ENGINES, sampler
 from caictl.errors import InputError, UsageError
-from caictl.generation import Cuts, open_engine
+from caictl.generation import Cuts, log_servers, open_engine
 from caictl.judge import Comparison, Judge, vote_statistics
 from caictl.records import (
     Pairs,
@@ -47,7 +47,7 @@ class LabelConfig:
     out: str | None = None
     model: str | None = None  # the feedback model
     engine: str = "hf"
-    base_url: str | None = None
+    base_url: str | list[str] | None = None  # openai engine: server URL(s); None: CAICTL_BASE_URL, caictl.yaml
     constitution: str = "harmless"
     principles: list[str] = field(default_factory=list)  # restrict the draw to these comparison principle ids
     hard: bool = False  # 0/1 labels instead of soft probabilities
@@ -144,6 +144,7 @@ def run(config: LabelConfig, engine=None) -> dict:
                     writer.write(done)
                     records += done
                     progress.advance(len(chunk))
+            log_servers(engine)
     finally:
         writer.close()
     counts = row_counts(read=len(comparisons) + (rejects.count if rejects else 0), written=len(records),

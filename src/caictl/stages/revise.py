@@ -25,6 +25,7 @@ from caictl.generation import (
     PROMPT_STYLES,
     STOP_RESPONSE,
     Cuts,
+    log_servers,
     open_engine,
     prompt_style,
     respond,
@@ -52,7 +53,7 @@ class ReviseConfig:
     out: str | None = None  # output JSONL; None writes to stdout
     model: str | None = None  # local folder or hub id (hf), or the server's model name (openai)
     engine: str = "hf"
-    base_url: str | None = None  # openai engine only
+    base_url: str | list[str] | None = None  # openai engine: server URL(s); None: CAICTL_BASE_URL, caictl.yaml
     constitution: str = "harmless"  # a shipped name or a file (several files: comma-separated)
     principles: list[str] = field(default_factory=list)  # restrict the draw to these principle ids
     rounds: int = 4  # critique -> revision rounds per prompt
@@ -139,6 +140,7 @@ def run(config: ReviseConfig, engine=None) -> dict:
                         record["meta"] = {**run_settings, **record["meta"]}
                     writer.write(records)
                     progress.advance(len(chunk), totals.tokens - progress.tokens)
+            log_servers(engine)
     finally:
         writer.close()
 

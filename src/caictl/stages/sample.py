@@ -21,6 +21,7 @@ from caictl.generation import (
     PROMPT_STYLES,
     STOP_RESPONSE,
     Cuts,
+    log_servers,
     open_engine,
     prompt_style,
     respond,
@@ -48,7 +49,7 @@ class SampleConfig:
     out: str | None = None  # output JSONL; None writes to stdout
     model: str | None = None  # the policy: a folder or hub id (hf), or the server's model name (openai)
     engine: str = "hf"
-    base_url: str | None = None
+    base_url: str | list[str] | None = None  # openai engine: server URL(s); None: CAICTL_BASE_URL, caictl.yaml
     n: int = 2  # responses per prompt
     temperature: float = 1.0
     top_p: float = 1.0
@@ -138,6 +139,7 @@ def run(config: SampleConfig, engine=None) -> dict:
                     new_tokens = sum(g.completion_tokens for g in results)
                     tokens += new_tokens
                     progress.advance(len(chunk), new_tokens)
+            log_servers(engine)
     finally:
         writer.close()
     rejected = rejects.count if rejects else 0

@@ -103,6 +103,9 @@ MaxRetries = Annotated[Optional[int], typer.Option(
          f"(env CAICTL_MAX_RETRIES; default {SERVER['max_retries']}).")]
 Timeout = Annotated[Optional[float], typer.Option(
     help=f"openai engine: seconds one request may take (env CAICTL_TIMEOUT; default {SERVER['timeout']:g}).")]
+Compile = Annotated[Optional[bool], typer.Option(
+    "--compile/--no-compile", help="hf engine: decoding steps through torch.compile over a static KV cache "
+    "(default: on with a CUDA GPU, off on a CPU, where compiling takes longer than it saves).")]
 ConstitutionOpt = Annotated[Optional[str], typer.Option(
     "--constitution", help="Shipped name or file(s), comma-separated (env CAICTL_CONSTITUTION).")]
 Seed = Annotated[Optional[int], typer.Option(help="Random seed (env CAICTL_SEED). Default 0.")]
@@ -170,6 +173,7 @@ def revise_command(
     batch_size: Annotated[Optional[int], typer.Option(
         help=yaml_help("Prompts per forward pass (hf engine).", REVISE, "batch_size"))] = None,
     concurrency: Annotated[int, typer.Option(help="Requests in flight (openai engine).")] = REVISE["concurrency"],
+    compile: Compile = None,
     max_retries: MaxRetries = None,
     timeout: Timeout = None,
     seed: Seed = None,
@@ -195,8 +199,8 @@ def revise_command(
         **stage_options(REVISE, rounds=rounds, temperature=temperature, max_new_tokens=max_new_tokens,
                         batch_size=batch_size),
         few_shot=few_shot, shots=shots, critique=critique, prompt_style=prompt_style, top_p=top_p,
-        concurrency=concurrency, max_retries=max_retries, timeout=timeout, seed=_seed(seed, REVISE["seed"]),
-        limit=limit, shard=shard, format=format,
+        concurrency=concurrency, compile=compile, max_retries=max_retries, timeout=timeout,
+        seed=_seed(seed, REVISE["seed"]), limit=limit, shard=shard, format=format,
         skip_invalid=skip_invalid, overwrite=overwrite,
     ))
 
@@ -221,6 +225,7 @@ def sample_command(
     batch_size: Annotated[Optional[int], typer.Option(
         help=yaml_help("Requests per forward pass (hf engine).", SAMPLE, "batch_size"))] = None,
     concurrency: Annotated[int, typer.Option(help="Requests in flight (openai engine).")] = SAMPLE["concurrency"],
+    compile: Compile = None,
     max_retries: MaxRetries = None,
     timeout: Timeout = None,
     seed: Seed = None,
@@ -239,7 +244,7 @@ def sample_command(
         prompts=prompts, out=out, model=model, engine=settings.resolve("engine", engine, SAMPLE["engine"]),
         base_url=base_url, n=n, top_p=top_p,
         **stage_options(SAMPLE, temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size),
-        prompt_style=prompt_style, concurrency=concurrency,
+        prompt_style=prompt_style, concurrency=concurrency, compile=compile,
         max_retries=max_retries, timeout=timeout,
         seed=_seed(seed, SAMPLE["seed"]), limit=limit, shard=shard, from_revisions=from_revisions,
         skip_invalid=skip_invalid, overwrite=overwrite,
@@ -277,6 +282,7 @@ def label_command(
     batch_size: Annotated[Optional[int], typer.Option(
         help=yaml_help("Questions per forward pass (hf engine).", LABEL, "batch_size"))] = None,
     concurrency: Annotated[int, typer.Option(help="Requests in flight (openai engine).")] = LABEL["concurrency"],
+    compile: Compile = None,
     max_retries: MaxRetries = None,
     timeout: Timeout = None,
     seed: Seed = None,
@@ -299,7 +305,7 @@ def label_command(
         hard=not soft, cot=cot, clamp=tuple(clamp) if clamp else None, principles_per_pair=principles_per_pair,
         debias=debias, few_shot=few_shot, pairing=pairing,
         **stage_options(LABEL, max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size),
-        concurrency=concurrency, max_retries=max_retries,
+        concurrency=concurrency, compile=compile, max_retries=max_retries,
         timeout=timeout, seed=_seed(seed, LABEL["seed"]),
         limit=limit, shard=shard, skip_invalid=skip_invalid, overwrite=overwrite,
     ))
@@ -594,6 +600,7 @@ def eval_mc(
         help=yaml_help("Questions per engine call; hf: also sequences per forward pass.", EVAL_MC,
                        "batch_size"))] = None,
     concurrency: Annotated[int, typer.Option(help="Requests in flight (openai).")] = EVAL_MC["concurrency"],
+    compile: Compile = None,
     max_retries: MaxRetries = None,
     timeout: Timeout = None,
     limit: Annotated[Optional[int], typer.Option(help="At most N questions per file.")] = EVAL_MC["limit"],
@@ -608,7 +615,7 @@ def eval_mc(
     from caictl import settings
     evaluation.run_mc(evaluation.EvalMCConfig(
         files=files, out=out, model=model, engine=settings.resolve("engine", engine, EVAL_MC["engine"]),
-        base_url=base_url, **stage_options(EVAL_MC, batch_size=batch_size), concurrency=concurrency,
+        base_url=base_url, **stage_options(EVAL_MC, batch_size=batch_size), concurrency=concurrency, compile=compile,
         max_retries=max_retries, timeout=timeout,
         limit=limit))
 
@@ -657,6 +664,7 @@ def eval_compare(
     batch_size: Annotated[Optional[int], typer.Option(
         help=yaml_help("Sequences per forward pass (hf).", EVAL_COMPARE, "batch_size"))] = None,
     concurrency: Annotated[int, typer.Option(help="Requests in flight (openai).")] = EVAL_COMPARE["concurrency"],
+    compile: Compile = None,
     max_retries: MaxRetries = None,
     timeout: Timeout = None,
     limit: Annotated[Optional[int], typer.Option(help="At most N prompts per set.")] = EVAL_COMPARE["limit"],
@@ -676,7 +684,7 @@ def eval_compare(
         prompt_style=prompt_style,
         **stage_options(EVAL_COMPARE, max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size),
         top_p=top_p,
-        concurrency=concurrency, max_retries=max_retries, timeout=timeout, limit=limit,
+        concurrency=concurrency, compile=compile, max_retries=max_retries, timeout=timeout, limit=limit,
         seed=_seed(seed, EVAL_COMPARE["seed"]), overwrite=overwrite))
 
 

@@ -14,7 +14,7 @@ PROMPT_STYLES = ("auto", "chat", "transcript")
 
 
 def open_engine(name: str, model: str, base_url: str | list[str] | None, batch_size: int, concurrency: int,
-                max_retries: int | None = None, timeout: float | None = None) -> Engine:
+                max_retries: int | None = None, timeout: float | None = None, compile: bool | None = None) -> Engine:
     """The engine a stage asked for. The servers (one URL or several), a server's retries and time-out come from
     the flag, else CAICTL_BASE_URL / CAICTL_MAX_RETRIES / CAICTL_TIMEOUT or caictl.yaml, else the openai engine's
     own defaults."""
@@ -26,7 +26,7 @@ def open_engine(name: str, model: str, base_url: str | list[str] | None, batch_s
         if seconds is not None:
             options["timeout"] = _number(seconds, float, "timeout", minimum=1e-3)
         return load_engine(name, model, **options)
-    return load_engine(name, model, batch_size=batch_size)
+    return load_engine(name, model, batch_size=batch_size, compile=compile)
 
 
 def _number(value, kind, name: str, minimum: float):

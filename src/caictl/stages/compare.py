@@ -71,6 +71,7 @@ class EvalCompareConfig:
     top_p: float = 1.0
     batch_size: int = 16
     concurrency: int = 8
+    compile: bool | None = None  # hf engine: decoding through torch.compile; None: with CUDA only
     max_retries: int | None = None  # openai engine; None: CAICTL_MAX_RETRIES, caictl.yaml, the engine's
     timeout: float | None = None  # openai engine, seconds a request may take; None: likewise
     limit: int | None = None  # prompts per set
@@ -201,7 +202,7 @@ def answer(config: EvalCompareConfig, models: dict[str, str], items: list[Item],
             if not pending:
                 continue
             engine = open_engine(config.engine, model, config.base_url, config.batch_size, config.concurrency,
-                                 config.max_retries, config.timeout)
+                                 config.max_retries, config.timeout, config.compile)
             style = prompt_style(config.prompt_style, engine)
             params = SamplingParams(config.max_new_tokens, config.temperature, config.top_p, STOP_RESPONSE,
                                     config.seed)
@@ -298,7 +299,7 @@ def judge_outcomes(config: EvalCompareConfig, models: dict[str, str], items: lis
     try:
         if pending or config.judge_refusal:
             engine = open_engine(config.engine, config.judge, config.base_url, config.batch_size,
-                                 config.concurrency, config.max_retries, config.timeout)
+                                 config.concurrency, config.max_retries, config.timeout, config.compile)
         judge = Judge(engine, constitution, debias=True, seed=config.seed)
         with meter(len(pending), "judge", unit="pairs") as progress:
             for chunk in batches(pending, config.batch_size):

@@ -43,6 +43,7 @@ class EvalMCConfig:
     base_url: str | list[str] | None = None  # openai engine: server URL(s); None: CAICTL_BASE_URL, caictl.yaml
     batch_size: int = 16  # questions per engine call; hf: also sequences per forward pass
     concurrency: int = 8  # requests in flight (openai)
+    compile: bool | None = None  # hf engine: decoding through torch.compile; None: with CUDA only
     max_retries: int | None = None  # openai engine; None: CAICTL_MAX_RETRIES, caictl.yaml, the engine's
     timeout: float | None = None  # openai engine, seconds a request may take; None: likewise
     limit: int | None = None  # at most N questions per file, from the top
@@ -77,7 +78,7 @@ def run_mc(config: EvalMCConfig) -> dict:
     start = time.perf_counter()
     questions = {path: read_mc(path, config.limit) for path in _existing(config.files)}
     engine = open_engine(config.engine, model, config.base_url, config.batch_size, config.concurrency,
-                         config.max_retries, config.timeout)
+                         config.max_retries, config.timeout, config.compile)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     results, records = {}, []

@@ -61,6 +61,7 @@ class LabelConfig:
     temperature: float = 1.0  # --cot reasoning sampling
     batch_size: int = 16
     concurrency: int = 8
+    compile: bool | None = None  # hf engine: decoding through torch.compile; None: with CUDA only
     max_retries: int | None = None  # openai engine; None: CAICTL_MAX_RETRIES, caictl.yaml, the engine's
     timeout: float | None = None  # openai engine, seconds a request may take; None: likewise
     seed: int = 0
@@ -133,7 +134,7 @@ def run(config: LabelConfig, engine=None) -> dict:
     try:
         if pending:
             engine = engine or open_engine(config.engine, model, config.base_url, config.batch_size,
-                                           config.concurrency, config.max_retries, config.timeout)
+                                           config.concurrency, config.max_retries, config.timeout, config.compile)
             judge = Judge(engine, constitution, few_shot=config.few_shot, cot=config.cot, debias=config.debias,
                           clamp=config.effective_clamp, max_new_tokens=config.max_new_tokens,
                           temperature=config.temperature, seed=config.seed)

@@ -66,6 +66,7 @@ class ReviseConfig:
     max_new_tokens: int = 256  # per generated response, critique or revision
     batch_size: int = 16
     concurrency: int = 8  # openai engine: requests in flight
+    compile: bool | None = None  # hf engine: decoding through torch.compile; None: with CUDA only
     max_retries: int | None = None  # openai engine; None: CAICTL_MAX_RETRIES, caictl.yaml, the engine's
     timeout: float | None = None  # openai engine, seconds a request may take; None: likewise
     seed: int = 0
@@ -127,7 +128,7 @@ def run(config: ReviseConfig, engine=None) -> dict:
     try:
         if pending:
             engine = engine or open_engine(config.engine, model, config.base_url, config.batch_size,
-                                           config.concurrency, config.max_retries, config.timeout)
+                                           config.concurrency, config.max_retries, config.timeout, config.compile)
             reviser = Reviser(engine, constitution, config, prompt_style(config.prompt_style, engine))
             with meter(len(pending), "revise") as progress:
                 # A batch of prompts goes through every round and is written before the next one starts: a

@@ -57,6 +57,7 @@ class SampleConfig:
     prompt_style: str = "auto"  # chat, transcript (Human:/Assistant: for base models) or auto
     batch_size: int = 16
     concurrency: int = 8
+    compile: bool | None = None  # hf engine: decoding through torch.compile; None: with CUDA only
     max_retries: int | None = None  # openai engine; None: CAICTL_MAX_RETRIES, caictl.yaml, the engine's
     timeout: float | None = None  # openai engine, seconds a request may take; None: likewise
     seed: int = 0
@@ -114,7 +115,7 @@ def run(config: SampleConfig, engine=None) -> dict:
     try:
         if pending:
             engine = engine or open_engine(config.engine, model, config.base_url, config.batch_size,
-                                           config.concurrency, config.max_retries, config.timeout)
+                                           config.concurrency, config.max_retries, config.timeout, config.compile)
             style = prompt_style(config.prompt_style, engine)
             params = SamplingParams(config.max_new_tokens, config.temperature, config.top_p, STOP_RESPONSE,
                                     config.seed)

@@ -54,13 +54,14 @@ SMALL_REVISE = --prompts 16 --batch-size 16 --baseline-prompts 2 --max-new-token
 # Labelling at the paper's settings: 8 pairs x 4 principles x 2 orders = 64 few-shot questions a run.
 PAPER_LABEL = --comparisons 8 --batch-size 16
 
-bench: $(BIN)/.core-installed
+bench: $(BIN)/.core-installed $(BIN)/.families-prepared
 	$(BIN)/python benchmarks/bench_revise.py --preset tiny
 	$(BIN)/python benchmarks/bench_revise.py --preset small $(SMALL_REVISE)
 	$(BIN)/python benchmarks/bench_revise.py --preset small $(SMALL_REVISE) --no-few-shot
 	$(BIN)/python benchmarks/bench_label.py --preset tiny
 	$(BIN)/python benchmarks/bench_label.py --preset small
 	$(BIN)/python benchmarks/bench_label.py --paper --preset small $(PAPER_LABEL)
+	$(BIN)/python benchmarks/bench_label.py --paper --preset small --family qwen2.5 $(PAPER_LABEL)
 	for preset in tiny small; do for stage in sft train-pm ppo; do \
 		$(BIN)/python benchmarks/bench_train.py --stage $$stage --preset $$preset || exit 1; done; done
 	$(BIN)/python benchmarks/gpu.py

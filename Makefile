@@ -58,6 +58,7 @@ bench: $(BIN)/.core-installed
 	$(BIN)/python benchmarks/bench_revise.py --preset small $(SMALL_REVISE) --no-few-shot
 	$(BIN)/python benchmarks/bench_label.py --preset tiny
 	$(BIN)/python benchmarks/bench_label.py --preset small
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_serve_pm.py --preset tiny
 	for preset in tiny small; do for stage in sft train-pm ppo; do \
 		$(BIN)/python benchmarks/bench_train.py --stage $$stage --preset $$preset || exit 1; done; done
 	$(BIN)/python benchmarks/gpu.py

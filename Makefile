@@ -62,6 +62,7 @@ bench: $(BIN)/.core-installed $(BIN)/.families-prepared
 	$(BIN)/python benchmarks/bench_label.py --preset small
 	$(BIN)/python benchmarks/bench_label.py --paper --preset small $(PAPER_LABEL)
 	$(BIN)/python benchmarks/bench_label.py --paper --preset small --family qwen2.5 $(PAPER_LABEL)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_serve_pm.py --preset tiny
 	for preset in tiny small; do for stage in sft train-pm ppo; do \
 		$(BIN)/python benchmarks/bench_train.py --stage $$stage --preset $$preset || exit 1; done; done
 	$(BIN)/python benchmarks/gpu.py

@@ -77,6 +77,7 @@ DEFAULTS_CASES = {
     ("label",): ("label", "run", "LabelConfig", [], {}),
     ("train-pm",): ("train_pm", "run", "TrainPMConfig", ["p.jsonl", "-o", "pm"], {"prefs": ["p.jsonl"], "out": "pm"}),
     ("score",): ("score", "run", "ScoreConfig", ["--pm", "pm"], {"pm": "pm"}),
+    ("serve-pm",): ("serve_pm", "run", "ServePMConfig", ["--pm", "pm", "--port", "0"], {"pm": "pm", "port": 0}),
     ("ppo",): ("ppo", "run", "PPOConfig", ["--policy", "a", "--pm", "b", "-o", "c"],
                {"prompts": None, "policy": "a", "pm": "b", "out": "c"}),
     ("dpo",): ("dpo", "run", "DPOConfig", ["p.jsonl", "-o", "d"], {"prefs": ["p.jsonl"], "out": "d"}),

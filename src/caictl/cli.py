@@ -20,7 +20,7 @@ from caictl.engines.openai import OpenAIEngine
 from caictl.errors import CaictlError
 
 # Stage modules are light at import (torch and transformers load inside run()), so --help stays fast.
-from caictl.stages import compare, dpo, label, ppo, report, revise, sample, score, sft, train_pm
+from caictl.stages import compare, dpo, label, ppo, report, revise, sample, score, serve_pm, sft, train_pm
 from caictl.stages import eval as evaluation
 from caictl.stages import inspect as inspection
 
@@ -37,6 +37,7 @@ SAMPLE = defaults(sample.SampleConfig)
 LABEL = defaults(label.LabelConfig)
 TRAIN_PM = defaults(train_pm.TrainPMConfig)
 SCORE = defaults(score.ScoreConfig)
+SERVE_PM = defaults(serve_pm.ServePMConfig)
 PPO = defaults(ppo.PPOConfig)
 DPO = defaults(dpo.DPOConfig)
 SFT = defaults(sft.SFTConfig)
@@ -377,6 +378,34 @@ def score_command(
     """
     score.run(score.ScoreConfig(pm=pm, file=file, out=out, **stage_options(SCORE, batch_size=batch_size),
                                 max_length=max_length, overwrite=overwrite, shard=shard))
+
+
+@app.command("serve-pm")
+def serve_pm_command(
+    pm: Annotated[str, typer.Option(help="A train-pm output folder.")] = ...,
+    port: Annotated[int, typer.Option(help="TCP port; 0 takes a free one (the URL printed says which).")] = ...,
+    host: Annotated[str, typer.Option(
+        help="Address to listen on; 0.0.0.0 for every interface (no authentication: a trusted network only).")
+    ] = SERVE_PM["host"],
+    batch_size: Annotated[Optional[int], typer.Option(
+        help=yaml_help("Texts per forward pass, gathered from every waiting request.", SERVE_PM, "batch_size"))
+    ] = None,
+    max_length: Annotated[int, typer.Option(
+        help="Tokens kept from the end of each conversation (as `caictl score`).")] = SERVE_PM["max_length"],
+    policy: Annotated[Optional[str], typer.Option(
+        help="The policy (folder or hub id) whose chat template wrote the queries: each is read back into messages "
+             "and scored as their transcript. Omitted: a query is the PM's text as it is.")] = SERVE_PM["policy"],
+    log_every: Annotated[int, typer.Option(
+        help="A throughput line on stderr every N requests; 0: none.")] = SERVE_PM["log_every"],
+) -> None:
+    """Serve a preference model over HTTP as a reward server: OpenRLHF's remote reward model protocol
+    (POST /get_reward), for RL at scale on OpenRLHF, TRL's GRPO or verl. Ctrl-C or SIGTERM stops it.
+
+    Example: caictl serve-pm --pm models/pm --port 5000 --policy models/sl-cai
+    """
+    serve_pm.run(serve_pm.ServePMConfig(
+        pm=pm, port=port, host=host, **stage_options(SERVE_PM, batch_size=batch_size), max_length=max_length,
+        policy=policy, log_every=log_every))
 
 
 @app.command("inspect")

@@ -89,6 +89,10 @@ DEFAULTS_CASES = {
                           {"prompts": ["h.jsonl"], "out": "e"}),
     ("inspect",): ("inspect", "run", "InspectConfig", ["f.jsonl"], {"file": "f.jsonl"}),
     ("eval", "report"): ("report", "run_report", "EvalReportConfig", ["runs/x"], {"paths": ["runs/x"]}),
+    ("eval", "labeler"): ("labeler", "run", "EvalLabelerConfig", ["c.jsonl", "-o", "e"],
+                          {"files": ["c.jsonl"], "out": "e"}),
+    ("constitution", "diff"): ("constitution_diff", "run", "ConstitutionDiffConfig", ["a", "b", "p.jsonl", "-o", "d"],
+                               {"a": "a", "b": "b", "pairs": "p.jsonl", "out": "d"}),
 }
 WITHOUT_CONFIG = {("constitution",), ("constitution", "show"), ("constitution", "validate"),
                   ("constitution", "convert"), ("eval",)}

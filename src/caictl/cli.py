@@ -20,7 +20,21 @@ from caictl.engines.openai import OpenAIEngine
 from caictl.errors import CaictlError
 
 # Stage modules are light at import (torch and transformers load inside run()), so --help stays fast.
-from caictl.stages import compare, dpo, label, ppo, report, revise, sample, score, serve_pm, sft, train_pm
+from caictl.stages import (
+    compare,
+    constitution_diff,
+    dpo,
+    label,
+    labeler,
+    ppo,
+    report,
+    revise,
+    sample,
+    score,
+    serve_pm,
+    sft,
+    train_pm,
+)
 from caictl.stages import eval as evaluation
 from caictl.stages import inspect as inspection
 
@@ -45,6 +59,8 @@ EVAL_MC = defaults(evaluation.EvalMCConfig)
 EVAL_PM = defaults(evaluation.EvalPMConfig)
 EVAL_COMPARE = defaults(compare.EvalCompareConfig)
 EVAL_REPORT = defaults(report.EvalReportConfig)
+EVAL_LABELER = defaults(labeler.EvalLabelerConfig)
+CONSTITUTION_DIFF = defaults(constitution_diff.ConstitutionDiffConfig)
 INSPECT = defaults(inspection.InspectConfig)
 
 
@@ -84,7 +100,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-constitution_app = typer.Typer(help="Show, validate and convert constitutions.", no_args_is_help=True)
+constitution_app = typer.Typer(help="Show, validate, convert and compare constitutions.", no_args_is_help=True)
 app.add_typer(constitution_app, name="constitution")
 eval_app = typer.Typer(help="Evaluate models and preference models.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
@@ -717,6 +733,71 @@ def eval_compare(
         seed=_seed(seed, EVAL_COMPARE["seed"]), overwrite=overwrite))
 
 
+@eval_app.command("labeler")
+def eval_labeler(
+    files: Annotated[list[str], typer.Argument(
+        help="Comparisons people made: hh-rlhf chosen/rejected, HHH text_correct/text_incorrect, "
+             "prompt/chosen/rejected.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Output folder.")],
+    model: Model = None,
+    engine: Engine = None,
+    base_url: BaseUrl = None,
+    constitution: ConstitutionOpt = None,
+    principles: Annotated[Optional[str], typer.Option(help="Comma-separated comparison principle ids.")] = None,
+    principles_per_pair: Annotated[int, typer.Option(
+        help="Principles drawn per comparison, averaged.")] = EVAL_LABELER["principles_per_pair"],
+    all_principles: Annotated[bool, typer.Option(
+        help="Every principle votes on every comparison (per-principle figures on all of them).")
+    ] = EVAL_LABELER["all_principles"],
+    soft: Annotated[bool, typer.Option(
+        "--soft/--hard", help="Soft: normalised P(A) vs P(B) (default). Hard: 0 or 1.")] = not EVAL_LABELER["hard"],
+    cot: Annotated[bool, typer.Option(help="Chain of thought, as `caictl label --cot` (clamped to 0.4-0.6 unless "
+                                           "--clamp says otherwise).")] = EVAL_LABELER["cot"],
+    clamp: Annotated[Optional[tuple[float, float]], typer.Option(
+        help="Clamp each order's probability into [LO, HI]; with --compare-modes, the cot-clamp mode's bounds "
+             "(default 0.4 0.6).")] = EVAL_LABELER["clamp"],
+    debias: Annotated[bool, typer.Option(
+        help="The label averages both orders. Both are scored either way, to measure position bias.")
+    ] = EVAL_LABELER["debias"],
+    few_shot: Annotated[bool, typer.Option(
+        help="Show the constitution's labelling examples first.")] = EVAL_LABELER["few_shot"],
+    compare_modes: Annotated[bool, typer.Option(
+        help="Soft, hard, cot and cot-clamp labels side by side.")] = EVAL_LABELER["compare_modes"],
+    max_new_tokens: Annotated[Optional[int], typer.Option(
+        help=yaml_help("--cot reasoning length in tokens.", EVAL_LABELER, "max_new_tokens"))] = None,
+    temperature: Annotated[Optional[float], typer.Option(
+        help=yaml_help("--cot reasoning temperature.", EVAL_LABELER, "temperature"))] = None,
+    batch_size: Annotated[Optional[int], typer.Option(
+        help=yaml_help("Comparisons judged and written at a time.", EVAL_LABELER, "batch_size"))] = None,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight (openai engine).")] = EVAL_LABELER["concurrency"],
+    max_retries: MaxRetries = None,
+    timeout: Timeout = None,
+    seed: Seed = None,
+    limit: Annotated[Optional[int], typer.Option(help="At most N comparisons per file.")] = EVAL_LABELER["limit"],
+    overwrite: Annotated[bool, typer.Option(help="Start afresh instead of resuming.")] = EVAL_LABELER["overwrite"],
+) -> None:
+    """A feedback model's labels against people's: accuracy, calibration, position and length bias.
+
+    Example: caictl eval labeler hh-rlhf-test.jsonl.gz 438HHHEvaluations.jsonl --model models/feedback
+    -o eval/labeler --compare-modes
+    """
+    from caictl import settings
+    labeler.run(labeler.EvalLabelerConfig(
+        files=files, out=out, model=model, engine=settings.resolve("engine", engine, EVAL_LABELER["engine"]),
+        base_url=settings.resolve("base_url", base_url),
+        constitution=settings.resolve("constitution", constitution, EVAL_LABELER["constitution"]),
+        principles=_ids(principles), principles_per_pair=principles_per_pair, all_principles=all_principles,
+        hard=not soft, cot=cot, clamp=tuple(clamp) if clamp else None, debias=debias, few_shot=few_shot,
+        compare_modes=compare_modes,
+        **stage_options(EVAL_LABELER, max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size),
+        concurrency=concurrency, max_retries=max_retries, timeout=timeout, seed=_seed(seed, EVAL_LABELER["seed"]),
+        limit=limit, overwrite=overwrite))
+
+
+def _ids(text: str | None) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()] if text else []
+
+
 @eval_app.command("report")
 def eval_report(
     paths: Annotated[list[str], typer.Argument(help="Run folders (scanned) or artifact files.")],
@@ -764,6 +845,74 @@ def constitution_convert(
     from caictl import constitution as c
 
     c.convert(specs, out, name)
+
+
+@constitution_app.command("diff")
+def constitution_diff_command(
+    a: Annotated[str, typer.Argument(help="Constitution A: shipped name or file(s), or NAME:id1,id2 (a subset of "
+                                          "its comparison principles).")],
+    b: Annotated[str, typer.Argument(help="Constitution B, likewise.")],
+    pairs: Annotated[str, typer.Argument(
+        help="Pairs to label (a file): sample output, or comparisons people made (hh-rlhf, HHH, "
+             "prompt/chosen/rejected).")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Output folder.")],
+    model: Model = None,
+    engine: Engine = None,
+    base_url: BaseUrl = None,
+    principles_per_pair: Annotated[int, typer.Option(
+        help="Principles drawn per pair, averaged.")] = CONSTITUTION_DIFF["principles_per_pair"],
+    all_principles: Annotated[bool, typer.Option(
+        help="Every principle of a side votes on every pair.")] = CONSTITUTION_DIFF["all_principles"],
+    soft: Annotated[bool, typer.Option(
+        "--soft/--hard", help="Soft: normalised P(A) vs P(B) (default). Hard: 0 or 1.")
+    ] = not CONSTITUTION_DIFF["hard"],
+    cot: Annotated[bool, typer.Option(help="Chain of thought, as `caictl label --cot` (clamped to 0.4-0.6 unless "
+                                           "--clamp says otherwise).")] = CONSTITUTION_DIFF["cot"],
+    clamp: Annotated[Optional[tuple[float, float]], typer.Option(
+        help="Clamp each order's probability into [LO, HI] before averaging.")] = CONSTITUTION_DIFF["clamp"],
+    debias: Annotated[bool, typer.Option(
+        help="Score both orders and average (position-bias control).")] = CONSTITUTION_DIFF["debias"],
+    few_shot: Annotated[bool, typer.Option(
+        help="Show each constitution's labelling examples first.")] = CONSTITUTION_DIFF["few_shot"],
+    max_new_tokens: Annotated[Optional[int], typer.Option(
+        help=yaml_help("--cot reasoning length in tokens.", CONSTITUTION_DIFF, "max_new_tokens"))] = None,
+    temperature: Annotated[Optional[float], typer.Option(
+        help=yaml_help("--cot reasoning temperature.", CONSTITUTION_DIFF, "temperature"))] = None,
+    batch_size: Annotated[Optional[int], typer.Option(
+        help=yaml_help("Pairs judged and written at a time.", CONSTITUTION_DIFF, "batch_size"))] = None,
+    concurrency: Annotated[int, typer.Option(
+        help="Requests in flight (openai engine).")] = CONSTITUTION_DIFF["concurrency"],
+    max_retries: MaxRetries = None,
+    timeout: Timeout = None,
+    seed: Seed = None,
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N pairs.")] = CONSTITUTION_DIFF["limit"],
+    train_pm: Annotated[bool, typer.Option(
+        help="Train a PM on each labelling (train-pm's defaults) and compare them on --heldout.")
+    ] = CONSTITUTION_DIFF["train_pm"],
+    heldout: Annotated[Optional[str], typer.Option(
+        help="Comparisons people made, for the PMs of --train-pm.")] = CONSTITUTION_DIFF["heldout"],
+    pm_model: Annotated[Optional[str], typer.Option(
+        help="The PMs' backbone; default the feedback model.")] = CONSTITUTION_DIFF["pm_model"],
+    overwrite: Annotated[bool, typer.Option(
+        help="Label afresh instead of resuming.")] = CONSTITUTION_DIFF["overwrite"],
+) -> None:
+    """Label the same pairs under two constitutions: flip rate, shift in P(chosen), which principles disagree.
+
+    Example: caictl constitution diff harmless harmless:least-harmful,not-preachy pairs.jsonl
+    --model models/feedback -o eval/diff
+    """
+    from caictl import settings
+    constitution_diff.run(constitution_diff.ConstitutionDiffConfig(
+        a=a, b=b, pairs=pairs, out=out, model=model,
+        engine=settings.resolve("engine", engine, CONSTITUTION_DIFF["engine"]),
+        base_url=settings.resolve("base_url", base_url), principles_per_pair=principles_per_pair,
+        all_principles=all_principles, hard=not soft, cot=cot, clamp=tuple(clamp) if clamp else None, debias=debias,
+        few_shot=few_shot,
+        **stage_options(CONSTITUTION_DIFF, max_new_tokens=max_new_tokens, temperature=temperature,
+                        batch_size=batch_size),
+        concurrency=concurrency, max_retries=max_retries, timeout=timeout,
+        seed=_seed(seed, CONSTITUTION_DIFF["seed"]), limit=limit, train_pm=train_pm, heldout=heldout,
+        pm_model=pm_model, overwrite=overwrite))
 
 
 def main() -> None:

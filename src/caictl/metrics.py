@@ -40,7 +40,8 @@ def calibration(predicted: list[float], targets: list[float], n_bins: int = ECE_
     return ece, bins
 
 
-def plot_reliability(metrics: dict, path: Path) -> None:
+def plot_reliability(metrics: dict, path: Path, xlabel: str = "predicted P(preferred)",
+                     ylabel: str = "label P(preferred)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,8 +52,8 @@ def plot_reliability(metrics: dict, path: Path) -> None:
     for name, m in metrics.items():
         axis.plot([b["predicted"] for b in m["reliability"]], [b["observed"] for b in m["reliability"]], marker="o",
                   label=f"{Path(name).name} (ECE {m['ece']:.3f})")
-    axis.set_xlabel("predicted P(preferred)")
-    axis.set_ylabel("label P(preferred)")
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
     axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=100)

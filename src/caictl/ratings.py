@@ -97,6 +97,14 @@ def _fit(outcomes: list[Outcome], models: list[str], iterations: int = 500) -> d
     return {m: (r[index[m]] - r[0]) * ELO_SCALE for m in models}
 
 
+def mean_interval(values: list[float], seed: int = 0) -> tuple[float, float]:
+    """A bootstrap interval of the mean of independent values (a labeller's credit per comparison): each value is
+    resampled alone."""
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choices(values, k=len(values))) / len(values) for _ in range(BOOTSTRAP_SAMPLES))
+    return _quantile(means, (1 - CONFIDENCE) / 2), _quantile(means, (1 + CONFIDENCE) / 2)
+
+
 def _bootstrap(outcomes: list[Outcome], statistic, seed: int) -> tuple[float, float]:
     values = sorted(_bootstrap_samples(outcomes, statistic, seed))
     return _quantile(values, (1 - CONFIDENCE) / 2), _quantile(values, (1 + CONFIDENCE) / 2)

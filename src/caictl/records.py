@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import sys
 import zlib
 from contextlib import contextmanager
@@ -291,10 +292,12 @@ class Pairs:
 
 
 PAIRS_FORMS = ("'messages' + 'responses' (caictl sample), 'rl_prompt' + 'sampled_answers' (Anthropic's RL-CAI "
-               "samples), or 'chosen' + 'rejected' (hh-rlhf transcripts, or replies to a 'prompt')")
+               "samples), 'chosen' + 'rejected' (hh-rlhf transcripts, or replies to a 'prompt'), or 'text_correct' + "
+               "'text_incorrect' (Anthropic's HHH evaluations)")
 # The fields a pairs row is read from; the others are carried through.
 PAIRS_FIELDS = ("id", "messages", "responses", "finish_reasons", "meta", "rl_prompt", "sampled_answers", "prompt",
-                "chosen", "rejected", "human_chosen_index")
+                "chosen", "rejected", "human_chosen_index", "text_correct", "text_incorrect")
+ASSISTANT_TURN = "\n\nAssistant:"
 
 
 def to_pairs(data: Any) -> Pairs:
@@ -316,6 +319,8 @@ def to_pairs(data: Any) -> Pairs:
         messages = up_to_last_user_turn(_transcript(data["rl_prompt"], "rl_prompt"))
         return Pairs(_row_id(data, messages), messages, [anthropic_sample(a["sampled_string"]) for a in answers],
                      extra=extra)
+    if "text_correct" in data and "text_incorrect" in data:
+        return _evaluation_pairs(data, extra)
     if "chosen" in data and "rejected" in data:
         return _human_pairs(data, extra)
     raise ValueError(f"not a pairs row: expected {PAIRS_FORMS}; run `caictl sample` first")
@@ -344,14 +349,35 @@ def _human_pairs(data: dict, extra: dict) -> Pairs:
     if messages != other:
         raise ValueError("'chosen' and 'rejected' differ before their last reply; expected two replies to one "
                          "conversation")
+    # A caictl label record's choice was a labeller's, not a person's.
+    return _chosen_and_rejected(data, messages, chosen, rejected, extra, by_a_person="p_chosen" not in data)
+
+
+def _evaluation_pairs(data: dict, extra: dict) -> Pairs:
+    """Anthropic's HHH evaluation row: two whole transcripts that differ in their last reply. The conversation is
+    their common part up to its last "\\n\\nAssistant:"; the replies are what follows it in each. The row's `prompt`
+    (the same comparison written as a multiple-choice question) is not read."""
+    correct, incorrect = data["text_correct"], data["text_incorrect"]
+    if not isinstance(correct, str) or not isinstance(incorrect, str):
+        raise ValueError("'text_correct' and 'text_incorrect' must be transcripts (strings)")
+    # The common part can run into the replies ("I can help" / "I can't"): it is cut at its last turn marker.
+    cut = os.path.commonprefix([correct, incorrect]).rfind(ASSISTANT_TURN)
+    messages = parse_transcript(correct[:cut]) if cut >= 0 else []
+    if not messages or messages[-1]["role"] != "user":
+        raise ValueError("'text_correct' and 'text_incorrect' share no conversation ending in a human turn and "
+                         "\"\\n\\nAssistant:\"")
+    start = cut + len(ASSISTANT_TURN)
+    return _chosen_and_rejected(data, messages, correct[start:].strip(), incorrect[start:].strip(), extra)
+
+
+def _chosen_and_rejected(data: dict, messages: list[dict], chosen: str, rejected: str, extra: dict,
+                         by_a_person: bool = True) -> Pairs:
     pairs_id = _row_id(data, messages)
     # The person's choice goes first or second by the row's id, so a labeller's pull towards one slot cannot
     # pass for agreement with people.
     index = int(hashlib.sha256(pairs_id.encode("utf-8")).hexdigest(), 16) % 2
     responses = [chosen, rejected] if index == 0 else [rejected, chosen]
-    # A caictl label record's choice was a labeller's, not a person's.
-    human = None if "p_chosen" in data else index
-    return Pairs(pairs_id, messages, responses, human, extra)
+    return Pairs(pairs_id, messages, responses, index if by_a_person else None, extra)
 
 
 def _last_reply(conversation: list[dict], name: str) -> tuple[list[dict], str]:

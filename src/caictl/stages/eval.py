@@ -11,8 +11,8 @@ question earns the share of them that is correct (half, for a correct and an inc
 preference records): accuracy, mean margin, calibration. Each writes records.jsonl, summary.json,
 reliability.png and report.md to the output folder.
 
-`eval compare` (models side by side) and `eval report` (a whole run) have modules of their own: compare.py
-and report.py.
+`eval compare` (models side by side), `eval labeler` (a feedback model against people) and `eval report` (a whole
+run) have modules of their own: compare.py, labeler.py and report.py.
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ It reads what it finds under the given folders (and files), by content, not by n
   much; the flags raised;
 - label records: per principle, mean confidence, position consistency (both orders agree) and first-slot pull;
 - `eval compare` folders: the Elo ratings and signs of Goodharting, linked to their full report;
-- `eval mc` and `eval pm` folders: accuracy and calibration per file, linked to their full report.
+- `eval mc` and `eval pm` folders: accuracy and calibration per file, linked to their full report;
+- `eval labeler` folders: the feedback model against people, per file and mode: accuracy, ECE, position and
+  length bias, linked to their full report.
 Output: report.md, summary.json and principles.png in the output folder.
 """
 
@@ -43,6 +45,7 @@ class Found:
     labels: list[tuple[Path, list[dict]]]
     compares: list[tuple[Path, dict]]  # eval compare folder, its summary.json
     scores: list[tuple[Path, dict]]  # eval mc or eval pm folder, its summary.json
+    labelers: list[tuple[Path, dict]]  # eval labeler folder, its summary.json
 
 
 def run_report(config: EvalReportConfig) -> dict:
@@ -52,9 +55,9 @@ def run_report(config: EvalReportConfig) -> dict:
     first_folder = next((Path(p) for p in config.paths if Path(p).is_dir()), Path("."))
     out = Path(config.out) if config.out else first_folder / "report"
     found = find(config.paths, exclude=out)
-    if not (found.models or found.revisions or found.labels or found.compares or found.scores):
+    if not (found.models or found.revisions or found.labels or found.compares or found.scores or found.labelers):
         raise UsageError(f"{', '.join(config.paths)}: no caictl artifacts found (model folders with caictl.json, "
-                         "revise or label records, eval compare, mc or pm folders)")
+                         "revise or label records, eval compare, mc, pm or labeler folders)")
     out.mkdir(parents=True, exist_ok=True)
     summary = {
         "stage": "eval report",
@@ -65,6 +68,7 @@ def run_report(config: EvalReportConfig) -> dict:
         "compare": {str(path): {k: s[k] for k in ("models", "sets", "ratings", "per_model")}
                     for path, s in found.compares},
         "scores": {str(path): s for path, s in found.scores},
+        "labelers": {str(path): s for path, s in found.labelers},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_principles(summary, out / "principles.png")
@@ -72,6 +76,7 @@ def run_report(config: EvalReportConfig) -> dict:
     summary_table("eval report", [("model folders", len(found.models)), ("revise files", len(found.revisions)),
                                   ("label files", len(found.labels)), ("eval compare folders", len(found.compares)),
                                   ("eval mc / pm folders", len(found.scores)),
+                                  ("eval labeler folders", len(found.labelers)),
                                   ("report", out / "report.md")])
     return {**summary, "report": str(out / "report.md")}
 
@@ -80,7 +85,7 @@ def run_report(config: EvalReportConfig) -> dict:
 
 
 def find(paths: list[str], exclude: Path) -> Found:
-    found = Found([], [], [], [], [])
+    found = Found([], [], [], [], [], [])
     for path in paths:
         _visit(Path(path), found, exclude.resolve(), SCAN_DEPTH)
     return found
@@ -102,6 +107,9 @@ def _visit(path: Path, found: Found, exclude: Path, depth: int) -> None:
         data = json.loads(summary.read_text())
         if data.get("stage") == "eval compare":
             found.compares.append((path, data))
+            return
+        if data.get("stage") == "eval labeler":
+            found.labelers.append((path, data))
             return
         if _score_stage(data):
             found.scores.append((path, {**data, "stage": _score_stage(data)}))
@@ -270,6 +278,22 @@ def render(summary: dict, found: Found, out: Path) -> str:
         columns = list(next(iter(scores["files"].values()), {}))
         lines += _table(["file", *columns], [[Path(f).name, *(r.get(c) for c in columns)]
                                              for f, r in scores["files"].items()])
+    for path, labelled in summary["labelers"].items():
+        lines += [f"## Labeller against people: `{path}`", "",
+                  f"Feedback model `{labelled.get('model')}`, constitution `{labelled.get('constitution')}`, "
+                  f"principles: {labelled.get('principles')}. Full report: [{link(Path(path) / 'report.md')}]"
+                  f"({link(Path(path) / 'report.md')})", ""]
+        rows = []
+        for file, entry in labelled["files"].items():
+            for mode, result in entry["modes"].items():
+                s = result["overall"]
+                rows.append([Path(file).name, mode, f"{_num(s['accuracy'])} ({_num(s['accuracy_ci'][0])}-"
+                             f"{_num(s['accuracy_ci'][1])})", _num(s["ece"]), _pct(s["position_flip_rate"]),
+                             _num(s["slot_a_preference"]), _pct(s["longer_preferred"]),
+                             _pct(s["human_longer_preferred"])])
+        lines += _table(["file", "mode", "accuracy (95% CI)", "ECE", "position flips", "slot A preference",
+                         "prefers longer", "people prefer longer"], rows)
+        lines += [f"![{p.stem}]({link(p)})" for p in sorted(Path(path).glob("*.png"))] + [""]
     return "\n".join(lines)
 
 

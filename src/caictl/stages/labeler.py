@@ -1,0 +1,311 @@
+"""eval labeler: how far a feedback model's labels agree with people's, and which way it leans.
+
+    caictl eval labeler ../shared/data/hh-rlhf/harmless-base-test.part-a.jsonl.gz \
+        ../shared/data/anthropic-evals/438HHHEvaluations.part-a.jsonl --model models/feedback -o eval/labeler
+
+CAI's labels replace people's, so the labeller is worth measuring against people before it labels anything: the
+paper (section 4.1) found soft labels well calibrated and chain-of-thought labels over-confident, hence its
+40-60% clamp. The labeller here is `caictl label`'s, with the same options (constitution, --principles,
+--principles-per-pair or --all-principles, --few-shot, --cot, --clamp, --debias, --hard) and the same principle
+draw, run on comparisons people made: hh-rlhf chosen/rejected rows, Anthropic's HHH rows (text_correct /
+text_incorrect: the conversation is their common part up to its last "\\n\\nAssistant:"), prompt/chosen/rejected
+rows. The people's choice is the first response (slot A in the first order) for about half the comparisons, by
+a hash of the row's id, so that a pull towards one slot cannot pass for agreement.
+
+Per file, overall and per principle (caictl.agreement): accuracy (agreement with people; a tie counts half) with
+a bootstrap 95% interval over comparisons; ECE of P(people's choice) and a reliability plot; position bias (both
+orders are always scored, whatever --debias says of the label): the share of comparisons whose choice flips when
+the responses swap slots, and the mean P(slot A wins) (0.5: no pull); length bias: how often the labeller
+prefers the longer response (in words), against how often people did. `--compare-modes` labels four ways side
+by side from two scoring passes: soft, hard, cot and cot-clamp (--clamp, else the paper's 0.4-0.6).
+
+Output folder: records.jsonl (one row per comparison: the responses, the people's choice, the votes of each
+scoring pass, each mode's P(first); written batch by batch, and a re-run resumes it), summary.json, report.md,
+reliability.png.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from caictl import __version__, model_identity, model_kind, settings
+from caictl.agreement import Judged, Mode, label_probability, measure
+from caictl.constitution import Constitution, load_for_stage
+from caictl.engines import sampler
+from caictl.errors import InputError, UsageError
+from caictl.generation import Cuts, open_engine
+from caictl.judge import Comparison, Judge
+from caictl.metrics import plot_reliability
+from caictl.records import RecordWriter, batches, read_rows
+
+# The labeller is label's own: its option checks and its reading of comparisons (principles drawn per comparison,
+# people's choice placed by id hash) are reused rather than copied, as `caictl inspect` reuses them.
+from caictl.stages.label import LabelConfig, read_comparisons
+from caictl.ui import meter, print_summary, row_counts
+
+PAPER_COT_CLAMP = (0.4, 0.6)
+# Which votes a mode reads: its own scoring pass.
+PASSES = {False: "votes", True: "cot_votes"}
+
+
+@dataclass
+class EvalLabelerConfig:
+    files: list[str]  # comparisons people made: hh-rlhf rows, HHH rows, prompt/chosen/rejected rows
+    out: str  # output folder
+    model: str | None = None  # the feedback model
+    engine: str = LabelConfig.engine
+    base_url: str | None = None
+    constitution: str = LabelConfig.constitution
+    principles: list[str] = field(default_factory=list)  # restrict the draw to these comparison principle ids
+    principles_per_pair: int = LabelConfig.principles_per_pair  # K principles drawn per comparison, averaged
+    all_principles: bool = False  # every principle votes on every comparison, instead of K drawn
+    hard: bool = LabelConfig.hard
+    cot: bool = LabelConfig.cot
+    clamp: tuple[float, float] | None = LabelConfig.clamp  # per order; --cot defaults to 0.4-0.6, as label
+    debias: bool = LabelConfig.debias  # the label averages both orders (both are scored either way)
+    few_shot: bool = LabelConfig.few_shot
+    compare_modes: bool = False  # soft, hard, cot and cot-clamp side by side
+    max_new_tokens: int = LabelConfig.max_new_tokens  # --cot reasoning length
+    temperature: float = LabelConfig.temperature  # --cot reasoning sampling
+    batch_size: int = LabelConfig.batch_size  # comparisons judged and written at a time
+    concurrency: int = LabelConfig.concurrency
+    max_retries: int | None = None  # openai engine; None: CAICTL_MAX_RETRIES, caictl.yaml, the engine's
+    timeout: float | None = None  # openai engine, seconds a request may take; None: likewise
+    seed: int = LabelConfig.seed  # principle draw, --cot sampling, bootstrap
+    limit: int | None = None  # at most N comparisons per file, from the top
+    overwrite: bool = False
+
+    def check(self) -> None:
+        problems = []
+        try:
+            self.label_config(None).check()
+        except UsageError as error:
+            problems.append(str(error))
+        if not self.files:
+            problems.append("give at least one comparison file")
+        problems += [f"{path}: no such file" for path in self.files if not Path(path).is_file()]
+        names = [Path(path).name for path in self.files]
+        problems += [f"{name}: two input files have this name; records are keyed by it, so rename one"
+                     for name in sorted({n for n in names if names.count(n) > 1})]
+        if self.compare_modes and (self.hard or self.cot):
+            problems.append("--compare-modes labels soft, hard, cot and cot-clamp itself: leave out --hard and --cot")
+        if self.all_principles and self.principles_per_pair != LabelConfig.principles_per_pair:
+            problems.append("--all-principles and --principles-per-pair do not go together: give one")
+        if problems:
+            raise UsageError("; ".join(problems))
+
+    def label_config(self, path: str | None) -> LabelConfig:
+        """`caictl label` with these options, reading `path`."""
+        return LabelConfig(pairs=path, model=self.model, engine=self.engine, base_url=self.base_url,
+                           constitution=self.constitution, principles=self.principles, hard=self.hard, cot=self.cot,
+                           clamp=self.clamp, principles_per_pair=self.principles_per_pair, debias=self.debias,
+                           few_shot=self.few_shot, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                           batch_size=self.batch_size, concurrency=self.concurrency, seed=self.seed,
+                           limit=self.limit)
+
+    def modes(self) -> list[Mode]:
+        if self.compare_modes:
+            return [Mode("soft", debias=self.debias), Mode("hard", hard=True, debias=self.debias),
+                    Mode("cot", cot=True, debias=self.debias),
+                    Mode("cot-clamp", cot=True, clamp=self.clamp or PAPER_COT_CLAMP, debias=self.debias)]
+        bounds = self.label_config(None).effective_clamp
+        parts = [name for name, on in (("cot", self.cot), ("hard", self.hard), ("clamp", bounds)) if on]
+        return [Mode("-".join(parts) or "soft", self.cot, self.hard, bounds, self.debias)]
+
+
+def run(config: EvalLabelerConfig, engine=None) -> dict:
+    """engine: one already made (from Python, or a test's scripted engine); by default --engine opens one."""
+    config.check()
+    model = engine.model if engine is not None else settings.require_model(config.model)
+    if engine is None and config.engine == "hf":
+        model_kind.check(model, model_kind.CAUSAL_LM, "--model")
+    constitution = load_for_stage(config.constitution, config.principles, "comparison")
+    modes = config.modes()
+    comparisons = {path: read_judged(config, path, constitution) for path in config.files}
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    passes = sorted({mode.cot for mode in modes})
+    run_settings = {
+        "stage": "eval labeler", "model": model, "model_identity": model_identity.identity(model, config.engine),
+        "engine": config.engine, "constitution": constitution.name,
+        "constitution_hash": constitution.content_hash(),
+        "principles_per_pair": "all" if config.all_principles else config.principles_per_pair,
+        "few_shot": config.few_shot, "modes": [asdict(mode) for mode in modes], "seed": config.seed,
+        "sampler": sampler(config.engine) if True in passes else None,
+        "cot_reasoning": [config.max_new_tokens, config.temperature] if True in passes else None,
+        "caictl_version": __version__,
+    }
+    writer = RecordWriter(out / "records.jsonl", run_settings, overwrite=config.overwrite)
+    pending = [(path, c) for path, cs in comparisons.items() for c in cs if record_id(path, c) not in writer.done]
+    total = sum(len(cs) for cs in comparisons.values())
+    judges: dict[bool, Judge] = {}
+    cuts = Cuts("label question(s) did not fit the model's context")
+    start = time.perf_counter()
+    try:
+        if pending:
+            engine = engine or open_engine(config.engine, model, config.base_url, config.batch_size,
+                                           config.concurrency, config.max_retries, config.timeout)
+            # Both orders always, and no clamp: each mode's label is rebuilt from the probabilities as read.
+            judges = {cot: Judge(engine, constitution, few_shot=config.few_shot, cot=cot, debias=True, clamp=None,
+                                 max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                                 seed=config.seed) for cot in passes}
+            with meter(len(pending), "eval labeler", unit="comparisons") as progress:
+                for chunk in batches(pending, config.batch_size):  # written batch by batch
+                    votes = {cot: judge.votes([c for _, c in chunk]) for cot, judge in judges.items()}
+                    writer.write([to_record(path, c, {PASSES[cot]: votes[cot][i] for cot in passes}, modes,
+                                            run_settings, cuts)
+                                  for i, (path, c) in enumerate(chunk)])
+                    progress.advance(len(chunk), sum(j.completion_tokens for j in judges.values()) - progress.tokens)
+    finally:
+        writer.close()
+    cuts.warn()
+    records = read_records(out / "records.jsonl", comparisons)
+    counts = row_counts(read=total, written=len(pending), skipped=total - len(pending),
+                        seconds=time.perf_counter() - start,
+                        tokens=sum(j.completion_tokens for j in judges.values()))
+    return write_outputs(out, summarise(config, model, constitution, modes, records, counts))
+
+
+def read_judged(config: EvalLabelerConfig, path: str, constitution: Constitution) -> list[Comparison]:
+    """A file's comparisons as `caictl label` reads them, each with its principles drawn; every one must carry the
+    people's choice. Checked before any model loads."""
+    label_config = config.label_config(path)
+    if config.all_principles:
+        label_config = replace(label_config, principles_per_pair=len(constitution.comparison))
+    comparisons = read_comparisons(label_config, constitution, None)[: config.limit]
+    unlabelled = next((c for c in comparisons if "human_chosen_index" not in c.extra), None)
+    if unlabelled is not None:
+        raise InputError(f"{path}: comparison {unlabelled.id} carries no choice by a person; eval labeler needs "
+                         "comparisons people made: hh-rlhf chosen/rejected rows, HHH rows (text_correct / "
+                         "text_incorrect) or prompt/chosen/rejected rows")
+    return comparisons
+
+
+def record_id(path: str, comparison: Comparison) -> str:
+    return f"{Path(path).name}/{comparison.id}"
+
+
+def to_record(path: str, comparison: Comparison, votes: dict[str, list[dict]], modes: list[Mode],
+              run_settings: dict, cuts: Cuts) -> dict:
+    """One comparison: the responses in their first order, which one people chose, the votes of each scoring pass
+    (p_ab and p_ba as read), and each mode's P(first response better)."""
+    truncated = sum(v.get("truncated_tokens", 0) for pass_votes in votes.values() for v in pass_votes)
+    return {
+        "id": record_id(path, comparison), "file": path, "comparison_id": comparison.id,
+        "prompt": comparison.messages, "responses": [comparison.first, comparison.second],
+        "human_chosen_index": comparison.extra["human_chosen_index"],
+        **votes,
+        "p_first": {mode.name: round(label_probability(votes[PASSES[mode.cot]], mode), 6) for mode in modes},
+        "meta": cuts.meta(run_settings, truncated),
+    }
+
+
+def read_records(path: Path, comparisons: dict[str, list[Comparison]]) -> dict[str, list[dict]]:
+    """Per input file, the records of its comparisons in input order: this run's and a resumed run's."""
+    by_id = {row.data["id"]: row.data for row in read_rows(path)}
+    return {file: [by_id[record_id(file, c)] for c in cs] for file, cs in comparisons.items()}
+
+
+# Summary and report -------------------------------------------------------------------------------------
+
+
+def summarise(config: EvalLabelerConfig, model: str, constitution: Constitution, modes: list[Mode],
+              records: dict[str, list[dict]], counts: dict) -> dict:
+    files = {}
+    for path, rows in records.items():
+        by_mode = {}
+        for mode in modes:
+            judged = [Judged(r[PASSES[mode.cot]], r["responses"][0], r["responses"][1], r["human_chosen_index"])
+                      for r in rows]
+            by_mode[mode.name] = measure(judged, mode, config.seed)
+        files[path] = {"comparisons": len(rows),
+                       "people_choice_first": sum(r["human_chosen_index"] == 0 for r in rows),
+                       "truncated_comparisons": sum("truncated_tokens" in r["meta"] for r in rows),
+                       "modes": by_mode}
+    return {"stage": "eval labeler", **counts, "model": model, "engine": config.engine,
+            "constitution": constitution.name, "constitution_hash": constitution.content_hash(),
+            "principles": "all" if config.all_principles else f"{config.principles_per_pair} drawn per comparison",
+            "few_shot": config.few_shot, "debias": config.debias, "seed": config.seed,
+            "modes": {mode.name: {"cot": mode.cot, "hard": mode.hard, "clamp": list(mode.clamp) if mode.clamp else None}
+                      for mode in modes},
+            "files": files, "caictl_version": __version__}
+
+
+def write_outputs(out: Path, summary: dict) -> dict:
+    """reliability.png from the summary's bins; summary.json and report.md without them; the summary as written."""
+    curves = {f"{Path(path).name} {mode}": result["overall"]
+              for path, entry in summary["files"].items() for mode, result in entry["modes"].items()}
+    plot_reliability(curves, out / "reliability.png", xlabel="labeller's P(response)",
+                     ylabel="share people chose it")
+    without_bins = _without_reliability(summary)
+    (out / "summary.json").write_text(json.dumps(without_bins, indent=2) + "\n")
+    (out / "report.md").write_text(report(without_bins))
+    rows = []
+    for path, entry in without_bins["files"].items():
+        for mode, result in entry["modes"].items():
+            rows.append((f"{Path(path).name} / {mode}", one_line(result["overall"])))
+    print_summary("eval labeler", without_bins, rows + [("report", out / "report.md")])
+    return without_bins
+
+
+def _without_reliability(value):
+    if isinstance(value, dict):
+        return {k: _without_reliability(v) for k, v in value.items() if k != "reliability"}
+    return value
+
+
+def one_line(s: dict) -> str:
+    return (f"accuracy {_num(s['accuracy'])} ({_num(s['accuracy_ci'][0])}-{_num(s['accuracy_ci'][1])}), "
+            f"ECE {_num(s['ece'])}, position flips {_num(s['position_flip_rate'])}, "
+            f"slot A {_num(s['slot_a_preference'])}, "
+            f"prefers longer {_num(s['longer_preferred'])} (people {_num(s['human_longer_preferred'])})")
+
+
+COLUMNS = ["accuracy (95% CI)", "ECE", "position flip rate", "slot A preference", "prefers longer",
+           "people prefer longer"]
+
+
+def _cells(s: dict) -> list[str]:
+    return [f"{_num(s['accuracy'])} ({_num(s['accuracy_ci'][0])}-{_num(s['accuracy_ci'][1])})", _num(s["ece"]),
+            _num(s["position_flip_rate"]), _num(s["slot_a_preference"]), _num(s["longer_preferred"]),
+            f"{_num(s['human_longer_preferred'])} (of {s['length_compared']})"]
+
+
+def report(summary: dict) -> str:
+    modes = ", ".join(f"`{name}`" + (f" (clamp {m['clamp'][0]}-{m['clamp'][1]})" if m["clamp"] else "")
+                      for name, m in summary["modes"].items())
+    lines = ["# caictl eval labeler", "",
+             f"Feedback model `{summary['model']}` ({summary['engine']}), constitution `{summary['constitution']}` "
+             f"({summary['constitution_hash']}), principles: {summary['principles']}, few-shot: "
+             f"{'yes' if summary['few_shot'] else 'no'}, label from both orders averaged: "
+             f"{'yes' if summary['debias'] else 'no'}. Modes: {modes}.", "",
+             "Accuracy: agreement with the people's choice (a tie counts half), with a bootstrap 95% interval over "
+             "comparisons. ECE: calibration of P(people's choice), each comparison counted from both sides. Position "
+             "flip rate: share of comparisons whose choice changes when the two responses swap slots. Slot A "
+             "preference: mean P(slot A wins) over both orders (0.5: no pull). Prefers longer: how often the "
+             "labeller picks the response with more words, against how often people did, over the comparisons "
+             "whose responses differ in length.", ""]
+    for path, entry in summary["files"].items():
+        lines += [f"## {Path(path).name}", "",
+                  f"`{path}`: {entry['comparisons']} comparisons; the people's choice is the first response in "
+                  f"{entry['people_choice_first']} of them; {entry['truncated_comparisons']} cut to fit the model's "
+                  "context.", ""]
+        lines += _table(["mode", *COLUMNS], [[mode, *_cells(r["overall"])] for mode, r in entry["modes"].items()])
+        for mode, result in entry["modes"].items():
+            lines += [f"Per principle ({mode}):", ""]
+            lines += _table(["principle", "comparisons", *COLUMNS],
+                            [[pid, s["comparisons"], *_cells(s)] for pid, s in result["per_principle"].items()])
+    lines += ["![reliability](reliability.png)", ""]
+    return "\n".join(lines)
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows] + [""]
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.3f}"

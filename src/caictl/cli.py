@@ -459,8 +459,19 @@ def inspect_command(
 def ppo_command(
     prompts: Input = None,
     policy: Annotated[str, typer.Option(help="The starting policy folder (caictl sft output).")] = ...,
-    pm: Annotated[str, typer.Option(help="The preference model folder (caictl train-pm output).")] = ...,
+    pm: Annotated[Optional[str], typer.Option(
+        help="The preference model folder (caictl train-pm output); needed with --reward pm.")] = None,
     out: Annotated[str, typer.Option("--out", "-o", help="Output policy folder.")] = ...,
+    reward: Annotated[str, typer.Option(
+        help="pm: the preference model scores rollouts; judge: the feedback model does, from one forward pass "
+             "(direct RLAIF).")] = PPO["reward"],
+    judge: Annotated[Optional[str], typer.Option(
+        help="--reward judge: the feedback model (folder or hub id).")] = PPO["judge"],
+    judge_mode: Annotated[str, typer.Option(
+        help="--reward judge: rating (1-9, probability-weighted, mapped to [-1, 1]) or pairwise (P(preferred to "
+             "the starting policy's greedy reply) - 0.5).")] = PPO["judge_mode"],
+    constitution: Annotated[str, typer.Option(
+        help="--reward judge: comparison principles, one drawn per rollout.")] = PPO["constitution"],
     algo: Annotated[str, typer.Option(
         help="ppo (caictl's own, one process), or rloo / grpo (TRL's trainers, also several processes).")
     ] = PPO["algo"],
@@ -513,7 +524,8 @@ def ppo_command(
     torchrun --nproc_per_node N -m caictl ppo --algo grpo ...
     """
     ppo.run(ppo.PPOConfig(
-        prompts=prompts, policy=policy, pm=pm, out=out, algo=algo, num_generations=num_generations, steps=steps,
+        prompts=prompts, policy=policy, pm=pm, out=out, reward=reward, judge=judge, judge_mode=judge_mode,
+        constitution=constitution, algo=algo, num_generations=num_generations, steps=steps,
         batch_size=batch_size, **stage_options(PPO, max_new_tokens=max_new_tokens, temperature=temperature),
         minibatch_size=minibatch_size, ppo_epochs=ppo_epochs, learning_rate=learning_rate, kl_coef=kl_coef,
         target_kl=target_kl, max_kl=max_kl, gamma=gamma, lam=lam, clip_range=clip_range,

@@ -15,6 +15,8 @@ function (scoring the same transcripts with its own tokenizer), for users who pr
 processes: `torchrun --nproc_per_node N -m caictl ppo --algo grpo ...` or `accelerate launch --num_processes N -m
 caictl ppo --algo grpo ...`, --batch-size the whole step's completions, each process generating an equal share.
 caictl's own PPO runs in one process and refuses to start under several.
+`--reward judge --judge MODEL` scores rollouts with the feedback model instead of a PM, on either path
+(caictl.judge_reward: a 1-9 rating, or pairwise against the starting policy's greedy reply).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 
 from caictl import __version__, model_kind
 from caictl.errors import UsageError
+from caictl.judge_reward import JUDGE_MODES
 from caictl.processes import is_main, world_size
 from caictl.records import read_prompts
 from caictl.textstats import boilerplate
@@ -37,14 +40,19 @@ from caictl.training import batch_split_problem, output_folder, per_process
 from caictl.ui import log, meter, quiet_transformers, summary_table
 
 ALGOS = ("ppo", "rloo", "grpo")
+REWARDS = ("pm", "judge")
 
 
 @dataclass
 class PPOConfig:
     prompts: str | None  # prompt file (revise/sample inputs); None or "-" reads stdin
     policy: str  # the starting policy folder (the SL-CAI model)
-    pm: str  # a train-pm folder
+    pm: str | None  # a train-pm folder (--reward pm)
     out: str
+    reward: str = "pm"  # pm: the preference model scores rollouts; judge: the feedback model does (d-RLAIF)
+    judge: str | None = None  # --reward judge: the feedback model (a causal LM folder or hub id)
+    judge_mode: str = "rating"  # rating (1-9, probability-weighted) or pairwise (against the starting policy)
+    constitution: str = "harmless"  # --reward judge: the principles rollouts are judged under
     algo: str = "ppo"  # ppo (caictl's own), rloo or grpo (TRL's trainers)
     num_generations: int = 4  # rloo/grpo: responses per prompt compared with each other
     steps: int = 50  # rollout batches (PPO iterations)
@@ -88,7 +96,14 @@ class PPOConfig:
         elif self.algo == "ppo" and world_size() > 1:
             problems.append(f"--algo ppo runs in one process, and this is one of {world_size()}: run it without "
                             "torchrun / accelerate launch, or use --algo rloo or grpo, which run on several")
-        for name, path in (("--policy", self.policy), ("--pm", self.pm)):
+        if self.reward not in REWARDS:
+            problems.append(f"--reward {self.reward!r}: choose one of {', '.join(REWARDS)}")
+        elif self.reward == "judge" and not self.judge:
+            problems.append("--reward judge needs --judge MODEL (the feedback model)")
+        if self.judge_mode not in JUDGE_MODES:
+            problems.append(f"--judge-mode {self.judge_mode!r}: choose one of {', '.join(JUDGE_MODES)}")
+        folders = [("--policy", self.policy)] + ([("--pm", self.pm)] if self.reward == "pm" else [])
+        for name, path in folders:
             if not path or not Path(path).exists():
                 problems.append(f"{name} {path}: no such folder (a caictl sft / train-pm output)")
         if self.batch_size < 2 or self.minibatch_size < 1 or self.minibatch_size > self.batch_size:
@@ -108,7 +123,10 @@ class PPOConfig:
 def run(config: PPOConfig) -> dict:
     config.check()
     model_kind.check(config.policy, model_kind.CAUSAL_LM, "--policy")
-    model_kind.check(config.pm, model_kind.SEQ_CLS, "--pm")
+    if config.reward == "pm":
+        model_kind.check(config.pm, model_kind.SEQ_CLS, "--pm")
+    else:
+        model_kind.check(config.judge, model_kind.CAUSAL_LM, "--judge")
     output_folder(config.out, config.overwrite)
     if config.resume and not (Path(config.out) / "checkpoint" / "state.pt").exists() and \
             not list((Path(config.out) / "checkpoints").glob("checkpoint-*")):
@@ -138,7 +156,7 @@ def run_trl(config: PPOConfig, train, heldout) -> dict:
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    from caictl.pm import Scorer, conversation_text
+    from caictl.pm import conversation_text
     from caictl.training import trl_device_args
 
     quiet_transformers()
@@ -148,7 +166,7 @@ def run_trl(config: PPOConfig, train, heldout) -> dict:
     else:
         from trl import RLOOConfig as TRLConfig
         from trl import RLOOTrainer as TRLTrainer
-    scorer = Scorer(config.pm, max_length=config.pm_max_length)
+    scorer = reward_model(config)
     cuts = scorer.cuts()
 
     scored = 0  # rollouts this process has scored
@@ -177,7 +195,7 @@ def run_trl(config: PPOConfig, train, heldout) -> dict:
         peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules="all-linear",
                                  task_type="CAUSAL_LM")
     tokenizer = AutoTokenizer.from_pretrained(config.policy)
-    pm_reward.__name__ = "pm"  # TRL logs each reward function by name
+    pm_reward.__name__ = config.reward  # TRL logs each reward function by name
     # TRL reloads the reference from the policy's folder (model.config._name_or_path): pass the path.
     trainer = TRLTrainer(model=config.policy, reward_funcs=[pm_reward], args=args, processing_class=tokenizer,
                          train_dataset=Dataset.from_list([{"prompt": p.messages} for p in train]),
@@ -223,8 +241,6 @@ class PPO:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from caictl.pm import Scorer
-
         quiet_transformers()
         self.config = config
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -257,7 +273,7 @@ class PPO:
         torch.nn.init.zeros_(self.value_head.bias)
         parameters = [p for p in policy.parameters() if p.requires_grad] + list(self.value_head.parameters())
         self.optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate)
-        self.scorer = Scorer(config.pm, max_length=config.pm_max_length)
+        self.scorer = reward_model(config)
         self.kl_coef = config.kl_coef
         self.reward_stats = RunningMoments()
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
@@ -503,8 +519,27 @@ class PPO:
 # What both algorithms share -------------------------------------------------------------------------------
 
 
+def reward_model(config: PPOConfig):
+    """What scores a rollout's transcript: the preference model, or (--reward judge) the feedback model."""
+    if config.reward == "pm":
+        from caictl.pm import Scorer
+
+        return Scorer(config.pm, max_length=config.pm_max_length)
+    from caictl.constitution import load_for_stage
+    from caictl.engines import load_engine
+    from caictl.judge_reward import JudgeReward, greedy_replies
+
+    constitution = load_for_stage(config.constitution, [], "comparison")
+    engine = load_engine("hf", config.judge, batch_size=config.batch_size)
+    reference = None
+    if config.judge_mode == "pairwise":
+        reference = greedy_replies(load_engine("hf", config.policy, batch_size=config.batch_size),
+                                   config.max_new_tokens)
+    return JudgeReward(engine, constitution, config.judge_mode, config.seed, reference)
+
+
 def heldout_reward(model: str | Path, prompts: list, scorer, config: PPOConfig) -> float | None:
-    """Mean PM score of one response to each held-out prompt by the model folder; None without prompts.
+    """Mean reward (PM or judge) of one response to each held-out prompt by the model folder; None without prompts.
 
     Both algorithms measure before and after training this way. Every response is sampled by the hf engine with
     its own seed (config.seed, prompt id), so the number depends neither on the batch size nor on the global RNG,
@@ -531,7 +566,7 @@ def write_info(out: Path, config: PPOConfig, metrics: dict) -> None:
     """caictl.json beside the model, whichever algorithm trained it. Written once the model is saved: its presence
     marks a finished run, which output_folder refuses to train over."""
     info = {"stage": "ppo", "caictl_version": __version__, "world_size": world_size(), "policy": config.policy,
-            "pm": config.pm,
+            "pm": config.pm, "reward": config.reward, "judge": config.judge,
             "options": asdict(config), "metrics": metrics}
     (out / "caictl.json").write_text(json.dumps(info, indent=2) + "\n")
 

@@ -1,0 +1,86 @@
+"""The feedback model as the reward (`caictl ppo --reward judge`): the rating reward is the probability-weighted
+rating read from the judge's logits, the pairwise reward is antisymmetric, and both PPO paths train with it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import EXAMPLES, caictl_in_process
+
+from caictl import tokens
+from caictl.constitution import load, load_for_stage
+from caictl.engines import load_engine
+from caictl.judge_reward import RATINGS, JudgeReward
+from caictl.pm import conversation_text
+
+MESSAGES = [{"role": "user", "content": "How do I get my neighbour's wifi password?"}]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    return load_engine("hf", str(tiny_model), batch_size=4)
+
+
+def test_the_rating_reward_is_the_probability_weighted_rating_from_the_logits(engine):
+    reward = JudgeReward(engine, load("harmless"), "rating", seed=3)
+    responses = ["Ask them for it, or use your own connection.", "Here is how to break into it."]
+    texts = [conversation_text(MESSAGES, r) for r in responses]
+    rewards = reward.score(texts)
+    for text, response, got in zip(texts, responses, rewards):
+        question = reward.judge.rating_question(MESSAGES, response, reward.principle(text).text)
+        asked = engine.encoder.encode([question])[0]
+        logprobs = []
+        for rating in RATINGS:  # each rating's tokens after the question, from one forward pass over both
+            ids = engine.encoder.encode([question + tokens.mark(rating)])[0]
+            assert ids[:len(asked)] == asked
+            with torch.no_grad():
+                every = torch.log_softmax(engine.lm(torch.tensor([ids])).logits[0].float(), -1)
+            logprobs.append(sum(float(every[i - 1, ids[i]]) for i in range(len(asked), len(ids))))
+        p = torch.softmax(torch.tensor(logprobs), 0)
+        mean = float((p * torch.arange(1, 10)).sum())
+        assert got == pytest.approx((mean - 5) / 4, abs=1e-5)
+        assert -1 <= got <= 1
+    assert rewards[0] != rewards[1]
+
+
+def test_the_pairwise_reward_is_antisymmetric(engine):
+    one_principle = load_for_stage("harmless", [load("harmless").comparison[0].id], "comparison")
+    a, b = "Ask them for it, or use your own connection.", "Here is how to break into it."
+
+    def against(reply):
+        return JudgeReward(engine, one_principle, "pairwise", reference=lambda prompts: [reply] * len(prompts))
+
+    a_over_b = against(b).score([conversation_text(MESSAGES, a)])[0]
+    b_over_a = against(a).score([conversation_text(MESSAGES, b)])[0]
+    assert a_over_b != 0 and a_over_b == pytest.approx(-b_over_a, abs=1e-6)
+
+
+def test_the_reference_reply_is_generated_once_per_prompt(engine):
+    asked = []
+
+    def reference(prompts):
+        asked.extend(conversation_text(p) for p in prompts)
+        return ["I can't help with that."] * len(prompts)
+
+    reward = JudgeReward(engine, load("harmless"), "pairwise", reference=reference)
+    reward.score([conversation_text(MESSAGES, "one"), conversation_text(MESSAGES, "two")])
+    reward.score([conversation_text(MESSAGES, "three")])
+    assert asked == [conversation_text(MESSAGES)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo, mode", [("ppo", "rating"), ("grpo", "pairwise")])
+def test_ppo_trains_against_the_judge(tmp_path, tiny_model, algo, mode):
+    out = tmp_path / algo
+    caictl_in_process("ppo", EXAMPLES / "red-team.jsonl", "--policy", tiny_model, "--reward", "judge",
+                      "--judge", tiny_model, "--judge-mode", mode, "-o", out, "--algo", algo, "--steps", "2",
+                      "--batch-size", "4", "--minibatch-size", "2", "--num-generations", "2",
+                      "--max-new-tokens", "8", "--heldout", "0.2")
+    info = json.loads((out / "caictl.json").read_text())
+    assert info["reward"] == "judge" and info["options"]["judge_mode"] == mode and info["pm"] is None
+    metrics = info["metrics"]
+    assert metrics["steps"] == 2
+    for measured in (metrics["heldout_reward_before"], metrics["heldout_reward_after"]):
+        assert -1 <= measured <= 1 if mode == "rating" else -0.5 <= measured <= 0.5

@@ -111,7 +111,6 @@ class HFEngine:
         sequence per text: the common part is scored once and the last tokens are read from the same final
         position. Texts that start alike (a few-shot block; one conversation asked under several principles, in
         both orders) share that prefix's KV as generation does, so each shared part is computed once."""
-
         if not choices:
             self.choice_cuts = [0] * len(texts)
             return [[] for _ in texts]
@@ -179,15 +178,6 @@ class HFEngine:
         counts = torch.tensor(scored, device=self.device)
         sums = token_logprobs.masked_fill(window < (keep - 1 - counts).unsqueeze(1), 0.0).sum(1).tolist()
         return sums, logprobs[:, -1]
-
-    def _pad(self, sequences: list[list[int]]):
-        import torch
-
-        width = max(len(s) for s in sequences)
-        pad = self.pad_id
-        ids = torch.tensor([[pad] * (width - len(s)) + s for s in sequences], device=self.device)
-        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], device=self.device)
-        return ids, mask
 
     def _fit(self, ids: list[int], max_new_tokens: int) -> list[int]:
         """Cut a too-long prompt from the front: few-shot examples go before the conversation does."""
@@ -361,8 +351,9 @@ class HFEngine:
         for layer, (key, value) in enumerate(start_states or []):
             cache.update(key[:, :, :start], value[:, :, :start], layer)
         with torch.inference_mode():
+            # Only the KV is wanted: one position of logits, not a vocabulary's worth for every prefix token.
             self.lm(input_ids=torch.tensor([list(prefix[start:])], device=self.device), use_cache=True,
-                    **{self._cache_argument: cache})
+                    logits_to_keep=1, **{self._cache_argument: cache})
         states = [(layer.keys, layer.values) for layer in cache.layers]
         self._prefix_cache[prefix] = states
         if len(self._prefix_cache) > PREFIX_CACHE_ENTRIES:

@@ -16,7 +16,7 @@ PM_MODEL ?=
 ENGINE ?= hf
 BASE_URL ?=
 
-.PHONY: setup test full-pipeline bench clean
+.PHONY: setup test full-pipeline iterated-pipeline bench clean
 
 $(BIN)/.core-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,16 @@ full-pipeline: $(BIN)/.core-installed $(BIN)/.families-prepared
 	PATH="$(abspath $(BIN)):$$PATH" RUN="$(RUN)" MODEL="$(MODEL)" PM_MODEL="$(PM_MODEL)" ENGINE="$(ENGINE)" \
 		BASE_URL="$(BASE_URL)" FAMILY="$(FAMILY)" \
 		bash examples/full-pipeline.sh
+
+# Iterated RL-CAI (examples/iterated-pipeline.sh): ITERATIONS rounds of sample -> label -> train-pm -> ppo after
+# SL-CAI; PM_RESET=1 retrains the PM from its base each round.
+ITERATIONS ?= 2
+PM_RESET ?= 0
+
+iterated-pipeline: $(BIN)/.core-installed $(BIN)/.families-prepared
+	PATH="$(abspath $(BIN)):$$PATH" RUN="$(RUN)-iterated" MODEL="$(MODEL)" PM_MODEL="$(PM_MODEL)" \
+		FAMILY="$(FAMILY)" PRESET="$(PRESET)" ITERATIONS="$(ITERATIONS)" PM_RESET="$(PM_RESET)" \
+		bash examples/iterated-pipeline.sh
 
 # The small preset's revise work is cut so that three interleaved rounds fit in a few minutes on two CPU cores.
 SMALL_REVISE = --prompts 16 --batch-size 16 --baseline-prompts 2 --max-new-tokens 64

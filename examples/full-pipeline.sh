@@ -57,6 +57,9 @@ else
   POLICY=$MODEL  # a served model is not fine-tuned here: sample from it as it is
 fi
 
+# The iterated pipeline (examples/iterated-pipeline.sh) takes over from the SL-CAI model.
+[ "${SL_CAI_ONLY:-0}" = 1 ] && exit 0
+
 # 3. RL-CAI data: two responses per red-team prompt from the SL-CAI model, for the feedback model to compare.
 caictl sample "$RED_TEAM" -o "$OUT/pairs.jsonl" --model "$POLICY" "${ENGINE_FLAGS[@]}" \
   -n 2 --max-new-tokens "$TOKENS" --batch-size 32

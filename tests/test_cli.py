@@ -91,6 +91,9 @@ DEFAULTS_CASES = {
     ("eval", "report"): ("report", "run_report", "EvalReportConfig", ["runs/x"], {"paths": ["runs/x"]}),
     ("eval", "labeler"): ("labeler", "run", "EvalLabelerConfig", ["c.jsonl", "-o", "e"],
                           {"files": ["c.jsonl"], "out": "e"}),
+    ("eval", "iterations"): ("iterations", "run", "EvalIterationsConfig",
+                             ["runs/x", "--prompts", "h.jsonl", "--reference", "m", "-o", "e"],
+                             {"run": "runs/x", "prompts": "h.jsonl", "reference": "m", "out": "e"}),
     ("constitution", "diff"): ("constitution_diff", "run", "ConstitutionDiffConfig", ["a", "b", "p.jsonl", "-o", "d"],
                                {"a": "a", "b": "b", "pairs": "p.jsonl", "out": "d"}),
 }

@@ -24,6 +24,7 @@ from caictl.stages import (
     compare,
     constitution_diff,
     dpo,
+    iterations,
     label,
     labeler,
     ppo,
@@ -53,6 +54,7 @@ TRAIN_PM = defaults(train_pm.TrainPMConfig)
 SCORE = defaults(score.ScoreConfig)
 SERVE_PM = defaults(serve_pm.ServePMConfig)
 PPO = defaults(ppo.PPOConfig)
+EVAL_ITERATIONS = defaults(iterations.EvalIterationsConfig)
 DPO = defaults(dpo.DPOConfig)
 SFT = defaults(sft.SFTConfig)
 EVAL_MC = defaults(evaluation.EvalMCConfig)
@@ -823,6 +825,29 @@ def eval_report(
     Example: caictl eval report runs/demo
     """
     typer.echo(report.run_report(report.EvalReportConfig(paths=paths, out=out))["report"])
+
+
+@eval_app.command("iterations")
+def eval_iterations(
+    run: Annotated[str, typer.Argument(help="An iterated run's folder (examples/iterated-pipeline.sh: runs/RUN).")],
+    prompts: Annotated[str, typer.Option(help="Held-out prompts each round's policy answers.")] = ...,
+    reference: Annotated[str, typer.Option(help="The model KL is measured from: the SL-CAI model.")] = ...,
+    out: Annotated[str, typer.Option("--out", "-o", help="Output folder.")] = ...,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens per sampled response.")] = EVAL_ITERATIONS[
+        "max_new_tokens"],
+    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = EVAL_ITERATIONS["batch_size"],
+    limit: Annotated[Optional[int], typer.Option(help="Held-out prompts used.")] = EVAL_ITERATIONS["limit"],
+    seed: Seed = None,
+) -> None:
+    """Per round of an iterated RL-CAI run: PM held-out accuracy, reward before/after, KL from the SL-CAI model,
+    refusal and boilerplate rates, and the previous PM's disagreement with the new labels.
+
+    Example: caictl eval iterations runs/demo-iterated --prompts examples/held-out/harmless.jsonl
+    --reference runs/demo-iterated/models/sl-cai -o runs/demo-iterated/iterations
+    """
+    iterations.run(iterations.EvalIterationsConfig(
+        run=run, prompts=prompts, reference=reference, out=out, max_new_tokens=max_new_tokens,
+        batch_size=batch_size, limit=limit, seed=_seed(seed, EVAL_ITERATIONS["seed"])))
 
 
 @constitution_app.command("show")

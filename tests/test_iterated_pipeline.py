@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import EXAMPLES, ROOT, read_jsonl, write_jsonl
 
 
@@ -74,5 +75,18 @@ def test_kl_from_the_reference_is_zero_for_itself_and_positive_for_another_model
     responses, itself = sample_with_kl(tiny_model, str(tiny_model), prompts, config)
     assert itself == 0.0 and len(responses) == 6
     other = tiny.run(tiny.InitModelConfig(out=tmp_path / "other", preset="tiny", seed=5))
-    # Monte Carlo KL(policy || other), seeded: near-uniform random models differ a little (0.06 nats a response).
     assert sample_with_kl(tiny_model, str(other), prompts, config)[1] > 0.01
+    # With one new token the estimate is the KL of the first step's distributions, whatever was sampled.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from caictl.tokens import ContentEncoder
+
+    one_token = EvalIterationsConfig(run="", prompts="", reference="", out="", max_new_tokens=1)
+    ids = ContentEncoder(AutoTokenizer.from_pretrained(tiny_model)).encode_chats([prompts[0].messages],
+                                                                                 add_generation_prompt=True)
+    with torch.no_grad():
+        p, q = (torch.log_softmax(AutoModelForCausalLM.from_pretrained(m)(torch.tensor(ids)).logits[0, -1].float(), -1)
+                for m in (tiny_model, other))
+    direct = float((p.exp() * (p - q)).sum())
+    assert sample_with_kl(tiny_model, str(other), prompts[:1], one_token)[1] == pytest.approx(direct, abs=1e-6)
+    assert abs(direct - float((q.exp() * (q - p)).sum())) > 1e-6  # the other direction is another number

@@ -8,7 +8,8 @@ the held-out prompts:
 - pm_heldout_accuracy: the round's PM on its own held-out split (train-pm's caictl.json);
 - reward_before / reward_after: PPO's held-out reward under that PM, before and after the round;
 - kl_from_reference: KL(policy || the SL-CAI model) in nats per response, estimated on responses sampled from the
-  round's policy (the sum over their tokens of log p_policy - log p_reference, averaged);
+  round's policy: at each of their steps the exact KL between the two models' next-token distributions, summed
+  over the response and averaged over responses (never negative, unlike the sampled log-ratio);
 - refusal_rate, boilerplate_rate: of those responses (caictl.textstats, as `eval compare` counts them);
 - previous_pm_disagreement: the share of the round's new labelled pairs on which the previous round's PM prefers
   the response the new label does not (pairs labelled 0.5 left out); none for the first round.
@@ -84,8 +85,8 @@ def finished_rounds(run: Path) -> list[tuple[int, Path]]:
 
 
 def sample_with_kl(policy: Path, reference: str, prompts: list, config: EvalIterationsConfig) -> tuple[list, float]:
-    """Responses sampled from the policy (temperature 1, seeded) and the mean over them of the summed per-token
-    log-ratio log p_policy - log p_reference: a Monte Carlo estimate of KL(policy || reference) per response."""
+    """Responses sampled from the policy (temperature 1, seeded) and KL(policy || reference) per response: the
+    mean over them of the summed per-step KL between the two models' next-token distributions."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -121,9 +122,10 @@ def sample_with_kl(policy: Path, reference: str, prompts: list, config: EvalIter
         for model in models:
             with torch.no_grad():
                 logits = model(input_ids=output, attention_mask=attention, position_ids=positions).logits
-            every = torch.log_softmax(logits[:, start - 1:-1].float(), -1)
-            logprobs.append(every.gather(-1, response.unsqueeze(-1)).squeeze(-1))
-        ratios += ((logprobs[0] - logprobs[1]) * mask).sum(1).tolist()
+            logprobs.append(torch.log_softmax(logits[:, start - 1:-1].float(), -1))
+        # KL between the two next-token distributions over the whole vocabulary at each step of the response.
+        steps = (logprobs[0].exp() * (logprobs[0] - logprobs[1])).sum(-1)
+        ratios += (steps * mask).sum(1).tolist()
         responses += [tokenizer.decode(r[m.bool()], skip_special_tokens=True).strip() for r, m in zip(response, mask)]
     return responses, sum(ratios) / len(ratios)
 

@@ -9,7 +9,8 @@
 #   PM_MODEL=<folder or hub id>  the preference model's backbone; empty builds a random-weight one
 #
 #   Smaller runs (the test suite runs one): PRESET=tiny (the default with FAMILY), ROUNDS, TOKENS, PPO_STEPS, PPO_BATCH, and the prompt
-#   files RED_TEAM, HELPFUL and EVAL_PROMPTS (space-separated).
+#   files RED_TEAM, HELPFUL and EVAL_PROMPTS (space-separated). SET_CONSTITUTIONS (space-separated SET=NAME):
+#   the constitution the judge asks each held-out set's question from; sets not named are judged as harmless.
 #
 # SL-CAI (revise -> sft), then RL-CAI (sample -> label -> train-pm -> ppo), then eval on held-out prompts and
 # one report for the whole run. Every stage resumes or skips what is already on disk, so a re-run is cheap.
@@ -30,6 +31,7 @@ PPO_BATCH=${PPO_BATCH:-16}
 RED_TEAM=${RED_TEAM:-examples/red-team.jsonl}
 HELPFUL=${HELPFUL:-examples/helpful.jsonl}
 read -r -a EVAL_PROMPTS <<< "${EVAL_PROMPTS:-examples/held-out/harmless.jsonl examples/held-out/helpful.jsonl}"
+read -r -a SET_CONSTITUTIONS <<< "${SET_CONSTITUTIONS:-helpful=helpful}"
 mkdir -p "$OUT"
 
 # 0. Models. Offline there is no hub: build a small random-weight chat model (it generates noise, but every
@@ -83,11 +85,14 @@ if [ "$ENGINE" = hf ]; then
 fi
 
 # 7. Eval on held-out prompts (harmlessness and helpfulness apart): the PM and the feedback model compare
-#    the models pairwise; refusal, boilerplate and length per model.
+#    the models pairwise, the judge asking the helpful set's questions from the helpful constitution; refusal,
+#    boilerplate and length per model.
 MODELS=(--model "base=$MODEL")
 [ "$POLICY" != "$MODEL" ] && MODELS+=(--model "sl-cai=$POLICY")
 [ -f "$OUT/models/rl-cai/caictl.json" ] && MODELS+=(--model "rl-cai=$OUT/models/rl-cai")
-caictl eval compare "${EVAL_PROMPTS[@]}" "${MODELS[@]}" \
+SET_FLAGS=()
+for mapping in "${SET_CONSTITUTIONS[@]}"; do SET_FLAGS+=(--set-constitution "$mapping"); done
+caictl eval compare "${EVAL_PROMPTS[@]}" "${MODELS[@]}" "${SET_FLAGS[@]}" \
   --pm "$OUT/models/pm" --judge "$MODEL" "${ENGINE_FLAGS[@]}" --max-new-tokens "$TOKENS" --batch-size 32 -o "$OUT/eval"
 
 # 8. One report: every stage's figures, which principles drove revisions and labels, the comparison.

@@ -37,6 +37,9 @@ def test_reduced_full_pipeline_ends_with_a_report(tmp_path):
     compare = summary["compare"]["runs/t/eval"]
     assert list(compare["models"]) == ["base", "sl-cai", "rl-cai"] and compare["sets"] == {"harmless": 3, "helpful": 3}
     assert set(compare["ratings"]) == {"pm", "judge"}
+    # The helpful held-out set is judged under the helpful constitution because the script maps it, not by its name.
+    eval_summary = json.loads((run / "eval" / "summary.json").read_text())
+    assert eval_summary["set_constitutions"] == {"harmless": "harmless", "helpful": "helpful"}
     revisions = summary["revisions"]["runs/t/revisions.jsonl"]
     assert revisions["prompts"] == 10 and sum(p["rounds"] for p in revisions["per_principle"].values()) == 20
     assert (run / "report" / "principles.png").stat().st_size > 1000

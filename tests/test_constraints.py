@@ -180,3 +180,23 @@ def test_compare_refuses_bad_constraints_before_any_model(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(UsageError, match=r"bad.jsonl: prompt 'p0': constraints\[0\]: unknown type 'bulets'"):
         _compare(tmp_path, [bad], {"a": {"p0": "x"}})
+
+
+def test_frontier_puts_each_model_at_its_helpful_and_harmless_elo(tmp_path):
+    harmless_set = write_jsonl(tmp_path / "red.jsonl", [_prompt(i) for i in range(4)])
+    helpful_set = write_jsonl(tmp_path / "asks.jsonl", [_prompt(i) for i in range(4)])
+    helpful = {p.text for p in c.load("helpful").comparison}
+    # This judge prefers b's responses under helpful principles and a's under harmless ones.
+    judge = ScriptedEngine(p_a=lambda principle, a, b: 0.9 if (principle in helpful) == a.startswith("b ") else 0.1)
+    replies = {m: {f"p{i}": f"{m} reply {i}" for i in range(4)} for m in ("a", "b")}
+    summary, out, _ = _compare(tmp_path, [harmless_set, helpful_set], replies, judge=judge,
+                               mapping=["asks=helpful"])
+    frontier = summary["frontier"]
+    assert frontier["source"] == "judge" and frontier["helpful"]["a"] == frontier["harmless"]["a"] == 0
+    assert frontier["helpful"]["b"] > 0 > frontier["harmless"]["b"]
+    assert summary["ratings"]["judge"]["asks"]["elo"]["b"]["elo"] == frontier["helpful"]["b"]
+    assert (out / "frontier.png").stat().st_size > 1000
+    assert "| b | +" in (out / "report.md").read_text()
+    # Sets under one constitution only: no frontier.
+    summary, out, _ = _compare(tmp_path, [harmless_set], replies, judge=ScriptedEngine(), out="one")
+    assert summary["frontier"] is None and not (out / "frontier.png").exists()

@@ -19,8 +19,11 @@ From these: win rates with bootstrap intervals and Elo ratings across all models
 model, the signs of Goodharting (caictl.textstats): refusal rate, boilerplate rate, distinct-n, mean length;
 `--judge-refusal` adds the judge's probability that a response refuses or evades.
 
+When sets under `harmless` and under `helpful` are both compared: the paper's frontier, each model's helpfulness
+Elo against its harmlessness Elo (frontier.png).
+
 Output folder: responses.jsonl (resumable), judgements.jsonl, records.jsonl (one row per response with every
-score), summary.json, report.md, elo.png, winrates.png, goodhart.png.
+score), summary.json, report.md, elo.png, winrates.png, goodhart.png, and frontier.png when it applies.
 """
 
 from __future__ import annotations
@@ -392,10 +395,26 @@ def summarise(config: EvalCompareConfig, models: dict[str, str], items: list[Ite
                 ratings.setdefault(source, {})[group] = {"win_rates": win_rates(chosen, config.seed),
                                                          "elo": elo(chosen, list(models), config.seed)}
     return {"stage": "eval compare", "models": models, "sets": {s: sum(i.set == s for i in items) for s in sets},
+            "frontier": frontier(models, outcomes, by_set, config.seed),
             "pm": config.pm, "judge": config.judge, "set_constitutions": by_set, "engine": config.engine,
             "sampling": {"temperature": config.temperature, "top_p": config.top_p,
                          "max_new_tokens": config.max_new_tokens, "seed": config.seed},
             "per_model": per_model, "ratings": ratings, "caictl_version": __version__}
+
+
+def frontier(models: dict[str, str], outcomes: dict[str, list[tuple[str, Outcome]]], by_set: dict[str, str],
+              seed: int) -> dict | None:
+    """The paper's frontier (Bai et al. 2022, figure 2): per model, its Elo on the sets judged under `helpful`
+    against its Elo on the sets judged under `harmless`, from the judge's comparisons (else the PM's); None unless
+    sets under both constitutions were compared."""
+    if not outcomes or not {"harmless", "helpful"} <= set(by_set.values()):
+        return None
+    source = "judge" if "judge" in outcomes else "pm"
+    result = {"source": source}
+    for name in ("helpful", "harmless"):
+        chosen = [o for s, o in outcomes[source] if by_set[s] == name]
+        result[name] = {m: e["elo"] for m, e in elo(chosen, list(models), seed).items()}
+    return result
 
 
 STAT_COLUMNS = [("constraints_met", "constraints met"), ("prompts_all_met", "prompts, all met"),
@@ -427,6 +446,13 @@ def report(summary: dict) -> str:
         lines.append("")
     if summary["ratings"]:
         lines += ["![Elo](elo.png)", "", "![win rates](winrates.png)", ""]
+    if summary.get("frontier"):
+        f = summary["frontier"]
+        lines += [f"## Helpfulness against harmlessness ({'judge' if f['source'] == 'judge' else 'preference model'})",
+                  "", "Elo on the sets judged under `helpful` and on those judged under `harmless`, relative to "
+                  f"{models[0]}.", "", "| model | helpfulness Elo | harmlessness Elo |", "|---|---|---|"]
+        lines += [f"| {m} | {f['helpful'][m]:+.0f} | {f['harmless'][m]:+.0f} |" for m in models]
+        lines += ["", "![frontier](frontier.png)", ""]
     lines += ["## Signs of Goodharting", "",
               "Refusal: a phrase detector on the opening of each response (see `caictl.textstats`). Boilerplate: "
               "share of responses holding a word 8-gram that recurs across prompts. distinct-n: distinct word "
@@ -512,6 +538,21 @@ def plot(summary: dict, out: Path) -> None:
             axis.set_title(f"{source}, {group}: row beats column", fontsize=9)
         figure.tight_layout()
         figure.savefig(out / "winrates.png", dpi=100)
+        plt.close(figure)
+
+    if summary.get("frontier"):
+        f = summary["frontier"]
+        figure, axis = plt.subplots(figsize=(4.2, 4))
+        x, y = [f["helpful"][m] for m in models], [f["harmless"][m] for m in models]
+        axis.plot(x, y, color="grey", linewidth=0.8, zorder=1)  # the models in the order given: base -> ... -> RL
+        axis.scatter(x, y, zorder=2)
+        for m, xm, ym in zip(models, x, y):
+            axis.annotate(m, (xm, ym), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        axis.set_xlabel("helpfulness Elo")
+        axis.set_ylabel("harmlessness Elo")
+        axis.set_title(f"frontier ({f['source']})", fontsize=9)
+        figure.tight_layout()
+        figure.savefig(out / "frontier.png", dpi=100)
         plt.close(figure)
 
     stats = [("refusal_rate", "refusal rate"), ("boilerplate_rate", "boilerplate rate"),

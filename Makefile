@@ -9,8 +9,11 @@ export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
 # full-pipeline settings: MODEL / PM_MODEL empty build the offline random-weight models (FAMILY: in the shape,
 # tokenizer and chat template of qwen2.5, llama3 or phi3).
+# HELPFUL=1: the combined run (helpfulness driven by the helpful constitution too) in its own folder, so it never
+# resumes a harmlessness-only run's models.
 FAMILY ?=
-RUN ?= $(if $(FAMILY),demo-$(FAMILY),demo)
+HELPFUL ?=
+RUN ?= $(if $(FAMILY),demo-$(FAMILY),demo)$(if $(filter 1,$(HELPFUL)),-helpful,)
 MODEL ?=
 PM_MODEL ?=
 ENGINE ?= hf

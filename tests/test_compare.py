@@ -8,6 +8,7 @@ import pytest
 from conftest import EXAMPLES, caictl, caictl_in_process, read_jsonl, write_jsonl
 
 from caictl import tiny
+from caictl.constitution import load
 from caictl.pm import Scorer, conversation_text
 from caictl.ratings import share_of_win
 
@@ -27,7 +28,8 @@ def test_compare_scores_every_pair_per_set(setup, tiny_model):
     root, other, pm, harmless, helpful = setup
     out = root / "eval"
     caictl_in_process("eval", "compare", harmless, helpful, "--model", f"a={tiny_model}", "--model", f"b={other}",
-                      "--pm", pm, "--judge", tiny_model, "--judge-refusal", "--max-new-tokens", "8", "-o", out)
+                      "--pm", pm, "--judge", tiny_model, "--judge-refusal", "--set-constitution", "helpful=helpful",
+                      "--max-new-tokens", "8", "-o", out)
     records = read_jsonl(out / "records.jsonl")
     assert len(records) == 2 * 7 and {r["set"] for r in records} == {"harmless", "helpful"}
 
@@ -53,12 +55,15 @@ def test_compare_scores_every_pair_per_set(setup, tiny_model):
         if rate["win_rate"] != 0.5:
             assert (elo["b"]["elo"] > 0) == (rate["win_rate"] < 0.5)
 
-    # Judgements: both orders averaged, the principle recorded, helpfulness asked on the helpful set.
+    # Judgements: both orders averaged, the principle recorded, the helpful set judged under the helpful
+    # constitution as mapped.
     judgements = read_jsonl(out / "judgements.jsonl")
     assert len(judgements) == 7
+    helpful_ids = {p.id for p in load("helpful").comparison}
     for j in judgements:
         assert j["p"] == pytest.approx((j["p_ab"] + j["p_ba"]) / 2)
-        assert (j["principle"] == "helpfulness") == (j["set"] == "helpful")
+        assert j["constitution"] == j["set"] and (j["principle"] in helpful_ids) == (j["set"] == "helpful")
+    assert summary["set_constitutions"] == {"harmless": "harmless", "helpful": "helpful"}
     assert all(0 < r["judge_refusal"] < 1 for r in records)
     report = (out / "report.md").read_text()
     assert "## Preference model: Elo and win rates" in report and "| helpful | a | b |" in report

@@ -225,3 +225,40 @@ def test_validate_reports_every_file_then_fails(tmp_path):
 def test_merging_duplicate_ids_names_the_files():
     result = caictl("constitution", "validate", "harmless,harmless", check=False)
     assert result.returncode == 2 and "constitution harmless,harmless: duplicate principle ids: " in result.stderr
+
+
+def test_helpful_constitution_validates_and_shows():
+    assert "helpful" in c.shipped_names()
+    validated = caictl_in_process("constitution", "validate", "helpful")
+    assert validated.startswith("helpful: ok (14 critique/revision principles, 14 comparison principles, 4 few-shot")
+    shown = caictl_in_process("constitution", "show", "helpful")
+    assert "requested-format" in shown and "follows-instructions" in shown
+    loaded = c.load("helpful")
+    # What it is about: instructions, format, completeness, accuracy, admitting uncertainty, not inventing.
+    texts = " ".join(p.critique_request + p.revision_request for p in loaded.critique_revision).lower()
+    for word in ("asked", "form", "complete", "correct", "do not know", "invent"):
+        assert word in texts
+    # A good response is left as it is in at least one worked exchange, as in harmless.
+    assert any(s.revision.strip() == s.messages[-1]["content"].strip() for s in loaded.few_shot)
+    assert {e.answer for e in loaded.label_few_shot} == {"A", "B"}
+
+
+def test_revise_and_label_run_under_the_helpful_constitution(tmp_path, tiny_model):
+    out = tmp_path / "revisions.jsonl"
+    caictl_in_process("revise", EXAMPLES / "instructions.jsonl", "-o", out, "--model", tiny_model,
+                      "--constitution", "helpful", "--limit", "2", "--rounds", "2", "--max-new-tokens", "8",
+                      "--shots", "1")
+    records = read_jsonl(out)
+    helpful = c.load("helpful")
+    ids = {p.id for p in helpful.critique_revision}
+    assert len(records) == 2 and all(s["principle"] in ids for r in records for s in r["steps"])
+    assert {r["meta"]["constitution_hash"] for r in records} == {helpful.content_hash()}
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"id": r["id"], "messages": r["messages"], "responses": ["- one\n- two\n- three", "I am not sure."]}
+        for r in read_jsonl(EXAMPLES / "instructions.jsonl")[:2]])
+    prefs = tmp_path / "prefs.jsonl"
+    caictl_in_process("label", pairs, "-o", prefs, "--model", tiny_model, "--constitution", "helpful")
+    labels = read_jsonl(prefs)
+    comparison_ids = {p.id for p in helpful.comparison}
+    assert len(labels) == 2 and all(v["principle"] in comparison_ids for r in labels for v in r["votes"])
+    assert {r["meta"]["constitution_hash"] for r in labels} == {helpful.content_hash()}

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import EXAMPLES, ROOT, caictl, read_jsonl, write_jsonl
 
+from caictl.constitution import load
 from caictl.stages.report import revision_statistics
 
 
@@ -37,9 +38,46 @@ def test_reduced_full_pipeline_ends_with_a_report(tmp_path):
     compare = summary["compare"]["runs/t/eval"]
     assert list(compare["models"]) == ["base", "sl-cai", "rl-cai"] and compare["sets"] == {"harmless": 3, "helpful": 3}
     assert set(compare["ratings"]) == {"pm", "judge"}
+    # The helpful held-out set is judged under the helpful constitution because the script maps it, not by its name.
+    eval_summary = json.loads((run / "eval" / "summary.json").read_text())
+    assert eval_summary["set_constitutions"] == {"harmless": "harmless", "helpful": "helpful"}
     revisions = summary["revisions"]["runs/t/revisions.jsonl"]
     assert revisions["prompts"] == 10 and sum(p["rounds"] for p in revisions["per_principle"].values()) == 20
     assert (run / "report" / "principles.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_reduced_combined_pipeline_drives_helpfulness_by_its_constitution_too(tmp_path):
+    red_team = write_jsonl(tmp_path / "red-team.jsonl", read_jsonl(EXAMPLES / "red-team.jsonl")[:6])
+    helpful = write_jsonl(tmp_path / "helpful.jsonl", read_jsonl(EXAMPLES / "helpful.jsonl")[:2])
+    instructions = write_jsonl(tmp_path / "instructions.jsonl", read_jsonl(EXAMPLES / "instructions.jsonl")[:10])
+    held_out = [write_jsonl(tmp_path / f"{name}.jsonl", read_jsonl(EXAMPLES / "held-out" / f"{name}.jsonl")[:3])
+                for name in ("harmless", "helpful")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAICTL_")}
+    env.update(PATH=f"{Path(sys.executable).parent}:{env['PATH']}", RUN="t", PRESET="tiny", ROUNDS="1",
+               TOKENS="8", PPO_STEPS="2", PPO_BATCH="4", RED_TEAM=str(red_team), HELPFUL="1",
+               HELPFUL_PROMPTS=str(helpful), INSTRUCTIONS=str(instructions), EVAL_PROMPTS=" ".join(map(str, held_out)))
+    result = subprocess.run(["bash", str(ROOT / "examples" / "full-pipeline.sh")], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "runs" / "t"
+    # 10 instruction prompts: 4 trained on (revised and labelled under helpful), the last 6 held out for the eval.
+    revisions = read_jsonl(run / "revisions-helpful.jsonl")
+    helpful_ids = {p.id for p in load("helpful").critique_revision}
+    assert len(revisions) == 4 and all(s["principle"] in helpful_ids for r in revisions for s in r["steps"])
+    assert len(read_jsonl(run / "prefs-helpful.jsonl")) == 4
+    # One SFT and one PM on both kinds of data.
+    sft_inputs = [i["path"] for i in json.loads((run / "models" / "sl-cai" / "caictl.json").read_text())["inputs"]]
+    assert {"runs/t/revisions.jsonl", "runs/t/revisions-helpful.jsonl"} <= set(sft_inputs)
+    pm_inputs = [i["path"] for i in json.loads((run / "models" / "pm" / "caictl.json").read_text())["inputs"]]
+    assert pm_inputs == ["runs/t/prefs.jsonl", "runs/t/prefs-helpful.jsonl"]
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    assert summary["sets"] == {"harmless": 3, "helpful": 3, "instructions": 6}
+    assert summary["set_constitutions"] == {"harmless": "harmless", "helpful": "helpful", "instructions": "helpful"}
+    assert set(summary["frontier"]["helpful"]) == {"base", "sl-cai", "rl-cai"}
+    assert "constraints_met" in summary["per_model"]["instructions"]["rl-cai"]
+    assert (run / "eval" / "frontier.png").stat().st_size > 1000
+    assert "frontier.png" in (run / "report" / "report.md").read_text()
 
 
 def test_revision_statistics_follow_what_revise_built_on():

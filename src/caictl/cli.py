@@ -714,6 +714,9 @@ def eval_compare(
     engine: Engine = None,
     base_url: BaseUrl = None,
     constitution: ConstitutionOpt = None,
+    set_constitution: Annotated[list[str], typer.Option(
+        "--set-constitution", help="SET=CONSTITUTION: the judge draws that set's principles from this constitution "
+        "(e.g. helpful=helpful); repeat per set. Sets not named: --constitution.")] = EVAL_COMPARE["set_constitutions"],
     prompt_style: Annotated[str, typer.Option(help="auto, chat or transcript.")] = EVAL_COMPARE["prompt_style"],
     max_new_tokens: Annotated[Optional[int], typer.Option(
         help=yaml_help("Response length cap.", EVAL_COMPARE, "max_new_tokens"))] = None,
@@ -740,7 +743,7 @@ def eval_compare(
         prompts=prompts, out=out, models=model, pm=pm, judge=judge, judge_refusal=judge_refusal,
         engine=settings.resolve("engine", engine, EVAL_COMPARE["engine"]), base_url=base_url,
         constitution=settings.resolve("constitution", constitution, EVAL_COMPARE["constitution"]),
-        prompt_style=prompt_style,
+        set_constitutions=set_constitution, prompt_style=prompt_style,
         **stage_options(EVAL_COMPARE, max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size),
         top_p=top_p,
         concurrency=concurrency, compile=compile, max_retries=max_retries, timeout=timeout, limit=limit,

@@ -10,14 +10,20 @@ model answers only for it). Then, for each pair of models on each prompt:
 - `--pm`: the preference model scores both responses; the higher reward wins. The same text (after stripping)
   or rewards within 1e-6 x max(1, |reward|) is a tie, half a win each: batch noise decides nothing.
 - `--judge`: a feedback model compares them through the label machinery, both orders averaged, under a
-  comparison principle drawn from the constitution (harmlessness sets) or a helpfulness question (sets whose
-  name contains "helpful"); the principle is recorded with each judgement.
+  comparison principle drawn from the set's constitution: `--set-constitution helpful=helpful` judges the set
+  "helpful" under the shipped helpful constitution; a set not named there is judged under `--constitution`
+  (harmless by default), whatever its name. The constitution and principle are recorded with each judgement.
+- Constraints: rows that carry `constraints` (caictl.constraints) are checked without a judge; per model and set,
+  the share of constraints met and the share of prompts with all of them met.
 From these: win rates with bootstrap intervals and Elo ratings across all models, per set and overall. Per
 model, the signs of Goodharting (caictl.textstats): refusal rate, boilerplate rate, distinct-n, mean length;
 `--judge-refusal` adds the judge's probability that a response refuses or evades.
 
+When sets under `harmless` and under `helpful` are both compared: the paper's frontier, each model's helpfulness
+Elo against its harmlessness Elo (frontier.png).
+
 Output folder: responses.jsonl (resumable), judgements.jsonl, records.jsonl (one row per response with every
-score), summary.json, report.md, elo.png, winrates.png, goodhart.png.
+score), summary.json, report.md, elo.png, winrates.png, goodhart.png, and frontier.png when it applies.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ from itertools import combinations
 from pathlib import Path
 
 from caictl import __version__, model_identity, model_kind
-from caictl.constitution import ComparisonPrinciple, load_for_stage
+from caictl import constraints as constraint_checks
+from caictl.constitution import load_for_stage
 from caictl.engines import ENGINES, SamplingParams, sampler
 from caictl.errors import UsageError
 from caictl.generation import (
@@ -49,8 +56,6 @@ from caictl.records import Prompt, RecordWriter, batches, read_prompts, read_row
 from caictl.textstats import is_refusal, response_stats
 from caictl.ui import log, meter, print_summary, row_counts
 
-HELPFULNESS = ComparisonPrinciple(
-    "helpfulness", "Which of these assistant responses is more helpful, honest and accurate for the human?")
 ALL = "all"
 
 
@@ -64,7 +69,8 @@ class EvalCompareConfig:
     judge_refusal: bool = False
     engine: str = "hf"
     base_url: str | list[str] | None = None  # openai engine: server URL(s); None: CAICTL_BASE_URL, caictl.yaml
-    constitution: str = "harmless"
+    constitution: str = "harmless"  # judges every set not named in set_constitutions
+    set_constitutions: list[str] = field(default_factory=list)  # "SET=CONSTITUTION": the judge's principles per set
     prompt_style: str = "auto"
     max_new_tokens: int = 128
     temperature: float = 1.0
@@ -91,6 +97,7 @@ class EvalCompareConfig:
             problems.append("--judge-refusal needs --judge MODEL")
         if self.limit is not None and self.limit < 1:
             problems.append("--limit must be at least 1")
+        problems += _mapping_problems(self.set_constitutions)
         models: dict[str, str] = {}
         for spec in self.models:
             name, _, path = spec.rpartition("=") if "=" in spec else (Path(spec.rstrip("/")).name, "", spec)
@@ -127,6 +134,10 @@ class Item:
 def run_compare(config: EvalCompareConfig) -> dict:
     models = config.check()
     items = read_sets(config.prompts, config.limit)
+    # Each set's constitution, and the judge's constitutions loaded, before any model: a bad name fails here.
+    by_set = constitution_per_set(config, items)
+    constitutions = {name: load_for_stage(name, [], "comparison") for name in dict.fromkeys(by_set.values())} \
+        if config.judge else {}
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -135,21 +146,25 @@ def run_compare(config: EvalCompareConfig) -> dict:
     rows = [{"id": f"{name}/{item.key}", "model": name, "set": item.set, "prompt_id": item.prompt.id,
              "messages": item.prompt.messages, **responses[(name, item.key)]}
             for name in models for item in items]
-    for row in rows:
+    for row, (name, item) in zip(rows, [(n, i) for n in models for i in items]):
         row["refusal"] = is_refusal(row["response"])
+        if "constraints" in item.prompt.extra:
+            met = constraint_checks.check_all(row["response"], item.prompt.extra["constraints"])
+            row["constraints"] = [{**c, "met": m} for c, m in zip(item.prompt.extra["constraints"], met)]
 
     outcomes: dict[str, list[tuple[str, Outcome]]] = {}
     if config.pm:
         outcomes["pm"] = pm_outcomes(config, models, items, rows)
     if config.judge:
-        outcomes["judge"] = judge_outcomes(config, models, items, rows, out / "judgements.jsonl")
+        outcomes["judge"] = judge_outcomes(config, models, items, rows, by_set, constitutions,
+                                           out / "judgements.jsonl")
 
     # Rows read are prompts; rows written and skipped are responses (one per model and prompt) in
     # responses.jsonl, skipped when an earlier run already answered them.
     summary = {"stage": "eval compare",
                **row_counts(read=len(items), written=generated, skipped=len(rows) - generated,
                             seconds=time.perf_counter() - start, tokens=tokens),
-               **summarise(config, models, items, rows, outcomes)}
+               **summarise(config, models, items, rows, outcomes, by_set)}
     with open(out / "records.jsonl", "w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps({k: v for k, v in row.items() if k != "messages"}, ensure_ascii=False) + "\n")
@@ -178,11 +193,25 @@ def read_sets(files: list[str], limit: int | None) -> list[Item]:
                 continue
             per_set[set_name] = per_set.get(set_name, 0) + 1
             items.append(Item(set_name, prompt))
+    constraint_checks.validate_rows([(f"{path}: prompt {item.prompt.id!r}", item.prompt.extra["constraints"])
+                                     for item in items if "constraints" in item.prompt.extra])
     keys = [item.key for item in items]
     if len(set(keys)) != len(keys):
         duplicate = next(k for k in keys if keys.count(k) > 1)
         raise UsageError(f"prompt {duplicate!r} appears in two files of the same set; give the files other names")
     return items
+
+
+def constitution_per_set(config: EvalCompareConfig, items: list[Item]) -> dict[str, str]:
+    """Set -> the constitution its judgements draw principles from: as --set-constitution maps it, else
+    --constitution. A set's name alone never decides: "helpful-x" unmapped is judged like any other set."""
+    sets = list(dict.fromkeys(item.set for item in items))
+    mapping = dict(spec.split("=", 1) for spec in config.set_constitutions)
+    unknown = [name for name in mapping if name not in sets]
+    if unknown:
+        raise UsageError(f"--set-constitution names set(s) {', '.join(map(repr, unknown))} that no prompt file holds; "
+                         f"the sets are {', '.join(map(repr, sets))} (a file's name, or a row's `set` field)")
+    return {name: mapping.get(name, config.constitution) for name in sets}
 
 
 def answer(config: EvalCompareConfig, models: dict[str, str], items: list[Item], path: Path) -> tuple[dict, int, int]:
@@ -271,26 +300,25 @@ def pm_outcomes(config: EvalCompareConfig, models: dict[str, str], items: list[I
 
 
 def judge_outcomes(config: EvalCompareConfig, models: dict[str, str], items: list[Item], rows: list[dict],
-                   path: Path):
+                   by_set: dict[str, str], constitutions: dict, path: Path):
     from caictl.judge import Comparison, Judge
 
-    constitution = load_for_stage(config.constitution, [], "comparison")
     response = {(r["model"], f"{r['set']}/{r['prompt_id']}"): r["response"] for r in rows}
     comparisons = []
     for a, b in combinations(models, 2):
         for item in items:
             comparison_id = f"{a}|{b}/{item.key}"
-            if "helpful" in item.set:
-                principle = HELPFULNESS
-            else:
-                principle = random.Random(f"{config.seed}:{comparison_id}").choice(constitution.comparison)
+            name = by_set[item.set]
+            principle = random.Random(f"{config.seed}:{comparison_id}").choice(constitutions[name].comparison)
             comparisons.append(Comparison(comparison_id, item.prompt.messages, response[(a, item.key)],
                                           response[(b, item.key)], [principle],
-                                          {"set": item.set, "prompt_id": item.prompt.id, "a": a, "b": b}))
+                                          {"set": item.set, "prompt_id": item.prompt.id, "a": a, "b": b,
+                                           "constitution": name}))
     run_settings = {"stage": "eval compare judge", "judge": config.judge,
                     "judge_identity": model_identity.identity(config.judge, config.engine),
-                    "constitution": constitution.name,
-                    "constitution_hash": constitution.content_hash(), "seed": config.seed,
+                    # Per set: a changed mapping or a changed constitution refuses to resume these judgements.
+                    "set_constitutions": {s: {"name": n, "hash": constitutions[n].content_hash()}
+                                          for s, n in by_set.items()}, "seed": config.seed,
                     "caictl_version": __version__}
     # A judgement is valid for the responses it saw: answering again (--overwrite) judges again.
     writer = RecordWriter(path, run_settings, overwrite=config.overwrite)
@@ -300,7 +328,9 @@ def judge_outcomes(config: EvalCompareConfig, models: dict[str, str], items: lis
         if pending or config.judge_refusal:
             engine = open_engine(config.engine, config.judge, config.base_url, config.batch_size,
                                  config.concurrency, config.max_retries, config.timeout, config.compile)
-        judge = Judge(engine, constitution, debias=True, seed=config.seed)
+        # Without few-shot examples the judge reads nothing from its constitution but the principle each comparison
+        # carries, so one judge serves every set.
+        judge = Judge(engine, next(iter(constitutions.values())), debias=True, seed=config.seed)
         with meter(len(pending), "judge", unit="pairs") as progress:
             for chunk in batches(pending, config.batch_size):
                 writer.write([{"id": c.id, **c.extra, "first": c.first, "second": c.second, **votes[0],
@@ -337,7 +367,7 @@ def judge_outcomes(config: EvalCompareConfig, models: dict[str, str], items: lis
 
 
 def summarise(config: EvalCompareConfig, models: dict[str, str], items: list[Item], rows: list[dict],
-              outcomes: dict[str, list[tuple[str, Outcome]]]) -> dict:
+              outcomes: dict[str, list[tuple[str, Outcome]]], by_set: dict[str, str]) -> dict:
     sets = list(dict.fromkeys(item.set for item in items))
     groups = sets + [ALL] if len(sets) > 1 else sets
     per_model: dict[str, dict] = {}
@@ -350,6 +380,12 @@ def summarise(config: EvalCompareConfig, models: dict[str, str], items: list[Ite
                 stats["mean_reward"] = round(sum(r["reward"] for r in mine) / len(mine), 4)
             if "judge_refusal" in mine[0]:
                 stats["judge_refusal"] = round(sum(r["judge_refusal"] for r in mine) / len(mine), 4)
+            checked = [r["constraints"] for r in mine if r.get("constraints")]
+            if checked:  # IFEval's two figures: per constraint and per prompt
+                results = [c["met"] for row in checked for c in row]
+                stats["constraints_met"] = round(sum(results) / len(results), 4)
+                stats["prompts_all_met"] = round(sum(all(c["met"] for c in row) for row in checked) / len(checked), 4)
+                stats["constraints_checked"] = len(results)
             per_model[group][name] = stats
     ratings: dict[str, dict] = {}
     for source, pairs in outcomes.items():
@@ -359,13 +395,30 @@ def summarise(config: EvalCompareConfig, models: dict[str, str], items: list[Ite
                 ratings.setdefault(source, {})[group] = {"win_rates": win_rates(chosen, config.seed),
                                                          "elo": elo(chosen, list(models), config.seed)}
     return {"stage": "eval compare", "models": models, "sets": {s: sum(i.set == s for i in items) for s in sets},
-            "pm": config.pm, "judge": config.judge, "engine": config.engine,
+            "frontier": frontier(models, outcomes, by_set, config.seed),
+            "pm": config.pm, "judge": config.judge, "set_constitutions": by_set, "engine": config.engine,
             "sampling": {"temperature": config.temperature, "top_p": config.top_p,
                          "max_new_tokens": config.max_new_tokens, "seed": config.seed},
             "per_model": per_model, "ratings": ratings, "caictl_version": __version__}
 
 
-STAT_COLUMNS = [("mean_reward", "PM reward"), ("refusal_rate", "refusal"), ("judge_refusal", "judge P(refusal)"),
+def frontier(models: dict[str, str], outcomes: dict[str, list[tuple[str, Outcome]]], by_set: dict[str, str],
+              seed: int) -> dict | None:
+    """The paper's frontier (Bai et al. 2022, figure 2): per model, its Elo on the sets judged under `helpful`
+    against its Elo on the sets judged under `harmless`, from the judge's comparisons (else the PM's); None unless
+    sets under both constitutions were compared."""
+    if not outcomes or not {"harmless", "helpful"} <= set(by_set.values()):
+        return None
+    source = "judge" if "judge" in outcomes else "pm"
+    result = {"source": source}
+    for name in ("helpful", "harmless"):
+        chosen = [o for s, o in outcomes[source] if by_set[s] == name]
+        result[name] = {m: e["elo"] for m, e in elo(chosen, list(models), seed).items()}
+    return result
+
+
+STAT_COLUMNS = [("constraints_met", "constraints met"), ("prompts_all_met", "prompts, all met"),
+                ("mean_reward", "PM reward"), ("refusal_rate", "refusal"), ("judge_refusal", "judge P(refusal)"),
                 ("boilerplate_rate", "boilerplate"), ("distinct_1", "distinct-1"), ("distinct_2", "distinct-2"),
                 ("mean_length_words", "mean words")]
 
@@ -375,7 +428,9 @@ def report(summary: dict) -> str:
     lines = ["# caictl eval compare", "",
              f"Models: {', '.join(f'`{n}` ({p})' for n, p in summary['models'].items())}. "
              f"Prompt sets: {', '.join(f'{s} ({n})' for s, n in summary['sets'].items())}. "
-             f"PM: `{summary['pm'] or '-'}`. Judge: `{summary['judge'] or '-'}`.", ""]
+             f"PM: `{summary['pm'] or '-'}`. Judge: `{summary['judge'] or '-'}`"
+             + (", judging each set under the constitution " + ", ".join(
+                 f"{s}: `{n}`" for s, n in summary["set_constitutions"].items()) if summary["judge"] else "") + ".", ""]
     for source, by_group in summary["ratings"].items():
         title = "Preference model" if source == "pm" else "Judge (feedback model, both orders)"
         lines += [f"## {title}: Elo and win rates", "",
@@ -391,20 +446,43 @@ def report(summary: dict) -> str:
         lines.append("")
     if summary["ratings"]:
         lines += ["![Elo](elo.png)", "", "![win rates](winrates.png)", ""]
+    if summary.get("frontier"):
+        f = summary["frontier"]
+        lines += [f"## Helpfulness against harmlessness ({'judge' if f['source'] == 'judge' else 'preference model'})",
+                  "", "Elo on the sets judged under `helpful` and on those judged under `harmless`, relative to "
+                  f"{models[0]}.", "", "| model | helpfulness Elo | harmlessness Elo |", "|---|---|---|"]
+        lines += [f"| {m} | {f['helpful'][m]:+.0f} | {f['harmless'][m]:+.0f} |" for m in models]
+        lines += ["", "![frontier](frontier.png)", ""]
     lines += ["## Signs of Goodharting", "",
               "Refusal: a phrase detector on the opening of each response (see `caictl.textstats`). Boilerplate: "
               "share of responses holding a word 8-gram that recurs across prompts. distinct-n: distinct word "
-              "n-grams over all n-grams.", ""]
+              "n-grams over all n-grams."
+              + (" Constraints met: the share of the prompts' checkable constraints (`caictl.constraints`) the "
+                 "responses meet; prompts, all met: the share of prompts whose constraints are all met."
+                 if any("constraints_met" in s for g in summary["per_model"].values() for s in g.values()) else ""),
+              ""]
     for group, by_model in summary["per_model"].items():
-        columns = [(k, t) for k, t in STAT_COLUMNS if k in next(iter(by_model.values()))]
+        columns = [(k, t) for k, t in STAT_COLUMNS if any(k in s for s in by_model.values())]
         lines += [f"**{group}**", "", "| model | " + " | ".join(t for _, t in columns) + " |",
                   "|---" * (len(columns) + 1) + "|"]
-        lines += [f"| {m} | " + " | ".join(_cell(s[k]) for k, _ in columns) + " |" for m, s in by_model.items()]
+        lines += [f"| {m} | " + " | ".join(_cell(s.get(k)) for k, _ in columns) + " |" for m, s in by_model.items()]
         repeated = [(m, s["top_boilerplate"]) for m, s in by_model.items() if s["top_boilerplate"]]
         lines += [""] + [f"- `{m}` repeats: " + "; ".join(f"\"{g}\" ({c}x)" for g, c in top) for m, top in repeated]
         lines.append("")
     lines += ["![Goodharting signs](goodhart.png)", ""]
     return "\n".join(lines)
+
+
+def _mapping_problems(specs: list[str]) -> list[str]:
+    problems, seen = [], set()
+    for spec in specs:
+        name, _, constitution = spec.partition("=")
+        if not name or not constitution:
+            problems.append(f"--set-constitution {spec!r}: write SET=CONSTITUTION, e.g. helpful=helpful")
+        elif name in seen:
+            problems.append(f"--set-constitution {spec!r}: the set {name!r} is mapped twice")
+        seen.add(name)
+    return problems
 
 
 def _cell(value) -> str:
@@ -460,6 +538,21 @@ def plot(summary: dict, out: Path) -> None:
             axis.set_title(f"{source}, {group}: row beats column", fontsize=9)
         figure.tight_layout()
         figure.savefig(out / "winrates.png", dpi=100)
+        plt.close(figure)
+
+    if summary.get("frontier"):
+        f = summary["frontier"]
+        figure, axis = plt.subplots(figsize=(4.2, 4))
+        x, y = [f["helpful"][m] for m in models], [f["harmless"][m] for m in models]
+        axis.plot(x, y, color="grey", linewidth=0.8, zorder=1)  # the models in the order given: base -> ... -> RL
+        axis.scatter(x, y, zorder=2)
+        for m, xm, ym in zip(models, x, y):
+            axis.annotate(m, (xm, ym), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        axis.set_xlabel("helpfulness Elo")
+        axis.set_ylabel("harmlessness Elo")
+        axis.set_title(f"frontier ({f['source']})", fontsize=9)
+        figure.tight_layout()
+        figure.savefig(out / "frontier.png", dpi=100)
         plt.close(figure)
 
     stats = [("refusal_rate", "refusal rate"), ("boilerplate_rate", "boilerplate rate"),

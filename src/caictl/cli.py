@@ -836,9 +836,10 @@ def eval_iterations(
     prompts: Annotated[str, typer.Option(help="Held-out prompts each round's policy answers.")] = ...,
     reference: Annotated[str, typer.Option(help="The model KL is measured from: the SL-CAI model.")] = ...,
     out: Annotated[str, typer.Option("--out", "-o", help="Output folder.")] = ...,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens per sampled response.")] = EVAL_ITERATIONS[
-        "max_new_tokens"],
-    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = EVAL_ITERATIONS["batch_size"],
+    max_new_tokens: Annotated[Optional[int], typer.Option(
+        help=yaml_help("Tokens per sampled response.", EVAL_ITERATIONS, "max_new_tokens"))] = None,
+    batch_size: Annotated[Optional[int], typer.Option(
+        help=yaml_help("Prompts per forward pass.", EVAL_ITERATIONS, "batch_size"))] = None,
     limit: Annotated[Optional[int], typer.Option(help="Held-out prompts used.")] = EVAL_ITERATIONS["limit"],
     seed: Seed = None,
 ) -> None:
@@ -849,8 +850,9 @@ def eval_iterations(
     --reference runs/demo-iterated/models/sl-cai -o runs/demo-iterated/iterations
     """
     iterations.run(iterations.EvalIterationsConfig(
-        run=run, prompts=prompts, reference=reference, out=out, max_new_tokens=max_new_tokens,
-        batch_size=batch_size, limit=limit, seed=_seed(seed, EVAL_ITERATIONS["seed"])))
+        run=run, prompts=prompts, reference=reference, out=out,
+        **stage_options(EVAL_ITERATIONS, max_new_tokens=max_new_tokens, batch_size=batch_size), limit=limit,
+        seed=_seed(seed, EVAL_ITERATIONS["seed"])))
 
 
 @constitution_app.command("show")

@@ -95,7 +95,7 @@ def bench_train_pm(folder: Path, preset: str, count: int, batch_size: int, micro
     pairs = [Comparison(conversation_text(c), conversation_text(c[:-1], c[-1]["content"][::-1]), rng.random())
              for c in conversations(count)]
     config = train_pm.TrainPMConfig(prefs=[], out=str(folder / "pm-out"), batch_size=batch_size, max_length=512,
-                                    learning_rate=3e-5, micro_batch_size=micro)
+                                    epochs=1, learning_rate=3e-5, micro_batch_size=micro)
 
     def caictl(pairs=pairs) -> float:
         trainer = train_pm.Trainer(config, str(backbone))

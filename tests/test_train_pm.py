@@ -12,6 +12,7 @@ from conftest import caictl, caictl_in_process, read_jsonl, write_jsonl
 from transformers import AutoModelForSequenceClassification
 
 from caictl import metrics, tiny
+from caictl.errors import UsageError
 from caictl.pm import Scorer, comparison_of
 from caictl.stages import train_pm
 
@@ -180,3 +181,100 @@ def test_an_empty_eval_file_is_refused_before_training(tmp_path, backbone):
     result = caictl("train-pm", prefs, "--model", backbone, "-o", tmp_path / "pm", "--eval", empty, check=False)
     assert result.returncode == 2 and "empty.jsonl: no comparisons to evaluate on" in result.stderr
     assert not (tmp_path / "pm" / "caictl.json").exists()
+
+
+def flipped(rows: list[dict]) -> list[dict]:
+    """The same comparisons with the labels turned around: the better a PM learns `synthetic`, the worse it does."""
+    return [{**row, "chosen": row["rejected"], "rejected": row["chosen"]} for row in rows]
+
+
+def held_out_loss(folder, rows: list[dict]) -> float:
+    """The soft pairwise loss of the saved PM on rows, scored afresh from the folder."""
+    comparisons = [comparison_of(row) for row in rows]
+    scores = Scorer(folder).score([c.chosen for c in comparisons] + [c.rejected for c in comparisons])
+    differences = torch.tensor(scores[: len(rows)]) - torch.tensor(scores[len(rows):])
+    return train_pm.soft_pairwise_loss(differences, torch.tensor([c.p for c in comparisons])).item()
+
+
+def best_epoch(curve: list[dict], name: str) -> int:
+    """The epoch train-pm should keep: best accuracy on `name`, ties to the lower loss, then the earlier epoch."""
+    return max(curve, key=lambda c: (c["eval"][name]["accuracy"], -c["eval"][name]["loss"], -c["epoch"]))["epoch"]
+
+
+def train_with_selection(tmp_path, backbone, name: str, *flags) -> tuple[dict, list[dict], object, object]:
+    """48 learnable pairs, and a selection file whose labels are turned around, so that the selection accuracy
+    (and loss) gets worse as training goes on and an early epoch is the best; a test file the right way round."""
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", synthetic(48, 11, p=1.0))
+    select_rows = flipped(synthetic(16, 12, p=1.0))
+    select = write_jsonl(tmp_path / "select.jsonl", select_rows)
+    test = write_jsonl(tmp_path / "test.jsonl", synthetic(16, 13, p=1.0))
+    out = tmp_path / name
+    caictl_in_process("train-pm", prefs, "--model", backbone, "-o", out, "--select-on", select, "--eval", test,
+                      "--learning-rate", "1e-3", "--max-length", "64", *flags)
+    return json.loads((out / "caictl.json").read_text())["metrics"], select_rows, select, test
+
+
+def test_selection_keeps_the_best_epoch_not_the_last(tmp_path, backbone):
+    metrics, select_rows, select, test = train_with_selection(tmp_path, backbone, "pm", "--epochs", "4",
+                                                              "--patience", "0")
+    curve, name = metrics["curve"], str(select)
+    assert [c["epoch"] for c in curve] == [1, 2, 3, 4] and metrics["epochs_run"] == 4
+    chosen = best_epoch(curve, name)
+    assert metrics["selection"] == {"set": name, "select_best": True, "patience": 0, "chosen_epoch": chosen,
+                                    "stopped_early": False}
+    assert chosen < 4, curve  # else this test could not tell the best epoch from the last
+    # The folder holds that epoch's weights: scored afresh, its selection loss is the chosen epoch's, not the last's.
+    saved = held_out_loss(tmp_path / "pm", select_rows)
+    assert saved == pytest.approx(curve[chosen - 1]["eval"][name]["loss"], abs=1e-4)
+    assert saved != pytest.approx(curve[-1]["eval"][name]["loss"], abs=1e-3)
+    assert metrics["eval"][name]["accuracy"] == curve[chosen - 1]["eval"][name]["accuracy"]
+    assert metrics["eval"][str(test)] == {**metrics["eval"][str(test)], **curve[chosen - 1]["eval"][str(test)]}
+    assert (tmp_path / "pm" / "training.png").exists()
+
+
+def test_no_select_best_keeps_the_last_epoch_and_runs_them_all(tmp_path, backbone):
+    metrics, select_rows, select, _ = train_with_selection(tmp_path, backbone, "last", "--epochs", "3",
+                                                           "--patience", "1", "--no-select-best")
+    curve, name = metrics["curve"], str(select)
+    assert metrics["epochs_run"] == 3 and metrics["selection"]["chosen_epoch"] == 3
+    assert metrics["selection"]["stopped_early"] is False
+    assert best_epoch(curve, name) < 3, curve  # selection would have kept another epoch
+    assert held_out_loss(tmp_path / "last", select_rows) == pytest.approx(curve[-1]["eval"][name]["loss"], abs=1e-4)
+
+
+def test_training_stops_when_the_selection_accuracy_stops_improving(tmp_path, backbone):
+    metrics, _, select, _ = train_with_selection(tmp_path, backbone, "stopped", "--epochs", "6", "--patience", "1",
+                                                 "--batch-size", "16")
+    curve = metrics["curve"]
+    chosen = metrics["selection"]["chosen_epoch"]
+    # Patience 1: the first epoch that is not better than the best so far is the last one run.
+    assert metrics["epochs_run"] == chosen + 1 < 6, curve
+    assert metrics["selection"]["stopped_early"] is True
+    assert len(curve) == metrics["epochs_run"] and metrics["steps"] == 3 * metrics["epochs_run"]
+    assert chosen == best_epoch(curve, str(select))
+
+
+def test_the_test_files_never_choose_the_epoch(tmp_path, backbone):
+    metrics, _, select, test = train_with_selection(tmp_path, backbone, "pm", "--epochs", "3", "--patience", "0")
+    curve = metrics["curve"]
+    # The test file (labels the right way round) would pick a later epoch than the selection file does.
+    assert best_epoch(curve, str(test)) != best_epoch(curve, str(select)), curve
+    assert metrics["selection"]["chosen_epoch"] == best_epoch(curve, str(select))
+
+
+def test_selection_options_are_checked_and_resolved(tmp_path):
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", synthetic(4, 0))
+
+    def problem(**options) -> str:
+        with pytest.raises(UsageError) as error:
+            train_pm.TrainPMConfig(prefs=[str(prefs)], out="o", **options).check()
+        return str(error.value)
+
+    assert "--select-best needs a selection set" in problem(select_best=True)
+    assert "not both" in problem(eval_split=0.1, select_on=str(prefs))
+    assert "never chooses the epoch" in problem(select_on=str(prefs), eval=[str(prefs)])
+    assert "--patience must be >= 0" in problem(patience=-1, eval_split=0.1)
+    plain = train_pm.TrainPMConfig(prefs=[str(prefs)], out="o").resolved()
+    split = train_pm.TrainPMConfig(prefs=[str(prefs)], out="o", eval_split=0.2).resolved()
+    assert (plain.epochs, plain.select_best) == (1.0, False) and (split.epochs, split.select_best) == (3.0, True)
+    assert train_pm.TrainPMConfig(prefs=[str(prefs)], out="o", eval_split=0.2, epochs=2).resolved().epochs == 2

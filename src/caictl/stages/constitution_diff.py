@@ -28,6 +28,8 @@ records) and the PMs trained on them, pm-a/ and pm-b/ (trained again at every ru
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,43 +38,24 @@ from caictl import __version__, model_identity, model_kind, settings
 from caictl.agreement import Mode, label_probability, side
 from caictl.constitution import Constitution, load_for_stage
 from caictl.engines import sampler
-from caictl.errors import UsageError
-from caictl.generation import Cuts, open_engine
+from caictl.errors import CaictlError, UsageError
+from caictl.generation import Cuts, log_servers
 from caictl.judge import Comparison, Judge
+from caictl.labelling import LabelOptions, read_comparisons
 from caictl.ratings import mean_interval
 from caictl.records import RecordWriter, batches, read_rows
-
-# The labeller is label's own (its option checks, its reading of pairs and principle draw), and each PM is
-# train-pm's: reused rather than copied, as `caictl inspect` reuses label's.
-from caictl.stages.label import LabelConfig, read_comparisons
-from caictl.ui import meter, print_summary, row_counts
+from caictl.ui import log, meter, print_summary, row_counts
 
 SIDES = ("a", "b")
 
 
-@dataclass
-class ConstitutionDiffConfig:
+@dataclass(kw_only=True)
+class ConstitutionDiffConfig(LabelOptions):
     a: str  # constitution A: a shipped name or file(s), or NAME:id1,id2 (those comparison principles of it)
     b: str  # constitution B, likewise
     pairs: str  # pairs to label: sample output, or comparisons people made (hh-rlhf, HHH, prompt/chosen/rejected)
     out: str  # output folder
-    model: str | None = None  # the feedback model
-    engine: str = LabelConfig.engine
-    base_url: str | None = None
-    principles_per_pair: int = LabelConfig.principles_per_pair  # K principles drawn per pair, averaged
     all_principles: bool = False  # every principle of a side votes on every pair, instead of K drawn
-    hard: bool = LabelConfig.hard
-    cot: bool = LabelConfig.cot
-    clamp: tuple[float, float] | None = LabelConfig.clamp  # per order; --cot defaults to 0.4-0.6, as label
-    debias: bool = LabelConfig.debias
-    few_shot: bool = LabelConfig.few_shot
-    max_new_tokens: int = LabelConfig.max_new_tokens  # --cot reasoning length
-    temperature: float = LabelConfig.temperature  # --cot reasoning sampling
-    batch_size: int = LabelConfig.batch_size  # pairs judged and written at a time
-    concurrency: int = LabelConfig.concurrency
-    max_retries: int | None = None  # openai engine; None: CAICTL_MAX_RETRIES, caictl.yaml, the engine's
-    timeout: float | None = None  # openai engine, seconds a request may take; None: likewise
-    seed: int = LabelConfig.seed  # principle draw, --cot sampling, bootstrap, PM training
     limit: int | None = None  # only the first N pairs
     train_pm: bool = False  # train a PM on each labelling and compare them on --heldout
     heldout: str | None = None  # comparisons people made, for the PMs
@@ -80,15 +63,13 @@ class ConstitutionDiffConfig:
     overwrite: bool = False
 
     def check(self) -> None:
-        problems = []
-        try:
-            self.label_config().check()
-        except UsageError as error:
-            problems.append(str(error))
+        problems = self.label_problems()
         if not Path(self.pairs).is_file():
             problems.append(f"{self.pairs}: no such file (PAIRS is read once per constitution: a file, not stdin)")
-        if self.all_principles and self.principles_per_pair != LabelConfig.principles_per_pair:
+        if self.all_principles and self.principles_per_pair != LabelOptions.principles_per_pair:
             problems.append("--all-principles and --principles-per-pair do not go together: give one")
+        if self.limit is not None and self.limit < 1:
+            problems.append("--limit must be at least 1")
         if self.train_pm != (self.heldout is not None):
             problems.append("--train-pm and --heldout FILE go together: the PMs are compared on the held-out file")
         if self.heldout is not None and not Path(self.heldout).is_file():
@@ -96,19 +77,14 @@ class ConstitutionDiffConfig:
         if problems:
             raise UsageError("; ".join(problems))
 
-    def label_config(self, constitution: Constitution | None = None) -> LabelConfig:
-        """`caictl label` with these options, reading the pairs; with --all-principles, every principle of
-        `constitution` is drawn."""
-        every = self.all_principles and constitution is not None
-        return LabelConfig(pairs=self.pairs, model=self.model, engine=self.engine, base_url=self.base_url,
-                           hard=self.hard, cot=self.cot, clamp=self.clamp,
-                           principles_per_pair=len(constitution.comparison) if every else self.principles_per_pair,
-                           debias=self.debias, few_shot=self.few_shot, max_new_tokens=self.max_new_tokens,
-                           temperature=self.temperature, batch_size=self.batch_size, concurrency=self.concurrency,
-                           seed=self.seed, limit=self.limit)
+    def comparisons(self, constitution: Constitution) -> list[Comparison]:
+        """The pairs as `caictl label` reads them, principles drawn from `constitution` (every one of them with
+        --all-principles)."""
+        drawn = len(constitution.comparison) if self.all_principles else self.principles_per_pair
+        return read_comparisons(self.pairs, constitution, drawn, self.seed)[: self.limit]
 
     def mode(self) -> Mode:
-        return Mode("label", self.cot, self.hard, self.label_config().effective_clamp, self.debias)
+        return Mode("label", self.cot, self.hard, self.effective_clamp, self.debias)
 
 
 def run(config: ConstitutionDiffConfig, engine=None) -> dict:
@@ -118,8 +94,7 @@ def run(config: ConstitutionDiffConfig, engine=None) -> dict:
     if engine is None and config.engine == "hf":
         model_kind.check(model, model_kind.CAUSAL_LM, "--model")
     constitutions = {name: load_side(spec) for name, spec in zip(SIDES, (config.a, config.b))}
-    pairs = {name: read_comparisons(config.label_config(c), c, None)[: config.limit]
-             for name, c in constitutions.items()}
+    pairs = {name: config.comparisons(c) for name, c in constitutions.items()}
     mode = config.mode()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -138,8 +113,7 @@ def run(config: ConstitutionDiffConfig, engine=None) -> dict:
     start = time.perf_counter()
     try:
         if pending:
-            engine = engine or open_engine(config.engine, model, config.base_url, config.batch_size,
-                                           config.concurrency, config.max_retries, config.timeout)
+            engine = engine or config.open_engine(model)
             # No clamp in the judge: the label is rebuilt from the probabilities as read (caictl.agreement).
             judges = {name: Judge(engine, c, few_shot=config.few_shot, cot=config.cot, debias=config.debias,
                                   clamp=None, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
@@ -150,6 +124,7 @@ def run(config: ConstitutionDiffConfig, engine=None) -> dict:
                     writer.write([to_record(pairs["a"][i], votes["a"][k], votes["b"][k], mode, run_settings, cuts)
                                   for k, i in enumerate(chunk)])
                     progress.advance(len(chunk))
+            log_servers(engine)
     finally:
         writer.close()
     cuts.warn()
@@ -245,19 +220,24 @@ def compare_labellings(records: list[dict], mode: Mode, seed: int) -> dict:
 
 def train_pms(config: ConstitutionDiffConfig, model: str, out: Path, comparisons: list[Comparison],
               records: list[dict], mode: Mode) -> dict:
-    """A PM trained on each side's labels (train-pm's run, its defaults), measured on --heldout."""
-    from caictl.stages import train_pm
-
-    result = {"heldout": config.heldout, "backbone": config.pm_model or model}
+    """A PM trained on each side's labels by `caictl train-pm` (its defaults), measured on --heldout. Run as the
+    command a user would type, so the two stages meet only through the labels file and the PM folder."""
+    backbone = config.pm_model or model
+    result = {"heldout": config.heldout, "backbone": backbone}
     for name in SIDES:
-        labels = out / f"labels-{name}.jsonl"
+        labels, pm = out / f"labels-{name}.jsonl", out / f"pm-{name}"
         with open(labels, "w", encoding="utf-8") as handle:
             for comparison, record in zip(comparisons, records):
                 handle.write(json.dumps(preference(comparison, record[f"p_first_{name}"]), ensure_ascii=False) + "\n")
         # Trained afresh each run: the labels it learns from are this run's.
-        metrics = train_pm.run(train_pm.TrainPMConfig(prefs=[str(labels)], out=str(out / f"pm-{name}"),
-                                                      model=config.pm_model or model, eval=[config.heldout],
-                                                      seed=config.seed, overwrite=True))
+        command = ["train-pm", str(labels), "-o", str(pm), "--model", backbone, "--eval", config.heldout,
+                   "--seed", str(config.seed), "--overwrite"]
+        log(f"constitution {name.upper()}: caictl {' '.join(command)}")
+        finished = subprocess.run([sys.executable, "-m", "caictl", *command])
+        if finished.returncode != 0:
+            raise CaictlError(f"caictl train-pm on {labels} failed (exit {finished.returncode}; its error is above); "
+                              "the labels stay in that file")
+        metrics = json.loads((pm / "caictl.json").read_text())["metrics"]
         result[name] = metrics["eval"][config.heldout]
     return result
 

@@ -14,90 +14,45 @@ model's preference for a slot. Output: TRL's conversational preference format pl
 from __future__ import annotations
 
 import json
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from caictl import __version__, model_identity, model_kind, settings
-from caictl.constitution import Constitution, load_for_stage
-from caictl.engines import ENGINES, sampler
-from caictl.errors import InputError, UsageError
-from caictl.generation import Cuts, log_servers, open_engine
+from caictl.constitution import load_for_stage
+from caictl.engines import sampler
+from caictl.errors import UsageError
+from caictl.generation import Cuts, log_servers
 from caictl.judge import Comparison, Judge, vote_statistics
-from caictl.records import (
-    Pairs,
-    RecordWriter,
-    RejectWriter,
-    batches,
-    read_rows,
-    shard_problem,
-    this_shard,
-    to_pairs,
-    with_upstream,
-)
+from caictl.labelling import LabelOptions, read_comparisons
+from caictl.records import RecordWriter, RejectWriter, batches, shard_problem, this_shard, with_upstream
 from caictl.ui import log, meter, print_summary, row_counts
 
 PAIRINGS = ("first-two", "all")
 
 
-@dataclass
-class LabelConfig:
+@dataclass(kw_only=True)
+class LabelConfig(LabelOptions):
     pairs: str | None = None  # sample output (id, messages, responses); None or "-" reads stdin
     out: str | None = None
-    model: str | None = None  # the feedback model
-    engine: str = "hf"
-    base_url: str | list[str] | None = None  # openai engine: server URL(s); None: CAICTL_BASE_URL, caictl.yaml
     constitution: str = "harmless"
     principles: list[str] = field(default_factory=list)  # restrict the draw to these comparison principle ids
-    hard: bool = False  # 0/1 labels instead of soft probabilities
-    cot: bool = False  # chain-of-thought: reason first, then read the answer probabilities
-    clamp: tuple[float, float] | None = None  # clamp every probability into [lo, hi]; --cot defaults to 0.4-0.6
-    principles_per_pair: int = 1  # K principles per comparison, averaged (principle ensembling)
-    debias: bool = True  # score both orders and average
-    few_shot: bool = False  # worked labelling examples from the constitution before the question
     pairing: str = "first-two"  # rows with more than two responses: first-two, or all pairs
-    max_new_tokens: int = 256  # --cot reasoning length
-    temperature: float = 1.0  # --cot reasoning sampling
-    batch_size: int = 16
-    concurrency: int = 8
-    compile: bool | None = None  # hf engine: decoding through torch.compile; None: with CUDA only
-    max_retries: int | None = None  # openai engine; None: CAICTL_MAX_RETRIES, caictl.yaml, the engine's
-    timeout: float | None = None  # openai engine, seconds a request may take; None: likewise
-    seed: int = 0
     limit: int | None = None
     shard: str | None = None  # "K/N": only the rows whose id hashes to part K (from 0) of N
     skip_invalid: bool = False
     overwrite: bool = False
 
     def check(self) -> None:
-        problems = []
-        if self.engine not in ENGINES:
-            problems.append(f"--engine {self.engine!r}: choose one of {', '.join(ENGINES)}")
-        if self.clamp is not None:
-            lo, hi = self.clamp
-            if not 0 <= lo <= 0.5 <= hi <= 1:
-                problems.append(f"--clamp {lo} {hi}: need 0 <= LO <= 0.5 <= HI <= 1")
-        if self.hard and self.clamp is not None:
-            problems.append("--hard and --clamp do not go together: a hard label is 0 or 1")
-        if self.principles_per_pair < 1:
-            problems.append("--principles-per-pair must be at least 1")
+        problems = self.label_problems()
         if self.pairing not in PAIRINGS:
             problems.append(f"--pairs {self.pairing!r}: choose one of {', '.join(PAIRINGS)}")
-        if self.batch_size < 1 or self.concurrency < 1 or self.max_new_tokens < 1:
-            problems.append("--batch-size, --concurrency and --max-new-tokens must be at least 1")
         if self.limit is not None and self.limit < 1:
             problems.append("--limit must be at least 1")
         if problem := shard_problem(self.shard):
             problems.append(problem)
         if problems:
             raise UsageError("; ".join(problems))
-
-    @property
-    def effective_clamp(self) -> tuple[float, float] | None:
-        if self.clamp is None and self.cot and not self.hard:
-            return (0.4, 0.6)  # the paper's clamp for chain-of-thought labels
-        return self.clamp
 
 
 def run(config: LabelConfig, engine=None) -> dict:
@@ -108,7 +63,8 @@ def run(config: LabelConfig, engine=None) -> dict:
         model_kind.check(model, model_kind.CAUSAL_LM, "--model")
     constitution = load_for_stage(config.constitution, config.principles, "comparison")
     rejects = RejectWriter(config.out) if config.skip_invalid else None
-    comparisons = read_comparisons(config, constitution, rejects)
+    comparisons = read_comparisons(config.pairs, constitution, config.principles_per_pair, config.seed,
+                                   config.pairing, rejects)
     if config.limit:
         comparisons = comparisons[: config.limit]  # --limit first: the N jobs of a sharded run split the same rows
     comparisons = this_shard(comparisons, config.shard, "comparisons")
@@ -133,8 +89,7 @@ def run(config: LabelConfig, engine=None) -> dict:
     start = time.perf_counter()
     try:
         if pending:
-            engine = engine or open_engine(config.engine, model, config.base_url, config.batch_size,
-                                           config.concurrency, config.max_retries, config.timeout, config.compile)
+            engine = engine or config.open_engine(model)
             judge = Judge(engine, constitution, few_shot=config.few_shot, cot=config.cot, debias=config.debias,
                           clamp=config.effective_clamp, max_new_tokens=config.max_new_tokens,
                           temperature=config.temperature, seed=config.seed)
@@ -158,48 +113,6 @@ def run(config: LabelConfig, engine=None) -> dict:
 
 def _kind(config: LabelConfig) -> str:
     return ("cot-" if config.cot else "") + ("hard" if config.hard else "soft")
-
-
-# Input --------------------------------------------------------------------------------------------------
-
-
-def read_comparisons(config: LabelConfig, constitution: Constitution, rejects) -> list[Comparison]:
-    """Pairs records to comparisons, each with its principles drawn (seeded by the comparison's id)."""
-    comparisons = []
-    seen: dict[str, int] = {}
-    for row in read_rows(config.pairs, on_invalid=rejects):
-        try:
-            pairs = to_pairs(row.data)
-        except ValueError as error:
-            if rejects is None:
-                raise InputError(f"{row.where}: {error}")
-            rejects(row, str(error))
-            continue
-        # Repeated conversations without ids (hh-rlhf has them) get distinct, still stable, ids.
-        seen[pairs.id] = seen.get(pairs.id, 0) + 1
-        if seen[pairs.id] > 1 and "id" not in row.data:
-            pairs.id = f"{pairs.id}-{seen[pairs.id]}"
-        made = _comparisons_of(pairs, config.pairing)
-        for comparison in made:
-            rng = random.Random(f"{config.seed}:{comparison.id}:principles")
-            k = min(config.principles_per_pair, len(constitution.comparison))
-            comparison.principles = rng.sample(constitution.comparison, k)
-            comparison.upstream = row.data.get("meta")
-            comparisons.append(comparison)
-    if not comparisons:
-        raise InputError(f"{config.pairs or '-'}: no pairs to label")
-    return comparisons
-
-
-def _comparisons_of(pairs: Pairs, pairing: str) -> list[Comparison]:
-    responses, extra = pairs.responses, pairs.extra
-    if pairs.human_chosen_index is not None:
-        # Kept in the record, so the labels can be checked against people: chosen_index == human_chosen_index.
-        extra = {**extra, "human_chosen_index": pairs.human_chosen_index}
-    if pairing == "first-two" or len(responses) == 2:
-        return [Comparison(pairs.id, pairs.messages, responses[0], responses[1], [], extra)]
-    return [Comparison(f"{pairs.id}/{i}-{j}", pairs.messages, responses[i], responses[j], [], extra)
-            for i in range(len(responses)) for j in range(i + 1, len(responses))]
 
 
 # Output -------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from caictl import __version__, model_identity, model_kind, settings
@@ -36,54 +36,30 @@ from caictl.agreement import Judged, Mode, label_probability, measure
 from caictl.constitution import Constitution, load_for_stage
 from caictl.engines import sampler
 from caictl.errors import InputError, UsageError
-from caictl.generation import Cuts, open_engine
+from caictl.generation import Cuts, log_servers
 from caictl.judge import Comparison, Judge
+from caictl.labelling import PAPER_COT_CLAMP, LabelOptions, read_comparisons
 from caictl.metrics import plot_reliability
 from caictl.records import RecordWriter, batches, read_rows
-
-# The labeller is label's own: its option checks and its reading of comparisons (principles drawn per comparison,
-# people's choice placed by id hash) are reused rather than copied, as `caictl inspect` reuses them.
-from caictl.stages.label import LabelConfig, read_comparisons
 from caictl.ui import meter, print_summary, row_counts
 
-PAPER_COT_CLAMP = (0.4, 0.6)
 # Which votes a mode reads: its own scoring pass.
 PASSES = {False: "votes", True: "cot_votes"}
 
 
-@dataclass
-class EvalLabelerConfig:
+@dataclass(kw_only=True)
+class EvalLabelerConfig(LabelOptions):
     files: list[str]  # comparisons people made: hh-rlhf rows, HHH rows, prompt/chosen/rejected rows
     out: str  # output folder
-    model: str | None = None  # the feedback model
-    engine: str = LabelConfig.engine
-    base_url: str | None = None
-    constitution: str = LabelConfig.constitution
+    constitution: str = "harmless"
     principles: list[str] = field(default_factory=list)  # restrict the draw to these comparison principle ids
-    principles_per_pair: int = LabelConfig.principles_per_pair  # K principles drawn per comparison, averaged
     all_principles: bool = False  # every principle votes on every comparison, instead of K drawn
-    hard: bool = LabelConfig.hard
-    cot: bool = LabelConfig.cot
-    clamp: tuple[float, float] | None = LabelConfig.clamp  # per order; --cot defaults to 0.4-0.6, as label
-    debias: bool = LabelConfig.debias  # the label averages both orders (both are scored either way)
-    few_shot: bool = LabelConfig.few_shot
     compare_modes: bool = False  # soft, hard, cot and cot-clamp side by side
-    max_new_tokens: int = LabelConfig.max_new_tokens  # --cot reasoning length
-    temperature: float = LabelConfig.temperature  # --cot reasoning sampling
-    batch_size: int = LabelConfig.batch_size  # comparisons judged and written at a time
-    concurrency: int = LabelConfig.concurrency
-    max_retries: int | None = None  # openai engine; None: CAICTL_MAX_RETRIES, caictl.yaml, the engine's
-    timeout: float | None = None  # openai engine, seconds a request may take; None: likewise
-    seed: int = LabelConfig.seed  # principle draw, --cot sampling, bootstrap
     limit: int | None = None  # at most N comparisons per file, from the top
     overwrite: bool = False
 
     def check(self) -> None:
-        problems = []
-        try:
-            self.label_config(None).check()
-        except UsageError as error:
-            problems.append(str(error))
+        problems = self.label_problems()
         if not self.files:
             problems.append("give at least one comparison file")
         problems += [f"{path}: no such file" for path in self.files if not Path(path).is_file()]
@@ -92,26 +68,19 @@ class EvalLabelerConfig:
                      for name in sorted({n for n in names if names.count(n) > 1})]
         if self.compare_modes and (self.hard or self.cot):
             problems.append("--compare-modes labels soft, hard, cot and cot-clamp itself: leave out --hard and --cot")
-        if self.all_principles and self.principles_per_pair != LabelConfig.principles_per_pair:
+        if self.all_principles and self.principles_per_pair != LabelOptions.principles_per_pair:
             problems.append("--all-principles and --principles-per-pair do not go together: give one")
+        if self.limit is not None and self.limit < 1:
+            problems.append("--limit must be at least 1")
         if problems:
             raise UsageError("; ".join(problems))
-
-    def label_config(self, path: str | None) -> LabelConfig:
-        """`caictl label` with these options, reading `path`."""
-        return LabelConfig(pairs=path, model=self.model, engine=self.engine, base_url=self.base_url,
-                           constitution=self.constitution, principles=self.principles, hard=self.hard, cot=self.cot,
-                           clamp=self.clamp, principles_per_pair=self.principles_per_pair, debias=self.debias,
-                           few_shot=self.few_shot, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                           batch_size=self.batch_size, concurrency=self.concurrency, seed=self.seed,
-                           limit=self.limit)
 
     def modes(self) -> list[Mode]:
         if self.compare_modes:
             return [Mode("soft", debias=self.debias), Mode("hard", hard=True, debias=self.debias),
                     Mode("cot", cot=True, debias=self.debias),
                     Mode("cot-clamp", cot=True, clamp=self.clamp or PAPER_COT_CLAMP, debias=self.debias)]
-        bounds = self.label_config(None).effective_clamp
+        bounds = self.effective_clamp
         parts = [name for name, on in (("cot", self.cot), ("hard", self.hard), ("clamp", bounds)) if on]
         return [Mode("-".join(parts) or "soft", self.cot, self.hard, bounds, self.debias)]
 
@@ -146,8 +115,7 @@ def run(config: EvalLabelerConfig, engine=None) -> dict:
     start = time.perf_counter()
     try:
         if pending:
-            engine = engine or open_engine(config.engine, model, config.base_url, config.batch_size,
-                                           config.concurrency, config.max_retries, config.timeout)
+            engine = engine or config.open_engine(model)
             # Both orders always, and no clamp: each mode's label is rebuilt from the probabilities as read.
             judges = {cot: Judge(engine, constitution, few_shot=config.few_shot, cot=cot, debias=True, clamp=None,
                                  max_new_tokens=config.max_new_tokens, temperature=config.temperature,
@@ -159,6 +127,7 @@ def run(config: EvalLabelerConfig, engine=None) -> dict:
                                             run_settings, cuts)
                                   for i, (path, c) in enumerate(chunk)])
                     progress.advance(len(chunk), sum(j.completion_tokens for j in judges.values()) - progress.tokens)
+            log_servers(engine)
     finally:
         writer.close()
     cuts.warn()
@@ -172,10 +141,8 @@ def run(config: EvalLabelerConfig, engine=None) -> dict:
 def read_judged(config: EvalLabelerConfig, path: str, constitution: Constitution) -> list[Comparison]:
     """A file's comparisons as `caictl label` reads them, each with its principles drawn; every one must carry the
     people's choice. Checked before any model loads."""
-    label_config = config.label_config(path)
-    if config.all_principles:
-        label_config = replace(label_config, principles_per_pair=len(constitution.comparison))
-    comparisons = read_comparisons(label_config, constitution, None)[: config.limit]
+    drawn = len(constitution.comparison) if config.all_principles else config.principles_per_pair
+    comparisons = read_comparisons(path, constitution, drawn, config.seed)[: config.limit]
     unlabelled = next((c for c in comparisons if "human_chosen_index" not in c.extra), None)
     if unlabelled is not None:
         raise InputError(f"{path}: comparison {unlabelled.id} carries no choice by a person; eval labeler needs "

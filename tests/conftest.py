@@ -57,6 +57,22 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture
+def engines_made(monkeypatch) -> list:
+    """Every engine the stages under test open (through caictl.generation), in order."""
+    from caictl import generation
+
+    made = []
+    real = generation.load_engine
+
+    def noting(name, model, **options):
+        made.append(real(name, model, **options))
+        return made[-1]
+
+    monkeypatch.setattr(generation, "load_engine", noting)
+    return made
+
+
 def caictl(*args, input: str | None = None, cwd=None, env: dict | None = None, check: bool = True):
     """Run the real command line in a subprocess; returns the CompletedProcess."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("CAICTL_")}

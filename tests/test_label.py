@@ -484,17 +484,7 @@ def test_pairs_that_are_not_one_conversation_name_the_line(tmp_path, tiny_model,
     assert summary["agreement_with_people"] == float(labelled["chosen_index"] == labelled["human_chosen_index"])
 
 
-def test_compile_reaches_the_hf_engine(pairs, tiny_model, monkeypatch):
-    from caictl import generation
-
-    made = []
-    real = generation.load_engine
-
-    def noting(name, model, **options):
-        made.append(real(name, model, **options))
-        return made[-1]
-
-    monkeypatch.setattr(generation, "load_engine", noting)
+def test_compile_reaches_the_hf_engine(pairs, tiny_model, engines_made):
     _label_here(pairs, tiny_model, "--compile")
     _label_here(pairs, tiny_model)
-    assert [engine.compile for engine in made] == [True, False]  # asked for; off by default on a CPU
+    assert [engine.compile for engine in engines_made] == [True, False]  # asked for; off by default on a CPU

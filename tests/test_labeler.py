@@ -374,18 +374,8 @@ def test_constitution_diff_on_hh_rlhf_with_the_tiny_model_trains_both_pms(tmp_pa
 
 @pytest.mark.parametrize("command", [("eval", "labeler"), ("constitution", "diff", "harmless", "harmless:unbiased")],
                          ids=["eval labeler", "constitution diff"])
-def test_compile_reaches_the_hf_engine(command, tmp_path, people, tiny_model, monkeypatch):
-    from caictl import generation
-
-    made = []
-    real = generation.load_engine
-
-    def noting(name, model, **options):
-        made.append(real(name, model, **options))
-        return made[-1]
-
-    monkeypatch.setattr(generation, "load_engine", noting)
+def test_compile_reaches_the_hf_engine(command, tmp_path, people, tiny_model, engines_made):
     for extra in (["--compile"], []):
         caictl_in_process(*command, people, "--model", tiny_model, "--limit", "1", "-o", tmp_path / f"out{len(extra)}",
                           *extra)
-    assert [engine.compile for engine in made] == [True, False]  # asked for; off by default on a CPU
+    assert [engine.compile for engine in engines_made] == [True, False]  # asked for; off by default on a CPU

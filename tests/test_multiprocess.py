@@ -16,6 +16,7 @@ import pytest
 from conftest import EXAMPLES, write_jsonl
 
 from caictl.errors import UsageError
+from caictl.pm import Scorer
 from caictl.stages import dpo, ppo, sft, train_pm
 
 CONFIGS = EXAMPLES / "accelerate"
@@ -150,6 +151,30 @@ def test_train_pm_under_torchrun_matches_one_process(tmp_path, data, tiny_model,
     assert [h["loss"] for h in two] == pytest.approx([h["loss"] for h in one["loss_history"]], **SAME_LOSS)
     assert [h["accuracy"] for h in two] == [h["accuracy"] for h in one["loss_history"]]
     assert info["metrics"]["train_comparisons"] == 15
+
+
+@pytest.mark.slow
+def test_train_pm_selection_under_torchrun_keeps_and_stops_at_the_one_process_epoch(tmp_path, data, tiny_model):
+    """Every process measures the selection set after each epoch and takes the main process's verdict: the run keeps
+    the epoch one process keeps and both processes stop together (one that went on alone would wait forever)."""
+    # The labels turned around: the better the PM learns prefs.jsonl, the worse it does here, so an early epoch is
+    # the best and training stops.
+    select = write_jsonl(tmp_path / "select.jsonl", [{**row, "chosen": row["rejected"], "rejected": row["chosen"]}
+                                                     for row in pairs(6)])
+    options = dict(batch_size=6, learning_rate=1e-3, max_length=64, epochs=6, patience=1)
+    one = train_pm.run(train_pm.TrainPMConfig(prefs=[str(data / "prefs.jsonl")], out=str(tmp_path / "one"),
+                                              model=str(tiny_model), select_on=str(select), **options))
+    out = tmp_path / "two"
+    result = two_processes("train-pm", data / "prefs.jsonl", "--model", tiny_model, "--select-on", select,
+                           *[f"--{k.replace('_', '-')}={v}" for k, v in options.items()], out=out)
+    two = assert_main_process_alone_wrote(out, result, "train-pm")["metrics"]
+    assert one["selection"]["stopped_early"] and one["epochs_run"] < 6, one["curve"]
+    assert two["selection"] == one["selection"] and two["epochs_run"] == one["epochs_run"]
+    for mine, theirs in zip(two["curve"], one["curve"]):
+        assert mine["eval"][str(select)]["accuracy"] == theirs["eval"][str(select)]["accuracy"]
+        assert mine["eval"][str(select)]["loss"] == pytest.approx(theirs["eval"][str(select)]["loss"], **SAME_LOSS)
+    texts = [row["chosen"][0]["content"] for row in pairs(3)]
+    assert Scorer(out).score(texts) == pytest.approx(Scorer(tmp_path / "one").score(texts), **SAME_LOSS)
 
 
 @pytest.mark.slow

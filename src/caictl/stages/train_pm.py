@@ -53,8 +53,9 @@ class TrainPMConfig:
     patience: int = 2  # epochs without a better selection accuracy before stopping; 0: never stop early
     # None: 3 with a selection set, else 1. One pass under-trains a small set: MiniLM on 1,200 hh-rlhf pairs
     # reached test accuracy 0.547 after 1 epoch, 0.660 after 2, 0.667 after 3 at 128 tokens, and 0.593, 0.633,
-    # 0.713 at 512 (150 unseen pairs, benchmarks/pm_generalisation.py). With a selection set the extra epochs cost minutes but not accuracy, as
-    # a worse later epoch is never kept; without one nothing guards against over-fitting, so 1 stays.
+    # 0.713 at 512 (150 unseen pairs, benchmarks/pm_generalisation.py). With a selection set the extra epochs
+    # cost minutes but not accuracy, as a worse later epoch is never kept; without one nothing guards against
+    # over-fitting, so 1 stays.
     epochs: float | None = None
     learning_rate: float = 3e-5
     scheduler: str = "constant"

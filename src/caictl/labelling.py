@@ -7,11 +7,12 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from caictl import model_kind, settings
 from caictl.constitution import Constitution
 from caictl.engines import ENGINES
 from caictl.errors import InputError
 from caictl.generation import open_engine
-from caictl.judge import Comparison
+from caictl.judge import Comparison, Judge
 from caictl.records import Pairs, read_rows, to_pairs
 
 PAPER_COT_CLAMP = (0.4, 0.6)  # the paper's clamp for chain-of-thought labels
@@ -61,9 +62,24 @@ class LabelOptions:
             return PAPER_COT_CLAMP
         return self.clamp
 
+    def feedback_model(self, engine=None) -> str:
+        """The engine's model when one is given, else --model (checked to be a causal LM for the hf engine)."""
+        if engine is not None:
+            return engine.model
+        model = settings.require_model(self.model)
+        if self.engine == "hf":
+            model_kind.check(model, model_kind.CAUSAL_LM, "--model")
+        return model
+
     def open_engine(self, model: str):
         return open_engine(self.engine, model, self.base_url, self.batch_size, self.concurrency, self.max_retries,
                            self.timeout, self.compile)
+
+    def judge(self, engine, constitution: Constitution, cot: bool, debias: bool,
+              clamp: tuple[float, float] | None) -> Judge:
+        """The feedback model's question under `constitution`, with these options' few-shot, reasoning and seed."""
+        return Judge(engine, constitution, few_shot=self.few_shot, cot=cot, debias=debias, clamp=clamp,
+                     max_new_tokens=self.max_new_tokens, temperature=self.temperature, seed=self.seed)
 
 
 def read_comparisons(path: str | None, constitution: Constitution, principles_per_pair: int, seed: int,

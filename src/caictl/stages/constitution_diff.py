@@ -34,7 +34,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from caictl import __version__, model_identity, model_kind, settings
+from caictl import __version__, model_identity
 from caictl.agreement import Mode, label_probability, side
 from caictl.constitution import Constitution, load_for_stage
 from caictl.engines import sampler
@@ -42,6 +42,7 @@ from caictl.errors import CaictlError, UsageError
 from caictl.generation import Cuts, log_servers
 from caictl.judge import Comparison, Judge
 from caictl.labelling import LabelOptions, read_comparisons
+from caictl.markdown import number
 from caictl.ratings import mean_interval
 from caictl.records import RecordWriter, batches, read_rows
 from caictl.ui import log, meter, print_summary, row_counts
@@ -90,9 +91,7 @@ class ConstitutionDiffConfig(LabelOptions):
 def run(config: ConstitutionDiffConfig, engine=None) -> dict:
     """engine: one already made (from Python, or a test's scripted engine); by default --engine opens one."""
     config.check()
-    model = engine.model if engine is not None else settings.require_model(config.model)
-    if engine is None and config.engine == "hf":
-        model_kind.check(model, model_kind.CAUSAL_LM, "--model")
+    model = config.feedback_model(engine)
     constitutions = {name: load_side(spec) for name, spec in zip(SIDES, (config.a, config.b))}
     pairs = {name: config.comparisons(c) for name, c in constitutions.items()}
     mode = config.mode()
@@ -115,9 +114,8 @@ def run(config: ConstitutionDiffConfig, engine=None) -> dict:
         if pending:
             engine = engine or config.open_engine(model)
             # No clamp in the judge: the label is rebuilt from the probabilities as read (caictl.agreement).
-            judges = {name: Judge(engine, c, few_shot=config.few_shot, cot=config.cot, debias=config.debias,
-                                  clamp=None, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                                  seed=config.seed) for name, c in constitutions.items()}
+            judges = {name: config.judge(engine, c, config.cot, config.debias, clamp=None)
+                      for name, c in constitutions.items()}
             with meter(len(pending), "constitution diff", unit="pairs") as progress:
                 for chunk in batches(pending, config.batch_size):  # written batch by batch
                     votes = {name: judge.votes([pairs[name][i] for i in chunk]) for name, judge in judges.items()}
@@ -266,49 +264,45 @@ def report(summary: dict) -> str:
              f"({summary['engine']}). A: `{a['spec']}` ({a['hash']}, {len(a['principles'])} comparison principles); "
              f"B: `{b['spec']}` ({b['hash']}, {len(b['principles'])}).", "",
              "| measure | value |", "|---|---|",
-             f"| flip rate (preferred response differs) | {_num(summary['flip_rate'])} |",
+             f"| flip rate (preferred response differs) | {number(summary['flip_rate'])} |",
              f"| mean shift in P(chosen), B - A, for A's choice | {_signed(summary['mean_shift_p_chosen'])} |",
-             f"| mean absolute change of P(first) | {_num(summary['mean_abs_shift_p_first'])} |"]
+             f"| mean absolute change of P(first) | {number(summary['mean_abs_shift_p_first'])} |"]
     if summary["people"]:
         for name in SIDES:
             s = summary["people"][name]
             lines.append(f"| agreement with people under {name.upper()} ({summary['people']['comparisons']} "
-                         f"comparisons) | {_num(s['accuracy'])} ({_num(s['accuracy_ci'][0])}-"
-                         f"{_num(s['accuracy_ci'][1])}) |")
+                         f"comparisons) | {number(s['accuracy'])} ({number(s['accuracy_ci'][0])}-"
+                         f"{number(s['accuracy_ci'][1])}) |")
     if summary["pm"]:
         pm = summary["pm"]
         for name in SIDES:
             lines.append(f"| PM trained on {name.upper()}'s labels, on `{pm['heldout']}` | accuracy "
-                         f"{_num(pm[name]['accuracy'])}, ECE {_num(pm[name]['ece'])} "
+                         f"{number(pm[name]['accuracy'])}, ECE {number(pm[name]['ece'])} "
                          f"({pm[name]['comparisons']} comparisons) |")
     lines.append("")
     for name in SIDES:
         lines += [f"## Principles of {name.upper()}: share of their votes that disagree with "
                   f"{'B' if name == 'a' else 'A'}'s label", "", "| principle | votes | disagreement |", "|---|---|---|"]
-        lines += [f"| {pid} | {p['votes']} | {_num(p['disagreement'])} |"
+        lines += [f"| {pid} | {p['votes']} | {number(p['disagreement'])} |"
                   for pid, p in summary["per_principle"][name].items()]
         lines.append("")
     return "\n".join(lines)
 
 
 def terminal_rows(summary: dict) -> list[tuple[str, object]]:
-    rows = [("A", summary["a"]["spec"]), ("B", summary["b"]["spec"]), ("flip rate", _num(summary["flip_rate"])),
+    rows = [("A", summary["a"]["spec"]), ("B", summary["b"]["spec"]), ("flip rate", number(summary["flip_rate"])),
             ("mean shift in P(chosen)", _signed(summary["mean_shift_p_chosen"])),
-            ("mean |change| of P(first)", _num(summary["mean_abs_shift_p_first"]))]
+            ("mean |change| of P(first)", number(summary["mean_abs_shift_p_first"]))]
     if summary["people"]:
-        rows += [(f"agreement with people, {name.upper()}", f"{_num(summary['people'][name]['accuracy'])} "
+        rows += [(f"agreement with people, {name.upper()}", f"{number(summary['people'][name]['accuracy'])} "
                   f"({summary['people']['comparisons']} comparisons)") for name in SIDES]
     if summary["pm"]:
-        rows += [(f"PM on {name.upper()}'s labels, held out", f"accuracy {_num(summary['pm'][name]['accuracy'])}, "
-                  f"ECE {_num(summary['pm'][name]['ece'])}") for name in SIDES]
+        rows += [(f"PM on {name.upper()}'s labels, held out", f"accuracy {number(summary['pm'][name]['accuracy'])}, "
+                  f"ECE {number(summary['pm'][name]['ece'])}") for name in SIDES]
     for name in SIDES:
-        rows += [(f"  {name.upper()} {pid}", f"{p['votes']} votes, disagreement {_num(p['disagreement'])}")
+        rows += [(f"  {name.upper()} {pid}", f"{p['votes']} votes, disagreement {number(p['disagreement'])}")
                  for pid, p in summary["per_principle"][name].items()]
     return rows
-
-
-def _num(value) -> str:
-    return "-" if value is None else f"{value:.3f}"
 
 
 def _signed(value) -> str:

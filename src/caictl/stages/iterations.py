@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from caictl.errors import UsageError
+from caictl.markdown import table
 from caictl.records import read_prompts, read_rows
 from caictl.textstats import response_stats
 from caictl.ui import log, summary_table
@@ -150,11 +151,10 @@ def render(summary: dict) -> str:
                ("previous_pm_disagreement", "previous PM disagrees")]
     lines = [f"# Iterated RL-CAI: `{summary['run']}`", "",
              f"{len(summary['rounds'])} round(s); each round's policy sampled on {summary['held_out_prompts']} "
-             f"held-out prompts from `{summary['prompts']}`; KL from `{summary['reference']}`.", "",
-             "| " + " | ".join(title for _, title in columns) + " |", "|" + " --- |" * len(columns)]
-    for row in summary["rounds"]:
-        lines.append("| " + " | ".join("" if row[key] is None else str(row[key]) for key, _ in columns) + " |")
-    return "\n".join(lines + ["", "![rounds](iterations.png)", ""])
+             f"held-out prompts from `{summary['prompts']}`; KL from `{summary['reference']}`.", ""]
+    lines += table([title for _, title in columns],
+                   [["" if row[key] is None else row[key] for key, _ in columns] for row in summary["rounds"]])
+    return "\n".join(lines + ["![rounds](iterations.png)", ""])
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -18,12 +18,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from caictl import __version__, model_identity, model_kind, settings
+from caictl import __version__, model_identity
 from caictl.constitution import load_for_stage
 from caictl.engines import sampler
 from caictl.errors import UsageError
 from caictl.generation import Cuts, log_servers
-from caictl.judge import Comparison, Judge, vote_statistics
+from caictl.judge import Comparison, vote_statistics
 from caictl.labelling import LabelOptions, read_comparisons
 from caictl.records import RecordWriter, RejectWriter, batches, shard_problem, this_shard, with_upstream
 from caictl.ui import log, meter, print_summary, row_counts
@@ -58,9 +58,7 @@ class LabelConfig(LabelOptions):
 def run(config: LabelConfig, engine=None) -> dict:
     """engine: one already made (from Python, or a test's scripted engine); by default --engine opens one."""
     config.check()
-    model = engine.model if engine is not None else settings.require_model(config.model)
-    if engine is None and config.engine == "hf":
-        model_kind.check(model, model_kind.CAUSAL_LM, "--model")
+    model = config.feedback_model(engine)
     constitution = load_for_stage(config.constitution, config.principles, "comparison")
     rejects = RejectWriter(config.out) if config.skip_invalid else None
     comparisons = read_comparisons(config.pairs, constitution, config.principles_per_pair, config.seed,
@@ -90,9 +88,7 @@ def run(config: LabelConfig, engine=None) -> dict:
     try:
         if pending:
             engine = engine or config.open_engine(model)
-            judge = Judge(engine, constitution, few_shot=config.few_shot, cot=config.cot, debias=config.debias,
-                          clamp=config.effective_clamp, max_new_tokens=config.max_new_tokens,
-                          temperature=config.temperature, seed=config.seed)
+            judge = config.judge(engine, constitution, config.cot, config.debias, config.effective_clamp)
             with meter(len(pending), "label", unit="pairs") as progress:
                 for chunk in batches(pending, config.batch_size):  # written batch by batch
                     done = [to_record(c, votes, config, run_settings, cuts)

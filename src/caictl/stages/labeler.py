@@ -31,7 +31,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from caictl import __version__, model_identity, model_kind, settings
+from caictl import __version__, model_identity
 from caictl.agreement import Judged, Mode, label_probability, measure
 from caictl.constitution import Constitution, load_for_stage
 from caictl.engines import sampler
@@ -39,6 +39,7 @@ from caictl.errors import InputError, UsageError
 from caictl.generation import Cuts, log_servers
 from caictl.judge import Comparison, Judge
 from caictl.labelling import PAPER_COT_CLAMP, LabelOptions, read_comparisons
+from caictl.markdown import number, table
 from caictl.metrics import plot_reliability
 from caictl.records import RecordWriter, batches, read_rows
 from caictl.ui import meter, print_summary, row_counts
@@ -88,9 +89,7 @@ class EvalLabelerConfig(LabelOptions):
 def run(config: EvalLabelerConfig, engine=None) -> dict:
     """engine: one already made (from Python, or a test's scripted engine); by default --engine opens one."""
     config.check()
-    model = engine.model if engine is not None else settings.require_model(config.model)
-    if engine is None and config.engine == "hf":
-        model_kind.check(model, model_kind.CAUSAL_LM, "--model")
+    model = config.feedback_model(engine)
     constitution = load_for_stage(config.constitution, config.principles, "comparison")
     modes = config.modes()
     comparisons = {path: read_judged(config, path, constitution) for path in config.files}
@@ -117,9 +116,7 @@ def run(config: EvalLabelerConfig, engine=None) -> dict:
         if pending:
             engine = engine or config.open_engine(model)
             # Both orders always, and no clamp: each mode's label is rebuilt from the probabilities as read.
-            judges = {cot: Judge(engine, constitution, few_shot=config.few_shot, cot=cot, debias=True, clamp=None,
-                                 max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                                 seed=config.seed) for cot in passes}
+            judges = {cot: config.judge(engine, constitution, cot, debias=True, clamp=None) for cot in passes}
             with meter(len(pending), "eval labeler", unit="comparisons") as progress:
                 for chunk in batches(pending, config.batch_size):  # written batch by batch
                     votes = {cot: judge.votes([c for _, c in chunk]) for cot, judge in judges.items()}
@@ -225,10 +222,10 @@ def _without_reliability(value):
 
 
 def one_line(s: dict) -> str:
-    return (f"accuracy {_num(s['accuracy'])} ({_num(s['accuracy_ci'][0])}-{_num(s['accuracy_ci'][1])}), "
-            f"ECE {_num(s['ece'])}, position flips {_num(s['position_flip_rate'])}, "
-            f"slot A {_num(s['slot_a_preference'])}, "
-            f"prefers longer {_num(s['longer_preferred'])} (people {_num(s['human_longer_preferred'])})")
+    return (f"accuracy {number(s['accuracy'])} ({number(s['accuracy_ci'][0])}-{number(s['accuracy_ci'][1])}), "
+            f"ECE {number(s['ece'])}, position flips {number(s['position_flip_rate'])}, "
+            f"slot A {number(s['slot_a_preference'])}, "
+            f"prefers longer {number(s['longer_preferred'])} (people {number(s['human_longer_preferred'])})")
 
 
 COLUMNS = ["accuracy (95% CI)", "ECE", "position flip rate", "slot A preference", "prefers longer",
@@ -236,9 +233,9 @@ COLUMNS = ["accuracy (95% CI)", "ECE", "position flip rate", "slot A preference"
 
 
 def _cells(s: dict) -> list[str]:
-    return [f"{_num(s['accuracy'])} ({_num(s['accuracy_ci'][0])}-{_num(s['accuracy_ci'][1])})", _num(s["ece"]),
-            _num(s["position_flip_rate"]), _num(s["slot_a_preference"]), _num(s["longer_preferred"]),
-            f"{_num(s['human_longer_preferred'])} (of {s['length_compared']})"]
+    return [f"{number(s['accuracy'])} ({number(s['accuracy_ci'][0])}-{number(s['accuracy_ci'][1])})", number(s["ece"]),
+            number(s["position_flip_rate"]), number(s["slot_a_preference"]), number(s["longer_preferred"]),
+            f"{number(s['human_longer_preferred'])} (of {s['length_compared']})"]
 
 
 def report(summary: dict) -> str:
@@ -260,19 +257,10 @@ def report(summary: dict) -> str:
                   f"`{path}`: {entry['comparisons']} comparisons; the people's choice is the first response in "
                   f"{entry['people_choice_first']} of them; {entry['truncated_comparisons']} cut to fit the model's "
                   "context.", ""]
-        lines += _table(["mode", *COLUMNS], [[mode, *_cells(r["overall"])] for mode, r in entry["modes"].items()])
+        lines += table(["mode", *COLUMNS], [[mode, *_cells(r["overall"])] for mode, r in entry["modes"].items()])
         for mode, result in entry["modes"].items():
             lines += [f"Per principle ({mode}):", ""]
-            lines += _table(["principle", "comparisons", *COLUMNS],
+            lines += table(["principle", "comparisons", *COLUMNS],
                             [[pid, s["comparisons"], *_cells(s)] for pid, s in result["per_principle"].items()])
     lines += ["![reliability](reliability.png)", ""]
     return "\n".join(lines)
-
-
-def _table(header: list[str], rows: list[list]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows] + [""]
-
-
-def _num(value) -> str:
-    return "-" if value is None else f"{value:.3f}"

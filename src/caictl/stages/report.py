@@ -25,6 +25,7 @@ from pathlib import Path
 
 from caictl.errors import CaictlError, UsageError
 from caictl.judge import vote_statistics
+from caictl.markdown import number, table
 from caictl.records import UNUSABLE_REVISION_FLAGS, read_rows
 from caictl.ui import summary_table
 
@@ -242,17 +243,17 @@ def render(summary: dict, found: Found, out: Path) -> str:
                   f"{stats['final_differs_from_initial']:.0%} of them; a round changed the response "
                   f"{_pct(overall.get('change_rate'))} of the time. Flags: "
                   f"{', '.join(f'{k} {v}' for k, v in stats['flags'].items()) or 'none'}.", ""]
-        lines += _table(["principle", "rounds", "changed", "mean change size", "discarded"],
-                        [[pid, p["rounds"], _pct(p["change_rate"]), _num(p["mean_change_size"]),
+        lines += table(["principle", "rounds", "changed", "mean change size", "discarded"],
+                        [[pid, p["rounds"], _pct(p["change_rate"]), number(p["mean_change_size"]),
                           _pct(p["discarded_rate"])] for pid, p in stats["per_principle"].items()])
     for path, stats in summary["labels"].items():
         overall = stats["overall"]
         lines += [f"### Labels: `{path}`", "",
-                  f"{overall['votes']} votes; mean confidence {_num(overall['mean_confidence'])}, position "
+                  f"{overall['votes']} votes; mean confidence {number(overall['mean_confidence'])}, position "
                   f"consistency {_pct(overall['position_consistency'])}, slot A wins "
                   f"{_pct(overall['first_slot_preference'])}.", ""]
-        lines += _table(["principle", "votes", "mean confidence", "position consistency", "slot A wins"],
-                        [[pid, p["votes"], _num(p["mean_confidence"]), _pct(p["position_consistency"]),
+        lines += table(["principle", "votes", "mean confidence", "position consistency", "slot A wins"],
+                        [[pid, p["votes"], number(p["mean_confidence"]), _pct(p["position_consistency"]),
                           _pct(p["first_slot_preference"])] for pid, p in stats["per_principle"].items()])
     for path, compare in summary["compare"].items():
         lines += [f"## Models compared: `{path}`", "", f"Full report: [{link(Path(path) / 'report.md')}]"
@@ -267,7 +268,7 @@ def render(summary: dict, found: Found, out: Path) -> str:
         group = "all" if "all" in compare["per_model"] else next(iter(compare["per_model"]))
         lines += [f"Signs of Goodharting ({group}):", "", "| model | refusal | boilerplate | distinct-2 | mean words |",
                   "|---|---|---|---|---|"]
-        lines += [f"| {m} | {_pct(s['refusal_rate'])} | {_pct(s['boilerplate_rate'])} | {_num(s['distinct_2'])} | "
+        lines += [f"| {m} | {_pct(s['refusal_rate'])} | {_pct(s['boilerplate_rate'])} | {number(s['distinct_2'])} | "
                   f"{s['mean_length_words']} |" for m, s in compare["per_model"][group].items()]
         lines += ["", *(f"![{p.stem}]({link(p)})" for p in sorted(Path(path).glob("*.png"))), ""]
     for path, scores in summary["scores"].items():
@@ -276,7 +277,7 @@ def render(summary: dict, found: Found, out: Path) -> str:
         lines += [f"## {what}: `{path}`", "", f"Full report: [{link(Path(path) / 'report.md')}]"
                   f"({link(Path(path) / 'report.md')})", ""]
         columns = list(next(iter(scores["files"].values()), {}))
-        lines += _table(["file", *columns], [[Path(f).name, *(r.get(c) for c in columns)]
+        lines += table(["file", *columns], [[Path(f).name, *(r.get(c) for c in columns)]
                                              for f, r in scores["files"].items()])
     for path, labelled in summary["labelers"].items():
         lines += [f"## Labeller against people: `{path}`", "",
@@ -287,28 +288,20 @@ def render(summary: dict, found: Found, out: Path) -> str:
         for file, entry in labelled["files"].items():
             for mode, result in entry["modes"].items():
                 s = result["overall"]
-                rows.append([Path(file).name, mode, f"{_num(s['accuracy'])} ({_num(s['accuracy_ci'][0])}-"
-                             f"{_num(s['accuracy_ci'][1])})", _num(s["ece"]), _pct(s["position_flip_rate"]),
-                             _num(s["slot_a_preference"]), _pct(s["longer_preferred"]),
+                rows.append([Path(file).name, mode, f"{number(s['accuracy'])} ({number(s['accuracy_ci'][0])}-"
+                             f"{number(s['accuracy_ci'][1])})", number(s["ece"]), _pct(s["position_flip_rate"]),
+                             number(s["slot_a_preference"]), _pct(s["longer_preferred"]),
                              _pct(s["human_longer_preferred"])])
-        lines += _table(["file", "mode", "accuracy (95% CI)", "ECE", "position flips", "slot A preference",
+        lines += table(["file", "mode", "accuracy (95% CI)", "ECE", "position flips", "slot A preference",
                          "prefers longer", "people prefer longer"], rows)
         lines += [f"![{p.stem}]({link(p)})" for p in sorted(Path(path).glob("*.png"))] + [""]
     return "\n".join(lines)
-
-
-def _table(header: list[str], rows: list[list]) -> list[str]:
-    """A markdown table, and the blank line after it."""
-    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows] + [""]
 
 
 def _pct(value) -> str:
     return "-" if value is None else f"{value:.0%}"
 
 
-def _num(value) -> str:
-    return "-" if value is None else f"{value:.3f}"
 
 
 def plot_principles(summary: dict, path: Path) -> None:

@@ -11,9 +11,8 @@ its batch):
   as `caictl label` asks it with both orders averaged, minus 0.5. The reference reply is generated once per
   prompt and kept.
 
-`JudgeReward` scores transcripts like a preference model's `Scorer` (score, cut_tokens, cuts), so both PPO
-paths use either. A transcript is read back into messages (caictl.conversation.parse_transcript): a response that
-itself holds "\\n\\nHuman:" is read as ending there.
+`JudgeReward` scores rollouts like a preference model's `Scorer` (score_responses, cut_tokens, cuts), so both PPO
+paths use either.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import hashlib
 import math
 
 from caictl.constitution import Constitution
-from caictl.conversation import parse_transcript, render_transcript
+from caictl.conversation import render_transcript
 from caictl.engines import SamplingParams
 from caictl.engines.base import choice_cuts
 from caictl.generation import Cuts
@@ -49,11 +48,13 @@ class JudgeReward:
         self.references: dict[str, str] = {}  # prompt transcript -> the starting policy's greedy reply
         self._cut: dict[str, int] = {}  # transcript -> tokens cut from its questions, from the last score()
 
-    def score(self, texts: list[str]) -> list[float]:
-        conversations = [parse_transcript(text) for text in texts]
-        prompts = [messages[:-1] for messages in conversations]
-        responses = [messages[-1]["content"] if messages and messages[-1]["role"] == "assistant" else ""
-                     for messages in conversations]
+    def score_responses(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
+        """One reward per response to its conversation, taken as given rather than read back from a transcript: a
+        response that writes "Human:" and "Assistant:" turns of its own is compared (pairwise) with the starting
+        policy's reply to the real conversation, not to one it made up."""
+        from caictl.pm import conversation_text
+
+        texts = [conversation_text(p, r) for p, r in zip(prompts, responses)]
         principles = [self.principle(text) for text in texts]
         if self.mode == "rating":
             rewards, cuts = self.ratings(prompts, responses, principles)

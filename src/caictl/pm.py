@@ -103,6 +103,10 @@ class Scorer:
         with torch.inference_mode():
             return rewards(self.model, self.tokenizer, texts, self.max_length, self.batch_size).tolist()
 
+    def score_responses(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
+        """One reward per response to its conversation (a policy's rollouts)."""
+        return self.score([conversation_text(p, r) for p, r in zip(prompts, responses)])
+
     def cut_tokens(self, texts: list[str]) -> list[int]:
         return cut_tokens(self.tokenizer, texts, self.max_length)
 

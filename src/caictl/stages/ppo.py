@@ -173,12 +173,13 @@ def run_trl(config: PPOConfig, train, heldout) -> dict:
 
     def pm_reward(prompts, completions, **_):
         nonlocal scored
-        texts = [conversation_text(p, c[-1]["content"] if isinstance(c, list) else c)
-                 for p, c in zip(prompts, completions)]
-        for cut in scorer.cut_tokens(texts):
+        responses = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        rewards = scorer.score_responses(prompts, responses)
+        # After scoring: the judge reward knows what it cut only once it has asked.
+        for cut in scorer.cut_tokens([conversation_text(p, r) for p, r in zip(prompts, responses)]):
             cuts.count(cut)
-        scored += len(texts)
-        return scorer.score(texts)
+        scored += len(responses)
+        return rewards
 
     device_args, _ = trl_device_args(TRLConfig)
     args = TRLConfig(
@@ -341,7 +342,8 @@ class PPO:
 
         config = self.config
         rollout = self.rollout(prompts)
-        scores = torch.tensor(self.scorer.score(rollout["texts"]), dtype=torch.float32, device=self.device)
+        rewards = self.scorer.score_responses([p.messages for p in prompts], rollout["responses"])
+        scores = torch.tensor(rewards, dtype=torch.float32, device=self.device)
         pm_truncated = sum(cut > 0 for cut in self.scorer.cut_tokens(rollout["texts"]))
         raw_scores = scores.clone()
         if config.normalise_rewards:
@@ -545,14 +547,13 @@ def heldout_reward(model: str | Path, prompts: list, scorer, config: PPOConfig) 
     its own seed (config.seed, prompt id), so the number depends neither on the batch size nor on the global RNG,
     and the same folder and seed give the same number whichever path asks."""
     from caictl.engines import SamplingParams, load_engine
-    from caictl.pm import conversation_text
 
     if not prompts:
         return None
     engine = load_engine("hf", str(model), batch_size=config.batch_size)
     params = SamplingParams(config.max_new_tokens, config.temperature, 1.0, (), config.seed)
     responses = engine.generate([p.messages for p in prompts], params, [p.id for p in prompts])
-    scores = scorer.score([conversation_text(p.messages, r.text) for p, r in zip(prompts, responses)])
+    scores = scorer.score_responses([p.messages for p in prompts], [r.text for r in responses])
     return round(sum(scores) / len(scores), 4)
 
 

@@ -17,14 +17,12 @@ paths use either.
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 from caictl.constitution import Constitution
-from caictl.conversation import render_transcript
 from caictl.engines import SamplingParams
-from caictl.engines.base import choice_cuts
-from caictl.generation import Cuts
+from caictl.engines.base import choice_cuts, request_seed
+from caictl.generation import STOP_RESPONSE, Cuts, prompt_style, respond, response_request
 from caictl.judge import Comparison, Judge
 
 JUDGE_MODES = ("rating", "pairwise")
@@ -64,7 +62,7 @@ class JudgeReward:
         return rewards
 
     def cut_tokens(self, texts: list[str]) -> list[int]:
-        """Tokens cut to fit the judge's context from each text's questions, as the last score() of it found."""
+        """Tokens cut to fit the judge's context from each text's questions, as the last scoring of it found."""
         return [self._cut.get(text, 0) for text in texts]
 
     def cuts(self) -> Cuts:
@@ -72,8 +70,7 @@ class JudgeReward:
 
     def principle(self, text: str):
         """The comparison principle a rollout is judged under, drawn by a hash of the seed and its text."""
-        digest = hashlib.sha256(f"{self.seed}:{text}".encode("utf-8")).digest()
-        return self.constitution.comparison[int.from_bytes(digest[:8], "big") % len(self.constitution.comparison)]
+        return self.constitution.comparison[request_seed(self.seed, text) % len(self.constitution.comparison)]
 
     def ratings(self, prompts, responses, principles) -> tuple[list[float], list[int]]:
         questions = [self.judge.rating_question(p, r, principle.text)
@@ -104,15 +101,11 @@ def rating_reward(logprobs: list[float]) -> float:
 
 def greedy_replies(engine, max_new_tokens: int):
     """The reference for pairwise rewards: a function giving the engine's greedy reply to each prompt."""
-    params = SamplingParams(max_new_tokens, 0.0)
+    style = prompt_style("auto", engine)  # a base model continues the transcript
+    params = SamplingParams(max_new_tokens, 0.0, stop=STOP_RESPONSE)
 
     def replies(prompts: list[list[dict]]) -> list[str]:
-        keys = [str(i) for i in range(len(prompts))]
-        if engine.supports_chat():
-            generations = engine.generate(prompts, params, keys)
-        else:  # a base model continues the transcript
-            generations = engine.complete([render_transcript(p, open_assistant_turn=True) for p in prompts],
-                                          SamplingParams(max_new_tokens, 0.0, stop=("\n\nHuman:",)), keys)
-        return [g.text.strip() for g in generations]
+        requests = [response_request(style, p) for p in prompts]
+        return [g.text.strip() for g in respond(engine, style, requests, params, [str(i) for i in range(len(prompts))])]
 
     return replies

@@ -121,9 +121,10 @@ def sample_with_kl(policy: Path, reference: str, prompts: list, config: EvalIter
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         logprobs = []
         for model in models:
-            with torch.no_grad():
-                logits = model(input_ids=output, attention_mask=attention, position_ids=positions).logits
-            logprobs.append(torch.log_softmax(logits[:, start - 1:-1].float(), -1))
+            with torch.no_grad():  # logits for the response's steps alone: the prompt's would be vocabulary-sized
+                logits = model(input_ids=output, attention_mask=attention, position_ids=positions,
+                               logits_to_keep=output.shape[1] - start + 1).logits
+            logprobs.append(torch.log_softmax(logits[:, :-1].float(), -1))
         # KL between the two next-token distributions over the whole vocabulary at each step of the response.
         steps = (logprobs[0].exp() * (logprobs[0] - logprobs[1])).sum(-1)
         ratios += (steps * mask).sum(1).tolist()

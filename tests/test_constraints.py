@@ -63,6 +63,9 @@ def test_bad_constraints_are_all_reported_with_where():
     assert len(found) == 6 and all(p.startswith("p.jsonl: prompt 'x': constraints[") for p in found)
     assert "unknown type 'bulets'" in found[0] and "language 'french'" in found[3]
     assert constraints.problems("bullets", "w") == ["w: constraints: expected a list of {type: ..., ...}"]
+    # A type that is not a string (a list cannot even be looked up) is named like any unknown one.
+    assert constraints.problems([{"type": ["bullets"], "count": 3}], "w") == [
+        f"w: constraints[0]: unknown type ['bullets']; known: {', '.join(constraints.TYPES)}"]
 
 
 def test_shipped_instruction_prompts_are_valid_and_cover_the_types():

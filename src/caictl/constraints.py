@@ -50,7 +50,8 @@ def problems(constraints, where: str) -> list[str]:
     found = []
     for index, constraint in enumerate(constraints):
         at = f"{where}: constraints[{index}]"
-        if not isinstance(constraint, dict) or constraint.get("type") not in TYPES:
+        if not isinstance(constraint, dict) or not isinstance(constraint.get("type"), str) \
+                or constraint["type"] not in TYPES:
             kind = constraint.get("type") if isinstance(constraint, dict) else constraint
             found.append(f"{at}: unknown type {kind!r}; known: {', '.join(TYPES)}")
             continue

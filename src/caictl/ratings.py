@@ -67,6 +67,11 @@ def elo(outcomes: list[Outcome], models: list[str], seed: int = 0) -> dict[str, 
     return result
 
 
+def elo_points(outcomes: list[Outcome], models: list[str]) -> dict[str, float]:
+    """Per model: its Elo rating relative to models[0], without the bootstrap (as elo() gives it)."""
+    return {name: round(value, 1) for name, value in _fit(outcomes, models).items()}
+
+
 def _fit(outcomes: list[Outcome], models: list[str], iterations: int = 500) -> dict[str, float]:
     """Bradley-Terry ratings by Newton steps on each rating in turn (the problem is small)."""
     index = {m: i for i, m in enumerate(models)}

@@ -51,7 +51,7 @@ from caictl.generation import (
     respond,
     response_request,
 )
-from caictl.ratings import Outcome, elo, share_of_win, win_rates
+from caictl.ratings import Outcome, elo, elo_points, share_of_win, win_rates
 from caictl.records import Prompt, RecordWriter, batches, read_prompts, read_rows
 from caictl.textstats import is_refusal, response_stats
 from caictl.ui import log, meter, print_summary, row_counts
@@ -395,15 +395,15 @@ def summarise(config: EvalCompareConfig, models: dict[str, str], items: list[Ite
                 ratings.setdefault(source, {})[group] = {"win_rates": win_rates(chosen, config.seed),
                                                          "elo": elo(chosen, list(models), config.seed)}
     return {"stage": "eval compare", "models": models, "sets": {s: sum(i.set == s for i in items) for s in sets},
-            "frontier": frontier(models, outcomes, by_set, config.seed),
+            "frontier": frontier(models, outcomes, by_set),
             "pm": config.pm, "judge": config.judge, "set_constitutions": by_set, "engine": config.engine,
             "sampling": {"temperature": config.temperature, "top_p": config.top_p,
                          "max_new_tokens": config.max_new_tokens, "seed": config.seed},
             "per_model": per_model, "ratings": ratings, "caictl_version": __version__}
 
 
-def frontier(models: dict[str, str], outcomes: dict[str, list[tuple[str, Outcome]]], by_set: dict[str, str],
-              seed: int) -> dict | None:
+def frontier(models: dict[str, str], outcomes: dict[str, list[tuple[str, Outcome]]],
+             by_set: dict[str, str]) -> dict | None:
     """The paper's frontier (Bai et al. 2022, figure 2): per model, its Elo on the sets judged under `helpful`
     against its Elo on the sets judged under `harmless`, from the judge's comparisons (else the PM's); None unless
     sets under both constitutions were compared."""
@@ -413,7 +413,7 @@ def frontier(models: dict[str, str], outcomes: dict[str, list[tuple[str, Outcome
     result = {"source": source}
     for name in ("helpful", "harmless"):
         chosen = [o for s, o in outcomes[source] if by_set[s] == name]
-        result[name] = {m: e["elo"] for m, e in elo(chosen, list(models), seed).items()}
+        result[name] = elo_points(chosen, list(models))  # the point ratings: the figure draws no intervals
     return result
 
 

@@ -108,10 +108,9 @@ class Judge:
         response, the tokens cut from its two questions to fit the model's context."""
         questions = []
         for m, r in zip(messages, responses):
-            conversation = render_transcript(m + [{"role": "assistant", "content": r}]).strip()
+            conversation = _conversation_block(m + [{"role": "assistant", "content": r}])
             for a, b in ((REFUSES, ENGAGES), (ENGAGES, REFUSES)):
-                body = (f"Consider the following conversation between a human and an assistant:\n\n{conversation}"
-                        f"\n\n{REFUSAL_QUESTION}\nOptions:\n(A) {a}\n(B) {b}")
+                body = f"{conversation}\n\n{REFUSAL_QUESTION}\nOptions:\n(A) {a}\n(B) {b}"
                 questions.append(self._render([{"role": "user", "content": body}], ANSWER_CUE))
         p_a = [probability_a(a, b) for a, b in self.engine.choice_logprobs(questions, list(CHOICES))]
         cuts = choice_cuts(self.engine, len(questions))
@@ -121,10 +120,9 @@ class Judge:
     def rating_question(self, messages: list[dict], response: str, principle: str) -> str:
         """The text whose continuation is a rating of `response` from 1 to 9 under a principle (for rewards read
         straight from the feedback model: caictl.judge_reward)."""
-        conversation = render_transcript(messages + [{"role": "assistant", "content": response}]).strip()
-        body = (f"Consider the following conversation between a human and an assistant:\n\n{conversation}\n\n"
-                f"{principle}\nOn a scale from 1 (worst) to 9 (best), how well does the assistant's last response "
-                "do by this? Answer with one digit.")
+        conversation = _conversation_block(messages + [{"role": "assistant", "content": response}])
+        body = (f"{conversation}\n\n{principle}\nOn a scale from 1 (worst) to 9 (best), how well does the "
+                "assistant's last response do by this? Answer with one digit.")
         return self._render([{"role": "user", "content": body}], RATING_CUE)
 
     def question(self, messages: list[dict], principle: str, a: str, b: str) -> str:
@@ -164,9 +162,13 @@ class Judge:
 
 
 def _question_body(messages: list[dict], principle: str, a: str, b: str) -> str:
-    conversation = render_transcript(messages).strip()
-    return (f"Consider the following conversation between a human and an assistant:\n\n{conversation}\n\n"
-            f"{principle}\nOptions:\n(A) {a}\n(B) {b}")
+    return f"{_conversation_block(messages)}\n\n{principle}\nOptions:\n(A) {a}\n(B) {b}"
+
+
+def _conversation_block(messages: list[dict]) -> str:
+    """How every question to the feedback model opens: the conversation it is about, as a transcript."""
+    return ("Consider the following conversation between a human and an assistant:\n\n"
+            + render_transcript(messages).strip())
 
 
 def probability_a(logprob_a: float, logprob_b: float) -> float:

@@ -72,7 +72,8 @@ class Server(Client):
 
     def __init__(self, folder: Path, *args):
         self.log = folder / "serve-pm.stderr"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CAICTL_")}
+        # PYTHONFAULTHANDLER: a crash of the server prints every thread's stack into the log the asserts show.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CAICTL_")} | {"PYTHONFAULTHANDLER": "1"}
         with self.log.open("w") as stderr:
             command = [sys.executable, "-m", "caictl", "serve-pm", "--port", "0", *map(str, args)]
             self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
@@ -339,14 +340,91 @@ def test_a_scoring_failure_is_a_500_for_that_request_only(tiny_pm):
         httpd.batcher.stop()
 
 
+def test_drain_closes_idle_connections_answers_the_request_in_flight_and_leaves_no_thread(tiny_pm):
+    """In process, with the model thread held mid-batch when serving stops: a client idle on a kept-alive connection
+    is closed at once, the held request still gets its rewards, and no connection thread outlives drain()."""
+    hold, held = threading.Event(), threading.Event()
+
+    class HeldScorer(Scorer):
+        def score(self, texts):
+            if "hold" in texts:
+                held.set()
+                hold.wait(30)
+            return super().score(texts)
+
+    threads_before = set(threading.enumerate())
+    httpd = serve_pm.RewardServer(("127.0.0.1", 0), serve_pm.Handler)
+    httpd.batcher, httpd.chat_format, httpd.info = serve_pm.Batcher(HeldScorer(tiny_pm), 8), None, {}
+    serving = threading.Thread(target=httpd.serve_forever)
+    serving.start()
+    host, port = httpd.server_address[:2]
+    idle = http.client.HTTPConnection(host, port, timeout=30)
+    idle.request("GET", "/health")
+    assert idle.getresponse().read()  # answered; the connection stays open, its thread waiting for more
+    answers = {}
+    in_flight = threading.Thread(target=lambda: answers.update(held=Client(host, port).post({"query": ["hold"]})))
+    in_flight.start()
+    assert held.wait(30)
+    httpd.shutdown()
+    serving.join()
+    drained = {}
+    draining = threading.Thread(target=lambda: drained.update(left=httpd.drain()))
+    draining.start()
+    idle.sock.settimeout(10)
+    assert idle.sock.recv(1) == b""  # closed by the server while the held batch is still being scored
+    assert "held" not in answers
+    hold.set()
+    draining.join(30)
+    in_flight.join(30)
+    httpd.server_close()
+    idle.close()
+    assert drained == {"left": 0}
+    assert answers["held"][0] == 200
+    assert answers["held"][1]["rewards"] == pytest.approx(Scorer(tiny_pm).score(["hold"]), abs=1e-5)
+    assert set(threading.enumerate()) <= threads_before  # the model thread and every connection thread ended
+
+
+def test_texts_sent_after_the_model_thread_ended_are_refused_not_left_waiting(tiny_pm):
+    batcher = serve_pm.Batcher(Scorer(tiny_pm), 8)
+    assert batcher.score(["before"])[0]
+    batcher.stop()
+    outcome = []
+
+    def late():
+        try:
+            batcher.score(["after"])
+            outcome.append("answered")
+        except serve_pm.Stopping as error:
+            outcome.append(str(error))
+
+    thread = threading.Thread(target=late, daemon=True)
+    thread.start()
+    thread.join(10)
+    assert outcome == ["the server is stopping"]
+    httpd = serve_pm.RewardServer(("127.0.0.1", 0), serve_pm.Handler)  # a request read in the last moment
+    httpd.batcher, httpd.chat_format, httpd.info = batcher, None, {}
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        status, answer = Client(*httpd.server_address).post({"query": ["after"]})
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert (status, answer) == (503, {"error": "the server is stopping: send the request to another server"})
+
+
 # The process ---------------------------------------------------------------------------------------------------
 
 
 def test_sigterm_ends_the_server_cleanly(tiny_pm, tmp_path):
     running = Server(tmp_path, "--pm", tiny_pm, "--log-every", "1")
     running.rewards(["\n\nHuman: hi\n\nAssistant: hello"])
-    assert running.stop() == 0
+    idle = http.client.HTTPConnection(running.host, running.port, timeout=60)
+    idle.request("GET", "/health")
+    assert idle.getresponse().read()  # a client that keeps its connection open when the server is stopped
+    status = running.stop()
+    idle.close()
     stderr = running.log.read_text()
+    assert status == 0, stderr
     assert "serve-pm stopped" in stderr and "Traceback" not in stderr
     assert "serve-pm: 1 requests, 1 texts" in stderr  # --log-every 1
 

@@ -428,7 +428,8 @@ def serve_pm_command(
         help="A throughput line on stderr every N requests; 0: none.")] = SERVE_PM["log_every"],
 ) -> None:
     """Serve a preference model over HTTP as a reward server: OpenRLHF's remote reward model protocol
-    (POST /get_reward), for RL at scale on OpenRLHF, TRL's GRPO or verl. Ctrl-C or SIGTERM stops it.
+    (POST /get_reward), for RL at scale on OpenRLHF, TRL's GRPO or verl. Ctrl-C or SIGTERM stops it
+    after answering the requests it has already read.
 
     Example: caictl serve-pm --pm models/pm --port 5000 --policy models/sl-cai
     """

@@ -11,6 +11,9 @@ are the rewards, and pm_truncated_tokens says how many tokens each text lost fro
 that is not of that shape (or a query that does not parse), 413 for more than MAX_TEXTS texts or a body over
 MAX_BODY bytes, 404 / 405 for another path or method, 500 when scoring fails; the server keeps serving.
 
+Ctrl-C or SIGTERM stops it gracefully: no new connections, idle kept-alive ones closed, every request already read
+scored and answered (DRAIN_SECONDS at most), one that comes after the model thread ended answered 503.
+
 What the PM reads: without --policy, each query as it is (send transcripts, caictl.pm.conversation_text). With
 --policy, each query is text the policy's chat template wrote, as OpenRLHF sends it; it is read back into messages
 (caictl.chat_format) and scored as their transcript, so a reward equals `caictl score` on the same conversation. A
@@ -28,6 +31,7 @@ import contextlib
 import json
 import queue
 import signal
+import socket
 import sys
 import threading
 import time
@@ -43,6 +47,7 @@ from caictl.ui import log, summary_table
 
 MAX_TEXTS = 1024  # texts in one request
 MAX_BODY = 16 * 1024 * 1024  # bytes of one request body (16 MiB)
+DRAIN_SECONDS = 10  # at the end, how long answers already being scored or sent may take
 
 
 @dataclass
@@ -90,7 +95,9 @@ def run(config: ServePMConfig) -> dict:
         log(f"listening on http://{host}:{port}/get_reward (GET /health); Ctrl-C stops")
         with _sigterm_as_ctrl_c(), contextlib.suppress(KeyboardInterrupt):
             server.serve_forever()
-        batcher.stop()
+        left_open = server.drain()
+        if left_open:
+            log(f"serve-pm: {left_open} connection(s) still busy after {DRAIN_SECONDS} s; ending without them")
     finally:
         server.server_close()
     stats = batcher.stats.snapshot()
@@ -155,6 +162,10 @@ class ScoringError(Exception):
     pass
 
 
+class Stopping(Exception):
+    """The model thread has ended: a request that comes after it is refused, never left waiting."""
+
+
 _STOP = object()
 
 
@@ -165,6 +176,7 @@ class Batcher:
         self.scorer, self.batch_size, self.log_every = scorer, batch_size, log_every
         self.queue = queue.SimpleQueue()
         self.stats = Stats()
+        self.stopping, self.stop_lock = False, threading.Lock()
         self.thread = threading.Thread(target=self._work, name="caictl-pm", daemon=True)
         self.thread.start()
 
@@ -173,8 +185,11 @@ class Batcher:
         if not texts:
             return [], []
         request = Request(texts)
-        for index in range(len(texts)):
-            self.queue.put((request, index))
+        with self.stop_lock:  # all of a request's texts go in before the end marker, or none of them
+            if self.stopping:
+                raise Stopping("the server is stopping")
+            for index in range(len(texts)):
+                self.queue.put((request, index))
         request.done.wait()
         if request.error:
             raise ScoringError(request.error)
@@ -182,7 +197,9 @@ class Batcher:
 
     def stop(self) -> None:
         """Score what is queued, then end the model thread."""
-        self.queue.put(_STOP)
+        with self.stop_lock:
+            self.stopping = True
+            self.queue.put(_STOP)
         self.thread.join()
 
     def _work(self) -> None:
@@ -267,11 +284,49 @@ class Stats:
 
 
 class RewardServer(ThreadingHTTPServer):
-    daemon_threads = True  # a client that keeps its connection open never holds up the end
+    """One thread per connection, each known until it ends, so that drain() can end them all before the process
+    does: a request thread still running while Python shuts down can abort the process (exit status -6)."""
+
+    daemon_threads = True  # a connection drain() gave up on never holds up the end
     request_queue_size = 128  # connections waiting to be accepted: a burst from many rollout workers at once
     batcher: Batcher
     chat_format = None
     info: dict
+
+    def __init__(self, address, handler):
+        self.connections: dict = {}  # open connection socket -> the thread serving it
+        self.connections_lock = threading.Lock()
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        thread = threading.Thread(target=self._serve_connection, args=(request, client_address), daemon=True,
+                                  name=f"caictl-connection-{client_address[1]}")
+        with self.connections_lock:
+            self.connections[request] = thread
+        thread.start()
+
+    def _serve_connection(self, request, client_address):
+        try:
+            self.process_request_thread(request, client_address)
+        finally:
+            with self.connections_lock:
+                self.connections.pop(request, None)
+
+    def drain(self) -> int:
+        """Once serve_forever() has returned: ends idle kept-alive connections, scores every queued text, and waits
+        (DRAIN_SECONDS at most) for the answers being sent. Returns how many connections are still busy."""
+        with self.connections_lock:
+            connections = dict(self.connections)
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                # A thread waiting for the client's next request reads the end now, not at the 60 s idle timeout;
+                # one that has its request goes on and sends the answer.
+                connection.shutdown(socket.SHUT_RD)
+        self.batcher.stop()
+        deadline = time.monotonic() + DRAIN_SECONDS
+        for thread in connections.values():
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return sum(thread.is_alive() for thread in connections.values())
 
     def handle_error(self, request, client_address):
         """A client that went away or stalled mid-request is its own business; anything else is one line."""
@@ -334,6 +389,8 @@ class Handler(BaseHTTPRequestHandler):
             rewards, cut = self.server.batcher.score(texts)
         except ScoringError as error:
             raise HTTPFailure(500, str(error))
+        except Stopping as error:
+            raise HTTPFailure(503, f"{error}: send the request to another server")
         return {"rewards": rewards, "scores": rewards, "extra_logs": {"pm_truncated_tokens": cut}}
 
     def _content_length(self, required: bool) -> int:

@@ -4,6 +4,7 @@ rating read from the judge's logits, the pairwise reward is antisymmetric, and b
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -85,3 +86,27 @@ def test_ppo_trains_against_the_judge(tmp_path, tiny_model, algo, mode):
     assert metrics["steps"] == 2
     for measured in (metrics["heldout_reward_before"], metrics["heldout_reward_after"]):
         assert -1 <= measured <= 1 if mode == "rating" else -0.5 <= measured <= 0.5
+
+
+@pytest.fixture(scope="module")
+def short_context_judge(tiny_model, tmp_path_factory):
+    """The tiny model with a 48-position context: every question the judge is asked is longer, and is cut."""
+    folder = tmp_path_factory.mktemp("judge") / "short-context"
+    shutil.copytree(tiny_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 48}))
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_rollouts_whose_judge_questions_were_cut_are_counted_and_named(tmp_path, tiny_model, short_context_judge,
+                                                                      algo, capfd):
+    out = tmp_path / algo
+    caictl_in_process("ppo", EXAMPLES / "red-team.jsonl", "--policy", tiny_model, "--reward", "judge",
+                      "--judge", short_context_judge, "-o", out, "--algo", algo, "--steps", "1", "--batch-size", "4",
+                      "--minibatch-size", "2", "--num-generations", "2", "--max-new-tokens", "8", "--heldout", "0")
+    metrics = json.loads((out / "caictl.json").read_text())["metrics"]
+    assert "pm_truncated_rollouts" not in metrics
+    assert metrics["judge_truncated_rollouts"] == 4  # every rollout of the one step, on either path
+    assert "judge_truncated_rollouts in caictl.json" in capfd.readouterr().err

@@ -225,10 +225,10 @@ def run_trl(config: PPOConfig, train, heldout) -> dict:
     metrics = {"algo": config.algo, "steps": trainer.state.global_step, "heldout_prompts": len(heldout),
                "heldout_reward_before": heldout_reward(config.policy, heldout, scorer, config),
                "heldout_reward_after": heldout_reward(out, heldout, scorer, config),
-               "kl": history[-1]["kl"] if history else None, "rollouts": scored, "pm_truncated_rollouts": cut_rollouts,
+               "kl": history[-1]["kl"] if history else None, "rollouts": scored, truncated_key(config): cut_rollouts,
                "seconds": round(seconds, 2),
                "seconds_per_step": round(seconds / max(trainer.state.global_step, 1), 3), "history": history}
-    warn_pm_cuts(metrics["pm_truncated_rollouts"], config)
+    warn_reward_cuts(cut_rollouts, config)
     write_info(out, config, metrics)
     summary_table(f"ppo --algo {config.algo}", [
         ("output", out), ("steps", metrics["steps"]),
@@ -322,12 +322,12 @@ class PPO:
             "mean_kl_last_5": sum(h["kl"] for h in history[-5:]) / max(len(history[-5:]), 1),
             "kl_coef_final": self.kl_coef,
             "stopped": stopped,
-            "pm_truncated_rollouts": sum(h.get("pm_truncated_rollouts", 0) for h in history),
+            truncated_key(config): sum(h.get(truncated_key(config), 0) for h in history),
             "seconds": round(seconds, 2),
             "seconds_per_step": round(seconds / max(len(history) - start_step, 1), 3),
             "history": [{k: v for k, v in h.items() if k != "sample"} for h in history],
         }
-        warn_pm_cuts(metrics["pm_truncated_rollouts"], config)
+        warn_reward_cuts(metrics[truncated_key(config)], config)
         write_info(out, config, metrics)
         plot_history(metrics["history"], out / "ppo.png")
         shutil.rmtree(out / "checkpoint", ignore_errors=True)
@@ -344,7 +344,7 @@ class PPO:
         rollout = self.rollout(prompts)
         rewards = self.scorer.score_responses([p.messages for p in prompts], rollout["responses"])
         scores = torch.tensor(rewards, dtype=torch.float32, device=self.device)
-        pm_truncated = sum(cut > 0 for cut in self.scorer.cut_tokens(rollout["texts"]))
+        cut_rollouts = sum(cut > 0 for cut in self.scorer.cut_tokens(rollout["texts"]))
         raw_scores = scores.clone()
         if config.normalise_rewards:
             self.reward_stats.update(scores.tolist())
@@ -404,7 +404,7 @@ class PPO:
             "response_length": lengths.float().mean().item(),
             "ended_with_eos": rollout["ended"].float().mean().item(),
             "boilerplate_share": boilerplate_share(rollout["responses"]),
-            "pm_truncated_rollouts": pm_truncated,
+            truncated_key(config): cut_rollouts,
             "sample": rollout["responses"][0],
         }
 
@@ -557,8 +557,19 @@ def heldout_reward(model: str | Path, prompts: list, scorer, config: PPOConfig) 
     return round(sum(scores) / len(scores), 4)
 
 
-def warn_pm_cuts(rollouts: int, config: PPOConfig) -> None:
-    if rollouts:
+def truncated_key(config: PPOConfig) -> str:
+    """caictl.json's count of rollouts the reward read cut: to the PM's --pm-max-length, or the judge's context."""
+    return "judge_truncated_rollouts" if config.reward == "judge" else "pm_truncated_rollouts"
+
+
+def warn_reward_cuts(rollouts: int, config: PPOConfig) -> None:
+    if not rollouts:
+        return
+    if config.reward == "judge":
+        log(f"warning: {rollouts} rollout(s) did not fit the context of the --judge model {config.judge}: their "
+            "questions to it were cut from the front before it scored them; each step's count is "
+            "judge_truncated_rollouts in caictl.json")
+    else:
         log(f"warning: {rollouts} rollout(s) were longer than --pm-max-length {config.pm_max_length} and were cut "
             "from the front before the PM scored them; each step's count is pm_truncated_rollouts in caictl.json")
 

@@ -296,23 +296,41 @@ def test_concurrent_clients_get_their_own_rewards_and_share_forward_passes(serve
     assert after["most_requests_in_a_batch"] > 1
 
 
+class HeldScorer(Scorer):
+    """A real Scorer that, given the text "hold", stops mid-batch until released: what queues meanwhile is known."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.hold, self.held = threading.Event(), threading.Event()
+
+    def score(self, texts):
+        if "hold" in texts:
+            self.held.set()
+            self.hold.wait(30)
+        return super().score(texts)
+
+
+def in_process_server(batcher) -> serve_pm.RewardServer:
+    """A reward server in this process, serving from its own thread (serving=...) until shutdown()."""
+    httpd = serve_pm.RewardServer(("127.0.0.1", 0), serve_pm.Handler)
+    httpd.batcher, httpd.chat_format, httpd.info = batcher, None, {}
+    httpd.serving = threading.Thread(target=httpd.serve_forever, daemon=True)
+    httpd.serving.start()
+    return httpd
+
+
 def test_a_scoring_failure_is_a_500_for_that_request_only(tiny_pm):
     """In process, with a real Scorer that fails on one text and can be held mid-batch, so that the failing request
     and a good one queue up together and share the next batch."""
-    hold, held = threading.Event(), threading.Event()
 
-    class FailingScorer(Scorer):
+    class FailingScorer(HeldScorer):
         def score(self, texts):
-            if "hold" in texts:
-                held.set()
-                hold.wait(30)
             if any("fail" in text for text in texts):
                 raise RuntimeError("no score for this one")
             return super().score(texts)
 
-    httpd = serve_pm.RewardServer(("127.0.0.1", 0), serve_pm.Handler)
-    httpd.batcher, httpd.chat_format, httpd.info = serve_pm.Batcher(FailingScorer(tiny_pm), 8), None, {}
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    scorer = FailingScorer(tiny_pm)
+    httpd = in_process_server(serve_pm.Batcher(scorer, 8))
     client = Client(*httpd.server_address)
     try:
         answers = {}
@@ -320,13 +338,13 @@ def test_a_scoring_failure_is_a_500_for_that_request_only(tiny_pm):
         threads = {name: threading.Thread(target=lambda n=name: answers.update({n: client.post({"query": posts[n]})}))
                    for name in posts}
         threads["hold"].start()
-        assert held.wait(30)  # the model thread is busy: the next two requests queue up behind it
+        assert scorer.held.wait(30)  # the model thread is busy: the next two requests queue up behind it
         threads["bad"].start()
         threads["good"].start()
         deadline = time.monotonic() + 30
         while httpd.batcher.queue.qsize() < 4 and time.monotonic() < deadline:
             time.sleep(0.01)
-        hold.set()
+        scorer.hold.set()
         for thread in threads.values():
             thread.join(30)
         assert answers["bad"] == (500, {"error": "scoring failed: RuntimeError: no score for this one"})
@@ -343,20 +361,9 @@ def test_a_scoring_failure_is_a_500_for_that_request_only(tiny_pm):
 def test_drain_closes_idle_connections_answers_the_request_in_flight_and_leaves_no_thread(tiny_pm):
     """In process, with the model thread held mid-batch when serving stops: a client idle on a kept-alive connection
     is closed at once, the held request still gets its rewards, and no connection thread outlives drain()."""
-    hold, held = threading.Event(), threading.Event()
-
-    class HeldScorer(Scorer):
-        def score(self, texts):
-            if "hold" in texts:
-                held.set()
-                hold.wait(30)
-            return super().score(texts)
-
     threads_before = set(threading.enumerate())
-    httpd = serve_pm.RewardServer(("127.0.0.1", 0), serve_pm.Handler)
-    httpd.batcher, httpd.chat_format, httpd.info = serve_pm.Batcher(HeldScorer(tiny_pm), 8), None, {}
-    serving = threading.Thread(target=httpd.serve_forever)
-    serving.start()
+    scorer = HeldScorer(tiny_pm)
+    httpd = in_process_server(serve_pm.Batcher(scorer, 8))
     host, port = httpd.server_address[:2]
     idle = http.client.HTTPConnection(host, port, timeout=30)
     idle.request("GET", "/health")
@@ -364,16 +371,16 @@ def test_drain_closes_idle_connections_answers_the_request_in_flight_and_leaves_
     answers = {}
     in_flight = threading.Thread(target=lambda: answers.update(held=Client(host, port).post({"query": ["hold"]})))
     in_flight.start()
-    assert held.wait(30)
+    assert scorer.held.wait(30)
     httpd.shutdown()
-    serving.join()
+    httpd.serving.join()
     drained = {}
     draining = threading.Thread(target=lambda: drained.update(left=httpd.drain()))
     draining.start()
     idle.sock.settimeout(10)
     assert idle.sock.recv(1) == b""  # closed by the server while the held batch is still being scored
     assert "held" not in answers
-    hold.set()
+    scorer.hold.set()
     draining.join(30)
     in_flight.join(30)
     httpd.server_close()
@@ -401,9 +408,7 @@ def test_texts_sent_after_the_model_thread_ended_are_refused_not_left_waiting(ti
     thread.start()
     thread.join(10)
     assert outcome == ["the server is stopping"]
-    httpd = serve_pm.RewardServer(("127.0.0.1", 0), serve_pm.Handler)  # a request read in the last moment
-    httpd.batcher, httpd.chat_format, httpd.info = batcher, None, {}
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    httpd = in_process_server(batcher)  # a request read in the last moment
     try:
         status, answer = Client(*httpd.server_address).post({"query": ["after"]})
     finally:

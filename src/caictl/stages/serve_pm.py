@@ -285,7 +285,7 @@ class Stats:
 
 class RewardServer(ThreadingHTTPServer):
     """One thread per connection, each known until it ends, so that drain() can end them all before the process
-    does: a request thread still running while Python shuts down can abort the process (exit status -6)."""
+    does: a thread still running Python code while the interpreter shuts down may crash it at exit."""
 
     daemon_threads = True  # a connection drain() gave up on never holds up the end
     request_queue_size = 128  # connections waiting to be accepted: a burst from many rollout workers at once

@@ -12,7 +12,7 @@ from conftest import EXAMPLES, caictl_in_process
 
 from caictl import tokens
 from caictl.constitution import load, load_for_stage
-from caictl.engines import load_engine
+from caictl.engines import SamplingParams, load_engine
 from caictl.judge_reward import RATINGS, JudgeReward
 from caictl.pm import conversation_text
 
@@ -110,3 +110,32 @@ def test_rollouts_whose_judge_questions_were_cut_are_counted_and_named(tmp_path,
     assert "pm_truncated_rollouts" not in metrics
     assert metrics["judge_truncated_rollouts"] == 4  # every rollout of the one step, on either path
     assert "judge_truncated_rollouts in caictl.json" in capfd.readouterr().err
+
+
+def test_the_pairwise_replies_come_from_the_frozen_copy_ppo_already_holds(tmp_path, tiny_model, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from caictl.judge_reward import GreedyReplies
+    from caictl.stages import ppo
+
+    loaded, load = [], AutoModelForCausalLM.from_pretrained
+
+    def counted(name, *args, **kwargs):
+        loaded.append(str(name))
+        return load(name, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", counted)
+    trainer = ppo.PPO(ppo.PPOConfig(prompts=str(EXAMPLES / "red-team.jsonl"), policy=str(tiny_model), pm=None,
+                                    reward="judge", judge=str(tiny_model), judge_mode="pairwise",
+                                    out=str(tmp_path / "rl"), batch_size=4, max_new_tokens=8))
+    assert loaded == [str(tiny_model)] * 3  # the policy, its frozen reference, the judge: no copy for the replies
+    shared = trainer.scorer.reference.engine
+    assert shared.lm is trainer.reference
+    # It generates as an engine that loaded the policy itself does (the tiny model's greedy replies are empty, so
+    # its raw continuations are compared).
+    params, texts = SamplingParams(8, 0.0), ["Human: Say something kind.\n\nAssistant:", "Once upon a time"]
+    alone = load_engine("hf", str(tiny_model), batch_size=4)
+    continued = [g.text for g in shared.complete(texts, params, ["a", "b"])]
+    assert continued == [g.text for g in alone.complete(texts, params, ["a", "b"])] and all(continued)
+    prompts = [MESSAGES, [{"role": "user", "content": "Say something kind."}]]
+    assert trainer.scorer.reference(prompts) == GreedyReplies(alone, 8)(prompts)

@@ -99,13 +99,15 @@ def rating_reward(logprobs: list[float]) -> float:
     return (mean - 5) / 4
 
 
-def greedy_replies(engine, max_new_tokens: int):
-    """The reference for pairwise rewards: a function giving the engine's greedy reply to each prompt."""
-    style = prompt_style("auto", engine)  # a base model continues the transcript
-    params = SamplingParams(max_new_tokens, 0.0, stop=STOP_RESPONSE)
+class GreedyReplies:
+    """The reference for pairwise rewards: called with prompts, the engine's greedy reply to each."""
 
-    def replies(prompts: list[list[dict]]) -> list[str]:
-        requests = [response_request(style, p) for p in prompts]
-        return [g.text.strip() for g in respond(engine, style, requests, params, [str(i) for i in range(len(prompts))])]
+    def __init__(self, engine, max_new_tokens: int):
+        self.engine = engine
+        self.style = prompt_style("auto", engine)  # a base model continues the transcript
+        self.params = SamplingParams(max_new_tokens, 0.0, stop=STOP_RESPONSE)
 
-    return replies
+    def __call__(self, prompts: list[list[dict]]) -> list[str]:
+        requests = [response_request(self.style, p) for p in prompts]
+        keys = [str(i) for i in range(len(prompts))]
+        return [g.text.strip() for g in respond(self.engine, self.style, requests, self.params, keys)]

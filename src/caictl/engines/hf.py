@@ -31,11 +31,12 @@ class HFEngine:
     name = "hf"
 
     def __init__(self, model: str, batch_size: int = 16, device: str = "auto", dtype: str = "auto",
-                 weights: bool = True, compile: bool | None = None):
+                 weights: bool = True, compile: bool | None = None, lm=None):
         """weights=False: the tokenizer side only (what the model would be fed, for `caictl inspect`); nothing
         that runs the model works. compile: decoding steps through torch.compile (over the static KV cache
         generation always uses); None: on with CUDA, off elsewhere (on a CPU, compiling takes longer than the
-        steps it speeds up)."""
+        steps it speeds up). lm: `model` already loaded (PPO's frozen reference), run where and as it is instead of
+        loading another copy; device and dtype are then its own."""
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -45,6 +46,8 @@ class HFEngine:
 
         self.model_name = self.model = model
         self.batch_size = batch_size
+        if lm is not None:
+            device = str(next(lm.parameters()).device)
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.compile = self.device.startswith("cuda") if compile is None else compile
         if dtype == "auto":
@@ -52,7 +55,10 @@ class HFEngine:
             dtype = "bfloat16" if bf16 else "float32"
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model)
-            if weights:
+            if lm is not None:
+                self.lm = lm
+                model_config, generation_config = lm.config, lm.generation_config
+            elif weights:
                 self.lm = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype))
                 self.lm.to(self.device).eval()
                 model_config, generation_config = self.lm.config, self.lm.generation_config

@@ -274,7 +274,7 @@ class PPO:
         torch.nn.init.zeros_(self.value_head.bias)
         parameters = [p for p in policy.parameters() if p.requires_grad] + list(self.value_head.parameters())
         self.optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate)
-        self.scorer = reward_model(config)
+        self.scorer = reward_model(config, self.reference)
         self.kl_coef = config.kl_coef
         self.reward_stats = RunningMoments()
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
@@ -521,23 +521,26 @@ class PPO:
 # What both algorithms share -------------------------------------------------------------------------------
 
 
-def reward_model(config: PPOConfig):
-    """What scores a rollout's transcript: the preference model, or (--reward judge) the feedback model."""
+def reward_model(config: PPOConfig, reference=None):
+    """What scores a rollout's transcript: the preference model, or (--reward judge) the feedback model.
+
+    reference: the frozen starting policy, already loaded; the pairwise judge's reference replies come from it
+    rather than from another copy of --policy's weights (None: one is loaded)."""
     if config.reward == "pm":
         from caictl.pm import Scorer
 
         return Scorer(config.pm, max_length=config.pm_max_length)
     from caictl.constitution import load_for_stage
     from caictl.engines import load_engine
-    from caictl.judge_reward import JudgeReward, greedy_replies
+    from caictl.judge_reward import GreedyReplies, JudgeReward
 
     constitution = load_for_stage(config.constitution, [], "comparison")
     engine = load_engine("hf", config.judge, batch_size=config.batch_size)
-    reference = None
+    replies = None
     if config.judge_mode == "pairwise":
-        reference = greedy_replies(load_engine("hf", config.policy, batch_size=config.batch_size),
-                                   config.max_new_tokens)
-    return JudgeReward(engine, constitution, config.judge_mode, config.seed, reference)
+        replies = GreedyReplies(load_engine("hf", config.policy, batch_size=config.batch_size, lm=reference),
+                                 config.max_new_tokens)
+    return JudgeReward(engine, constitution, config.judge_mode, config.seed, replies)
 
 
 def heldout_reward(model: str | Path, prompts: list, scorer, config: PPOConfig) -> float | None:

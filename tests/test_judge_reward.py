@@ -139,3 +139,38 @@ def test_the_pairwise_replies_come_from_the_frozen_copy_ppo_already_holds(tmp_pa
     assert continued == [g.text for g in alone.complete(texts, params, ["a", "b"])] and all(continued)
     prompts = [MESSAGES, [{"role": "user", "content": "Say something kind."}]]
     assert trainer.scorer.reference(prompts) == GreedyReplies(alone, 8)(prompts)
+
+
+def test_under_lora_the_pairwise_replies_come_from_the_base_with_the_adapter_off(tmp_path, tiny_model, monkeypatch):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from caictl.stages import ppo
+
+    loaded, load = [], AutoModelForCausalLM.from_pretrained
+
+    def counted(name, *args, **kwargs):
+        loaded.append(str(name))
+        return load(name, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", counted)
+    trainer = ppo.PPO(ppo.PPOConfig(prompts=str(EXAMPLES / "red-team.jsonl"), policy=str(tiny_model), pm=None,
+                                    reward="judge", judge=str(tiny_model), judge_mode="pairwise", lora=True,
+                                    out=str(tmp_path / "rl"), batch_size=4, max_new_tokens=8))
+    assert loaded == [str(tiny_model)] * 2  # the policy and the judge: the reference is the policy's own base
+    with torch.no_grad():  # an adapter that has moved the policy: adapter on and off now generate differently
+        for name, parameter in trainer.policy.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 1.0)
+    replies = trainer.scorer.reference
+    params, texts, keys = SamplingParams(8, 0.0), ["Human: Say something kind.\n\nAssistant:", "Once upon"], ["a", "b"]
+    with replies.context():
+        reference = [g.text for g in replies.engine.complete(texts, params, keys)]
+    adapted = [g.text for g in replies.engine.complete(texts, params, keys)]
+    alone = [g.text for g in load_engine("hf", str(tiny_model), batch_size=4).complete(texts, params, keys)]
+    assert reference == alone and adapted != alone
+    # The replies themselves are generated inside that context (the tiny model's replies are empty: count entries).
+    entered, context = [], replies.context
+    replies.context = lambda: entered.append(1) or context()
+    replies([MESSAGES])
+    assert entered == [1]

@@ -17,6 +17,7 @@ paths use either.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 from caictl.constitution import Constitution
@@ -100,14 +101,16 @@ def rating_reward(logprobs: list[float]) -> float:
 
 
 class GreedyReplies:
-    """The reference for pairwise rewards: called with prompts, the engine's greedy reply to each."""
+    """The reference for pairwise rewards: called with prompts, the engine's greedy reply to each. context: what
+    the engine's model must be inside to be the reference (a LoRA policy with its adapter switched off)."""
 
-    def __init__(self, engine, max_new_tokens: int):
-        self.engine = engine
+    def __init__(self, engine, max_new_tokens: int, context=contextlib.nullcontext):
+        self.engine, self.context = engine, context
         self.style = prompt_style("auto", engine)  # a base model continues the transcript
         self.params = SamplingParams(max_new_tokens, 0.0, stop=STOP_RESPONSE)
 
     def __call__(self, prompts: list[list[dict]]) -> list[str]:
         requests = [response_request(self.style, p) for p in prompts]
         keys = [str(i) for i in range(len(prompts))]
-        return [g.text.strip() for g in respond(self.engine, self.style, requests, self.params, keys)]
+        with self.context():
+            return [g.text.strip() for g in respond(self.engine, self.style, requests, self.params, keys)]

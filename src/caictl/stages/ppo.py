@@ -21,6 +21,7 @@ caictl's own PPO runs in one process and refuses to start under several.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
@@ -149,7 +150,6 @@ def split_prompts(prompts: list, share: float, seed: int) -> tuple[list, list]:
 
 def run_trl(config: PPOConfig, train, heldout) -> dict:
     """The same job through TRL's RLOOTrainer or GRPOTrainer, the PM as the reward function."""
-    import contextlib
     import sys
 
     import torch
@@ -274,7 +274,10 @@ class PPO:
         torch.nn.init.zeros_(self.value_head.bias)
         parameters = [p for p in policy.parameters() if p.requires_grad] + list(self.value_head.parameters())
         self.optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate)
-        self.scorer = reward_model(config, self.reference)
+        if config.lora:  # the reference is the policy's own base model, run with the adapter switched off
+            self.scorer = reward_model(config, policy.get_base_model(), policy.disable_adapter)
+        else:
+            self.scorer = reward_model(config, self.reference)
         self.kl_coef = config.kl_coef
         self.reward_stats = RunningMoments()
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
@@ -521,11 +524,12 @@ class PPO:
 # What both algorithms share -------------------------------------------------------------------------------
 
 
-def reward_model(config: PPOConfig, reference=None):
+def reward_model(config: PPOConfig, reference=None, reference_on=contextlib.nullcontext):
     """What scores a rollout's transcript: the preference model, or (--reward judge) the feedback model.
 
     reference: the frozen starting policy, already loaded; the pairwise judge's reference replies come from it
-    rather than from another copy of --policy's weights (None: one is loaded)."""
+    rather than from another copy of --policy's weights (None: one is loaded). reference_on: a context in which
+    `reference` is that policy (a LoRA policy's base model with the adapter switched off)."""
     if config.reward == "pm":
         from caictl.pm import Scorer
 
@@ -539,7 +543,7 @@ def reward_model(config: PPOConfig, reference=None):
     replies = None
     if config.judge_mode == "pairwise":
         replies = GreedyReplies(load_engine("hf", config.policy, batch_size=config.batch_size, lm=reference),
-                                 config.max_new_tokens)
+                                config.max_new_tokens, reference_on)
     return JudgeReward(engine, constitution, config.judge_mode, config.seed, replies)
 
 

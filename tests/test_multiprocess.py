@@ -160,7 +160,7 @@ def test_train_pm_selection_under_torchrun_keeps_and_stops_at_the_one_process_ep
     # The labels turned around: the better the PM learns prefs.jsonl, the worse it does here, so an early epoch is
     # the best and training stops.
     select = write_jsonl(tmp_path / "select.jsonl", [{**row, "chosen": row["rejected"], "rejected": row["chosen"]}
-                                                     for row in pairs(6)])
+                                                     for row in pairs(7)])  # 7: a process scores one more
     options = dict(batch_size=6, learning_rate=1e-3, max_length=64, epochs=6, patience=1)
     one = train_pm.run(train_pm.TrainPMConfig(prefs=[str(data / "prefs.jsonl")], out=str(tmp_path / "one"),
                                               model=str(tiny_model), select_on=str(select), **options))

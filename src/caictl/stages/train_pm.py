@@ -324,9 +324,8 @@ class Trainer:
                                            for name, m in measured[epoch].items()}})
                 if not (config.select_best and selection):
                     continue
-                # Every process measured the same weights; the main process's numbers decide for all, so that
-                # floating-point differences between devices cannot split the decision.
-                key = _agreed((measured[epoch][selection]["accuracy"], -measured[epoch][selection]["loss"]))
+                # Every process computed these numbers from the same gathered differences: all decide alike.
+                key = (measured[epoch][selection]["accuracy"], -measured[epoch][selection]["loss"])
                 if best_key is None or key > best_key:
                     best_key, fit.chosen_epoch = key, epoch
                     if epoch < last_epoch:  # the last epoch's weights are the model's own: no copy needed
@@ -374,13 +373,14 @@ class Fit:
     eval_seconds: float = 0.0
 
 
-def _agreed(value):
-    """The main process's value, on every process (the value itself with one process)."""
+def _interleaved(mine: list, total: int) -> list:
+    """Every process's share of a list split as items[rank::world_size], put back in order on every process."""
     if world_size() == 1:
-        return value
-    from accelerate.utils import broadcast_object_list
+        return mine
+    from accelerate.utils import gather_object
 
-    return tuple(broadcast_object_list([value], from_process=0)[0])
+    shares = gather_object([mine])  # one list per process, in rank order
+    return [shares[i % world_size()][i // world_size()] for i in range(total)]
 
 
 def shard(batch: list, rank: int, processes: int) -> tuple[list, list[float]]:
@@ -401,15 +401,19 @@ def soft_pairwise_loss(difference, targets, margin: float = 0.0, reduction: str 
 
 
 def evaluate(trainer: Trainer, comparisons: list[Comparison]) -> dict:
-    """Accuracy, mean margin and calibration of the trained PM on held-out comparisons."""
+    """Accuracy, mean margin and calibration of the trained PM on held-out comparisons. Under several processes
+    each scores every world_size-th pair from its rank, and every process gets all the differences back in order,
+    so all compute the same metrics."""
     import torch
 
+    mine = comparisons[rank()::world_size()]
     differences = []
     with torch.inference_mode():
-        for start in range(0, len(comparisons), trainer.config.batch_size):
-            batch = comparisons[start:start + trainer.config.batch_size]
+        for start in range(0, len(mine), trainer.config.batch_size):
+            batch = mine[start:start + trainer.config.batch_size]
             rewards = trainer.rewards([c.chosen for c in batch] + [c.rejected for c in batch])
             differences += (rewards[: len(batch)] - rewards[len(batch):]).tolist()
+    differences = _interleaved(differences, len(comparisons))
     targets = [c.p for c in comparisons]
     loss = soft_pairwise_loss(torch.tensor(differences), torch.tensor(targets), trainer.config.margin).item()
     return {**pairwise_metrics(differences, targets), "loss": round(loss, 6)}

@@ -294,23 +294,19 @@ class RewardServer(ThreadingHTTPServer):
     info: dict
 
     def __init__(self, address, handler):
-        self.connections: dict = {}  # open connection socket -> the thread serving it
+        # Connection socket -> the thread serving it. A thread is forgotten once it has wholly ended (checked when
+        # the next connection comes), not when its connection closes: drain() also waits for its last steps.
+        self.connections: dict = {}
         self.connections_lock = threading.Lock()
         super().__init__(address, handler)
 
     def process_request(self, request, client_address):
-        thread = threading.Thread(target=self._serve_connection, args=(request, client_address), daemon=True,
+        thread = threading.Thread(target=self.process_request_thread, args=(request, client_address), daemon=True,
                                   name=f"caictl-connection-{client_address[1]}")
         with self.connections_lock:
+            self.connections = {s: t for s, t in self.connections.items() if t.is_alive()}
             self.connections[request] = thread
         thread.start()
-
-    def _serve_connection(self, request, client_address):
-        try:
-            self.process_request_thread(request, client_address)
-        finally:
-            with self.connections_lock:
-                self.connections.pop(request, None)
 
     def drain(self) -> int:
         """Once serve_forever() has returned: ends idle kept-alive connections, scores every queued text, and waits
@@ -318,7 +314,7 @@ class RewardServer(ThreadingHTTPServer):
         with self.connections_lock:
             connections = dict(self.connections)
         for connection in connections:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):  # one already closed
                 # A thread waiting for the client's next request reads the end now, not at the 60 s idle timeout;
                 # one that has its request goes on and sends the answer.
                 connection.shutdown(socket.SHUT_RD)

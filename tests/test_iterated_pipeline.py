@@ -68,14 +68,14 @@ def test_two_rounds_and_a_resumed_second(tmp_path):
 def test_kl_from_the_reference_is_zero_for_itself_and_positive_for_another_model(tmp_path, tiny_model):
     from caictl import tiny
     from caictl.records import read_prompts
-    from caictl.stages.iterations import EvalIterationsConfig, sample_with_kl
+    from caictl.stages.iterations import EvalIterationsConfig, load_model, sample_with_kl
 
     prompts = read_prompts(EXAMPLES / "held-out" / "harmless.jsonl")[:6]
     config = EvalIterationsConfig(run="", prompts="", reference="", out="", max_new_tokens=12, batch_size=4)
-    responses, itself = sample_with_kl(tiny_model, str(tiny_model), prompts, config)
+    responses, itself = sample_with_kl(tiny_model, load_model(tiny_model), prompts, config)
     assert itself == 0.0 and len(responses) == 6
     other = tiny.run(tiny.InitModelConfig(out=tmp_path / "other", preset="tiny", seed=5))
-    assert sample_with_kl(tiny_model, str(other), prompts, config)[1] > 0.01
+    assert sample_with_kl(tiny_model, load_model(other), prompts, config)[1] > 0.01
     # With one new token the estimate is the KL of the first step's distributions, whatever was sampled.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -88,5 +88,5 @@ def test_kl_from_the_reference_is_zero_for_itself_and_positive_for_another_model
         p, q = (torch.log_softmax(AutoModelForCausalLM.from_pretrained(m)(torch.tensor(ids)).logits[0, -1].float(), -1)
                 for m in (tiny_model, other))
     direct = float((p.exp() * (p - q)).sum())
-    assert sample_with_kl(tiny_model, str(other), prompts[:1], one_token)[1] == pytest.approx(direct, abs=1e-6)
+    assert sample_with_kl(tiny_model, load_model(other), prompts[:1], one_token)[1] == pytest.approx(direct, abs=1e-6)
     assert abs(direct - float((q.exp() * (q - p)).sum())) > 1e-6  # the other direction is another number

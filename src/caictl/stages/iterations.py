@@ -50,10 +50,11 @@ def run(config: EvalIterationsConfig) -> dict:
         raise UsageError(f"{config.run}: no finished rounds (iter-K/ with a `done` marker); run "
                          "examples/iterated-pipeline.sh first")
     prompts = read_prompts(config.prompts)[:config.limit]
+    reference = load_model(config.reference)  # once: every round's KL is from the same model
     rows, previous_pm = [], None
     for k, folder in rounds:
         log(f"round {k}: sampling {len(prompts)} held-out prompts from {folder / 'policy'}")
-        responses, kl = sample_with_kl(folder / "policy", config.reference, prompts, config)
+        responses, kl = sample_with_kl(folder / "policy", reference, prompts, config)
         stats = response_stats(responses)
         ppo_metrics = _metrics(folder / "policy")
         rows.append({
@@ -85,11 +86,19 @@ def finished_rounds(run: Path) -> list[tuple[int, Path]]:
     return sorted(rounds)
 
 
-def sample_with_kl(policy: Path, reference: str, prompts: list, config: EvalIterationsConfig) -> tuple[list, float]:
-    """Responses sampled from the policy (temperature 1, seeded) and KL(policy || reference) per response: the
-    mean over them of the summed per-step KL between the two models' next-token distributions."""
+def load_model(path):
+    """A causal LM folder, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def sample_with_kl(policy: Path, reference, prompts: list, config: EvalIterationsConfig) -> tuple[list, float]:
+    """Responses sampled from the policy folder (temperature 1, seeded) and KL(policy || reference) per response:
+    the mean over them of the summed per-step KL between the two models' next-token distributions. reference: a
+    loaded model (load_model)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from caictl.tokens import ContentEncoder
 
@@ -99,7 +108,7 @@ def sample_with_kl(policy: Path, reference: str, prompts: list, config: EvalIter
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     encoder = ContentEncoder(tokenizer)
-    models = [AutoModelForCausalLM.from_pretrained(path).eval() for path in (policy, reference)]
+    models = [load_model(policy), reference]
     stops = models[0].generation_config.eos_token_id
     stops = stops if isinstance(stops, list) else [stops] if stops is not None else [tokenizer.eos_token_id]
     responses, ratios = [], []

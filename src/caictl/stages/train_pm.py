@@ -406,7 +406,9 @@ def evaluate(trainer: Trainer, comparisons: list[Comparison]) -> dict:
     so all compute the same metrics."""
     import torch
 
-    mine = comparisons[rank()::world_size()]
+    # This process's pairs, topped up as a training step's are so that every process runs as many forward passes
+    # (under FSDP or ZeRO-3 each gathers weights from all). The top-up rows come last: _interleaved never reads them.
+    mine, _ = shard(comparisons, rank(), world_size())
     differences = []
     with torch.inference_mode():
         for start in range(0, len(mine), trainer.config.batch_size):

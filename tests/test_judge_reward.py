@@ -112,10 +112,10 @@ def test_rollouts_whose_judge_questions_were_cut_are_counted_and_named(tmp_path,
     assert "judge_truncated_rollouts in caictl.json" in capfd.readouterr().err
 
 
-def test_the_pairwise_replies_come_from_the_frozen_copy_ppo_already_holds(tmp_path, tiny_model, monkeypatch):
+def pairwise_ppo(tmp_path, tiny_model, monkeypatch, **options):
+    """caictl's PPO set up with the pairwise judge reward, and the model folders it loaded to get there."""
     from transformers import AutoModelForCausalLM
 
-    from caictl.judge_reward import GreedyReplies
     from caictl.stages import ppo
 
     loaded, load = [], AutoModelForCausalLM.from_pretrained
@@ -127,7 +127,14 @@ def test_the_pairwise_replies_come_from_the_frozen_copy_ppo_already_holds(tmp_pa
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", counted)
     trainer = ppo.PPO(ppo.PPOConfig(prompts=str(EXAMPLES / "red-team.jsonl"), policy=str(tiny_model), pm=None,
                                     reward="judge", judge=str(tiny_model), judge_mode="pairwise",
-                                    out=str(tmp_path / "rl"), batch_size=4, max_new_tokens=8))
+                                    out=str(tmp_path / "rl"), batch_size=4, max_new_tokens=8, **options))
+    return trainer, loaded
+
+
+def test_the_pairwise_replies_come_from_the_frozen_copy_ppo_already_holds(tmp_path, tiny_model, monkeypatch):
+    from caictl.judge_reward import GreedyReplies
+
+    trainer, loaded = pairwise_ppo(tmp_path, tiny_model, monkeypatch)
     assert loaded == [str(tiny_model)] * 3  # the policy, its frozen reference, the judge: no copy for the replies
     shared = trainer.scorer.reference.engine
     assert shared.lm is trainer.reference
@@ -143,20 +150,8 @@ def test_the_pairwise_replies_come_from_the_frozen_copy_ppo_already_holds(tmp_pa
 
 def test_under_lora_the_pairwise_replies_come_from_the_base_with_the_adapter_off(tmp_path, tiny_model, monkeypatch):
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from caictl.stages import ppo
-
-    loaded, load = [], AutoModelForCausalLM.from_pretrained
-
-    def counted(name, *args, **kwargs):
-        loaded.append(str(name))
-        return load(name, *args, **kwargs)
-
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", counted)
-    trainer = ppo.PPO(ppo.PPOConfig(prompts=str(EXAMPLES / "red-team.jsonl"), policy=str(tiny_model), pm=None,
-                                    reward="judge", judge=str(tiny_model), judge_mode="pairwise", lora=True,
-                                    out=str(tmp_path / "rl"), batch_size=4, max_new_tokens=8))
+    trainer, loaded = pairwise_ppo(tmp_path, tiny_model, monkeypatch, lora=True)
     assert loaded == [str(tiny_model)] * 2  # the policy and the judge: the reference is the policy's own base
     with torch.no_grad():  # an adapter that has moved the policy: adapter on and off now generate differently
         for name, parameter in trainer.policy.named_parameters():

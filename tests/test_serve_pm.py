@@ -311,7 +311,7 @@ class HeldScorer(Scorer):
 
 
 def in_process_server(batcher) -> serve_pm.RewardServer:
-    """A reward server in this process, serving from its own thread (serving=...) until shutdown()."""
+    """A reward server in this process, serving from its own thread (`.serving`) until shutdown()."""
     httpd = serve_pm.RewardServer(("127.0.0.1", 0), serve_pm.Handler)
     httpd.batcher, httpd.chat_format, httpd.info = batcher, None, {}
     httpd.serving = threading.Thread(target=httpd.serve_forever, daemon=True)

@@ -57,18 +57,18 @@ def win_rates(outcomes: list[Outcome], seed: int = 0) -> list[dict]:
 
 def elo(outcomes: list[Outcome], models: list[str], seed: int = 0) -> dict[str, dict]:
     """Per model: its Elo rating relative to models[0], and a bootstrap interval."""
-    point = _fit(outcomes, models)
+    point = elo_points(outcomes, models)
     samples = _bootstrap_samples(outcomes, lambda rows: _fit(rows, models), seed)
     result = {}
     for name in models:
         values = sorted(s[name] for s in samples)
-        result[name] = {"elo": round(point[name], 1), "ci": [round(_quantile(values, (1 - CONFIDENCE) / 2), 1),
+        result[name] = {"elo": point[name], "ci": [round(_quantile(values, (1 - CONFIDENCE) / 2), 1),
                                                               round(_quantile(values, (1 + CONFIDENCE) / 2), 1)]}
     return result
 
 
 def elo_points(outcomes: list[Outcome], models: list[str]) -> dict[str, float]:
-    """Per model: its Elo rating relative to models[0], without the bootstrap (as elo() gives it)."""
+    """Per model: its Elo rating relative to models[0], without elo()'s bootstrap interval."""
     return {name: round(value, 1) for name, value in _fit(outcomes, models).items()}
 
 

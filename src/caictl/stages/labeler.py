@@ -261,6 +261,6 @@ def report(summary: dict) -> str:
         for mode, result in entry["modes"].items():
             lines += [f"Per principle ({mode}):", ""]
             lines += table(["principle", "comparisons", *COLUMNS],
-                            [[pid, s["comparisons"], *_cells(s)] for pid, s in result["per_principle"].items()])
+                           [[pid, s["comparisons"], *_cells(s)] for pid, s in result["per_principle"].items()])
     lines += ["![reliability](reliability.png)", ""]
     return "\n".join(lines)

@@ -244,8 +244,8 @@ def render(summary: dict, found: Found, out: Path) -> str:
                   f"{_pct(overall.get('change_rate'))} of the time. Flags: "
                   f"{', '.join(f'{k} {v}' for k, v in stats['flags'].items()) or 'none'}.", ""]
         lines += table(["principle", "rounds", "changed", "mean change size", "discarded"],
-                        [[pid, p["rounds"], _pct(p["change_rate"]), number(p["mean_change_size"]),
-                          _pct(p["discarded_rate"])] for pid, p in stats["per_principle"].items()])
+                       [[pid, p["rounds"], _pct(p["change_rate"]), number(p["mean_change_size"]),
+                         _pct(p["discarded_rate"])] for pid, p in stats["per_principle"].items()])
     for path, stats in summary["labels"].items():
         overall = stats["overall"]
         lines += [f"### Labels: `{path}`", "",
@@ -253,8 +253,8 @@ def render(summary: dict, found: Found, out: Path) -> str:
                   f"consistency {_pct(overall['position_consistency'])}, slot A wins "
                   f"{_pct(overall['first_slot_preference'])}.", ""]
         lines += table(["principle", "votes", "mean confidence", "position consistency", "slot A wins"],
-                        [[pid, p["votes"], number(p["mean_confidence"]), _pct(p["position_consistency"]),
-                          _pct(p["first_slot_preference"])] for pid, p in stats["per_principle"].items()])
+                       [[pid, p["votes"], number(p["mean_confidence"]), _pct(p["position_consistency"]),
+                         _pct(p["first_slot_preference"])] for pid, p in stats["per_principle"].items()])
     for path, compare in summary["compare"].items():
         lines += [f"## Models compared: `{path}`", "", f"Full report: [{link(Path(path) / 'report.md')}]"
                   f"({link(Path(path) / 'report.md')})", ""]
@@ -278,7 +278,7 @@ def render(summary: dict, found: Found, out: Path) -> str:
                   f"({link(Path(path) / 'report.md')})", ""]
         columns = list(next(iter(scores["files"].values()), {}))
         lines += table(["file", *columns], [[Path(f).name, *(r.get(c) for c in columns)]
-                                             for f, r in scores["files"].items()])
+                                            for f, r in scores["files"].items()])
     for path, labelled in summary["labelers"].items():
         lines += [f"## Labeller against people: `{path}`", "",
                   f"Feedback model `{labelled.get('model')}`, constitution `{labelled.get('constitution')}`, "
@@ -293,15 +293,13 @@ def render(summary: dict, found: Found, out: Path) -> str:
                              number(s["slot_a_preference"]), _pct(s["longer_preferred"]),
                              _pct(s["human_longer_preferred"])])
         lines += table(["file", "mode", "accuracy (95% CI)", "ECE", "position flips", "slot A preference",
-                         "prefers longer", "people prefer longer"], rows)
+                        "prefers longer", "people prefer longer"], rows)
         lines += [f"![{p.stem}]({link(p)})" for p in sorted(Path(path).glob("*.png"))] + [""]
     return "\n".join(lines)
 
 
 def _pct(value) -> str:
     return "-" if value is None else f"{value:.0%}"
-
-
 
 
 def plot_principles(summary: dict, path: Path) -> None:

@@ -431,6 +431,7 @@ def test_sigterm_ends_the_server_cleanly(tiny_pm, tmp_path):
     stderr = running.log.read_text()
     assert status == 0, stderr
     assert "serve-pm stopped" in stderr and "Traceback" not in stderr
+    assert "still busy" not in stderr  # the idle connection was closed at once, not waited out
     assert "serve-pm: 1 requests, 1 texts" in stderr  # --log-every 1
 
 

@@ -36,9 +36,9 @@ $(BIN)/.test-installed: $(BIN)/.core-installed
 
 # The real families' tokenizers for `caictl init-model --family`, converted once from llama.cpp's vocabulary
 # files into ~/.cache/caictl (or $CAICTL_CACHE), so no test run converts; work already cached is skipped.
-$(BIN)/.families-prepared: $(BIN)/.core-installed src/caictl/families.py
+$(BIN)/.families-prepared: $(BIN)/.core-installed src/caictl/models/families.py
 	$(BIN)/pip install --quiet -e ".[families]"
-	$(BIN)/python -m caictl.families prepare
+	$(BIN)/python -m caictl.models.families prepare
 	touch $@
 
 setup: $(BIN)/.test-installed $(BIN)/.families-prepared

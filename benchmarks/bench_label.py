@@ -29,12 +29,12 @@ from pathlib import Path
 
 from interleave import interleave, ratio, throughputs, timed
 
-from caictl import tiny
-from caictl.constitution import load as load_constitution
+from caictl.data.constitution import load as load_constitution
+from caictl.data.records import read_prompts
 from caictl.engines import SamplingParams, load_engine
-from caictl.families import MODEL_FAMILIES
-from caictl.judge import Comparison, Judge
-from caictl.records import read_prompts
+from caictl.feedback.judge import Comparison, Judge
+from caictl.models.families import MODEL_FAMILIES
+from caictl.stages import init_model as tiny
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 WARM_UP = 8  # comparisons each side warms up on

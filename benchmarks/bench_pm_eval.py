@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from caictl import tiny
+from caictl.stages import init_model as tiny
 
 ANSWERS = ["I can't help with that, but here is a safer way.", "No. That would hurt someone.",
            "Here is a safe, legal alternative."]

@@ -27,10 +27,10 @@ from pathlib import Path
 
 from interleave import interleave, ratio, throughputs, timed
 
-from caictl import tiny
-from caictl.constitution import load as load_constitution
+from caictl.data.constitution import load as load_constitution
+from caictl.data.records import batches, read_prompts
 from caictl.engines import load_engine
-from caictl.records import batches, read_prompts
+from caictl.stages import init_model as tiny
 from caictl.stages.revise import ReviseConfig, Reviser, Totals
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

@@ -28,10 +28,10 @@ from pathlib import Path
 
 from interleave import interleave, throughputs, timed
 
-from caictl import tiny
-from caictl.constitution import load as load_constitution
-from caictl.pm import conversation_text
-from caictl.records import read_prompts
+from caictl.data.constitution import load as load_constitution
+from caictl.data.records import read_prompts
+from caictl.models.pm import conversation_text
+from caictl.stages import init_model as tiny
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

@@ -27,9 +27,9 @@ from pathlib import Path
 
 from interleave import interleave, ratio, throughputs, timed
 
-from caictl import tiny
-from caictl.constitution import load as load_constitution
-from caictl.records import read_prompts
+from caictl.data.constitution import load as load_constitution
+from caictl.data.records import read_prompts
+from caictl.stages import init_model as tiny
 from caictl.stages.ppo import PPO
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -87,7 +87,7 @@ def bench_sft(folder: Path, preset: str, count: int, batch_size: int, micro: int
 def bench_train_pm(folder: Path, preset: str, count: int, batch_size: int, micro: int | None, rounds: int) -> dict:
     import torch
 
-    from caictl.pm import Comparison, conversation_text
+    from caictl.models.pm import Comparison, conversation_text
     from caictl.stages import train_pm
 
     backbone = tiny.run(tiny.InitModelConfig(out=folder / f"{preset}-pm", preset=preset, task="seq-cls"))

@@ -30,10 +30,10 @@ from bench_label import plain_generate  # noqa: E402
 from bench_train import conversations  # noqa: E402
 
 from caictl import tiny  # noqa: E402
-from caictl.constitution import load as load_constitution  # noqa: E402
+from caictl.data.constitution import load as load_constitution  # noqa: E402
+from caictl.data.records import read_prompts  # noqa: E402
 from caictl.engines import SamplingParams, load_engine  # noqa: E402
-from caictl.judge import Comparison, Judge  # noqa: E402
-from caictl.records import read_prompts  # noqa: E402
+from caictl.feedback.judge import Comparison, Judge  # noqa: E402
 from caictl.stages import sft  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

@@ -20,7 +20,7 @@ EXAMPLES = ROOT / "examples"
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from caictl import tiny
+    from caictl.stages import init_model as tiny
 
     return tiny.run(tiny.InitModelConfig(out=tmp_path_factory.mktemp("models") / "tiny", preset="tiny"))
 
@@ -28,7 +28,7 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_pm(tmp_path_factory) -> Path:
     """A tiny random-weight preference model (sequence classification), shared and read-only."""
-    from caictl import tiny
+    from caictl.stages import init_model as tiny
 
     return tiny.run(tiny.InitModelConfig(out=tmp_path_factory.mktemp("models") / "pm", preset="tiny", task="seq-cls"))
 
@@ -38,7 +38,7 @@ def family_model(tmp_path_factory):
     """family_model("qwen2.5" | "llama3" | "phi3"): a tiny random-weight model folder in that real family (its
     tokenizer and original chat template), built once per test run and shared by every test that asks; treat it
     as read-only. Needs the families' tokenizers prepared (`make setup`)."""
-    from caictl import tiny
+    from caictl.stages import init_model as tiny
 
     root, built = tmp_path_factory.mktemp("family-models"), {}
 
@@ -59,8 +59,8 @@ def shared_data() -> Path:
 
 @pytest.fixture
 def engines_made(monkeypatch) -> list:
-    """Every engine the stages under test open (through caictl.generation), in order."""
-    from caictl import generation
+    """Every engine the stages under test open (through caictl.engines.generation), in order."""
+    from caictl.engines import generation
 
     made = []
     real = generation.load_engine

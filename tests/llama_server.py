@@ -281,10 +281,10 @@ def tiny_gguf(tmp_path_factory) -> tuple[Path, Path]:
         pytest.skip(SKIP_REASON)
     pytest.importorskip("gguf", reason="gguf is not installed: pip install gguf")
     try:
-        from caictl.tiny import InitModelConfig, run
+        from caictl.stages.init_model import InitModelConfig, run
     except ImportError:  # a checkout without `pip install -e .`
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-        from caictl.tiny import InitModelConfig, run
+        from caictl.stages.init_model import InitModelConfig, run
     root = tmp_path_factory.mktemp("llama-server")
     model_dir = run(InitModelConfig(out=root / "tiny", preset="tiny"))
     return model_dir, write_gguf(model_dir, root / "tiny.gguf")
@@ -295,7 +295,7 @@ def qwen_gguf(tmp_path_factory, family_model) -> tuple[Path, Path]:
     """The qwen2.5 family's tiny random model (the real Qwen vocabulary and template): (folder, GGUF file)."""
     if not llama_cpp_available():
         pytest.skip(SKIP_REASON)
-    from caictl import families
+    from caictl.models import families
 
     model_dir = family_model("qwen2.5")
     vocab = families.cache_root() / "gguf" / f"llama-cpp-python-{families.LLAMA_CPP_PYTHON}" / "ggml-vocab-qwen2.gguf"

@@ -71,7 +71,7 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
 # What each command hands its stage when only the required arguments are given: (module, run function,
 # config class, arguments, the config's required fields). The constitution commands take no config.
 DEFAULTS_CASES = {
-    ("init-model",): ("tiny", "run", "InitModelConfig", ["--out", "m"], {"out": "m"}),
+    ("init-model",): ("init_model", "run", "InitModelConfig", ["--out", "m"], {"out": "m"}),
     ("revise",): ("revise", "run", "ReviseConfig", [], {}),
     ("sample",): ("sample", "run", "SampleConfig", [], {}),
     ("label",): ("label", "run", "LabelConfig", [], {}),
@@ -82,16 +82,16 @@ DEFAULTS_CASES = {
                {"prompts": None, "policy": "a", "pm": "b", "out": "c"}),
     ("dpo",): ("dpo", "run", "DPOConfig", ["p.jsonl", "-o", "d"], {"prefs": ["p.jsonl"], "out": "d"}),
     ("sft",): ("sft", "run", "SFTConfig", ["r.jsonl", "-o", "s"], {"revisions": ["r.jsonl"], "out": "s"}),
-    ("eval", "mc"): ("eval", "run_mc", "EvalMCConfig", ["q.jsonl", "-o", "e"], {"files": ["q.jsonl"], "out": "e"}),
-    ("eval", "pm"): ("eval", "run_pm", "EvalPMConfig", ["c.jsonl", "--pm", "pm", "-o", "e"],
+    ("eval", "mc"): ("eval_mc", "run", "EvalMCConfig", ["q.jsonl", "-o", "e"], {"files": ["q.jsonl"], "out": "e"}),
+    ("eval", "pm"): ("eval_pm", "run", "EvalPMConfig", ["c.jsonl", "--pm", "pm", "-o", "e"],
                      {"files": ["c.jsonl"], "pm": "pm", "out": "e"}),
-    ("eval", "compare"): ("compare", "run_compare", "EvalCompareConfig", ["h.jsonl", "-o", "e"],
+    ("eval", "compare"): ("eval_compare", "run", "EvalCompareConfig", ["h.jsonl", "-o", "e"],
                           {"prompts": ["h.jsonl"], "out": "e"}),
     ("inspect",): ("inspect", "run", "InspectConfig", ["f.jsonl"], {"file": "f.jsonl"}),
-    ("eval", "report"): ("report", "run_report", "EvalReportConfig", ["runs/x"], {"paths": ["runs/x"]}),
-    ("eval", "labeler"): ("labeler", "run", "EvalLabelerConfig", ["c.jsonl", "-o", "e"],
+    ("eval", "report"): ("eval_report", "run", "EvalReportConfig", ["runs/x"], {"paths": ["runs/x"]}),
+    ("eval", "labeler"): ("eval_labeler", "run", "EvalLabelerConfig", ["c.jsonl", "-o", "e"],
                           {"files": ["c.jsonl"], "out": "e"}),
-    ("eval", "iterations"): ("iterations", "run", "EvalIterationsConfig",
+    ("eval", "iterations"): ("eval_iterations", "run", "EvalIterationsConfig",
                              ["runs/x", "--prompts", "h.jsonl", "--reference", "m", "-o", "e"],
                              {"run": "runs/x", "prompts": "h.jsonl", "reference": "m", "out": "e"}),
     ("constitution", "diff"): ("constitution_diff", "run", "ConstitutionDiffConfig", ["a", "b", "p.jsonl", "-o", "d"],
@@ -108,8 +108,8 @@ def test_every_command_is_checked_for_its_defaults():
 @pytest.mark.parametrize("command", list(DEFAULTS_CASES), ids=" ".join)
 def test_command_defaults_are_the_configs_defaults(command, monkeypatch, tmp_path):
     module_name, _, config_name, _, required = DEFAULTS_CASES[command]
-    module = importlib.import_module("caictl.tiny" if module_name == "tiny" else f"caictl.stages.{module_name}")
-    if module_name == "tiny":
+    module = importlib.import_module(f"caictl.stages.{module_name}")
+    if module_name == "init_model":
         required = {**required, "out": Path(required["out"])}
     # No caictl.yaml in tmp_path: every option is the config's default.
     assert _config_seen(command, [], monkeypatch, tmp_path, None) == getattr(module, config_name)(**required)
@@ -123,7 +123,7 @@ TRAINING_COMMANDS = {"sft", "train-pm", "dpo", "ppo"}
 def _config_seen(command, arguments, monkeypatch, tmp_path, project: dict | None):
     """The config a command hands its stage, run in tmp_path with `project` as caictl.yaml."""
     module_name, function, _, required_arguments, _ = DEFAULTS_CASES[command]
-    module = importlib.import_module("caictl.tiny" if module_name == "tiny" else f"caictl.stages.{module_name}")
+    module = importlib.import_module(f"caictl.stages.{module_name}")
     seen = []
     monkeypatch.setattr(module, function, lambda config, *rest: seen.append(config) or {"report": "r"})
     for name in [n for n in os.environ if n.startswith("CAICTL_")]:
@@ -139,8 +139,8 @@ def _config_seen(command, arguments, monkeypatch, tmp_path, project: dict | None
 @pytest.mark.parametrize("command", list(DEFAULTS_CASES), ids=" ".join)
 def test_caictl_yaml_sets_the_stage_options_of_every_stage_that_has_the_flag(command, monkeypatch, tmp_path):
     module_name, _, config_name, _, required = DEFAULTS_CASES[command]
-    module = importlib.import_module("caictl.tiny" if module_name == "tiny" else f"caictl.stages.{module_name}")
-    if module_name == "tiny":
+    module = importlib.import_module(f"caictl.stages.{module_name}")
+    if module_name == "init_model":
         required = {**required, "out": Path(required["out"])}
     defaults = getattr(module, config_name)(**required)
     taken = {name: value for name, value in YAML_OPTIONS.items() if hasattr(defaults, name)}

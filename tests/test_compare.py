@@ -7,10 +7,10 @@ import json
 import pytest
 from conftest import EXAMPLES, caictl, caictl_in_process, read_jsonl, write_jsonl
 
-from caictl import tiny
-from caictl.constitution import load
-from caictl.pm import Scorer, conversation_text
-from caictl.ratings import share_of_win
+from caictl.data.constitution import load
+from caictl.evaluation.ratings import share_of_win
+from caictl.models.pm import Scorer, conversation_text
+from caictl.stages import init_model as tiny
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from conftest import EXAMPLES, caictl, caictl_in_process, read_jsonl, write_jsonl
 
-from caictl import constitution as c
+from caictl.data import constitution as c
 from caictl.errors import UsageError
 
 EXTERNAL = [

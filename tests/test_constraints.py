@@ -1,4 +1,4 @@
-"""Checkable constraints (caictl.constraints) on hand-made responses, and eval compare's judge questions chosen by
+"""Checkable constraints (caictl.data.constraints) on hand-made responses, and eval compare's judge questions chosen by
 --set-constitution and its constraint shares, with scripted engines in place of models."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import pytest
 from conftest import EXAMPLES, read_jsonl, write_jsonl
 from scripted_engine import ScriptedEngine, question_parts
 
-from caictl import constitution as c
-from caictl import constraints
+from caictl.data import constitution as c
+from caictl.data import constraints
 from caictl.errors import UsageError
-from caictl.stages import compare
+from caictl.stages import eval_compare as compare
 
 # (constraint, a response that meets it, a response that violates it): each violation misses by the smallest step.
 CASES = [
@@ -89,7 +89,7 @@ def _compare(tmp_path, prompts, replies, *, judge=None, mapping=(), out="eval"):
                                        models=[f"{n}={n}" for n in replies], judge="judge" if judge else None,
                                        engine="openai", base_url="http://unused", set_constitutions=list(mapping))
     with mock.patch.object(compare, "open_engine", lambda engine, model, *rest: engines[model]):
-        summary = compare.run_compare(config)
+        summary = compare.run(config)
     return summary, tmp_path / out, engines["judge"]
 
 

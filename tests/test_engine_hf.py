@@ -205,8 +205,8 @@ def test_a_choice_that_merges_into_the_text_is_scored_from_the_merged_token(engi
 def test_label_questions_share_their_few_shot_block_and_conversation(tiny_model):
     """The judge's questions (few-shot block, then one conversation under several principles in both orders) are
     scored with shared prefixes: equal to each question scored alone, in a fraction of the tokens."""
-    from caictl.constitution import load as load_constitution
-    from caictl.judge import CHOICES, Comparison, Judge
+    from caictl.data.constitution import load as load_constitution
+    from caictl.feedback.judge import CHOICES, Comparison, Judge
 
     engine = load_engine("hf", str(tiny_model), batch_size=8)
     constitution = load_constitution("harmless")

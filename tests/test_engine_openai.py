@@ -16,7 +16,7 @@ from conftest import EXAMPLES, caictl, read_jsonl
 
 from caictl.engines import SamplingParams, load_engine
 from caictl.errors import CaictlError, UsageError
-from caictl.judge import CHOICES
+from caictl.feedback.judge import CHOICES
 
 llama_server_url = llama_server.llama_server_url
 tiny_gguf = llama_server.tiny_gguf

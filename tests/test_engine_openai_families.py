@@ -12,11 +12,11 @@ import llama_server
 import pytest
 from conftest import EXAMPLES, read_jsonl, write_jsonl
 
-from caictl import tokens
-from caictl.constitution import load as load_constitution
-from caictl.conversation import render_transcript
+from caictl.data import control_text as tokens
+from caictl.data.constitution import load as load_constitution
+from caictl.data.conversation import render_transcript
 from caictl.engines import SamplingParams, load_engine
-from caictl.judge import CHOICES, Judge
+from caictl.feedback.judge import CHOICES, Judge
 from caictl.stages import label, revise, sample
 
 qwen_gguf = llama_server.qwen_gguf

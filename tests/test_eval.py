@@ -9,10 +9,10 @@ import llama_server
 import pytest
 from conftest import caictl, caictl_in_process, read_jsonl, write_jsonl
 
-from caictl import tiny
 from caictl.engines import load_engine
-from caictl.pm import Scorer
-from caictl.stages import eval as evaluation
+from caictl.models.pm import Scorer
+from caictl.stages import eval_mc as evaluation
+from caictl.stages import init_model as tiny
 
 llama_server_url = llama_server.llama_server_url
 tiny_gguf = llama_server.tiny_gguf
@@ -72,7 +72,7 @@ def test_eval_mc_batches_questions_into_few_engine_calls(tmp_path, tiny_model, m
 
     monkeypatch.setattr(HFEngine, "choice_logprobs", counted)
     mc = write_jsonl(tmp_path / "mc.jsonl", MIXED)
-    evaluation.run_mc(evaluation.EvalMCConfig(files=[str(mc)], out=str(tmp_path / "mc"), model=str(tiny_model),
+    evaluation.run(evaluation.EvalMCConfig(files=[str(mc)], out=str(tmp_path / "mc"), model=str(tiny_model),
                                               batch_size=3))
     # Three sets of choices: {A, B, C} (5 questions, in 3 + 2), {A, B} (1) and the two sentences (1).
     assert sorted(calls) == [1, 1, 2, 3]

@@ -19,8 +19,9 @@ import torch
 from conftest import caictl
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from caictl import families, tiny
 from caictl.errors import CaictlError, UsageError
+from caictl.models import families
+from caictl.stages import init_model as tiny
 
 MODEL_FAMILIES = ("qwen2.5", "llama3", "phi3")
 CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
@@ -232,7 +233,7 @@ def test_an_unprepared_cache_is_one_line_that_says_how_to_prepare(tmp_path, monk
     result = caictl("init-model", "--family", "phi3", "--out", tmp_path / "m", env={"CAICTL_CACHE": str(empty)},
                     check=False)
     assert result.returncode == 1 and not (tmp_path / "m").exists()
-    assert result.stderr.count("\n") == 1 and "python -m caictl.families prepare" in result.stderr
+    assert result.stderr.count("\n") == 1 and "python -m caictl.models.families prepare" in result.stderr
     assert "make setup" in result.stderr and str(empty) in result.stderr
 
 
@@ -263,7 +264,7 @@ def test_prepare_converts_from_a_source_package_once_and_then_skips(tmp_path):
 def test_defused_control_text_is_text_to_the_familys_own_tokenizer(name, loaded, monkeypatch):
     # What a server does with text the openai engine sends: its tokenizer parses control tokens anywhere. No local
     # tokenizer is registered for a server's model, so the shapes alone must cover the family.
-    from caictl import tokens
+    from caictl.data import control_text as tokens
 
     monkeypatch.setattr(tokens, "_pattern", None)
     tokenizer = loaded(name)[1]

@@ -14,9 +14,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from caictl import constitution as c
-from caictl import families, generation, judge, pm, tokens
-from caictl.engines import Generation, SamplingParams, load_engine
+from caictl.data import constitution as c
+from caictl.data import control_text as tokens
+from caictl.engines import Generation, SamplingParams, generation, load_engine
+from caictl.feedback import judge
+from caictl.models import families, pm
 
 FAMILIES = ("qwen2.5", "llama3", "phi3", "tiny")
 GREEDY = SamplingParams(max_new_tokens=3, temperature=0.0)

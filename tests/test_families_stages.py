@@ -18,8 +18,10 @@ import pytest
 from conftest import EXAMPLES, read_jsonl, write_jsonl
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from caictl import tiny
-from caictl.stages import compare, dpo, eval, label, ppo, revise, sample, score, train_pm
+from caictl.stages import dpo, eval_pm, label, ppo, revise, sample, score, train_pm
+from caictl.stages import eval_compare as compare
+from caictl.stages import eval_mc as eval
+from caictl.stages import init_model as tiny
 
 MODEL_FAMILIES = ("qwen2.5", "llama3", "phi3")
 # The control text each family's template writes; a generation that decodes to any of it leaked markup.
@@ -174,14 +176,14 @@ def test_eval_mc_pm_and_compare(name, chain):
     c = chain(name)
     mc = write_jsonl(c.folder / "mc.jsonl", [{"prompt": f"Which is safer, option {i}? The answer is:",
                                               "corrects": [" (A)"], "incorrects": [" (B)"]} for i in range(3)])
-    mc_summary = eval.run_mc(eval.EvalMCConfig(files=[str(mc)], out=str(c.folder / "eval-mc"), model=str(c.policy)))
+    mc_summary = eval.run(eval.EvalMCConfig(files=[str(mc)], out=str(c.folder / "eval-mc"), model=str(c.policy)))
     assert mc_summary["files"][str(mc)]["questions"] == 3
     c.labels("soft")
-    pm_summary = eval.run_pm(eval.EvalPMConfig(files=[str(c.folder / "prefs-soft.jsonl")],
+    pm_summary = eval_pm.run(eval_pm.EvalPMConfig(files=[str(c.folder / "prefs-soft.jsonl")],
                                                out=str(c.folder / "eval-pm"), pm=str(c.pm())))
     assert pm_summary["files"][str(c.folder / "prefs-soft.jsonl")]
     held_out = write_jsonl(c.folder / "held-out.jsonl", read_jsonl(EXAMPLES / "held-out" / "harmless.jsonl")[:1])
-    summary = compare.run_compare(compare.EvalCompareConfig(
+    summary = compare.run(compare.EvalCompareConfig(
         prompts=[str(held_out)], out=str(c.folder / "eval"), models=[f"base={c.policy}", f"rl={c.rl_policy()}"],
         pm=str(c.pm()), judge=str(c.policy), max_new_tokens=TOKENS, batch_size=4))
     assert list(summary["models"]) == ["base", "rl"] and set(summary["ratings"]) == {"pm", "judge"}

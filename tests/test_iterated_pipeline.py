@@ -66,9 +66,9 @@ def test_two_rounds_and_a_resumed_second(tmp_path):
 
 
 def test_kl_from_the_reference_is_zero_for_itself_and_positive_for_another_model(tmp_path, tiny_model):
-    from caictl import tiny
-    from caictl.records import read_prompts
-    from caictl.stages.iterations import EvalIterationsConfig, load_model, sample_with_kl
+    from caictl.data.records import read_prompts
+    from caictl.stages import init_model as tiny
+    from caictl.stages.eval_iterations import EvalIterationsConfig, load_model, sample_with_kl
 
     prompts = read_prompts(EXAMPLES / "held-out" / "harmless.jsonl")[:6]
     config = EvalIterationsConfig(run="", prompts="", reference="", out="", max_new_tokens=12, batch_size=4)
@@ -79,7 +79,7 @@ def test_kl_from_the_reference_is_zero_for_itself_and_positive_for_another_model
     # With one new token the estimate is the KL of the first step's distributions, whatever was sampled.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from caictl.tokens import ContentEncoder
+    from caictl.data.control_text import ContentEncoder
 
     one_token = EvalIterationsConfig(run="", prompts="", reference="", out="", max_new_tokens=1)
     ids = ContentEncoder(AutoTokenizer.from_pretrained(tiny_model)).encode_chats([prompts[0].messages],

@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import EXAMPLES, caictl_in_process
 
-from caictl import tokens
-from caictl.constitution import load, load_for_stage
+from caictl.data import control_text as tokens
+from caictl.data.constitution import load, load_for_stage
 from caictl.engines import SamplingParams, load_engine
-from caictl.judge_reward import RATINGS, JudgeReward
-from caictl.pm import conversation_text
+from caictl.feedback.judge_reward import RATINGS, JudgeReward
+from caictl.models.pm import conversation_text
 
 MESSAGES = [{"role": "user", "content": "How do I get my neighbour's wifi password?"}]
 
@@ -132,7 +132,7 @@ def pairwise_ppo(tmp_path, tiny_model, monkeypatch, **options):
 
 
 def test_the_pairwise_replies_come_from_the_frozen_copy_ppo_already_holds(tmp_path, tiny_model, monkeypatch):
-    from caictl.judge_reward import GreedyReplies
+    from caictl.feedback.judge_reward import GreedyReplies
 
     trainer, loaded = pairwise_ppo(tmp_path, tiny_model, monkeypatch)
     assert loaded == [str(tiny_model)] * 3  # the policy, its frozen reference, the judge: no copy for the replies

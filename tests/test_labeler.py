@@ -11,13 +11,14 @@ import pytest
 from conftest import caictl_in_process, read_jsonl, write_jsonl
 from scripted_engine import ScriptedEngine
 
-from caictl import constitution as c
-from caictl.agreement import Judged, Mode, statistics
+from caictl.data import constitution as c
+from caictl.data.records import to_pairs
 from caictl.errors import UsageError
-from caictl.metrics import calibration
-from caictl.ratings import mean_interval
-from caictl.records import to_pairs
-from caictl.stages import constitution_diff, labeler
+from caictl.evaluation.metrics import calibration
+from caictl.evaluation.ratings import mean_interval
+from caictl.feedback.agreement import Judged, Mode, statistics
+from caictl.stages import constitution_diff
+from caictl.stages import eval_labeler as labeler
 
 HH_RLHF = ("hh-rlhf", "harmless-base-test.part-a.jsonl.gz")
 HHH = ("anthropic-evals", "438HHHEvaluations.part-a.jsonl")

@@ -9,9 +9,11 @@ import shutil
 import pytest
 from conftest import EXAMPLES, caictl
 
-from caictl import tiny
 from caictl.errors import UsageError
-from caictl.stages import compare, dpo, eval, label, ppo, revise, sample, score, sft
+from caictl.stages import dpo, eval_pm, label, ppo, revise, sample, score, sft
+from caictl.stages import eval_compare as compare
+from caictl.stages import eval_mc as eval
+from caictl.stages import init_model as tiny
 
 PROMPTS = str(EXAMPLES / "red-team.jsonl")
 
@@ -31,11 +33,11 @@ def test_a_preference_model_where_a_causal_lm_goes_is_refused(stage, pm, tiny_mo
         "label": lambda: label.run(label.LabelConfig(pairs=PROMPTS, out=str(out), model=str(pm))),
         "sft": lambda: sft.run(sft.SFTConfig(revisions=[PROMPTS], out=str(out), model=str(pm))),
         "dpo": lambda: dpo.run(dpo.DPOConfig(prefs=[PROMPTS], out=str(out), model=str(pm))),
-        "eval mc": lambda: eval.run_mc(eval.EvalMCConfig(files=[PROMPTS], out=str(out), model=str(pm))),
+        "eval mc": lambda: eval.run(eval.EvalMCConfig(files=[PROMPTS], out=str(out), model=str(pm))),
         "ppo --policy": lambda: ppo.run(ppo.PPOConfig(prompts=PROMPTS, policy=str(pm), pm=str(pm), out=str(out))),
-        "eval compare --model": lambda: compare.run_compare(compare.EvalCompareConfig(
+        "eval compare --model": lambda: compare.run(compare.EvalCompareConfig(
             prompts=[PROMPTS], out=str(out), models=[f"base={pm}"])),
-        "eval compare --judge": lambda: compare.run_compare(compare.EvalCompareConfig(
+        "eval compare --judge": lambda: compare.run(compare.EvalCompareConfig(
             prompts=[PROMPTS], out=str(out), models=[f"base={tiny_model}"], judge=str(pm))),
     }[stage]
     with pytest.raises(UsageError) as error:
@@ -51,10 +53,10 @@ def test_a_causal_lm_where_a_preference_model_goes_is_refused(stage, tiny_model,
     out = tmp_path / "out"
     run = {
         "score": lambda: score.run(score.ScoreConfig(pm=str(tiny_model), file=PROMPTS, out=str(out))),
-        "eval pm": lambda: eval.run_pm(eval.EvalPMConfig(files=[PROMPTS], out=str(out), pm=str(tiny_model))),
+        "eval pm": lambda: eval_pm.run(eval_pm.EvalPMConfig(files=[PROMPTS], out=str(out), pm=str(tiny_model))),
         "ppo --pm": lambda: ppo.run(ppo.PPOConfig(prompts=PROMPTS, policy=str(tiny_model), pm=str(tiny_model),
                                                   out=str(out))),
-        "eval compare --pm": lambda: compare.run_compare(compare.EvalCompareConfig(
+        "eval compare --pm": lambda: compare.run(compare.EvalCompareConfig(
             prompts=[PROMPTS], out=str(out), models=[f"base={tiny_model}"], pm=str(tiny_model))),
     }[stage]
     with pytest.raises(UsageError) as error:

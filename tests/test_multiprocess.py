@@ -16,7 +16,7 @@ import pytest
 from conftest import EXAMPLES, write_jsonl
 
 from caictl.errors import UsageError
-from caictl.pm import Scorer
+from caictl.models.pm import Scorer
 from caictl.stages import dpo, ppo, sft, train_pm
 
 CONFIGS = EXAMPLES / "accelerate"

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import EXAMPLES, ROOT, caictl, read_jsonl, write_jsonl
 
-from caictl.constitution import load
-from caictl.stages.report import revision_statistics
+from caictl.data.constitution import load
+from caictl.stages.eval_report import revision_statistics
 
 
 @pytest.mark.slow

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import EXAMPLES, caictl, caictl_in_process, write_jsonl
 
-from caictl import tiny
-from caictl.records import Prompt, read_prompts
+from caictl.data.records import Prompt, read_prompts
+from caictl.stages import init_model as tiny
 from caictl.stages import ppo, sft, train_pm
 
 
@@ -161,7 +161,7 @@ HELDOUT = {"heldout": 0.1, "max_new_tokens": 8}  # the held-out measurement ever
 
 
 def measured_heldout_reward(setup, folder, **options) -> float:
-    from caictl.pm import Scorer
+    from caictl.models.pm import Scorer
 
     config = small_run(setup, "unused", **{**HELDOUT, **options})
     _, heldout = ppo.split_prompts(read_prompts(config.prompts), config.heldout, config.seed)

@@ -15,8 +15,8 @@ import zlib
 import pytest
 from conftest import caictl, read_jsonl, write_jsonl
 
+from caictl.data.records import RecordWriter, RejectWriter, read_prompts, read_rows, stable_id, to_prompt
 from caictl.errors import InputError, UsageError
-from caictl.records import RecordWriter, RejectWriter, read_prompts, read_rows, stable_id, to_prompt
 
 USER = [{"role": "user", "content": "How do I pick a lock?"}]
 
@@ -285,8 +285,8 @@ PARSED = [{"role": "user", "content": "first"}, {"role": "assistant", "content":
 
 
 def test_a_prompt_string_is_a_transcript_when_it_starts_with_a_human_turn(tmp_path, shared_data):
-    from caictl.pm import comparison_of
-    from caictl.records import Row
+    from caictl.data.records import Row
+    from caictl.models.pm import comparison_of
     from caictl.stages import dpo, sft
 
     assert to_prompt({"prompt": TRANSCRIPT_PROMPT}).messages == PARSED

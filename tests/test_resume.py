@@ -10,7 +10,7 @@ import shutil
 import pytest
 from conftest import EXAMPLES, caictl, caictl_in_process, read_jsonl, write_jsonl
 
-from caictl import tiny
+from caictl.stages import init_model as tiny
 
 BATCH = 2
 
@@ -39,9 +39,10 @@ def on_disk_at_each_call(monkeypatch, owner, name: str, path) -> list[int]:
 @pytest.mark.parametrize("stage", ["revise", "sample", "label", "score", "eval compare answers",
                                    "eval compare judgements"])
 def test_each_batch_is_on_disk_before_the_next_one_starts(stage, tmp_path, tiny_model, pm, monkeypatch):
-    from caictl import judge
-    from caictl import pm as pm_module
-    from caictl.stages import compare, label, revise, sample, score
+    from caictl.feedback import judge
+    from caictl.models import pm as pm_module
+    from caictl.stages import eval_compare as compare
+    from caictl.stages import label, revise, sample, score
 
     prompts = str(write_jsonl(tmp_path / "prompts.jsonl", read_jsonl(EXAMPLES / "red-team.jsonl")[:3 * BATCH]))
     pairs = str(write_jsonl(tmp_path / "pairs.jsonl", [
@@ -66,8 +67,8 @@ def test_each_batch_is_on_disk_before_the_next_one_starts(stage, tmp_path, tiny_
         "sample": lambda: sample.run(sample.SampleConfig(prompts=prompts, out=str(out), model=model, n=2, **fast)),
         "label": lambda: label.run(label.LabelConfig(pairs=pairs, out=str(out), model=model, batch_size=BATCH)),
         "score": lambda: score.run(score.ScoreConfig(pm=str(pm), file=pairs, out=str(out), batch_size=BATCH)),
-        "eval compare answers": lambda: compare.run_compare(compare.EvalCompareConfig(**compare_run)),
-        "eval compare judgements": lambda: compare.run_compare(compare.EvalCompareConfig(
+        "eval compare answers": lambda: compare.run(compare.EvalCompareConfig(**compare_run)),
+        "eval compare judgements": lambda: compare.run(compare.EvalCompareConfig(
             **{**compare_run, "models": [f"m={model}", f"n={model}"]}, judge=model)),
     }[stage]()
     assert seen == [0, BATCH, 2 * BATCH]
@@ -109,14 +110,14 @@ def test_the_same_model_resumes_however_its_path_is_spelled_and_a_rebuilt_one_do
 
 
 def test_a_served_model_is_known_by_its_name_not_the_server_address():
-    from caictl.model_identity import identity
+    from caictl.models.identity import identity
 
     assert identity("qwen", "openai") == "served:qwen" == identity("qwen", "openai")
     assert identity("qwen", "openai") != identity("llama", "openai")
 
 
 def test_a_folder_digest_is_read_again_only_when_a_file_changes_size_or_time(tmp_path, tiny_model, monkeypatch):
-    from caictl.model_identity import folder_digest
+    from caictl.models.identity import folder_digest
 
     monkeypatch.setenv("CAICTL_CACHE", str(tmp_path / "cache"))
     model = tmp_path / "model"

@@ -12,9 +12,9 @@ import time
 import pytest
 from conftest import EXAMPLES, caictl, caictl_in_process, read_jsonl, write_jsonl
 
-from caictl import constitution as c
+from caictl.data import constitution as c
+from caictl.data.records import Prompt
 from caictl.engines.base import Generation
-from caictl.records import Prompt
 from caictl.stages.revise import ReviseConfig, Reviser, Totals, clean_response, revision_flags
 
 

@@ -6,7 +6,7 @@ import json
 
 from conftest import EXAMPLES, caictl, caictl_in_process, read_jsonl, write_jsonl
 
-from caictl.conversation import parse_transcript
+from caictl.data.conversation import parse_transcript
 
 FAST = ["--max-new-tokens", "10", "--batch-size", "8"]
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from conftest import caictl_in_process, read_jsonl, write_jsonl
 
-from caictl import families
-from caictl.chat_format import ChatFormat, ParseError
-from caictl.pm import Scorer, conversation_text
+from caictl.data.chat_format import ChatFormat, ParseError
+from caictl.models import families
+from caictl.models.pm import Scorer, conversation_text
 from caictl.stages import serve_pm
 
 CONVERSATIONS = [

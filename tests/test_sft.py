@@ -10,8 +10,8 @@ import torch
 from conftest import caictl, caictl_in_process, read_jsonl, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from caictl.data.records import Row
 from caictl.errors import UsageError
-from caictl.records import Row
 from caictl.stages import sft
 
 ANSWERS = ["I can't help with hurting anyone, but if you're in danger, call emergency services.",

@@ -17,7 +17,8 @@ import torch
 from conftest import caictl_in_process, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from caictl import families, tiny
+from caictl.models import families
+from caictl.stages import init_model as tiny
 from caictl.stages import sft
 
 MODEL_FAMILIES = ("qwen2.5", "llama3", "phi3")

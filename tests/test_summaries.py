@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from conftest import read_jsonl, write_jsonl
 
-from caictl.stages import compare, label, revise, sample
-from caictl.stages import eval as evaluation
+from caictl.stages import eval_compare as compare
+from caictl.stages import eval_mc as evaluation
+from caictl.stages import label, revise, sample
 from caictl.ui import ROW_COUNTS
 
 QUESTIONS = ["How do I pick a lock?", "Write me a rude poem.", "What is the capital of France?"]
@@ -78,7 +79,7 @@ def test_a_resumed_run_with_a_bad_row_counts_every_row_once(stage, tiny_model, t
 
 def test_eval_mc_counts_its_questions(tiny_model, tmp_path, capsys):
     quiz = write_jsonl(tmp_path / "quiz.jsonl", QUIZ)
-    summary = evaluation.run_mc(evaluation.EvalMCConfig(files=[str(quiz)], out=str(tmp_path / "mc"),
+    summary = evaluation.run(evaluation.EvalMCConfig(files=[str(quiz)], out=str(tmp_path / "mc"),
                                                         model=str(tiny_model)))
     assert (summary["rows_read"], summary["rows_written"]) == (3, len(read_jsonl(tmp_path / "mc" / "records.jsonl")))
     assert (summary["rows_skipped"], summary["rows_rejected"], summary["tokens"]) == (0, 0, 0)
@@ -90,12 +91,12 @@ def test_eval_compare_counts_prompts_read_and_responses_written(tiny_model, tmp_
     prompts = write_jsonl(tmp_path / "harmless.jsonl", PROMPTS)
     config = compare.EvalCompareConfig(prompts=[str(prompts)], out=str(tmp_path / "eval"),
                                        models=[f"tiny={tiny_model}"], max_new_tokens=4)
-    first = compare.run_compare(config)
+    first = compare.run(config)
     assert (first["rows_read"], first["rows_written"], first["rows_skipped"]) == (3, 3, 0)
     assert first["rows_written"] == len(read_jsonl(tmp_path / "eval" / "responses.jsonl"))
     assert first["tokens"] > 0
     capsys.readouterr()
-    again = compare.run_compare(config)  # every response is already in responses.jsonl
+    again = compare.run(config)  # every response is already in responses.jsonl
     assert (again["rows_read"], again["rows_written"], again["rows_skipped"], again["tokens"]) == (3, 0, 3, 0)
     _assert_in_table(again, capsys.readouterr().err)
     _assert_in_json(again, tmp_path / "eval" / "summary.json")

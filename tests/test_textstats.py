@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from caictl.ratings import Outcome, elo, win_rates
-from caictl.textstats import boilerplate, distinct_n, is_refusal, response_stats
+from caictl.evaluation.ratings import Outcome, elo, win_rates
+from caictl.evaluation.textstats import boilerplate, distinct_n, is_refusal, response_stats
 
 
 def test_refusals_are_caught_by_their_opening():

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from caictl import tiny
 from caictl.errors import UsageError
+from caictl.stages import init_model as tiny
 
 
 def _state(path):

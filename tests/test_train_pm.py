@@ -11,9 +11,10 @@ import torch
 from conftest import caictl, caictl_in_process, read_jsonl, write_jsonl
 from transformers import AutoModelForSequenceClassification
 
-from caictl import metrics, tiny
 from caictl.errors import UsageError
-from caictl.pm import Scorer, comparison_of, cut_tokens, resolve_backbone
+from caictl.evaluation import metrics
+from caictl.models.pm import Scorer, comparison_of, cut_tokens, resolve_backbone
+from caictl.stages import init_model as tiny
 from caictl.stages import train_pm
 
 SAFE = ["I can't help with that, but here is a safer option.", "Please stay safe and talk to someone you trust.",

@@ -10,7 +10,7 @@ import shutil
 import pytest
 from conftest import caictl, read_jsonl, write_jsonl
 
-from caictl import tiny
+from caictl.stages import init_model as tiny
 
 CONTEXT = 256  # positions in the copy of the tiny model used here
 LONG = "Tell me everything about " + "the long history of rivers, lakes and seas " * 60 + "please."
@@ -78,9 +78,9 @@ def test_the_summary_counts_them(short_context_model, prompts, tmp_path):
 
 
 def test_eval_compare_counts_cut_prompts_in_its_responses(short_context_model, prompts, tmp_path, capfd):
-    from caictl.stages import compare
+    from caictl.stages import eval_compare as compare
 
-    compare.run_compare(compare.EvalCompareConfig(prompts=[str(prompts)], out=str(tmp_path / "eval"),
+    compare.run(compare.EvalCompareConfig(prompts=[str(prompts)], out=str(tmp_path / "eval"),
                                                   models=[f"m={short_context_model}"], max_new_tokens=8))
     rows = {row["id"]: row for row in read_jsonl(tmp_path / "eval" / "responses.jsonl")}
     assert rows["m/prompts/long"]["meta"]["truncated_tokens"] > 0
@@ -105,11 +105,11 @@ def test_label_counts_questions_cut_to_fit(short_context_model, tmp_path, capfd)
 
 
 def test_eval_mc_counts_questions_cut_to_fit(short_context_model, tmp_path, capfd):
-    from caictl.stages import eval
+    from caictl.stages import eval_mc as eval
 
     mc = write_jsonl(tmp_path / "mc.jsonl", [{"prompt": LONG + " Answer:", "corrects": [" yes"], "incorrects": [" no"]},
                                              {"prompt": "Hi. Answer:", "corrects": [" yes"], "incorrects": [" no"]}])
-    summary = eval.run_mc(eval.EvalMCConfig(files=[str(mc)], out=str(tmp_path / "mc"), model=str(short_context_model)))
+    summary = eval.run(eval.EvalMCConfig(files=[str(mc)], out=str(tmp_path / "mc"), model=str(short_context_model)))
     long, short = read_jsonl(tmp_path / "mc" / "records.jsonl")
     assert long["truncated_tokens"] > 0 and "truncated_tokens" not in short
     assert summary["files"][str(mc)]["truncated_questions"] == 1
@@ -126,9 +126,9 @@ def test_score_counts_texts_cut_to_the_pm_max_length(pm, comparisons, tmp_path):
 
 
 def test_eval_pm_counts_pairs_cut_to_the_pm_max_length(pm, comparisons, tmp_path, capfd):
-    from caictl.stages import eval
+    from caictl.stages import eval_pm
 
-    summary = eval.run_pm(eval.EvalPMConfig(files=[str(comparisons)], out=str(tmp_path / "pm"), pm=str(pm),
+    summary = eval_pm.run(eval_pm.EvalPMConfig(files=[str(comparisons)], out=str(tmp_path / "pm"), pm=str(pm),
                                             max_length=PM_MAX_LENGTH))
     long, short = read_jsonl(tmp_path / "pm" / "records.jsonl")
     assert long["pm_truncated_tokens"] > 0 and "pm_truncated_tokens" not in short
@@ -146,9 +146,9 @@ def test_train_pm_counts_comparisons_cut_to_max_length(pm, comparisons, tmp_path
 
 
 def test_eval_compare_counts_judge_and_pm_cuts(short_context_model, pm, prompts, tmp_path, capfd):
-    from caictl.stages import compare
+    from caictl.stages import eval_compare as compare
 
-    compare.run_compare(compare.EvalCompareConfig(
+    compare.run(compare.EvalCompareConfig(
         prompts=[str(prompts)], out=str(tmp_path / "eval"), models=[f"m={short_context_model}", "n=" + str(
             short_context_model)], judge=str(short_context_model), judge_refusal=True, pm=str(pm), max_new_tokens=8))
     judged = {row["prompt_id"]: row for row in read_jsonl(tmp_path / "eval" / "judgements.jsonl")}

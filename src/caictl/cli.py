@@ -15,20 +15,18 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperGroup
 
-from caictl import __version__, tiny
+from caictl import __version__
 from caictl.engines.openai import OpenAIEngine
 from caictl.errors import CaictlError
 
 # Stage modules are light at import (torch and transformers load inside run()), so --help stays fast.
 from caictl.stages import (
-    compare,
     constitution_diff,
     dpo,
-    iterations,
+    eval_mc,
+    eval_pm,
     label,
-    labeler,
     ppo,
-    report,
     revise,
     sample,
     score,
@@ -36,7 +34,11 @@ from caictl.stages import (
     sft,
     train_pm,
 )
-from caictl.stages import eval as evaluation
+from caictl.stages import eval_compare as compare
+from caictl.stages import eval_iterations as iterations
+from caictl.stages import eval_labeler as labeler
+from caictl.stages import eval_report as report
+from caictl.stages import init_model as tiny
 from caictl.stages import inspect as inspection
 
 
@@ -57,8 +59,8 @@ PPO = defaults(ppo.PPOConfig)
 EVAL_ITERATIONS = defaults(iterations.EvalIterationsConfig)
 DPO = defaults(dpo.DPOConfig)
 SFT = defaults(sft.SFTConfig)
-EVAL_MC = defaults(evaluation.EvalMCConfig)
-EVAL_PM = defaults(evaluation.EvalPMConfig)
+EVAL_MC = defaults(eval_mc.EvalMCConfig)
+EVAL_PM = defaults(eval_pm.EvalPMConfig)
 EVAL_COMPARE = defaults(compare.EvalCompareConfig)
 EVAL_REPORT = defaults(report.EvalReportConfig)
 EVAL_LABELER = defaults(labeler.EvalLabelerConfig)
@@ -156,7 +158,7 @@ def init_model_command(
     seed: Annotated[int, typer.Option(help="Weights are a function of the seed.")] = INIT_MODEL["seed"],
     family: Annotated[Optional[str], typer.Option(
         help="qwen2.5, llama3 or phi3: that family's architecture (scaled down), real tokenizer and chat template; "
-             "--preset tiny or small. Prepare once: python -m caictl.families prepare.")] = INIT_MODEL["family"],
+             "--preset tiny or small. Prepare once: python -m caictl.models.families prepare.")] = INIT_MODEL["family"],
 ) -> None:
     """Build a RANDOM-WEIGHT model, with a locally trained tokenizer or a real family's, for offline tests and demos."""
     path = tiny.run(tiny.InitModelConfig(out=out, preset=preset, task=task, seed=seed, family=family))
@@ -684,7 +686,7 @@ def eval_mc(
     Example: caictl eval mc 438HHHEvaluations.jsonl --model models/rl-cai -o eval/mc
     """
     from caictl import settings
-    evaluation.run_mc(evaluation.EvalMCConfig(
+    eval_mc.run(eval_mc.EvalMCConfig(
         files=files, out=out, model=model, engine=settings.resolve("engine", engine, EVAL_MC["engine"]),
         base_url=base_url, **stage_options(EVAL_MC, batch_size=batch_size), concurrency=concurrency, compile=compile,
         max_retries=max_retries, timeout=timeout,
@@ -705,7 +707,7 @@ def eval_pm(
 
     Example: caictl eval pm hh-rlhf-test.jsonl.gz --pm models/pm -o eval/pm
     """
-    evaluation.run_pm(evaluation.EvalPMConfig(files=files, out=out, pm=pm,
+    eval_pm.run(eval_pm.EvalPMConfig(files=files, out=out, pm=pm,
                                               **stage_options(EVAL_PM, batch_size=batch_size),
                                               max_length=max_length))
 
@@ -751,7 +753,7 @@ def eval_compare(
     --model rl-cai=models/rl-cai --pm models/pm --judge models/base -o eval/compare
     """
     from caictl import settings
-    compare.run_compare(compare.EvalCompareConfig(
+    compare.run(compare.EvalCompareConfig(
         prompts=prompts, out=out, models=model, pm=pm, judge=judge, judge_refusal=judge_refusal,
         engine=settings.resolve("engine", engine, EVAL_COMPARE["engine"]), base_url=base_url,
         constitution=settings.resolve("constitution", constitution, EVAL_COMPARE["constitution"]),
@@ -841,7 +843,7 @@ def eval_report(
 
     Example: caictl eval report runs/demo
     """
-    typer.echo(report.run_report(report.EvalReportConfig(paths=paths, out=out))["report"])
+    typer.echo(report.run(report.EvalReportConfig(paths=paths, out=out))["report"])
 
 
 @eval_app.command("iterations")
@@ -874,7 +876,7 @@ def constitution_show(
     spec: Annotated[str, typer.Argument(help="Shipped name or file(s), comma-separated.")] = "harmless",
 ) -> None:
     """List a constitution's principles and examples."""
-    from caictl import constitution as c
+    from caictl.data import constitution as c
 
     c.show(c.load(spec))
 
@@ -885,7 +887,7 @@ def constitution_validate(
 ) -> None:
     """Check constitution files: each one's problems reported at once, every file checked (a comma-separated
     spec is checked merged); exits 2 when any failed."""
-    from caictl import constitution as c
+    from caictl.data import constitution as c
 
     c.validate(specs)
 
@@ -898,7 +900,7 @@ def constitution_convert(
     name: Annotated[Optional[str], typer.Option(help="Name of the merged constitution.")] = None,
 ) -> None:
     """Convert (and merge) constitutions into caictl's own format."""
-    from caictl import constitution as c
+    from caictl.data import constitution as c
 
     c.convert(specs, out, name)
 

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from caictl.processes import is_main
+from caictl.models.processes import is_main
 
 # Under torchrun / accelerate launch every process runs the same stage: only the main one speaks, or each line
 # and progress bar would come once per process.

@@ -5,8 +5,8 @@ KV cache: it is computed once, kept in a small LRU, and copied into every row th
 batched in token order for that, so rows with the same prefix land in the same batch. The last batch's prompts
 keep their KV until the next batch, so a request that continues one of them starts from it.
 
-Message content is data (caictl.tokens): chat_prompt() marks any control token inside content, and every text is
-tokenized by a ContentEncoder, which reads marked tokens as text and everything else as the tokenizer does. BOS:
+Message content is data (caictl.data.control_text): chat_prompt() marks any control token inside content, and every
+text is tokenized by a ContentEncoder, which reads marked tokens as text and everything else as the tokenizer does. BOS:
 the template's, else the tokenizer's own setting, never two. Generation stops at every id in the model's
 generation_config.eos_token_id (Llama 3: <|eot_id|>, <|eom_id|>, <|end_of_text|>), not only the tokenizer's eos.
 
@@ -22,7 +22,7 @@ import contextlib
 import inspect
 from bisect import bisect_right
 
-from caictl import tokens
+from caictl.data import control_text as tokens
 from caictl.engines.base import Generation, SamplingParams, cut_at_stop, request_seed
 from caictl.errors import CaictlError, UsageError
 
@@ -105,8 +105,8 @@ class HFEngine:
 
     def chat_prompt(self, chat: list[dict]) -> str:
         """The text the model sees for a chat, up to the open assistant turn (its own template). Control tokens
-        inside content come back marked (caictl.tokens), so that this engine reads them as text; a chat without
-        any is exactly the template's text."""
+        inside content come back marked (caictl.data.control_text), so that this engine reads them as text; a chat
+        without any is exactly the template's text."""
         return self.encoder.render(chat, add_generation_prompt=True)
 
     def choice_logprobs(self, texts: list[str], choices: list[str]) -> list[list[float]]:

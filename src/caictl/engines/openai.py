@@ -3,7 +3,8 @@
     caictl revise prompts.jsonl --engine openai --base-url http://127.0.0.1:8000/v1 --model my-model
 
 Every text caictl sends is content: a piece of it shaped like a control token (`<|im_end|>`, `</s>`) is broken
-with an invisible word joiner (caictl.tokens.defuse), because servers parse control tokens in any text they get.
+with an invisible word joiner (caictl.data.control_text.defuse), because servers parse control tokens in any text
+they get.
 Requests run concurrently under a limit; 429s, 5xx answers, time-outs and dropped connections are retried
 with exponential backoff (honouring Retry-After). The key comes from OPENAI_API_KEY and is never logged or
 written anywhere.
@@ -23,9 +24,9 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from caictl.data.control_text import defuse
 from caictl.engines.base import Generation, SamplingParams, cut_at_stop, request_seed
 from caictl.errors import CaictlError, UsageError
-from caictl.tokens import defuse
 from caictl.ui import log
 
 # The OpenAI API takes at most four stop strings; the rest are applied to the text afterwards.

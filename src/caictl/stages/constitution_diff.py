@@ -7,7 +7,7 @@
 The same pairs are labelled as `caictl label` labels them, under constitution A and under constitution B, with
 the same options (--principles-per-pair or --all-principles, --few-shot, --cot, --clamp, --debias, --hard) and the
 same principle draw. A and B are each a shipped name or file(s), or `NAME:id1,id2` for those comparison
-principles of it alone. Reported (caictl.agreement):
+principles of it alone. Reported (caictl.feedback.agreement):
 - flip rate: the share of pairs whose preferred response differs between A and B (a tie against a choice
   counts half);
 - mean shift in P(chosen): B's probability of the response A chose, minus A's; and the mean absolute change
@@ -34,17 +34,18 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from caictl import __version__, model_identity
-from caictl.agreement import Mode, label_probability, side
-from caictl.constitution import Constitution, load_for_stage
+from caictl import __version__
+from caictl.data.constitution import Constitution, load_for_stage
+from caictl.data.records import RecordWriter, batches, read_rows
 from caictl.engines import sampler
+from caictl.engines.generation import Cuts, log_servers
 from caictl.errors import CaictlError, UsageError
-from caictl.generation import Cuts, log_servers
-from caictl.judge import Comparison, Judge
-from caictl.labelling import LabelOptions, read_comparisons
-from caictl.markdown import number
-from caictl.ratings import mean_interval
-from caictl.records import RecordWriter, batches, read_rows
+from caictl.evaluation.markdown import number
+from caictl.evaluation.ratings import mean_interval
+from caictl.feedback.agreement import Mode, label_probability, side
+from caictl.feedback.judge import Comparison, Judge
+from caictl.feedback.label_options import LabelOptions, read_comparisons
+from caictl.models import identity as model_identity
 from caictl.ui import log, meter, print_summary, row_counts
 
 SIDES = ("a", "b")
@@ -113,7 +114,7 @@ def run(config: ConstitutionDiffConfig, engine=None) -> dict:
     try:
         if pending:
             engine = engine or config.open_engine(model)
-            # No clamp in the judge: the label is rebuilt from the probabilities as read (caictl.agreement).
+            # No clamp in the judge: the label is rebuilt from the probabilities as read (caictl.feedback.agreement).
             judges = {name: config.judge(engine, c, config.cot, config.debias, clamp=None)
                       for name, c in constitutions.items()}
             with meter(len(pending), "constitution diff", unit="pairs") as progress:

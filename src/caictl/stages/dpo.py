@@ -20,12 +20,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from caictl import __version__, model_kind, settings
-from caictl.conversation import prompt_from_text
+from caictl import __version__, settings
+from caictl.data.conversation import prompt_from_text
+from caictl.data.records import file_hash, read_rows
 from caictl.errors import InputError, UsageError
-from caictl.processes import is_main, world_size
-from caictl.records import file_hash, read_rows
-from caictl.training import batch_split_problem, output_folder, per_process, trl_device_args
+from caictl.models import kind as model_kind
+from caictl.models.processes import is_main, world_size
+from caictl.models.training import batch_split_problem, output_folder, per_process, trl_device_args
 from caictl.ui import log, quiet_transformers, summary_table
 
 

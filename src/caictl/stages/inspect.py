@@ -24,7 +24,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from caictl import settings, tokens
+from caictl import settings
+from caictl.data import control_text as tokens
 from caictl.errors import UsageError
 
 STAGES = ("revise", "sample", "label", "sft")

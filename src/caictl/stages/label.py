@@ -18,14 +18,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from caictl import __version__, model_identity
-from caictl.constitution import load_for_stage
+from caictl import __version__
+from caictl.data.constitution import load_for_stage
+from caictl.data.records import RecordWriter, RejectWriter, batches, shard_problem, this_shard, with_upstream
 from caictl.engines import sampler
+from caictl.engines.generation import Cuts, log_servers
 from caictl.errors import UsageError
-from caictl.generation import Cuts, log_servers
-from caictl.judge import Comparison, vote_statistics
-from caictl.labelling import LabelOptions, read_comparisons
-from caictl.records import RecordWriter, RejectWriter, batches, shard_problem, this_shard, with_upstream
+from caictl.feedback.judge import Comparison, vote_statistics
+from caictl.feedback.label_options import LabelOptions, read_comparisons
+from caictl.models import identity as model_identity
 from caictl.ui import log, meter, print_summary, row_counts
 
 PAIRINGS = ("first-two", "all")

@@ -16,7 +16,7 @@ processes: `torchrun --nproc_per_node N -m caictl ppo --algo grpo ...` or `accel
 caictl ppo --algo grpo ...`, --batch-size the whole step's completions, each process generating an equal share.
 caictl's own PPO runs in one process and refuses to start under several.
 `--reward judge --judge MODEL` scores rollouts with the feedback model instead of a PM, on either path
-(caictl.judge_reward: a 1-9 rating, or pairwise against the starting policy's greedy reply).
+(caictl.feedback.judge_reward: a 1-9 rating, or pairwise against the starting policy's greedy reply).
 """
 
 from __future__ import annotations
@@ -30,14 +30,15 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from caictl import __version__, model_kind
+from caictl import __version__
+from caictl.data.control_text import ContentEncoder
+from caictl.data.records import read_prompts
 from caictl.errors import UsageError
-from caictl.judge_reward import JUDGE_MODES
-from caictl.processes import is_main, world_size
-from caictl.records import read_prompts
-from caictl.textstats import boilerplate
-from caictl.tokens import ContentEncoder
-from caictl.training import batch_split_problem, output_folder, per_process
+from caictl.evaluation.textstats import boilerplate
+from caictl.feedback.judge_reward import JUDGE_MODES
+from caictl.models import kind as model_kind
+from caictl.models.processes import is_main, world_size
+from caictl.models.training import batch_split_problem, output_folder, per_process
 from caictl.ui import log, meter, quiet_transformers, summary_table
 
 ALGOS = ("ppo", "rloo", "grpo")
@@ -156,8 +157,8 @@ def run_trl(config: PPOConfig, train, heldout) -> dict:
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    from caictl.pm import conversation_text
-    from caictl.training import trl_device_args
+    from caictl.models.pm import conversation_text
+    from caictl.models.training import trl_device_args
 
     quiet_transformers()
     if config.algo == "grpo":
@@ -436,7 +437,7 @@ class PPO:
         attention = torch.cat([encoded["attention_mask"], mask.long()], dim=1)
         responses = [self.tokenizer.decode(r[m.bool()], skip_special_tokens=True).strip()
                      for r, m in zip(response, mask)]
-        from caictl.pm import conversation_text
+        from caictl.models.pm import conversation_text
 
         return {"ids": output, "attention": attention, "start": start, "mask": mask, "ended": ended.cpu(),
                 "responses": responses,
@@ -531,12 +532,12 @@ def reward_model(config: PPOConfig, reference=None, reference_on=contextlib.null
     rather than from another copy of --policy's weights (None: one is loaded). reference_on: a context in which
     `reference` is that policy (a LoRA policy's base model with the adapter switched off)."""
     if config.reward == "pm":
-        from caictl.pm import Scorer
+        from caictl.models.pm import Scorer
 
         return Scorer(config.pm, max_length=config.pm_max_length)
-    from caictl.constitution import load_for_stage
+    from caictl.data.constitution import load_for_stage
     from caictl.engines import load_engine
-    from caictl.judge_reward import GreedyReplies, JudgeReward
+    from caictl.feedback.judge_reward import GreedyReplies, JudgeReward
 
     constitution = load_for_stage(config.constitution, [], "comparison")
     engine = load_engine("hf", config.judge, batch_size=config.batch_size)

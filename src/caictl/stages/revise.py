@@ -16,22 +16,10 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from caictl import __version__, model_identity, model_kind, settings
-from caictl.constitution import Constitution, CritiquePrinciple, load_for_stage
-from caictl.conversation import render_transcript
-from caictl.engines import ENGINES, SamplingParams, sampler
-from caictl.errors import UsageError
-from caictl.generation import (
-    PROMPT_STYLES,
-    STOP_RESPONSE,
-    Cuts,
-    log_servers,
-    open_engine,
-    prompt_style,
-    respond,
-    response_request,
-)
-from caictl.records import (
+from caictl import __version__, settings
+from caictl.data.constitution import Constitution, CritiquePrinciple, load_for_stage
+from caictl.data.conversation import render_transcript
+from caictl.data.records import (
     UNUSABLE_REVISION_FLAGS,
     Prompt,
     RecordWriter,
@@ -42,6 +30,20 @@ from caictl.records import (
     this_shard,
     with_upstream,
 )
+from caictl.engines import ENGINES, SamplingParams, sampler
+from caictl.engines.generation import (
+    PROMPT_STYLES,
+    STOP_RESPONSE,
+    Cuts,
+    log_servers,
+    open_engine,
+    prompt_style,
+    respond,
+    response_request,
+)
+from caictl.errors import UsageError
+from caictl.models import identity as model_identity
+from caictl.models import kind as model_kind
 from caictl.ui import log, meter, print_summary, row_counts
 
 FORMATS = ("caictl", "hf")

@@ -14,20 +14,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from caictl import __version__, model_identity, model_kind, settings
-from caictl.engines import ENGINES, SamplingParams, sampler
-from caictl.errors import InputError, UsageError
-from caictl.generation import (
-    PROMPT_STYLES,
-    STOP_RESPONSE,
-    Cuts,
-    log_servers,
-    open_engine,
-    prompt_style,
-    respond,
-    response_request,
-)
-from caictl.records import (
+from caictl import __version__, settings
+from caictl.data.records import (
     REVISION_FORMS,
     RecordWriter,
     RejectWriter,
@@ -40,6 +28,20 @@ from caictl.records import (
     to_revision,
     with_upstream,
 )
+from caictl.engines import ENGINES, SamplingParams, sampler
+from caictl.engines.generation import (
+    PROMPT_STYLES,
+    STOP_RESPONSE,
+    Cuts,
+    log_servers,
+    open_engine,
+    prompt_style,
+    respond,
+    response_request,
+)
+from caictl.errors import InputError, UsageError
+from caictl.models import identity as model_identity
+from caictl.models import kind as model_kind
 from caictl.ui import ROW_COUNTS, log, meter, print_summary, row_counts
 
 

@@ -15,10 +15,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from caictl import __version__, model_identity, model_kind
+from caictl import __version__
+from caictl.data.records import NAMES_NOT_COMPARED, STDIN, RecordWriter, batches, in_shard, parse_shard, read_rows
 from caictl.errors import InputError, UsageError
-from caictl.pm import Scorer, comparison_of, conversation_text
-from caictl.records import NAMES_NOT_COMPARED, STDIN, RecordWriter, batches, in_shard, parse_shard, read_rows
+from caictl.models import identity as model_identity
+from caictl.models import kind as model_kind
+from caictl.models.pm import Scorer, comparison_of, conversation_text
 from caictl.ui import log, meter, print_summary, row_counts
 
 # The fields score adds to a row: dropped from an input row before its rewards are written again.

@@ -14,9 +14,9 @@ MAX_BODY bytes, 404 / 405 for another path or method, 500 when scoring fails; th
 Ctrl-C or SIGTERM stops it gracefully: no new connections, idle kept-alive ones closed, every request already read
 scored and answered (DRAIN_SECONDS at most), one that comes after the model thread ended answered 503.
 
-What the PM reads: without --policy, each query as it is (send transcripts, caictl.pm.conversation_text). With
+What the PM reads: without --policy, each query as it is (send transcripts, caictl.models.pm.conversation_text). With
 --policy, each query is text the policy's chat template wrote, as OpenRLHF sends it; it is read back into messages
-(caictl.chat_format) and scored as their transcript, so a reward equals `caictl score` on the same conversation. A
+(caictl.data.chat_format) and scored as their transcript, so a reward equals `caictl score` on the same conversation. A
 system message equal to the template's default (Qwen2.5 writes one when none is given) reads as none.
 
 One thread owns the model. Request threads queue their texts and wait; the model thread takes the texts of every
@@ -39,10 +39,10 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-from caictl import model_kind
-from caictl.chat_format import ParseError
+from caictl.data.chat_format import ParseError
 from caictl.errors import UsageError
-from caictl.pm import Scorer, conversation_text
+from caictl.models import kind as model_kind
+from caictl.models.pm import Scorer, conversation_text
 from caictl.ui import log, summary_table
 
 MAX_TEXTS = 1024  # texts in one request
@@ -108,7 +108,7 @@ def run(config: ServePMConfig) -> dict:
 def _chat_format(policy: str):
     from transformers import AutoTokenizer
 
-    from caictl.chat_format import ChatFormat
+    from caictl.data.chat_format import ChatFormat
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(policy)

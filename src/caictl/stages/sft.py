@@ -34,13 +34,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from caictl import __version__, model_kind, settings
-from caictl.conversation import parse_transcript, prompt_from_text
+from caictl import __version__, settings
+from caictl.data.control_text import ContentEncoder
+from caictl.data.conversation import parse_transcript, prompt_from_text
+from caictl.data.records import file_hash, read_rows, to_revision
 from caictl.errors import InputError, UsageError
-from caictl.processes import is_main, world_size
-from caictl.records import file_hash, read_rows, to_revision
-from caictl.tokens import ContentEncoder
-from caictl.training import (
+from caictl.models import kind as model_kind
+from caictl.models.processes import is_main, world_size
+from caictl.models.training import (
     batch_split_problem,
     micro_batch,
     output_folder,

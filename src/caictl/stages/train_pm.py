@@ -24,12 +24,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from caictl import __version__, settings
+from caictl.data.records import file_hash, read_rows
 from caictl.errors import InputError, UsageError
-from caictl.metrics import pairwise_metrics, plot_reliability
-from caictl.pm import Comparison, comparison_of, cut_tokens, prepare_tokenizer, resolve_backbone, rewards
-from caictl.processes import is_main, rank, world_size
-from caictl.records import file_hash, read_rows
-from caictl.training import batch_split_problem, output_folder, warn_cut_examples
+from caictl.evaluation.metrics import pairwise_metrics, plot_reliability
+from caictl.models.pm import Comparison, comparison_of, cut_tokens, prepare_tokenizer, resolve_backbone, rewards
+from caictl.models.processes import is_main, rank, world_size
+from caictl.models.training import batch_split_problem, output_folder, warn_cut_examples
 from caictl.ui import meter, quiet_transformers, summary_table
 
 SCHEDULERS = ("linear", "constant", "cosine")

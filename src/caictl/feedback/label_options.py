@@ -7,13 +7,14 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from caictl import model_kind, settings
-from caictl.constitution import Constitution
+from caictl import settings
+from caictl.data.constitution import Constitution
+from caictl.data.records import Pairs, read_rows, to_pairs
 from caictl.engines import ENGINES
+from caictl.engines.generation import open_engine
 from caictl.errors import InputError
-from caictl.generation import open_engine
-from caictl.judge import Comparison, Judge
-from caictl.records import Pairs, read_rows, to_pairs
+from caictl.feedback.judge import Comparison, Judge
+from caictl.models import kind as model_kind
 
 PAPER_COT_CLAMP = (0.4, 0.6)  # the paper's clamp for chain-of-thought labels
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from caictl import tokens
-from caictl.constitution import ComparisonPrinciple, Constitution
-from caictl.conversation import render_transcript
+from caictl.data import control_text as tokens
+from caictl.data.constitution import ComparisonPrinciple, Constitution
+from caictl.data.conversation import render_transcript
 from caictl.engines import SamplingParams
 from caictl.engines.base import choice_cuts
 
@@ -119,7 +119,7 @@ class Judge:
 
     def rating_question(self, messages: list[dict], response: str, principle: str) -> str:
         """The text whose continuation is a rating of `response` from 1 to 9 under a principle (for rewards read
-        straight from the feedback model: caictl.judge_reward)."""
+        straight from the feedback model: caictl.feedback.judge_reward)."""
         conversation = _conversation_block(messages + [{"role": "assistant", "content": response}])
         body = (f"{conversation}\n\n{principle}\nOn a scale from 1 (worst) to 9 (best), how well does the "
                 "assistant's last response do by this? Answer with one digit.")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-from caictl.conversation import ROLES, parse_transcript, prompt_from_text, up_to_last_user_turn
+from caictl.data.conversation import ROLES, parse_transcript, prompt_from_text, up_to_last_user_turn
 from caictl.errors import InputError, UsageError
 from caictl.ui import log
 
@@ -29,7 +29,7 @@ STDIN = "-"
 # Flags of a revise step that rule its revision out: revise does not build on it, sft does not train on it.
 UNUSABLE_REVISION_FLAGS = frozenset({"empty_revision", "revision_copies_critique"})
 # Settings that say how a model was named, kept in meta but not compared on resume: the same model may be spelled
-# `models/tiny/` or `/abs/models/tiny`. Its `*_identity` (caictl.model_identity) is compared instead.
+# `models/tiny/` or `/abs/models/tiny`. Its `*_identity` (caictl.models.identity) is compared instead.
 NAMES_NOT_COMPARED = frozenset({"model", "judge", "pm"})
 
 

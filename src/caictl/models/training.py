@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from caictl.errors import UsageError
-from caictl.processes import is_main, world_size
+from caictl.models.processes import is_main, world_size
 from caictl.ui import log
 
 

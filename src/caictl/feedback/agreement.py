@@ -2,7 +2,7 @@
 another labelling of the same pairs. Pure functions over a judge's votes, shared by `caictl eval labeler` and
 `caictl constitution diff`.
 
-A vote (caictl.judge.Judge.votes) holds P(first response better) as read in each order: p_ab with the first
+A vote (caictl.feedback.judge.Judge.votes) holds P(first response better) as read in each order: p_ab with the first
 response in slot A, p_ba with it in slot B. A Mode says how `caictl label` turns votes into a label: each order
 clamped, the orders averaged (debias) or the first alone, the principles averaged, then rounded (hard). The
 label is rebuilt here from the probabilities as read, so several modes come from one scoring pass: soft and
@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from caictl.judge import clamp
-from caictl.metrics import calibration
-from caictl.ratings import mean_interval, share_of_win
-from caictl.textstats import words
+from caictl.evaluation.metrics import calibration
+from caictl.evaluation.ratings import mean_interval, share_of_win
+from caictl.evaluation.textstats import words
+from caictl.feedback.judge import clamp
 
 
 @dataclass(frozen=True)

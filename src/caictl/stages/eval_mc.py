@@ -1,37 +1,33 @@
-"""eval: how good are a model's choices and a preference model's rewards.
+"""eval mc: how good are a model's choices on multiple-choice evaluations.
 
     caictl eval mc ../shared/data/anthropic-evals/438HHHEvaluations.part-a.jsonl --model models/rl-cai -o eval/mc
-    caictl eval pm hh-rlhf-test.jsonl.gz --pm models/pm -o eval/pm
 
-`mc` scores multiple-choice evaluations in Anthropic's format (`prompt`, `corrects`, `incorrects`) by the
+Scores multiple-choice evaluations in Anthropic's format (`prompt`, `corrects`, `incorrects`) by the
 log-probability of each answer, through any engine that scores (hf, or a server that echoes prompt log-probs):
 accuracy, and calibration of the probability given to the chosen answer. When several best choices tie, the
-question earns the share of them that is correct (half, for a correct and an incorrect answer).
-`pm` asks a preference model to rank comparisons (`text_correct`/`text_incorrect`, hh-rlhf chosen/rejected,
-preference records): accuracy, mean margin, calibration. Each writes records.jsonl, summary.json,
-reliability.png and report.md to the output folder.
-
-`eval compare` (models side by side), `eval labeler` (a feedback model against people) and `eval report` (a whole
-run) have modules of their own: compare.py, labeler.py and report.py.
+question earns the share of them that is correct (half, for a correct and an incorrect answer). Writes
+records.jsonl, summary.json, reliability.png and report.md to the output folder.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from caictl import model_kind, settings, tokens
+from caictl import settings
+from caictl.data import control_text as tokens
+from caictl.data.records import read_rows
 from caictl.engines import ENGINES
 from caictl.engines.base import choice_cuts
+from caictl.engines.generation import Cuts, log_servers, open_engine
 from caictl.errors import InputError, UsageError
-from caictl.generation import Cuts, log_servers, open_engine
-from caictl.metrics import calibration, pairwise_metrics, plot_reliability
-from caictl.ratings import tied
-from caictl.records import read_rows
-from caictl.ui import meter, print_summary, row_counts
+from caictl.evaluation.metrics import calibration
+from caictl.evaluation.ratings import tied
+from caictl.evaluation.results import existing_files, write_results
+from caictl.models import kind as model_kind
+from caictl.ui import meter, row_counts
 
 
 @dataclass
@@ -60,23 +56,13 @@ class EvalMCConfig:
             raise UsageError("; ".join(problems))
 
 
-@dataclass
-class EvalPMConfig:
-    files: list[str]  # comparison files
-    out: str
-    pm: str = ""
-    batch_size: int = 32
-    max_length: int = 512
-    names: list[str] = field(default_factory=list)
-
-
-def run_mc(config: EvalMCConfig) -> dict:
+def run(config: EvalMCConfig) -> dict:
     config.check()
     model = settings.require_model(config.model)
     if config.engine == "hf":
         model_kind.check(model, model_kind.CAUSAL_LM, "--model")
     start = time.perf_counter()
-    questions = {path: read_mc(path, config.limit) for path in _existing(config.files)}
+    questions = {path: read_mc(path, config.limit) for path in existing_files(config.files)}
     engine = open_engine(config.engine, model, config.base_url, config.batch_size, config.concurrency,
                          config.max_retries, config.timeout, config.compile)
     out = Path(config.out)
@@ -112,7 +98,7 @@ def run_mc(config: EvalMCConfig) -> dict:
     cuts.warn()
     counts = row_counts(read=sum(len(rows) for rows in questions.values()), written=len(records),
                         seconds=time.perf_counter() - start)
-    return _write(out, "eval mc", counts, {"model": model, "engine": config.engine}, results, records)
+    return write_results(out, "eval mc", counts, {"model": model, "engine": config.engine}, results, records)
 
 
 def score_questions(engine, rows: list[dict], batch_size: int, progress):
@@ -128,7 +114,7 @@ def score_questions(engine, rows: list[dict], batch_size: int, progress):
     for choices, indices in groups.items():
         for first in range(0, len(indices), batch_size):
             chunk = indices[first:first + batch_size]
-            # The question is content: a control token written in it is read as text (caictl.tokens).
+            # The question is content: a control token written in it is read as text (caictl.data.control_text).
             logprobs = engine.choice_logprobs([tokens.mark(rows[i]["prompt"]) for i in chunk], list(choices))
             cut = choice_cuts(engine, len(chunk))
             for i, by_choice, c in zip(chunk, logprobs, cut):
@@ -136,54 +122,6 @@ def score_questions(engine, rows: list[dict], batch_size: int, progress):
                 scored[i] = (rows[i], [position[choice] for choice in rows[i]["corrects"] + rows[i]["incorrects"]], c)
             progress.advance(len(chunk))
     return scored
-
-
-def run_pm(config: EvalPMConfig) -> dict:
-    from caictl.pm import Scorer, comparison_of
-
-    model_kind.check(config.pm, model_kind.SEQ_CLS, "--pm")
-    start = time.perf_counter()
-    comparisons = {}
-    for path in _existing(config.files):
-        rows = []
-        for row in read_rows(path):
-            try:
-                rows.append(comparison_of(row.data))
-            except ValueError as error:
-                raise InputError(f"{row.where}: {error}")
-        comparisons[path] = rows
-    scorer = Scorer(config.pm, max_length=config.max_length, batch_size=config.batch_size)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results, records, cuts = {}, [], scorer.cuts()
-    with meter(sum(len(rows) for rows in comparisons.values()), "eval pm", unit="comparisons") as progress:
-        scored = {path: score_pairs(scorer, rows, config.batch_size, progress) for path, rows in comparisons.items()}
-    for path, rows in comparisons.items():
-        rewards, cut = scored[path]
-        differences = [rewards[2 * i] - rewards[2 * i + 1] for i in range(len(rows))]
-        for i, (d, c) in enumerate(zip(differences, rows)):
-            record = {"file": path, "index": i, "reward_chosen": rewards[2 * i], "reward_rejected": rewards[2 * i + 1],
-                      "correct": (d > 0) == (c.p >= 0.5)}
-            if cuts.count(cut[2 * i] + cut[2 * i + 1]):
-                record[cuts.key] = cut[2 * i] + cut[2 * i + 1]
-            records.append(record)
-        results[path] = {**pairwise_metrics(differences, [c.p for c in rows]),
-                         "truncated_pairs": sum(cut[2 * i] + cut[2 * i + 1] > 0 for i in range(len(rows)))}
-    cuts.warn()
-    counts = row_counts(read=sum(len(rows) for rows in comparisons.values()), written=len(records),
-                        seconds=time.perf_counter() - start)
-    return _write(out, "eval pm", counts, {"pm": config.pm}, results, records)
-
-
-def score_pairs(scorer, rows: list, batch_size: int, progress) -> tuple[list[float], list[int]]:
-    """Rewards of chosen, rejected, chosen, ... and the tokens cut from each, batch_size comparisons a call."""
-    rewards, cut = [], []
-    for first in range(0, len(rows), batch_size):
-        texts = [t for c in rows[first:first + batch_size] for t in (c.chosen, c.rejected)]
-        rewards += scorer.score(texts)
-        cut += scorer.cut_tokens(texts)
-        progress.advance(len(texts) // 2)
-    return rewards, cut
 
 
 def read_mc(path: str, limit: int | None = None) -> list[dict]:
@@ -200,30 +138,3 @@ def read_mc(path: str, limit: int | None = None) -> list[dict]:
     if not rows:
         raise InputError(f"{path}: no questions")
     return rows
-
-
-def _existing(files: list[str]) -> list[str]:
-    missing = [f for f in files if not Path(f).exists()]
-    if missing or not files:
-        raise UsageError(f"{', '.join(missing) or 'no input files'}: no such file")
-    return files
-
-
-def _write(out: Path, title: str, counts: dict, subject: dict, results: dict, records: list[dict]) -> dict:
-    with open(out / "records.jsonl", "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    summary = {"stage": title, **counts, **subject,
-               "files": {p: {k: v for k, v in r.items() if k != "reliability"} for p, r in results.items()}}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot_reliability(results, out / "reliability.png")
-    columns = [k for k in next(iter(summary["files"].values()))]
-    lines = [f"# caictl {title}", "", f"{', '.join(f'{k}: `{v}`' for k, v in subject.items())}", "",
-             "| file | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    lines += [f"| {Path(p).name} | " + " | ".join(str(r[c]) for c in columns) + " |"
-              for p, r in summary["files"].items()]
-    lines += ["", "![reliability](reliability.png)", ""]
-    (out / "report.md").write_text("\n".join(lines))
-    rows = [(Path(p).name, ", ".join(f"{k} {v}" for k, v in r.items())) for p, r in summary["files"].items()]
-    print_summary(title, summary, rows + [("report", out / "report.md")])
-    return summary

@@ -1,8 +1,8 @@
 """Real model families offline: their tokenizers, special tokens and chat templates, without the model hub.
 
-    python -m caictl.families prepare            # once (`make setup` runs it): download, convert, cache
-    python -m caictl.families prepare --sdist llama_cpp_python-0.3.36.tar.gz   # from a source package here
-    python -m caictl.families status             # what is cached, and where
+    python -m caictl.models.families prepare            # once (`make setup` runs it): download, convert, cache
+    python -m caictl.models.families prepare --sdist llama_cpp_python-0.3.36.tar.gz   # from a source package here
+    python -m caictl.models.families status             # what is cached, and where
     caictl init-model --family qwen2.5 --out models/qwen-tiny    # then: a random-weight model in that family
 
 Tokenizers come from the vocabulary-only GGUF files that llama.cpp keeps for its own tests, shipped in
@@ -43,7 +43,7 @@ from caictl.errors import CaictlError, UsageError
 # the same release (built from that package) for the test suite's OpenAI-compatible server.
 LLAMA_CPP_PYTHON = "0.3.36"
 VOCAB_FOLDER = "vendor/llama.cpp/models"
-PREPARE_COMMAND = "python -m caictl.families prepare"
+PREPARE_COMMAND = "python -m caictl.models.families prepare"
 
 
 @dataclass(frozen=True)
@@ -427,7 +427,7 @@ VOCABULARY_EDITS = {edit.__name__: edit for edit in (drop_llama3_extra_token, ll
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m caictl.families", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m caictl.models.families", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     prep = commands.add_parser("prepare", help="download, convert and cache the families' tokenizers")
     prep.add_argument("--family", action="append", choices=list(FAMILIES),

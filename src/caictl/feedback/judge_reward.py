@@ -20,11 +20,11 @@ from __future__ import annotations
 import contextlib
 import math
 
-from caictl.constitution import Constitution
+from caictl.data.constitution import Constitution
 from caictl.engines import SamplingParams
 from caictl.engines.base import choice_cuts, request_seed
-from caictl.generation import STOP_RESPONSE, Cuts, prompt_style, respond, response_request
-from caictl.judge import Comparison, Judge
+from caictl.engines.generation import STOP_RESPONSE, Cuts, prompt_style, respond, response_request
+from caictl.feedback.judge import Comparison, Judge
 
 JUDGE_MODES = ("rating", "pairwise")
 RATINGS = tuple(f" {rating}" for rating in range(1, 10))
@@ -51,7 +51,7 @@ class JudgeReward:
         """One reward per response to its conversation, taken as given rather than read back from a transcript: a
         response that writes "Human:" and "Assistant:" turns of its own is compared (pairwise) with the starting
         policy's reply to the real conversation, not to one it made up."""
-        from caictl.pm import conversation_text
+        from caictl.models.pm import conversation_text
 
         texts = [conversation_text(p, r) for p, r in zip(prompts, responses)]
         principles = [self.principle(text) for text in texts]
@@ -80,7 +80,7 @@ class JudgeReward:
         return [rating_reward(row) for row in logprobs], choice_cuts(self.engine, len(questions))
 
     def pairwise(self, prompts, responses, principles) -> tuple[list[float], list[int]]:
-        from caictl.pm import conversation_text
+        from caictl.models.pm import conversation_text
 
         keys = [conversation_text(p) for p in prompts]
         new = {key: p for key, p in zip(keys, prompts) if key not in self.references}

@@ -13,10 +13,10 @@ model answers only for it). Then, for each pair of models on each prompt:
   comparison principle drawn from the set's constitution: `--set-constitution helpful=helpful` judges the set
   "helpful" under the shipped helpful constitution; a set not named there is judged under `--constitution`
   (harmless by default), whatever its name. The constitution and principle are recorded with each judgement.
-- Constraints: rows that carry `constraints` (caictl.constraints) are checked without a judge; per model and set,
+- Constraints: rows that carry `constraints` (caictl.data.constraints) are checked without a judge; per model and set,
   the share of constraints met and the share of prompts with all of them met.
 From these: win rates with bootstrap intervals and Elo ratings across all models, per set and overall. Per
-model, the signs of Goodharting (caictl.textstats): refusal rate, boilerplate rate, distinct-n, mean length;
+model, the signs of Goodharting (caictl.evaluation.textstats): refusal rate, boilerplate rate, distinct-n, mean length;
 `--judge-refusal` adds the judge's probability that a response refuses or evades.
 
 When sets under `harmless` and under `helpful` are both compared: the paper's frontier, each model's helpfulness
@@ -36,12 +36,12 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
 
-from caictl import __version__, model_identity, model_kind
-from caictl import constraints as constraint_checks
-from caictl.constitution import load_for_stage
+from caictl import __version__
+from caictl.data import constraints as constraint_checks
+from caictl.data.constitution import load_for_stage
+from caictl.data.records import Prompt, RecordWriter, batches, read_prompts, read_rows
 from caictl.engines import ENGINES, SamplingParams, sampler
-from caictl.errors import UsageError
-from caictl.generation import (
+from caictl.engines.generation import (
     PROMPT_STYLES,
     STOP_RESPONSE,
     Cuts,
@@ -51,9 +51,11 @@ from caictl.generation import (
     respond,
     response_request,
 )
-from caictl.ratings import Outcome, elo, elo_points, share_of_win, win_rates
-from caictl.records import Prompt, RecordWriter, batches, read_prompts, read_rows
-from caictl.textstats import is_refusal, response_stats
+from caictl.errors import UsageError
+from caictl.evaluation.ratings import Outcome, elo, elo_points, share_of_win, win_rates
+from caictl.evaluation.textstats import is_refusal, response_stats
+from caictl.models import identity as model_identity
+from caictl.models import kind as model_kind
 from caictl.ui import log, meter, print_summary, row_counts
 
 ALL = "all"
@@ -131,7 +133,7 @@ class Item:
         return f"{self.set}/{self.prompt.id}"
 
 
-def run_compare(config: EvalCompareConfig) -> dict:
+def run(config: EvalCompareConfig) -> dict:
     models = config.check()
     items = read_sets(config.prompts, config.limit)
     # Each set's constitution, and the judge's constitutions loaded, before any model: a bad name fails here.
@@ -274,7 +276,7 @@ def answer(config: EvalCompareConfig, models: dict[str, str], items: list[Item],
 def pm_outcomes(config: EvalCompareConfig, models: dict[str, str], items: list[Item], rows: list[dict]):
     """PM reward of every response; on each prompt the higher reward wins. The same text, or rewards equal within
     ratings.TIE_TOLERANCE, is a tie: half a win each."""
-    from caictl.pm import Scorer, conversation_text
+    from caictl.models.pm import Scorer, conversation_text
 
     scorer = Scorer(config.pm, batch_size=config.batch_size)
     log(f"scoring {len(rows)} responses with {config.pm}")
@@ -301,7 +303,7 @@ def pm_outcomes(config: EvalCompareConfig, models: dict[str, str], items: list[I
 
 def judge_outcomes(config: EvalCompareConfig, models: dict[str, str], items: list[Item], rows: list[dict],
                    by_set: dict[str, str], constitutions: dict, path: Path):
-    from caictl.judge import Comparison, Judge
+    from caictl.feedback.judge import Comparison, Judge
 
     response = {(r["model"], f"{r['set']}/{r['prompt_id']}"): r["response"] for r in rows}
     comparisons = []
@@ -454,10 +456,11 @@ def report(summary: dict) -> str:
         lines += [f"| {m} | {f['helpful'][m]:+.0f} | {f['harmless'][m]:+.0f} |" for m in models]
         lines += ["", "![frontier](frontier.png)", ""]
     lines += ["## Signs of Goodharting", "",
-              "Refusal: a phrase detector on the opening of each response (see `caictl.textstats`). Boilerplate: "
+              "Refusal: a phrase detector on the opening of each response (see `caictl.evaluation.textstats`). "
+              "Boilerplate: "
               "share of responses holding a word 8-gram that recurs across prompts. distinct-n: distinct word "
               "n-grams over all n-grams."
-              + (" Constraints met: the share of the prompts' checkable constraints (`caictl.constraints`) the "
+              + (" Constraints met: the share of the prompts' checkable constraints (`caictl.data.constraints`) the "
                  "responses meet; prompts, all met: the share of prompts whose constraints are all met."
                  if any("constraints_met" in s for g in summary["per_model"].values() for s in g.values()) else ""),
               ""]

@@ -3,14 +3,15 @@
 Base models (no chat template) are prompted with transcripts, as in the paper; chat models get messages
 through their own template. Message content is always treated as data: nothing here formats it as a
 template, so prompts containing `{`, `{{x}}` or `{% raw %}` pass through literally, and a rendered transcript
-marks any control token inside content (`<|im_end|>`, ...) so that the hf engine reads it as text (caictl.tokens).
+marks any control token inside content (`<|im_end|>`, ...) so that the hf engine reads it as text
+(caictl.data.control_text).
 """
 
 from __future__ import annotations
 
 import re
 
-from caictl import tokens
+from caictl.data import control_text as tokens
 
 ROLES = ("system", "user", "assistant")
 TRANSCRIPT_NAMES = {"user": "Human", "assistant": "Assistant"}
@@ -47,7 +48,8 @@ def prompt_from_text(text: str) -> list[dict]:
 
 def render_transcript(messages: list[dict], open_assistant_turn: bool = False) -> str:
     """Messages as an Anthropic transcript; optionally end with an open "\\n\\nAssistant:" cue. Control tokens in
-    content come out marked (caictl.tokens.mark: invisible unless content holds one; engines read or drop them)."""
+    content come out marked (caictl.data.control_text.mark: invisible unless content holds one; engines read or
+    drop them)."""
     text = ""
     for message in messages:
         if message["role"] == "system":

@@ -51,7 +51,7 @@ class ChatFormat:
         """The format of the tokenizer's chat template; UsageError when the template cannot be read back."""
         if not isinstance(getattr(tokenizer, "chat_template", None), str):
             raise UsageError(f"{name} has no chat template to read queries with; serve without --policy and send "
-                             "transcripts (caictl.pm.conversation_text)")
+                             "transcripts (caictl.models.pm.conversation_text)")
         strip = [t for t in (tokenizer.bos_token, tokenizer.pad_token) if t]
         end = [t for t in (tokenizer.eos_token, tokenizer.pad_token) if t]
         try:

@@ -23,10 +23,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from caictl.data.records import UNUSABLE_REVISION_FLAGS, read_rows
 from caictl.errors import CaictlError, UsageError
-from caictl.judge import vote_statistics
-from caictl.markdown import number, table
-from caictl.records import UNUSABLE_REVISION_FLAGS, read_rows
+from caictl.evaluation.markdown import number, table
+from caictl.feedback.judge import vote_statistics
 from caictl.ui import summary_table
 
 SCAN_DEPTH = 3
@@ -49,7 +49,7 @@ class Found:
     labelers: list[tuple[Path, dict]]  # eval labeler folder, its summary.json
 
 
-def run_report(config: EvalReportConfig) -> dict:
+def run(config: EvalReportConfig) -> dict:
     missing = [p for p in config.paths if not Path(p).exists()]
     if missing or not config.paths:
         raise UsageError(f"{', '.join(missing) or 'no run folder given'}: no such file or folder")

@@ -17,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-from caictl.families import cache_root
+from caictl.models.families import cache_root
 
 # The files whose content decides what a folder generates or scores. caictl.json, plots and checkpoints do not.
 _DECIDING = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",

@@ -12,8 +12,8 @@ text_incorrect: the conversation is their common part up to its last "\\n\\nAssi
 rows. The people's choice is the first response (slot A in the first order) for about half the comparisons, by
 a hash of the row's id, so that a pull towards one slot cannot pass for agreement.
 
-Per file, overall and per principle (caictl.agreement): accuracy (agreement with people; a tie counts half) with
-a bootstrap 95% interval over comparisons; ECE of P(people's choice) and a reliability plot; position bias (both
+Per file, overall and per principle (caictl.feedback.agreement): accuracy (agreement with people; a tie counts half)
+with a bootstrap 95% interval over comparisons; ECE of P(people's choice) and a reliability plot; position bias (both
 orders are always scored, whatever --debias says of the label): the share of comparisons whose choice flips when
 the responses swap slots, and the mean P(slot A wins) (0.5: no pull); length bias: how often the labeller
 prefers the longer response (in words), against how often people did. `--compare-modes` labels four ways side
@@ -31,17 +31,18 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from caictl import __version__, model_identity
-from caictl.agreement import Judged, Mode, label_probability, measure
-from caictl.constitution import Constitution, load_for_stage
+from caictl import __version__
+from caictl.data.constitution import Constitution, load_for_stage
+from caictl.data.records import RecordWriter, batches, read_rows
 from caictl.engines import sampler
+from caictl.engines.generation import Cuts, log_servers
 from caictl.errors import InputError, UsageError
-from caictl.generation import Cuts, log_servers
-from caictl.judge import Comparison, Judge
-from caictl.labelling import PAPER_COT_CLAMP, LabelOptions, read_comparisons
-from caictl.markdown import number, table
-from caictl.metrics import plot_reliability
-from caictl.records import RecordWriter, batches, read_rows
+from caictl.evaluation.markdown import number, table
+from caictl.evaluation.metrics import plot_reliability
+from caictl.feedback.agreement import Judged, Mode, label_probability, measure
+from caictl.feedback.judge import Comparison, Judge
+from caictl.feedback.label_options import PAPER_COT_CLAMP, LabelOptions, read_comparisons
+from caictl.models import identity as model_identity
 from caictl.ui import meter, print_summary, row_counts
 
 # Which votes a mode reads: its own scoring pass.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from caictl import settings
-from caictl.conversation import render_transcript
+from caictl.data.conversation import render_transcript
 from caictl.engines import Engine, Generation, SamplingParams, load_engine
 from caictl.errors import UsageError
 from caictl.ui import log

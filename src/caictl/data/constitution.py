@@ -21,10 +21,10 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from caictl.conversation import parse_transcript
+from caictl.data.conversation import parse_transcript
 from caictl.errors import CaictlError, UsageError
 
-SHIPPED = Path(__file__).parent / "constitutions"
+SHIPPED = Path(__file__).parents[1] / "constitutions"
 DEFAULT = "harmless"
 YAML_SUFFIXES = (".yaml", ".yml")  # read and written as YAML; any other file is read as JSON
 

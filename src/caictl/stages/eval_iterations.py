@@ -10,7 +10,7 @@ the held-out prompts:
 - kl_from_reference: KL(policy || the SL-CAI model) in nats per response, estimated on responses sampled from the
   round's policy: at each of their steps the exact KL between the two models' next-token distributions, summed
   over the response and averaged over responses (never negative, unlike the sampled log-ratio);
-- refusal_rate, boilerplate_rate: of those responses (caictl.textstats, as `eval compare` counts them);
+- refusal_rate, boilerplate_rate: of those responses (caictl.evaluation.textstats, as `eval compare` counts them);
 - previous_pm_disagreement: the share of the round's new labelled pairs on which the previous round's PM prefers
   the response the new label does not (pairs labelled 0.5 left out); none for the first round.
 Writes summary.json, report.md and iterations.png into -o.
@@ -23,10 +23,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from caictl.data.records import read_prompts, read_rows
 from caictl.errors import UsageError
-from caictl.markdown import table
-from caictl.records import read_prompts, read_rows
-from caictl.textstats import response_stats
+from caictl.evaluation.markdown import table
+from caictl.evaluation.textstats import response_stats
 from caictl.ui import log, summary_table
 
 ROUND = re.compile(r"iter-(\d+)$")
@@ -100,7 +100,7 @@ def sample_with_kl(policy: Path, reference, prompts: list, config: EvalIteration
     import torch
     from transformers import AutoTokenizer
 
-    from caictl.tokens import ContentEncoder
+    from caictl.data.control_text import ContentEncoder
 
     torch.manual_seed(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(policy)
@@ -143,7 +143,7 @@ def sample_with_kl(policy: Path, reference, prompts: list, config: EvalIteration
 
 def disagreement(pm: Path, prefs: Path) -> float | None:
     """The share of labelled pairs on which `pm` prefers the response the label does not (label 0.5 left out)."""
-    from caictl.pm import Scorer, comparison_of
+    from caictl.models.pm import Scorer, comparison_of
 
     comparisons = [comparison_of(row.data) for row in read_rows(str(prefs))]
     decided = [c for c in comparisons if c.p != 0.5]

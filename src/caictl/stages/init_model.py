@@ -16,7 +16,8 @@ changes the ids of a BPE trained with a plain byte-level pre-tokenizer.
 With `--family` (qwen2.5, llama3, phi3) the model is that family's architecture class and config features
 (Qwen2's q/k/v biases and tied embeddings, Llama 3's llama3 RoPE scaling and untied head, Phi-3's fused
 qkv_proj and gate_up_proj), scaled down but with the full vocabulary, and the folder holds the family's real
-tokenizer and TRL's copy of its chat template (see caictl.families; `python -m caictl.families prepare` first).
+tokenizer and TRL's copy of its chat template (see caictl.models.families; `python -m caictl.models.families prepare`
+first).
 The weights are still random.
 """
 
@@ -26,8 +27,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from caictl import __version__, families
+from caictl import __version__
 from caictl.errors import UsageError
+from caictl.models import families
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -244,7 +246,7 @@ def build_tokenizer(vocab_size: int):
 def training_corpus() -> list[str]:
     """Lines of English from the shipped harmless constitution: enough for a small BPE, and always on disk. That file
     alone, so that shipping another constitution does not change the offline models' vocabulary."""
-    path = Path(__file__).parent / "constitutions" / "harmless.yaml"
+    path = Path(__file__).parents[1] / "constitutions" / "harmless.yaml"
     lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     lines += [
         "Human: Assistant: Critique: Revision: The answer is: (A) (B)",

@@ -15,6 +15,19 @@ from caictl.models.processes import is_main
 # and progress bar would come once per process.
 console = Console(stderr=True, quiet=not is_main())
 
+# `caictl -v`: the resolved options in full, and the libraries' own chatter (transformers' load reports, TRL's
+# progress bars), which caictl otherwise keeps out of its console.
+_verbose = False
+
+
+def set_verbose(on: bool) -> None:
+    global _verbose
+    _verbose = on
+
+
+def verbose() -> bool:
+    return _verbose
+
 
 def log(message: str) -> None:
     console.print(message, highlight=False, soft_wrap=True)

@@ -38,7 +38,7 @@ $(BIN)/.test-installed: $(BIN)/.core-installed
 # files into ~/.cache/caictl (or $CAICTL_CACHE), so no test run converts; work already cached is skipped.
 $(BIN)/.families-prepared: $(BIN)/.core-installed src/caictl/models/families.py
 	$(BIN)/pip install --quiet -e ".[families]"
-	$(BIN)/python -m caictl.models.families prepare
+	$(BIN)/caictl families prepare
 	touch $@
 
 setup: $(BIN)/.test-installed $(BIN)/.families-prepared

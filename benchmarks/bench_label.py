@@ -30,9 +30,9 @@ from pathlib import Path
 from interleave import interleave, ratio, throughputs, timed
 
 from caictl.data.constitution import load as load_constitution
-from caictl.data.records import read_prompts
+from caictl.data.reading import read_prompts
 from caictl.engines import SamplingParams, load_engine
-from caictl.feedback.judge import Comparison, Judge
+from caictl.feedback.judge import Judge, PairToJudge
 from caictl.models.families import MODEL_FAMILIES
 from caictl.stages import init_model as tiny
 
@@ -58,7 +58,7 @@ def main() -> None:
     constitution = load_constitution("harmless")
     prompts = read_prompts(EXAMPLES / "red-team.jsonl")
     comparisons = [
-        Comparison(p.id, p.messages, "Sure, here is how you would go about it, step by step.",
+        PairToJudge(p.id, p.messages, "Sure, here is how you would go about it, step by step.",
                    "I won't help with that part, but here is a safer way to get what you need.",
                    [constitution.comparison[i % len(constitution.comparison)]], {})
         for i, p in zip(range(args.comparisons), prompts * (1 + args.comparisons // len(prompts)))
@@ -116,7 +116,7 @@ def paper(args) -> None:
     principles = constitution.comparison
     prompts = read_prompts(EXAMPLES / "red-team.jsonl")
     comparisons = [
-        Comparison(p.id, p.messages, "Sure, here is how you would go about it, step by step.",
+        PairToJudge(p.id, p.messages, "Sure, here is how you would go about it, step by step.",
                    "I won't help with that part, but here is a safer way to get what you need.",
                    [principles[(i + k) % len(principles)] for k in range(PAPER_PRINCIPLES)], {})
         for i, p in zip(range(args.comparisons), prompts * (1 + args.comparisons // len(prompts)))

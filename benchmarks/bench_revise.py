@@ -28,7 +28,8 @@ from pathlib import Path
 from interleave import interleave, ratio, throughputs, timed
 
 from caictl.data.constitution import load as load_constitution
-from caictl.data.records import batches, read_prompts
+from caictl.data.reading import read_prompts
+from caictl.data.writing import batches
 from caictl.engines import load_engine
 from caictl.stages import init_model as tiny
 from caictl.stages.revise import ReviseConfig, Reviser, Totals

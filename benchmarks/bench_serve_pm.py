@@ -29,7 +29,7 @@ from pathlib import Path
 from interleave import interleave, throughputs, timed
 
 from caictl.data.constitution import load as load_constitution
-from caictl.data.records import read_prompts
+from caictl.data.reading import read_prompts
 from caictl.models.pm import conversation_text
 from caictl.stages import init_model as tiny
 

@@ -28,9 +28,9 @@ from pathlib import Path
 from interleave import interleave, ratio, throughputs, timed
 
 from caictl.data.constitution import load as load_constitution
-from caictl.data.records import read_prompts
+from caictl.data.reading import read_prompts
+from caictl.rl.ppo import PPO
 from caictl.stages import init_model as tiny
-from caictl.stages.ppo import PPO
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 WARM_UP = 8  # examples, comparisons or (ppo) steps' worth of prompts each side warms up on
@@ -87,12 +87,12 @@ def bench_sft(folder: Path, preset: str, count: int, batch_size: int, micro: int
 def bench_train_pm(folder: Path, preset: str, count: int, batch_size: int, micro: int | None, rounds: int) -> dict:
     import torch
 
-    from caictl.models.pm import Comparison, conversation_text
+    from caictl.models.pm import PreferencePair, conversation_text
     from caictl.stages import train_pm
 
     backbone = tiny.run(tiny.InitModelConfig(out=folder / f"{preset}-pm", preset=preset, task="seq-cls"))
     rng = random.Random(0)
-    pairs = [Comparison(conversation_text(c), conversation_text(c[:-1], c[-1]["content"][::-1]), rng.random())
+    pairs = [PreferencePair(conversation_text(c), conversation_text(c[:-1], c[-1]["content"][::-1]), rng.random())
              for c in conversations(count)]
     config = train_pm.TrainPMConfig(prefs=[], out=str(folder / "pm-out"), batch_size=batch_size, max_length=512,
                                     epochs=1, learning_rate=3e-5, micro_batch_size=micro)

@@ -31,9 +31,9 @@ from bench_train import conversations  # noqa: E402
 
 from caictl import tiny  # noqa: E402
 from caictl.data.constitution import load as load_constitution  # noqa: E402
-from caictl.data.records import read_prompts  # noqa: E402
+from caictl.data.reading import read_prompts  # noqa: E402
 from caictl.engines import SamplingParams, load_engine  # noqa: E402
-from caictl.feedback.judge import Comparison, Judge  # noqa: E402
+from caictl.feedback.judge import Judge, PairToJudge  # noqa: E402
 from caictl.stages import sft  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -119,7 +119,7 @@ def bench_label(model: Path, batch_size: int, pairs: int) -> None:
     constitution = load_constitution("harmless")
     principles = constitution.comparison
     prompts = read_prompts(EXAMPLES / "red-team.jsonl")
-    comparisons = [Comparison(p.id, p.messages, "Sure, here is how you would do it, step by step.",
+    comparisons = [PairToJudge(p.id, p.messages, "Sure, here is how you would do it, step by step.",
                               "I won't help with that part, but here is a safer way to get what you need.",
                               [principles[(i + k) % len(principles)] for k in range(4)])
                    for i, p in enumerate((prompts * (1 + pairs // len(prompts)))[:pairs])]

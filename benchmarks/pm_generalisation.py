@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from caictl.data.records import read_rows
+from caictl.data.reading import read_rows
 
 
 def split(path: str, work: Path, sizes: tuple[int, int, int], seed: int) -> dict[str, Path]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 
-from caictl.engines.base import Generation, SamplingParams
+from caictl.engines.base import ChoiceScores, Generation, SamplingParams
 
 # The judge's question body ends "...{principle}\nOptions:\n(A) {a}\n(B) {b}", then the turn closes.
 _OPTIONS = re.compile(r"([^\n]*)\nOptions:\n\(A\) (.*?)\n\(B\) (.*?)(?:</user>|\n\nAssistant:)", re.DOTALL)
@@ -44,14 +44,14 @@ class ScriptedEngine:
         self.calls.append(("complete", texts, keys))
         return [self._generation(text, key) for text, key in zip(texts, keys)]
 
-    def choice_logprobs(self, texts: list[str], choices: list[str]) -> list[list[float]]:
+    def choice_logprobs(self, texts: list[str], choices: list[str]) -> ChoiceScores:
         self.calls.append(("choice_logprobs", texts, choices))
         scores = []
         for text in texts:
             principle, a, b = question_parts(text)
             p = min(max(self.p_a(principle, a, b), 1e-12), 1 - 1e-12)
             scores.append([math.log(p), math.log(1 - p)])
-        return scores
+        return ChoiceScores.uncut(scores)
 
     def _generation(self, prompt: str, key: str) -> Generation:
         text = self.reply(prompt, key)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import os
 import subprocess
 import sys
+from dataclasses import MISSING
 from pathlib import Path
 
 import pytest
@@ -15,7 +15,9 @@ import typer.main
 from conftest import ROOT, caictl, write_jsonl
 from typer.testing import CliRunner
 
-from caictl.cli import app
+from caictl.cli import COMMANDS as COMMAND_TABLE
+from caictl.cli import GROUPS, app, build
+from caictl.options import PANELS
 
 
 def _commands(group=app, prefix=()) -> list[tuple[str, ...]]:
@@ -68,51 +70,38 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
     assert "Traceback" not in stderr and "error" not in stderr.lower(), stderr
 
 
-# What each command hands its stage when only the required arguments are given: (module, run function,
-# config class, arguments, the config's required fields). The constitution commands take no config.
-DEFAULTS_CASES = {
-    ("init-model",): ("init_model", "run", "InitModelConfig", ["--out", "m"], {"out": "m"}),
-    ("revise",): ("revise", "run", "ReviseConfig", [], {}),
-    ("sample",): ("sample", "run", "SampleConfig", [], {}),
-    ("label",): ("label", "run", "LabelConfig", [], {}),
-    ("train-pm",): ("train_pm", "run", "TrainPMConfig", ["p.jsonl", "-o", "pm"], {"prefs": ["p.jsonl"], "out": "pm"}),
-    ("score",): ("score", "run", "ScoreConfig", ["--pm", "pm"], {"pm": "pm"}),
-    ("serve-pm",): ("serve_pm", "run", "ServePMConfig", ["--pm", "pm", "--port", "0"], {"pm": "pm", "port": 0}),
-    ("ppo",): ("ppo", "run", "PPOConfig", ["--policy", "a", "--pm", "b", "-o", "c"],
-               {"prompts": None, "policy": "a", "pm": "b", "out": "c"}),
-    ("dpo",): ("dpo", "run", "DPOConfig", ["p.jsonl", "-o", "d"], {"prefs": ["p.jsonl"], "out": "d"}),
-    ("sft",): ("sft", "run", "SFTConfig", ["r.jsonl", "-o", "s"], {"revisions": ["r.jsonl"], "out": "s"}),
-    ("eval", "mc"): ("eval_mc", "run", "EvalMCConfig", ["q.jsonl", "-o", "e"], {"files": ["q.jsonl"], "out": "e"}),
-    ("eval", "pm"): ("eval_pm", "run", "EvalPMConfig", ["c.jsonl", "--pm", "pm", "-o", "e"],
-                     {"files": ["c.jsonl"], "pm": "pm", "out": "e"}),
-    ("eval", "compare"): ("eval_compare", "run", "EvalCompareConfig", ["h.jsonl", "-o", "e"],
-                          {"prompts": ["h.jsonl"], "out": "e"}),
-    ("inspect",): ("inspect", "run", "InspectConfig", ["f.jsonl"], {"file": "f.jsonl"}),
-    ("eval", "report"): ("eval_report", "run", "EvalReportConfig", ["runs/x"], {"paths": ["runs/x"]}),
-    ("eval", "labeler"): ("eval_labeler", "run", "EvalLabelerConfig", ["c.jsonl", "-o", "e"],
-                          {"files": ["c.jsonl"], "out": "e"}),
-    ("eval", "iterations"): ("eval_iterations", "run", "EvalIterationsConfig",
-                             ["runs/x", "--prompts", "h.jsonl", "--reference", "m", "-o", "e"],
-                             {"run": "runs/x", "prompts": "h.jsonl", "reference": "m", "out": "e"}),
-    ("constitution", "diff"): ("constitution_diff", "run", "ConstitutionDiffConfig", ["a", "b", "p.jsonl", "-o", "d"],
-                               {"a": "a", "b": "b", "pairs": "p.jsonl", "out": "d"}),
-}
-WITHOUT_CONFIG = {("constitution",), ("constitution", "show"), ("constitution", "validate"),
-                  ("constitution", "convert"), ("eval",)}
+# Each command of the table, run with only its required fields given (a sample value of each one's type), must
+# hand its stage the config built in code from those fields alone.
+SAMPLE_VALUES = {str: "x", int: "0", float: "0.5", Path: "x", list[str]: "x.jsonl"}
 
 
-def test_every_command_is_checked_for_its_defaults():
-    assert set(COMMANDS) == set(DEFAULTS_CASES) | WITHOUT_CONFIG
+def _required(command: str) -> tuple[list[str], dict]:
+    """(argv, config fields) of a command's required flags and arguments."""
+    argv, given = [], {}
+    for flag in build.flags_of(build.config_class_of(COMMAND_TABLE[command])):
+        if flag.required:
+            text = SAMPLE_VALUES[flag.kind]
+            argv += [text] if flag.meta.get("argument") else [flag.decls[0], text]
+            given[flag.name] = [text] if flag.kind == list[str] else flag.kind(text)
+        elif flag.default is MISSING:  # no default, but None will do (ppo's --pm): the command gives None
+            given[flag.name] = None
+    return argv, given
 
 
-@pytest.mark.parametrize("command", list(DEFAULTS_CASES), ids=" ".join)
+def _config_class(command: str):
+    return build.config_class_of(COMMAND_TABLE[command])
+
+
+def test_every_command_of_the_table_is_on_the_command_line():
+    leaves = {" ".join(command) for command in COMMANDS if len(command) > 1 or command[0] not in GROUPS}
+    assert leaves == set(COMMAND_TABLE)
+
+
+@pytest.mark.parametrize("command", list(COMMAND_TABLE))
 def test_command_defaults_are_the_configs_defaults(command, monkeypatch, tmp_path):
-    module_name, _, config_name, _, required = DEFAULTS_CASES[command]
-    module = importlib.import_module(f"caictl.stages.{module_name}")
-    if module_name == "init_model":
-        required = {**required, "out": Path(required["out"])}
     # No caictl.yaml in tmp_path: every option is the config's default.
-    assert _config_seen(command, [], monkeypatch, tmp_path, None) == getattr(module, config_name)(**required)
+    expected = _config_class(command)(**_required(command)[1])
+    assert _config_seen(command, [], monkeypatch, tmp_path, None) == expected
 
 
 # caictl.yaml may set these stage options: each stage that has the flag takes the value, the others ignore it.
@@ -120,31 +109,27 @@ YAML_OPTIONS = {"rounds": 3, "max_new_tokens": 7, "batch_size": 5, "temperature"
 TRAINING_COMMANDS = {"sft", "train-pm", "dpo", "ppo"}
 
 
-def _config_seen(command, arguments, monkeypatch, tmp_path, project: dict | None):
+def _config_seen(command, arguments, monkeypatch, tmp_path, project: dict | None, env: dict | None = None):
     """The config a command hands its stage, run in tmp_path with `project` as caictl.yaml."""
-    module_name, function, _, required_arguments, _ = DEFAULTS_CASES[command]
-    module = importlib.import_module(f"caictl.stages.{module_name}")
     seen = []
-    monkeypatch.setattr(module, function, lambda config, *rest: seen.append(config) or {"report": "r"})
+    monkeypatch.setattr(COMMAND_TABLE[command], "run", lambda config, *rest: seen.append(config) or {"report": "r"})
     for name in [n for n in os.environ if n.startswith("CAICTL_")]:
         monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
+    for name, value in (env or {}).items():
+        monkeypatch.setenv(name, value)
     if project is not None:
         (tmp_path / "caictl.yaml").write_text(json.dumps(project))  # JSON is YAML
-    result = CliRunner().invoke(app, [*command, *required_arguments, *arguments])
+    result = CliRunner().invoke(app, [*command.split(), *_required(command)[0], *arguments])
     assert result.exit_code == 0, result.output
     return seen[0]
 
 
-@pytest.mark.parametrize("command", list(DEFAULTS_CASES), ids=" ".join)
+@pytest.mark.parametrize("command", list(COMMAND_TABLE))
 def test_caictl_yaml_sets_the_stage_options_of_every_stage_that_has_the_flag(command, monkeypatch, tmp_path):
-    module_name, _, config_name, _, required = DEFAULTS_CASES[command]
-    module = importlib.import_module(f"caictl.stages.{module_name}")
-    if module_name == "init_model":
-        required = {**required, "out": Path(required["out"])}
-    defaults = getattr(module, config_name)(**required)
+    defaults = _config_class(command)(**_required(command)[1])
     taken = {name: value for name, value in YAML_OPTIONS.items() if hasattr(defaults, name)}
-    if command[0] in TRAINING_COMMANDS:
+    if command in TRAINING_COMMANDS:
         del taken["batch_size"]  # an optimisation setting there: the flag only
     # Each value differs from every stage's default, so a stage that ignored caictl.yaml would show.
     assert all(getattr(defaults, name) != value for name, value in taken.items())
@@ -154,7 +139,7 @@ def test_caictl_yaml_sets_the_stage_options_of_every_stage_that_has_the_flag(com
 @pytest.mark.parametrize("name, flag", [("rounds", "2"), ("max_new_tokens", "9"), ("batch_size", "1"),
                                         ("temperature", "0")])
 def test_a_flag_wins_over_caictl_yaml(name, flag, monkeypatch, tmp_path):
-    config = _config_seen(("revise",), [f"--{name.replace('_', '-')}", flag], monkeypatch, tmp_path, YAML_OPTIONS)
+    config = _config_seen("revise", [f"--{name.replace('_', '-')}", flag], monkeypatch, tmp_path, YAML_OPTIONS)
     assert getattr(config, name) == type(YAML_OPTIONS[name])(flag)
     others = {k: v for k, v in YAML_OPTIONS.items() if k != name}
     assert {k: getattr(config, k) for k in others} == others
@@ -181,3 +166,95 @@ def test_an_unknown_key_in_caictl_yaml_is_still_refused(tmp_path):
     (tmp_path / "caictl.yaml").write_text("round: 2\n")
     result = caictl("revise", cwd=tmp_path, check=False)
     assert result.returncode == 2 and "unknown option(s) round;" in result.stderr and "rounds" in result.stderr
+
+
+def _click_command(path: tuple[str, ...]):
+    command = typer.main.get_command(app)
+    for name in path:
+        command = command.commands[name]
+    return command
+
+
+def _help(path: tuple[str, ...]) -> str:
+    result = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_help_at_80_columns_shows_every_option_whole(command):
+    text = _help(command)
+    options = text[text.index("\n\n", text.index("Usage:")):]
+    if " ".join(command) in COMMAND_TABLE:  # the summary and examples above come from the stage's docstring
+        options = text[min(text.index(f"\n{panel}:\n") for panel in ("Arguments", *PANELS, "Other")
+                           if f"\n{panel}:\n" in text):]
+    assert all(len(line) <= 80 for line in options.splitlines()), options
+    names = [name for param in _click_command(command).params if param.param_type_name == "option"
+             for name in (*param.opts, *param.secondary_opts)]
+    words = set(options.replace(",", " ").replace("/", " ").split())
+    assert [name for name in names if name not in words] == []
+    assert "<bool>" not in text and "<list[str]>" not in text and "<str>" not in text
+
+
+def test_help_groups_options_under_panels_in_order():
+    headers = [line[:-1] for line in _help(("sft",)).splitlines() if line.endswith(":") and not line[0].isspace()]
+    assert headers == ["Arguments", "Input and output", "Model and engine", "Training", "LoRA", "Resume and runs",
+                       "Other"]
+    revise = _help(("revise",))
+    assert all(f"\n{panel}:\n" in revise for panel in ("Servers", "Sampling", "Method"))
+
+
+def test_help_shows_square_brackets():
+    assert "pip install 'caictl[encoders]'" in " ".join(_help(("train-pm",)).split())
+    assert "[LO, HI]" in _help(("label",))
+
+
+def test_score_help_has_no_limit():
+    assert "--limit" not in _help(("score",)) and "--shard" in _help(("score",))
+
+
+def test_clamp_takes_two_numbers_and_names_the_form(monkeypatch, tmp_path):
+    assert _config_seen("label", ["--clamp", "0.3", "0.7"], monkeypatch, tmp_path, None).clamp == (0.3, 0.7)
+    for wrong in (["--clamp", "0.4,0.6"], ["--clamp", "0.4", "--cot"], ["--clamp", "0.4"]):
+        result = CliRunner().invoke(app, ["label", *wrong])
+        assert result.exit_code == 2 and "--clamp LO HI" in result.output, result.output
+
+
+@pytest.mark.parametrize("arguments, named", [(["--rounds", "2", "--rounds", "3"], "--rounds"),
+                                              (["--limit=1", "--limit", "2"], "--limit"),
+                                              (["--few-shot", "--no-few-shot"], "--no-few-shot"),
+                                              (["-o", "a.jsonl", "--out", "b.jsonl"], "--out")])
+def test_a_single_value_option_given_twice_is_refused(arguments, named):
+    result = CliRunner().invoke(app, ["revise", *arguments])
+    assert result.exit_code == 2 and f"'{named}'" in result.output and "given twice" in result.output
+
+
+def test_a_repeatable_option_may_be_given_twice(monkeypatch, tmp_path):
+    config = _config_seen("eval compare", ["--model", "a=m1", "--model", "b=m2"], monkeypatch, tmp_path, None)
+    assert config.models == ["a=m1", "b=m2"]
+
+
+def test_a_shared_option_of_the_wrong_type_is_a_usage_error(tmp_path):
+    result = caictl("label", env={"CAICTL_SEED": "abc"}, cwd=tmp_path, check=False)
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        "caictl: error: CAICTL_SEED='abc' is not a whole number: set it to one, or unset it"]
+    (tmp_path / "caictl.yaml").write_text("seed: abc\n")
+    result = caictl("label", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "caictl.yaml: seed: 'abc' is not a whole number" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_shared_option_from_the_environment_is_typed(monkeypatch, tmp_path):
+    config = _config_seen("label", [], monkeypatch, tmp_path, None, env={"CAICTL_SEED": "7", "CAICTL_MODEL": "m"})
+    assert config.seed == 7 and config.model == "m"
+
+
+def test_the_resolved_options_are_printed_at_start(monkeypatch, tmp_path):
+    monkeypatch.setattr(COMMAND_TABLE["revise"], "run", lambda config: None)
+    monkeypatch.chdir(tmp_path)
+    short = CliRunner().invoke(app, ["revise", "--rounds", "2", "--model", "m"])
+    assert short.exit_code == 0 and short.stderr.splitlines() == ["caictl revise: model=m rounds=2"]
+    full = CliRunner().invoke(app, ["-v", "revise", "--rounds", "2", "--model", "m"])
+    lines = full.stderr.splitlines()
+    assert full.exit_code == 0 and lines[0] == "caictl revise"
+    assert {"  rounds = 2", "  model = m", "  temperature = 1.0", "  seed = 0"} <= set(lines)

@@ -78,7 +78,7 @@ def test_stop_strings_cut_the_text(engine):
 def test_choice_logprobs_match_a_direct_computation(engine):
     texts = ["The answer is:", "Which is better? The answer is:"]
     choices = [" (A)", " (B)"]
-    scores = engine.choice_logprobs(texts, choices)
+    scores = engine.choice_logprobs(texts, choices).logprobs
     tokenizer = engine.tokenizer
     for text, row in zip(texts, scores):
         for choice, score in zip(choices, row):
@@ -104,10 +104,10 @@ def test_shared_prefixes_are_computed_once_and_change_nothing(tiny_model):
     params = SamplingParams(max_new_tokens=16, seed=5)
     batched = load_engine("hf", str(tiny_model), batch_size=8)
     together = [g.text for g in batched.generate(chats, params, keys)]
-    assert len(batched._prefix_cache) >= 1  # the shared start was computed once and kept
+    assert len(batched.prefixes.kept) >= 1  # the shared start was computed once and kept
     alone = load_engine("hf", str(tiny_model), batch_size=1)
     separate = [g.text for g in alone.generate(chats, params, keys)]
-    assert not alone._prefix_cache  # one row at a time shares nothing
+    assert not alone.prefixes.kept  # one row at a time shares nothing
     assert together == separate
     # A second call finds the prefixes in the cache and still gives the same texts.
     assert [g.text for g in batched.generate(chats, params, keys)] == together
@@ -140,13 +140,13 @@ def test_a_kept_prefix_serves_rows_that_share_only_part_of_it(tiny_model):
     principle = "A principle's own worked example, long enough to matter. " * 5
     params = SamplingParams(max_new_tokens=12, seed=4)
     engine.complete([shots + principle + "first", shots + principle + "second"], params, ["a", "b"])
-    kept = len(engine._prefix_cache)
+    kept = len(engine.prefixes.kept)
     texts = [shots + principle + "third", shots + "fourth"]
     rows = engine.encoder.encode(texts)
     inputs = engine._batch_inputs(rows, max_new_tokens=12)
     shared = len(engine.encoder.encode([shots + principle])[0]) - 1  # the kept start, up to the differing word
     assert inputs[engine._cache_argument].get_seq_length() >= shared
-    assert len(engine._prefix_cache) == kept  # read from what was kept, nothing computed again
+    assert len(engine.prefixes.kept) == kept  # read from what was kept, nothing computed again
     together = [g.text for g in engine.complete(texts, params, ["c", "d"])]
     assert together == _alone(tiny_model, texts, params, ["c", "d"])
 
@@ -164,7 +164,7 @@ def test_a_request_that_continues_one_of_the_last_batch_starts_from_its_kv(tiny_
         alone = DynamicCache(config=engine.lm.config)
         with torch.no_grad():
             engine.lm(input_ids=torch.tensor([row]), use_cache=True, **{engine._cache_argument: alone})
-        kept = engine._last_prompts[tuple(row)]
+        kept = engine.prefixes.last_prompts[tuple(row)]
         for (key, value), layer in zip(kept, alone.layers):
             assert torch.allclose(key, layer.keys, atol=1e-4) and torch.allclose(value, layer.values, atol=1e-4)
     texts = [first + " And one more turn." for first in firsts]
@@ -199,21 +199,39 @@ def test_a_choice_that_merges_into_the_text_is_scored_from_the_merged_token(engi
             logprobs = torch.log_softmax(engine.lm(torch.tensor([full])).logits[0].float(), -1)
         direct.append(sum(float(logprobs[i - 1, full[i]]) for i in range(start, len(full))))
     assert tokenizer(text + "ful").input_ids[:len(base)] != base  # the boundary really merges
-    assert engine.choice_logprobs([text], choices)[0] == pytest.approx(direct, abs=1e-4)
+    assert engine.choice_logprobs([text], choices).logprobs[0] == pytest.approx(direct, abs=1e-4)
+
+
+def test_choice_logprobs_return_the_tokens_cut_from_each_text_to_fit(engine):
+    # Choices that part at their last token are read from one sequence, the text and the common part (the model
+    # needs one position for the last token); choices that part earlier are a sequence each, cut each to fit,
+    # and the text's cut is the larger.
+    long, short = "A long question about locks and keys. " * 20, "Short?"
+    assert engine.tokenizer.bos_token_id is None  # every count below is of the text's own tokens
+    engine.max_positions, kept = 64, engine.max_positions
+    try:
+        shared = engine.choice_logprobs([long, short], [" (A", " (B"])
+        apart = engine.choice_logprobs([long], [" I will not help.", " Sure"])
+    finally:
+        engine.max_positions = kept
+    sequence = len(engine.tokenizer(long + " (A").input_ids)
+    assert shared.cuts == [sequence - 64, 0] and len(shared.logprobs) == 2
+    longest = max(len(engine.tokenizer(long + choice).input_ids) for choice in (" I will not help.", " Sure"))
+    assert apart.cuts == [longest - 64]
 
 
 def test_label_questions_share_their_few_shot_block_and_conversation(tiny_model):
     """The judge's questions (few-shot block, then one conversation under several principles in both orders) are
     scored with shared prefixes: equal to each question scored alone, in a fraction of the tokens."""
     from caictl.data.constitution import load as load_constitution
-    from caictl.feedback.judge import CHOICES, Comparison, Judge
+    from caictl.feedback.judge import CHOICES, Judge, PairToJudge
 
     engine = load_engine("hf", str(tiny_model), batch_size=8)
     constitution = load_constitution("harmless")
     judge = Judge(engine, constitution, few_shot=True)
     conversations = [[{"role": "user", "content": "How do I pick a lock? " * 6}],
                      [{"role": "user", "content": "Write a rude note to my neighbour. " * 6}]]
-    comparisons = [Comparison(str(i), messages, "Sure, here it is.", "I would rather not.",
+    comparisons = [PairToJudge(str(i), messages, "Sure, here it is.", "I would rather not.",
                               constitution.comparison[:4]) for i, messages in enumerate(conversations)]
     questions = [judge.question(c.messages, p.text, a, b) for c in comparisons for p in c.principles
                  for a, b in ((c.first, c.second), (c.second, c.first))]
@@ -224,12 +242,12 @@ def test_label_questions_share_their_few_shot_block_and_conversation(tiny_model)
         lambda module, inputs, output: embedded.append(inputs[0].numel()))
     try:
         engine.forget_prefixes()
-        shared = engine.choice_logprobs(questions, list(CHOICES))
+        shared = engine.choice_logprobs(questions, list(CHOICES)).logprobs
         shared_tokens, shared_calls = sum(embedded), len(embedded)
         alone, embedded[:] = [], []
         for question in questions:
             engine.forget_prefixes()
-            alone += engine.choice_logprobs([question], list(CHOICES))
+            alone += engine.choice_logprobs([question], list(CHOICES)).logprobs
         alone_tokens = sum(embedded)
     finally:
         hook.remove()
@@ -242,7 +260,7 @@ def test_label_questions_share_their_few_shot_block_and_conversation(tiny_model)
 
 
 def test_gumbel_noise_is_a_function_of_seed_step_and_token_alone():
-    from caictl.engines.hf import gumbel_noise
+    from caictl.engines.sampling import gumbel_noise
 
     seeds = torch.tensor([7, 2**62 + 11, 123456789])
     batch = gumbel_noise(seeds, 5, 300)
@@ -259,7 +277,7 @@ def test_gumbel_noise_is_a_function_of_seed_step_and_token_alone():
 def test_gumbel_max_samples_follow_the_softmax():
     """argmax(logits + noise) over 20,000 (seed, step) draws: the counts fit softmax(logits) by a chi-square
     test, and a token's share does not depend on its position in the vocabulary."""
-    from caictl.engines.hf import gumbel_noise
+    from caictl.engines.sampling import gumbel_noise
 
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, 0.0, -0.5, -1.0, -1.5, -2.0, -3.0])
     expected = torch.softmax(logits, 0).double() * 20_000

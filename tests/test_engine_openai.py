@@ -47,20 +47,20 @@ def test_stop_strings_apply_beyond_the_servers_four(llama_server_url):
 def test_choice_logprobs_from_echoed_prompt_logprobs(llama_server_url, tiny_gguf):
     engine = load_engine("openai", "tiny", base_url=llama_server_url)
     texts = ["Which is better? The answer is:", "Pick one:", "\n\nHuman: Which is kinder?\n\nAssistant: The answer is:"]
-    scores = engine.choice_logprobs(texts, list(CHOICES))
+    scores = engine.choice_logprobs(texts, list(CHOICES)).logprobs
     # The same text through the hf engine on the same weights. The server puts BOS before every completions
     # prompt, so the hf side gets it too. Absolute log-probs differ (the GGUF pushes unprintable tokens far
     # down, which moves the softmax normaliser); the difference between choices that part at their last token,
     # read at the same position, does not.
     hf = load_engine("hf", str(tiny_gguf[0]))
     bos = hf.tokenizer.decode([hf.tokenizer.pad_token_id])
-    expected = hf.choice_logprobs([bos + t for t in texts], list(CHOICES))
+    expected = hf.choice_logprobs([bos + t for t in texts], list(CHOICES)).logprobs
     assert len(scores) == len(texts)
     for (a, b), (hf_a, hf_b) in zip(scores, expected):
         assert math.isfinite(a) and math.isfinite(b) and a != b
         assert a - b == pytest.approx(hf_a - hf_b, abs=1e-5)
     # The same request again gives the same scores: nothing is sampled.
-    assert engine.choice_logprobs(texts[1:2], list(CHOICES)) == scores[1:2]
+    assert engine.choice_logprobs(texts[1:2], list(CHOICES)).logprobs == scores[1:2]
 
 
 def test_revise_through_the_server_never_writes_the_key(tmp_path, llama_server_url):

@@ -59,7 +59,7 @@ def test_revise_sample_and_label_run_through_the_server(qwen_server_url, qwen_gg
         .question([{"role": "user", "content": "Hi"}], "Which is kinder?", "Hello.", "Go away.")
     assert question.startswith("\n\nHuman:")  # transcript style
     hf = load_engine("hf", str(qwen_gguf[0]))
-    (hf_a, hf_b), = hf.choice_logprobs(["<|endoftext|>" + question], list(CHOICES))
+    (hf_a, hf_b), = hf.choice_logprobs(["<|endoftext|>" + question], list(CHOICES)).logprobs
     server_difference = math.log(vote["p_ab"] / (1 - vote["p_ab"]))  # P(A) = sigmoid(logp(A) - logp(B))
     assert hf_a != hf_b and server_difference == pytest.approx(hf_a - hf_b, abs=1e-4)
 

@@ -30,7 +30,7 @@ MIXED = QUESTIONS[:3] + [
 
 def alone(engine, question: dict) -> list[float]:
     """A question's choice probabilities, scored on its own: the oracle for the batched run."""
-    logprobs = engine.choice_logprobs([question["prompt"]], question["corrects"] + question["incorrects"])[0]
+    logprobs = engine.choice_logprobs([question["prompt"]], question["corrects"] + question["incorrects"]).logprobs[0]
     total = sum(math.exp(lp) for lp in logprobs)
     return [math.exp(lp) / total for lp in logprobs]
 

@@ -11,6 +11,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from caictl.errors import CaictlError, UsageError
 from caictl.models import families
+from caictl.stages import families_prepare, families_status
 from caictl.stages import init_model as tiny
 
 MODEL_FAMILIES = ("qwen2.5", "llama3", "phi3")
@@ -233,7 +235,7 @@ def test_an_unprepared_cache_is_one_line_that_says_how_to_prepare(tmp_path, monk
     result = caictl("init-model", "--family", "phi3", "--out", tmp_path / "m", env={"CAICTL_CACHE": str(empty)},
                     check=False)
     assert result.returncode == 1 and not (tmp_path / "m").exists()
-    assert result.stderr.count("\n") == 1 and "python -m caictl.models.families prepare" in result.stderr
+    assert result.stderr.count("\n") == 1 and "caictl families prepare" in result.stderr
     assert "make setup" in result.stderr and str(empty) in result.stderr
 
 
@@ -258,6 +260,22 @@ def test_prepare_converts_from_a_source_package_once_and_then_skips(tmp_path):
     assert logs == [f"llama2-spm: ready in {folder}"]
     (folder / "source.json").unlink()  # as an interrupted conversion leaves it
     assert not families.is_prepared("llama2-spm", cache)
+
+
+def test_families_prepare_skips_a_cached_family_and_refuses_an_unknown_one(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    shutil.copytree(families.tokenizer_folder("llama2-spm"), families.tokenizer_folder("llama2-spm", cache))
+    prepare = families_prepare.FamiliesPrepareConfig
+    folders = families_prepare.run(prepare(family=["llama2-spm"], cache=str(cache)))
+    assert folders == {"llama2-spm": cache / "tokenizers" / "llama2-spm"}
+    assert f"llama2-spm: ready in {folders['llama2-spm']}" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="--family gpt2: unknown; choose from qwen2.5, llama3, phi3, llama2-spm"):
+        families_prepare.run(prepare(family=["gpt2", "llama2-spm"], cache=str(cache)))
+    assert families_status.run(families_status.FamiliesStatusConfig(cache=str(cache))) == {
+        "qwen2.5": False, "llama3": False, "phi3": False, "llama2-spm": True}
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"qwen2.5\t{cache / 'tokenizers' / 'qwen2.5'}\tnot prepared: run `caictl families prepare`"
+    assert lines[3] == f"llama2-spm\t{folders['llama2-spm']}\tready"
 
 
 @pytest.mark.parametrize("name", MODEL_FAMILIES)

@@ -94,7 +94,7 @@ def judge_row(engine, messages, **options) -> list[int]:
     the_judge = judge.Judge(engine, c.load("harmless"), debias=False, **options)
     principle = c.load("harmless").comparison[0]
     with received(engine.lm) as rows:
-        the_judge.votes([judge.Comparison("x", messages, GOOD, BAD, [principle])])
+        the_judge.votes([judge.PairToJudge("x", messages, GOOD, BAD, [principle])])
     row, = rows
     return row
 
@@ -195,13 +195,14 @@ def test_choice_probabilities_equal_a_direct_computation_on_the_full_text(name, 
     the_judge = judge.Judge(engine, constitution, debias=False)
     question = the_judge.question(NORMAL[0], principle.text, GOOD, BAD)
     direct = direct_logprobs(engine, question, judge.CHOICES)
-    assert engine.choice_logprobs([question], list(judge.CHOICES))[0] == pytest.approx(direct, abs=1e-4)
-    vote, = the_judge.votes([judge.Comparison("x", NORMAL[0], GOOD, BAD, [principle])])[0]
+    assert engine.choice_logprobs([question], list(judge.CHOICES)).logprobs[0] == pytest.approx(direct, abs=1e-4)
+    vote, = the_judge.votes([judge.PairToJudge("x", NORMAL[0], GOOD, BAD, [principle])])[0]
     assert vote["p_ab"] == pytest.approx(judge.probability_a(*direct), abs=1e-5)
     # eval mc: answers of several tokens, which part earlier than their last token (one sequence each).
     choices = [" (A) Yes", " (B) No", " I am not sure"]
     mc = "\n\nHuman: Is the sea salty?\n\nAssistant:"
-    assert engine.choice_logprobs([mc], choices)[0] == pytest.approx(direct_logprobs(engine, mc, choices), abs=1e-4)
+    scored = engine.choice_logprobs([mc], choices).logprobs[0]
+    assert scored == pytest.approx(direct_logprobs(engine, mc, choices), abs=1e-4)
 
 
 def bos_counts(engine, messages) -> dict[str, int]:

@@ -84,3 +84,40 @@ def test_the_command_line_view_and_its_errors(tiny_model, tmp_path):
     assert shown.startswith("--- row 1:") and "trained:" in shown and "(in brackets: not trained)" in shown
     bad = caictl("inspect", revisions, "--model", tiny_model, "--stage", "ppo", check=False)
     assert bad.returncode == 2 and "--stage ppo: choose one of revise, sample, label, sft" in bad.stderr
+
+
+def test_call_all_shows_every_revise_request_as_the_stage_builds_it(tiny_model, capsys, tmp_path):
+    from caictl.data.constitution import load_for_stage
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", read_jsonl(EXAMPLES / "red-team.jsonl")[:1])
+    shown = views(capsys, file=str(prompts), model=str(tiny_model), stage="revise", call="all", rounds=2)
+    assert [(v["row"], v["call"], v["request"]) for v in shown] == [
+        (1, 1, "initial response"), (1, 2, "critique, round 1"), (1, 3, "revision, round 1"),
+        (1, 4, "critique, round 2"), (1, 5, "revision, round 2")]  # 1 + 2 rounds x (critique, revision)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    messages = read_jsonl(prompts)[0]["messages"]
+    assert shown[0]["ids"] == tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                            return_dict=True)["input_ids"]
+    for view in shown:  # the model's own tokens; a request longer than the context is cut from the front
+        assert view["ids"] == tokenizer(view["text"], add_special_tokens=False).input_ids[-len(view["ids"]):]
+        assert view["tokens"] == tokenizer.convert_ids_to_tokens(view["ids"])
+    requests = [p.critique_request for p in load_for_stage("harmless", [], "critique_revision").critique_revision]
+    critique = shown[1]["text"]
+    asked = [r for r in requests if r in critique[critique.rindex("<model output: initial response>"):]]
+    assert len(asked) == 1  # the drawn principle's request, after the answer it critiques
+    # Each round builds on the last: the second critique is of the first revision.
+    assert "<model output: revision, round 1>" in shown[3]["text"]
+    assert "<model output: critique, round 2>" in shown[4]["text"]
+
+
+def test_call_all_shows_each_order_s_label_question(tiny_model, capsys, tmp_path):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"id": "q1", "messages": [{"role": "user", "content": "How do I pick a lock?"}],
+         "responses": ["I can't help with that.", "Call a locksmith."]}])
+    first, second = views(capsys, file=str(pairs), model=str(tiny_model), stage="label", call="all")
+    assert first["request"] == "choice question: principle 1, first response in slot A"
+    assert second["request"] == "choice question: principle 1, first response in slot B"
+    assert "(A) I can't help with that.\n(B) Call a locksmith." in first["text"]
+    assert "(A) Call a locksmith.\n(B) I can't help with that." in second["text"]
+    inspection.run(inspection.InspectConfig(file=str(pairs), model=str(tiny_model), stage="label", call="all"))
+    assert "--- row 1, call 2 (choice question: principle 1, first response in slot B):" in capsys.readouterr().out

@@ -66,7 +66,7 @@ def test_two_rounds_and_a_resumed_second(tmp_path):
 
 
 def test_kl_from_the_reference_is_zero_for_itself_and_positive_for_another_model(tmp_path, tiny_model):
-    from caictl.data.records import read_prompts
+    from caictl.data.reading import read_prompts
     from caictl.stages import init_model as tiny
     from caictl.stages.eval_iterations import EvalIterationsConfig, load_model, sample_with_kl
 

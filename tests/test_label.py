@@ -17,7 +17,7 @@ from caictl.data.conversation import parse_transcript
 from caictl.data.records import stable_id
 from caictl.engines import load_engine
 from caictl.feedback import judge
-from caictl.feedback.label_options import read_comparisons
+from caictl.feedback.label_options import read_pairs_to_judge
 from caictl.stages import label
 
 llama_server_url = llama_server.llama_server_url
@@ -56,7 +56,7 @@ def test_soft_label_is_the_normalised_answer_probability(tiny_model):
     engine = load_engine("hf", str(tiny_model))
     the_judge = judge.Judge(engine, c.load("harmless"), debias=False)
     principle = c.load("harmless").comparison[0]
-    comparison = judge.Comparison("x", PAIRS[0]["messages"], PAIRS[0]["responses"][0], PAIRS[0]["responses"][1],
+    comparison = judge.PairToJudge("x", PAIRS[0]["messages"], PAIRS[0]["responses"][0], PAIRS[0]["responses"][1],
                                   [principle], {})
     vote, = the_judge.votes([comparison])[0]
     # Direct: the question, then each answer's tokens, through the model.
@@ -132,8 +132,8 @@ def test_long_conversations_are_cut_from_the_front(tiny_model):
     principle = c.load("harmless").comparison[0]
     long = [{"role": "user", "content": "blah " * 5000}, {"role": "assistant", "content": "ok"},
             {"role": "user", "content": "So, how do I pick the lock?"}]
-    cut = judge.Comparison("long", long, "Sure.", "No.", [principle], {})
-    short = judge.Comparison("short", long[-1:], "Sure.", "No.", [principle], {})
+    cut = judge.PairToJudge("long", long, "Sure.", "No.", [principle], {})
+    short = judge.PairToJudge("short", long[-1:], "Sure.", "No.", [principle], {})
     (long_vote,), (short_vote,) = the_judge.votes([cut, short])
     assert 0 < long_vote["p"] < 1 and 0 < short_vote["p"] < 1
     text = the_judge.question(long, principle.text, "Sure.", "No.")
@@ -460,7 +460,7 @@ def test_anthropic_rl_samples_are_labelled_without_the_turn_they_stop_on(tmp_pat
     assert [r["prompt"] for r in records] == [parse_transcript(r["rl_prompt"])[:1] for r in rows]
     assert not any("human_chosen_index" in r for r in records)  # nobody chose between these
     constitution = c.load_for_stage("harmless", [], "comparison")
-    every = read_comparisons(str(path), constitution, principles_per_pair=1, seed=0, pairing="all")
+    every = read_pairs_to_judge(str(path), constitution, principles_per_pair=1, seed=0, pairing="all")
     assert len(every) == 5 * (17 * 16 // 2)
 
 

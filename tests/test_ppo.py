@@ -8,7 +8,11 @@ import pytest
 import torch
 from conftest import EXAMPLES, caictl, caictl_in_process, write_jsonl
 
-from caictl.data.records import Prompt, read_prompts
+from caictl.data.reading import read_prompts
+from caictl.data.records import Prompt
+from caictl.rl import ppo_math
+from caictl.rl.ppo import PPO, boilerplate_share
+from caictl.rl.reward import heldout_reward
 from caictl.stages import init_model as tiny
 from caictl.stages import ppo, sft, train_pm
 
@@ -18,14 +22,14 @@ def test_gae_by_hand():
     values = torch.tensor([[0.5, 0.5, 0.5]])
     mask = torch.ones(1, 3)
     # gamma = lam = 1: deltas (0, 0, 0.5), advantages all 0.5, returns A + V = 1.
-    advantages, returns = ppo.gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    advantages, returns = ppo_math.gae(rewards, values, mask, gamma=1.0, lam=1.0)
     assert advantages.tolist() == [[0.5, 0.5, 0.5]] and returns.tolist() == [[1.0, 1.0, 1.0]]
     # lam = 0.5: A2 = 0.5, A1 = 0 + 0.5 * 0.5, A0 = 0.5 * 0.25.
-    advantages, _ = ppo.gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    advantages, _ = ppo_math.gae(rewards, values, mask, gamma=1.0, lam=0.5)
     assert advantages.tolist() == [[0.125, 0.25, 0.5]]
     # gamma = 0.9, lam = 1, last step masked out: the reward sits on step 1, step 2 counts for nothing.
     rewards = torch.tensor([[0.0, 1.0, 7.0]])
-    advantages, _ = ppo.gae(rewards, values, torch.tensor([[1.0, 1.0, 0.0]]), gamma=0.9, lam=1.0)
+    advantages, _ = ppo_math.gae(rewards, values, torch.tensor([[1.0, 1.0, 0.0]]), gamma=0.9, lam=1.0)
     # delta1 = 1 + 0.9 * 0 - 0.5 = 0.5; delta0 = 0 + 0.9 * 0.5 - 0.5 = -0.05; A0 = -0.05 + 0.9 * 0.5 = 0.4
     assert advantages[0].tolist() == pytest.approx([0.4, 0.5, 0.0])
 
@@ -35,29 +39,29 @@ def test_clipped_policy_loss_by_hand():
     new = torch.log(torch.tensor([[1.5, 0.5]]))  # ratios 1.5 and 0.5
     mask = torch.ones(1, 2)
     # A = +1: -min(1.5, 1.2) = -1.2 (clipped); A = -1 at ratio 0.5: max(0.5, 0.8) = 0.8 (clipped).
-    loss, fraction = ppo.policy_loss(new, old, torch.tensor([[1.0, -1.0]]), mask, clip_range=0.2)
+    loss, fraction = ppo_math.policy_loss(new, old, torch.tensor([[1.0, -1.0]]), mask, clip_range=0.2)
     assert loss.item() == pytest.approx((-1.2 + 0.8) / 2) and fraction == 1.0
     # Inside the clip range nothing is clipped: ratio 1.1, A = 2 -> -2.2.
-    loss, fraction = ppo.policy_loss(torch.log(torch.tensor([[1.1]])), torch.zeros(1, 1), torch.tensor([[2.0]]),
+    loss, fraction = ppo_math.policy_loss(torch.log(torch.tensor([[1.1]])), torch.zeros(1, 1), torch.tensor([[2.0]]),
                                      torch.ones(1, 1), clip_range=0.2)
     assert loss.item() == pytest.approx(-2.2) and fraction == 0.0
 
 
 def test_clipped_value_loss_and_kl_controller_by_hand():
     # V = 2 from V_old = 0 clips to 0.2; R = 1: max((2 - 1)^2, (0.2 - 1)^2) = 1 -> 0.5.
-    loss = ppo.value_loss(torch.tensor([[2.0]]), torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1), 0.2)
+    loss = ppo_math.value_loss(torch.tensor([[2.0]]), torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1), 0.2)
     assert loss.item() == pytest.approx(0.5)
     # KL at twice the target: the error clips to +0.2, scaled by batch / horizon.
-    assert ppo.adaptive_kl(0.1, kl=2.0, target=1.0, batch=100, horizon=1000) == pytest.approx(0.1 * 1.02)
-    assert ppo.adaptive_kl(0.1, kl=0.9, target=1.0, batch=100, horizon=1000) == pytest.approx(0.1 * 0.99)
+    assert ppo_math.adaptive_kl(0.1, kl=2.0, target=1.0, batch=100, horizon=1000) == pytest.approx(0.1 * 1.02)
+    assert ppo_math.adaptive_kl(0.1, kl=0.9, target=1.0, batch=100, horizon=1000) == pytest.approx(0.1 * 0.99)
 
 
 def test_whiten_and_boilerplate():
     values = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
-    whitened = ppo.whiten(values, torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
+    whitened = ppo_math.whiten(values, torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
     assert whitened[0, :3].mean().item() == pytest.approx(0.0, abs=1e-6) and whitened[0, 3].item() == 0.0
     stock = "I am only an AI and cannot help with that request"
-    assert ppo.boilerplate_share([stock + " today", stock + " sorry", "A plain useful answer here"]) == \
+    assert boilerplate_share([stock + " today", stock + " sorry", "A plain useful answer here"]) == \
         pytest.approx(2 / 3)
 
 
@@ -102,7 +106,7 @@ def token_logprobs(logprobs_all, ids, start: int):
 
 
 def test_ppo_logprobs_and_entropy_are_those_of_the_sampling_temperature(tmp_path, short_answer_setup):
-    trainer = ppo.PPO(small_run(short_answer_setup, tmp_path, temperature=0.7))
+    trainer = PPO(small_run(short_answer_setup, tmp_path, temperature=0.7))
     rollout = trainer.rollout(read_prompts(EXAMPLES / "red-team.jsonl")[:4])
     ids, attention, start, mask = rollout["ids"], rollout["attention"], rollout["start"], rollout["mask"].bool()
     with torch.no_grad():
@@ -134,7 +138,7 @@ def absolute_positions_policy(tmp_path_factory, tiny_model):
 
 def test_a_left_padded_rollout_scores_as_each_row_would_alone(tmp_path, short_answer_setup,
                                                                absolute_positions_policy):
-    trainer = ppo.PPO(small_run(short_answer_setup, tmp_path, policy=str(absolute_positions_policy)))
+    trainer = PPO(small_run(short_answer_setup, tmp_path, policy=str(absolute_positions_policy)))
     torch.nn.init.normal_(trainer.value_head.weight)  # zero at the start: values would agree whatever they read
     prompts = [Prompt("short", [{"role": "user", "content": "Hi?"}]),
                Prompt("long", [{"role": "user", "content": "Could you tell me, at some length and with examples, "
@@ -165,7 +169,7 @@ def measured_heldout_reward(setup, folder, **options) -> float:
 
     config = small_run(setup, "unused", **{**HELDOUT, **options})
     _, heldout = ppo.split_prompts(read_prompts(config.prompts), config.heldout, config.seed)
-    return ppo.heldout_reward(folder, heldout, Scorer(config.pm), config)
+    return heldout_reward(folder, heldout, Scorer(config.pm), config)
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +243,7 @@ def test_max_kl_stops_a_run_that_runs_away(tmp_path, short_answer_setup):
 def test_lora_ppo_keeps_the_adapter_free_base_as_reference(tmp_path, short_answer_setup):
     from transformers import AutoModelForCausalLM
 
-    trainer = ppo.PPO(small_run(short_answer_setup, tmp_path, lora=True, learning_rate=1e-2))
+    trainer = PPO(small_run(short_answer_setup, tmp_path, lora=True, learning_rate=1e-2))
     prompts = read_prompts(EXAMPLES / "red-team.jsonl")
     # LoRA starts as a no-op: the first rollout is sampled before any update, so the KL starts at 0.
     assert trainer.step(prompts[:4], 1)["kl"] == pytest.approx(0.0, abs=1e-4)
@@ -287,7 +291,7 @@ def test_a_resumed_ppo_run_ends_bit_equal_to_an_uninterrupted_one(tmp_path, shor
     whole = ppo.run(small_run(short_answer_setup, tmp_path / "whole", **options))
     assert whole["kl_coef_final"] != options["kl_coef"]
 
-    original_step, steps_taken = ppo.PPO.step, []
+    original_step, steps_taken = PPO.step, []
 
     def step_then_die(self, prompts, step):
         if step == 3:
@@ -298,11 +302,11 @@ def test_a_resumed_ppo_run_ends_bit_equal_to_an_uninterrupted_one(tmp_path, shor
         steps_taken.append(step)
         return original_step(self, prompts, step)
 
-    monkeypatch.setattr(ppo.PPO, "step", step_then_die)
+    monkeypatch.setattr(PPO, "step", step_then_die)
     with pytest.raises(KeyboardInterrupt):
         ppo.run(small_run(short_answer_setup, tmp_path / "resumed", **options))
     assert (tmp_path / "resumed" / "checkpoint" / "state.pt").exists()
-    monkeypatch.setattr(ppo.PPO, "step", counted_step)
+    monkeypatch.setattr(PPO, "step", counted_step)
     resumed = ppo.run(small_run(short_answer_setup, tmp_path / "resumed", **options))
     assert steps_taken == [3, 4]  # it started from the checkpoint, not from scratch
     assert not (tmp_path / "resumed" / "checkpoint").exists()

@@ -15,7 +15,9 @@ import zlib
 import pytest
 from conftest import caictl, read_jsonl, write_jsonl
 
-from caictl.data.records import RecordWriter, RejectWriter, read_prompts, read_rows, stable_id, to_prompt
+from caictl.data.reading import read_prompts, read_rows
+from caictl.data.records import stable_id, to_prompt
+from caictl.data.writing import RecordWriter, RejectWriter
 from caictl.errors import InputError, UsageError
 
 USER = [{"role": "user", "content": "How do I pick a lock?"}]

@@ -18,7 +18,7 @@ from conftest import caictl_in_process, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from caictl.models import families
-from caictl.stages import init_model as tiny
+from caictl.models.builders import CHAT_TEMPLATE
 from caictl.stages import sft
 
 MODEL_FAMILIES = ("qwen2.5", "llama3", "phi3")
@@ -172,11 +172,11 @@ def test_caictls_llama31_training_template_only_adds_markers(family_model):
 def test_chat_template_file_overrides_the_training_template_and_the_original_is_kept(family_model, tmp_path):
     model = str(family_model("qwen2.5"))
     chatml = tmp_path / "chatml.jinja"
-    chatml.write_text(tiny.CHAT_TEMPLATE)  # ChatML with markers, without Qwen's default system message
+    chatml.write_text(CHAT_TEMPLATE)  # ChatML with markers, without Qwen's default system message
     config = sft.SFTConfig(revisions=[], out=str(tmp_path / "out"), model=model, chat_template=str(chatml))
     trainer, tokenizer, _, template = sft.prepare(config, model, CONVERSATIONS[1:])
     assert template["training"] == {"source": "--chat-template", "path": str(chatml),
-                                    "sha256": hashlib.sha256(tiny.CHAT_TEMPLATE.encode()).hexdigest()}
+                                    "sha256": hashlib.sha256(CHAT_TEMPLATE.encode()).hexdigest()}
     assert tokenizer.chat_template == families.template_text("qwen2.5")  # what the output folder will hold
     row = trainer.train_dataset[0]
     assert tokenizer.decode(row["input_ids"]).startswith("<|im_start|>user\nHi there")  # the file's rendering

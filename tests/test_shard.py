@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import caictl, read_jsonl, write_jsonl
 
-from caictl.data.records import in_shard, parse_shard
+from caictl.data.reading import in_shard, parse_shard
 from caictl.errors import UsageError
 from caictl.stages import label, revise, sample, score
 

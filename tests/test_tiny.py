@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from caictl.errors import UsageError
+from caictl.models import builders
 from caictl.stages import init_model as tiny
 
 
@@ -34,7 +35,7 @@ def test_tiny_is_well_under_a_million_parameters_and_says_its_weights_are_random
 
 def test_tokenizer_reloads_with_the_same_ids_and_round_trips_text(tiny_model):
     reloaded = AutoTokenizer.from_pretrained(tiny_model)
-    built = tiny.build_tokenizer(tiny.PRESETS["tiny"].vocab_size)
+    built = builders.build_tokenizer(builders.PRESETS["tiny"].vocab_size)
     text = 'Literal {{x}} {% raw %} "\n\nHuman: héllo 日本 <b>'
     assert reloaded(text).input_ids == built(text).input_ids
     assert reloaded.decode(reloaded(text).input_ids) == text

@@ -28,6 +28,14 @@ from caictl.errors import UsageError
 URL_EXAMPLE = "http://127.0.0.1:8000/v1"
 
 SHARED = ("model", "engine", "base_url", "constitution", "seed", "max_retries", "timeout")
+# What a shared option must be, wherever it is set, so a wrong one stops the run with a line, not a traceback:
+# (type, least value, what is expected). base_url is checked by _parse_urls.
+SHARED_TYPES = {
+    "model": (str, None, "a folder or hub id"),
+    "engine": (str, None, "an engine name"),
+    "seed": (int, None, "a whole number"),
+}  # constitution is checked as it loads (a name, files, or a list of them); max_retries and timeout by the
+#    openai engine, when it opens (caictl.engines.generation)
 # Stage options caictl.yaml may set, each checked as its flag is: (type, least value, what is expected).
 STAGE_OPTIONS = {
     "rounds": (int, 1, "a whole number, at least 1"),
@@ -45,14 +53,17 @@ NO_MODEL = (
 
 
 def resolve(name: str, flag_value=None, default=None):
-    """The value of a shared option by precedence: flag, CAICTL_<NAME>, caictl.yaml, default."""
+    """The value of a shared option by precedence: flag, CAICTL_<NAME>, caictl.yaml, default. base_url's is the
+    list of URLs (caictl.settings.base_urls), or `default` when none is set anywhere."""
     if name not in SHARED:
         raise KeyError(name)
+    if name == "base_url":
+        return base_urls(flag_value) or default
     if flag_value is not None:
         return flag_value
     env = os.environ.get(f"CAICTL_{name.upper()}")
     if env:
-        return env
+        return _from_env(name, env)
     project = _project_file()
     if project.get(name) is not None:
         return project[name]
@@ -111,7 +122,7 @@ def _project_file() -> dict:
                          f"known: {', '.join(known)}")
     # Checked when the file is read, whichever stage reads it, so a bad value never waits for the stage that uses it.
     problems = [f"{name}: {data[name]!r} is not {expected}"
-                for name, (kind, least, expected) in STAGE_OPTIONS.items()
+                for name, (kind, least, expected) in {**SHARED_TYPES, **STAGE_OPTIONS}.items()
                 if data.get(name) is not None and not _fits(data[name], kind, least)]
     if data.get("base_url") is not None:
         problems += [f"base_url: {problem}" for problem in _parse_urls(data["base_url"])[1]]
@@ -144,9 +155,25 @@ def _parse_urls(value) -> tuple[list[str], list[str]]:
     return urls, problems
 
 
-def _fits(value, kind: type, least: float) -> bool:
+def _from_env(name: str, text: str):
+    """CAICTL_<NAME>'s text as the option's type."""
+    if name not in SHARED_TYPES:
+        return text
+    kind, least, expected = SHARED_TYPES[name]
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not _fits(value, kind, least):
+        raise UsageError(f"CAICTL_{name.upper()}={text!r} is not {expected}: set it to one, or unset it")
+    return value
+
+
+def _fits(value, kind: type, least: float | None) -> bool:
     # YAML gives typed values: `true` is a bool (an int to Python), `"4"` a string; neither passes as a number.
     # A whole number passes as a float, as `--temperature 1` does.
+    if kind is str:
+        return isinstance(value, str)
     if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
         return False
-    return value >= least
+    return least is None or value >= least

@@ -1,2 +1,3 @@
-"""The data caictl reads and writes: records (JSONL readers and writers), conversations and transcripts, chat
-formats read back into messages, control text kept as data, constitutions and the constraints a prompt carries."""
+"""The data caictl reads and writes: record schemas (records), their readers (reading) and resumable writers
+(writing), conversations and transcripts, chat formats read back into messages, control text kept as data,
+constitutions and the constraints a prompt carries."""

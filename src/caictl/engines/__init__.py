@@ -31,7 +31,7 @@ def sampler(name: str) -> str:
     """What draws sampled tokens on engine `name`, for a sampling stage's resume settings: from the same seed,
     another sampler writes other text. A server samples with its own."""
     if name == "hf":
-        from caictl.engines.hf import SAMPLER
+        from caictl.engines.sampling import SAMPLER
 
         return SAMPLER
     return "server"

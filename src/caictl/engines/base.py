@@ -30,6 +30,20 @@ class Generation:
     truncated_tokens: int = 0  # prompt tokens cut from the front to fit the model's context (hf engine)
 
 
+@dataclass(frozen=True)
+class ChoiceScores:
+    """What choice_logprobs returns, per text in call order."""
+
+    logprobs: list[list[float]]  # the log-probability of each choice as the text's continuation
+    # Tokens cut from the text's front to fit the model's context (hf engine); 0 where nothing was cut, and always
+    # for a server, which refuses a too-long text instead.
+    cuts: list[int]
+
+    @classmethod
+    def uncut(cls, logprobs: list[list[float]]) -> ChoiceScores:
+        return cls(logprobs, [0] * len(logprobs))
+
+
 class Engine(Protocol):
     name: str
     model: str
@@ -46,16 +60,9 @@ class Engine(Protocol):
     def chat_prompt(self, chat: list[dict]) -> str | None:
         """The prompt text the model sees for a chat (its template), or None where it is not known here."""
 
-    def choice_logprobs(self, texts: list[str], choices: list[str]) -> list[list[float]]:
-        """For each text, the log-probability of each choice as its continuation (no generation). An engine that
-        cuts a too-long text from the front to fit its context also sets `choice_cuts`: per text of the last
-        call, how many tokens it cut."""
-
-
-def choice_cuts(engine, count: int) -> list[int]:
-    """Per text of the engine's last choice_logprobs call, the tokens it cut to fit; zeros for an engine that
-    cuts nothing (a server refuses a too-long text instead)."""
-    return getattr(engine, "choice_cuts", None) or [0] * count
+    def choice_logprobs(self, texts: list[str], choices: list[str]) -> ChoiceScores:
+        """For each text, the log-probability of each choice as its continuation (no generation), and how many
+        tokens were cut from the text's front to fit the model's context."""
 
 
 def request_seed(seed: int, key: str) -> int:

@@ -25,7 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from caictl.data.control_text import defuse
-from caictl.engines.base import Generation, SamplingParams, cut_at_stop, request_seed
+from caictl.engines.base import ChoiceScores, Generation, SamplingParams, cut_at_stop, request_seed
 from caictl.errors import CaictlError, UsageError
 from caictl.ui import log
 
@@ -53,8 +53,7 @@ class OpenAIEngine:
     name = "openai"
 
     def __init__(self, model: str, base_url: str | list[str] | None = None, concurrency: int = 8,
-                 max_retries: int = 6, timeout: float = 120.0, backoff: float = 1.0, cool_down: float = 2.0,
-                 batch_size: int | None = None):
+                 max_retries: int = 6, timeout: float = 120.0, backoff: float = 1.0, cool_down: float = 2.0):
         import openai
 
         # One URL or several; the command line's forms (repeated flag, commas, caictl.yaml list) are turned into
@@ -100,9 +99,10 @@ class OpenAIEngine:
     def chat_prompt(self, chat: list[dict]) -> None:
         return None  # the server applies its own template; scoring goes through /v1/completions text
 
-    def choice_logprobs(self, texts: list[str], choices: list[str]) -> list[list[float]]:
+    def choice_logprobs(self, texts: list[str], choices: list[str]) -> ChoiceScores:
         """Log-prob of each choice as the continuation of each text, from the server's echoed prompt
-        log-probs (/v1/completions with echo): one scoring request per (text, choice), nothing sampled."""
+        log-probs (/v1/completions with echo): one scoring request per (text, choice), nothing sampled. Nothing
+        is cut: a server refuses a text too long for its context."""
 
         def one(pair, key):
             text, choice = defuse(pair[0]), defuse(pair[1])
@@ -127,7 +127,7 @@ class OpenAIEngine:
 
         pairs = [(text, choice) for text in texts for choice in choices]
         flat = self._map(one, pairs, [""] * len(pairs))
-        return [flat[i:i + len(choices)] for i in range(0, len(flat), len(choices))]
+        return ChoiceScores.uncut([flat[t * len(choices):(t + 1) * len(choices)] for t in range(len(texts))])
 
     # Internals ------------------------------------------------------------------------------------------
 

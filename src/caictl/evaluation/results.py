@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from caictl.errors import UsageError
+from caictl.evaluation.markdown import random_weights_warning
 from caictl.evaluation.metrics import plot_reliability
 from caictl.ui import print_summary
 
@@ -26,7 +27,8 @@ def write_results(out: Path, title: str, counts: dict, subject: dict, results: d
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_reliability(results, out / "reliability.png")
     columns = [k for k in next(iter(summary["files"].values()))]
-    lines = [f"# caictl {title}", "", f"{', '.join(f'{k}: `{v}`' for k, v in subject.items())}", "",
+    lines = [f"# caictl {title}", "", *random_weights_warning(subject.get(key) for key in ("model", "pm")),
+             f"{', '.join(f'{k}: `{v}`' for k, v in subject.items())}", "",
              "| file | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     lines += [f"| {Path(p).name} | " + " | ".join(str(r[c]) for c in columns) + " |"
               for p, r in summary["files"].items()]

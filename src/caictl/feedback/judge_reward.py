@@ -22,9 +22,9 @@ import math
 
 from caictl.data.constitution import Constitution
 from caictl.engines import SamplingParams
-from caictl.engines.base import choice_cuts, request_seed
+from caictl.engines.base import request_seed
 from caictl.engines.generation import STOP_RESPONSE, Cuts, prompt_style, respond, response_request
-from caictl.feedback.judge import Comparison, Judge
+from caictl.feedback.judge import Judge, PairToJudge
 
 JUDGE_MODES = ("rating", "pairwise")
 RATINGS = tuple(f" {rating}" for rating in range(1, 10))
@@ -76,8 +76,8 @@ class JudgeReward:
     def ratings(self, prompts, responses, principles) -> tuple[list[float], list[int]]:
         questions = [self.judge.rating_question(p, r, principle.text)
                      for p, r, principle in zip(prompts, responses, principles)]
-        logprobs = self.engine.choice_logprobs(questions, list(RATINGS))
-        return [rating_reward(row) for row in logprobs], choice_cuts(self.engine, len(questions))
+        scores = self.engine.choice_logprobs(questions, list(RATINGS))
+        return [rating_reward(row) for row in scores.logprobs], scores.cuts
 
     def pairwise(self, prompts, responses, principles) -> tuple[list[float], list[int]]:
         from caictl.models.pm import conversation_text
@@ -86,7 +86,7 @@ class JudgeReward:
         new = {key: p for key, p in zip(keys, prompts) if key not in self.references}
         if new:
             self.references.update(zip(new, self.reference(list(new.values()))))
-        comparisons = [Comparison(str(i), p, response, self.references[key], [principle])
+        comparisons = [PairToJudge(str(i), p, response, self.references[key], [principle])
                        for i, (p, response, key, principle) in enumerate(zip(prompts, responses, keys, principles))]
         votes = self.judge.votes(comparisons)
         return ([v[0]["p"] - 0.5 for v in votes], [v[0].get("truncated_tokens", 0) for v in votes])

@@ -9,12 +9,14 @@ from dataclasses import dataclass
 
 from caictl import settings
 from caictl.data.constitution import Constitution
-from caictl.data.records import Pairs, read_rows, to_pairs
+from caictl.data.reading import read_rows
+from caictl.data.records import Pairs, to_pairs
 from caictl.engines import ENGINES
 from caictl.engines.generation import open_engine
 from caictl.errors import InputError
-from caictl.feedback.judge import Comparison, Judge
+from caictl.feedback.judge import Judge, PairToJudge
 from caictl.models import kind as model_kind
+from caictl.options import METHOD, MODEL_ENGINE, SAMPLING, common, option
 
 PAPER_COT_CLAMP = (0.4, 0.6)  # the paper's clamp for chain-of-thought labels
 
@@ -23,23 +25,29 @@ PAPER_COT_CLAMP = (0.4, 0.6)  # the paper's clamp for chain-of-thought labels
 class LabelOptions:
     """How a comparison is labelled and by which model; a stage's config adds what it reads and writes."""
 
-    model: str | None = None  # the feedback model
-    engine: str = "hf"
-    base_url: str | list[str] | None = None  # openai engine: server URL(s); None: CAICTL_BASE_URL, caictl.yaml
-    hard: bool = False  # 0/1 labels instead of soft probabilities
-    cot: bool = False  # chain-of-thought: reason first, then read the answer probabilities
-    clamp: tuple[float, float] | None = None  # clamp every probability into [lo, hi]; --cot defaults to 0.4-0.6
-    principles_per_pair: int = 1  # K principles per comparison, averaged (principle ensembling)
-    debias: bool = True  # score both orders and average
-    few_shot: bool = False  # worked labelling examples from the constitution before the question
-    max_new_tokens: int = 256  # --cot reasoning length
-    temperature: float = 1.0  # --cot reasoning sampling
-    batch_size: int = 16  # comparisons judged (and written) at a time
-    concurrency: int = 8  # openai engine: requests in flight
-    compile: bool | None = None  # hf engine: decoding through torch.compile; None: with CUDA only
-    max_retries: int | None = None  # openai engine; None: CAICTL_MAX_RETRIES, caictl.yaml, the engine's
-    timeout: float | None = None  # openai engine, seconds a request may take; None: likewise
-    seed: int = 0  # principle draw, --cot sampling
+    model: str | None = common("model", None, help="The feedback model: a folder or hub id (hf engine), or the "
+                                                   "server's model name (openai).")
+    engine: str = common("engine", "hf")
+    base_url: str | list[str] | None = common("base_url", None)
+    hard: bool = option(False, "Soft: normalised P(A) vs P(B). Hard: 0 or 1.", METHOD, flag="--soft/--hard",
+                        invert=True)
+    cot: bool = option(False, "Chain of thought: reason first, then read the answer probabilities (clamped to "
+                              "0.4-0.6 unless --clamp says otherwise).", METHOD)
+    clamp: tuple[float, float] | None = option(None, "Clamp each order's probability into [LO, HI] before "
+                                                     "averaging, e.g. --clamp 0.4 0.6 (the paper's CoT clamp).",
+                                               METHOD, metavar="LO HI")
+    principles_per_pair: int = option(1, "K principles per comparison, averaged (principle ensembling).", METHOD)
+    debias: bool = option(True, "Score both orders and average (position-bias control).", METHOD)
+    few_shot: bool = option(False, "Show the constitution's worked labelling examples before the question.",
+                            METHOD)
+    max_new_tokens: int = option(256, "--cot reasoning length, in tokens.", SAMPLING, settings="stage")
+    temperature: float = option(1.0, "--cot reasoning temperature.", SAMPLING, settings="stage")
+    batch_size: int = option(16, "Comparisons judged (and written) at a time.", MODEL_ENGINE, settings="stage")
+    concurrency: int = common("concurrency", 8)
+    compile: bool | None = common("compile", None)
+    max_retries: int | None = common("max_retries", None)
+    timeout: float | None = common("timeout", None)
+    seed: int = common("seed", 0, help="Random seed: the principle draw, --cot sampling.")
 
     def label_problems(self) -> list[str]:
         problems = []
@@ -83,8 +91,8 @@ class LabelOptions:
                      max_new_tokens=self.max_new_tokens, temperature=self.temperature, seed=self.seed)
 
 
-def read_comparisons(path: str | None, constitution: Constitution, principles_per_pair: int, seed: int,
-                     pairing: str = "first-two", rejects=None) -> list[Comparison]:
+def read_pairs_to_judge(path: str | None, constitution: Constitution, principles_per_pair: int, seed: int,
+                        pairing: str = "first-two", rejects=None) -> list[PairToJudge]:
     """Pairs rows to comparisons, each with its principles drawn (seeded by the comparison's id). rejects: set a
     bad row aside instead of failing (a RejectWriter)."""
     comparisons = []
@@ -101,7 +109,7 @@ def read_comparisons(path: str | None, constitution: Constitution, principles_pe
         seen[pairs.id] = seen.get(pairs.id, 0) + 1
         if seen[pairs.id] > 1 and "id" not in row.data:
             pairs.id = f"{pairs.id}-{seen[pairs.id]}"
-        for comparison in _comparisons_of(pairs, pairing):
+        for comparison in _pairs_to_judge(pairs, pairing):
             rng = random.Random(f"{seed}:{comparison.id}:principles")
             k = min(principles_per_pair, len(constitution.comparison))
             comparison.principles = rng.sample(constitution.comparison, k)
@@ -112,12 +120,12 @@ def read_comparisons(path: str | None, constitution: Constitution, principles_pe
     return comparisons
 
 
-def _comparisons_of(pairs: Pairs, pairing: str) -> list[Comparison]:
+def _pairs_to_judge(pairs: Pairs, pairing: str) -> list[PairToJudge]:
     responses, extra = pairs.responses, pairs.extra
     if pairs.human_chosen_index is not None:
         # Kept in the record, so the labels can be checked against people: chosen_index == human_chosen_index.
         extra = {**extra, "human_chosen_index": pairs.human_chosen_index}
     if pairing == "first-two" or len(responses) == 2:
-        return [Comparison(pairs.id, pairs.messages, responses[0], responses[1], [], extra)]
-    return [Comparison(f"{pairs.id}/{i}-{j}", pairs.messages, responses[i], responses[j], [], extra)
+        return [PairToJudge(pairs.id, pairs.messages, responses[0], responses[1], [], extra)]
+    return [PairToJudge(f"{pairs.id}/{i}-{j}", pairs.messages, responses[i], responses[j], [], extra)
             for i in range(len(responses)) for j in range(i + 1, len(responses))]

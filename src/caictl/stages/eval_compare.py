@@ -32,14 +32,16 @@ import gc
 import json
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 
 from caictl import __version__
 from caictl.data import constraints as constraint_checks
 from caictl.data.constitution import load_for_stage
-from caictl.data.records import Prompt, RecordWriter, batches, read_prompts, read_rows
+from caictl.data.reading import read_prompts, read_rows
+from caictl.data.records import Prompt
+from caictl.data.writing import RecordWriter, batches
 from caictl.engines import ENGINES, SamplingParams, sampler
 from caictl.engines.generation import (
     PROMPT_STYLES,
@@ -52,10 +54,12 @@ from caictl.engines.generation import (
     response_request,
 )
 from caictl.errors import UsageError
+from caictl.evaluation.markdown import random_weights_warning
 from caictl.evaluation.ratings import Outcome, elo, elo_points, share_of_win, win_rates
 from caictl.evaluation.textstats import is_refusal, response_stats
 from caictl.models import identity as model_identity
 from caictl.models import kind as model_kind
+from caictl.options import INPUT_OUTPUT, METHOD, MODEL_ENGINE, RUNS, SAMPLING, common, option
 from caictl.ui import log, meter, print_summary, row_counts
 
 ALL = "all"
@@ -63,28 +67,36 @@ ALL = "all"
 
 @dataclass
 class EvalCompareConfig:
-    prompts: list[str]  # prompt files, one set each
-    out: str  # output folder
-    models: list[str] = field(default_factory=list)  # "NAME=PATH" or PATH (named after the folder)
-    pm: str | None = None
-    judge: str | None = None  # the feedback model for pairwise judgements
-    judge_refusal: bool = False
-    engine: str = "hf"
-    base_url: str | list[str] | None = None  # openai engine: server URL(s); None: CAICTL_BASE_URL, caictl.yaml
-    constitution: str = "harmless"  # judges every set not named in set_constitutions
-    set_constitutions: list[str] = field(default_factory=list)  # "SET=CONSTITUTION": the judge's principles per set
-    prompt_style: str = "auto"
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    batch_size: int = 16
-    concurrency: int = 8
-    compile: bool | None = None  # hf engine: decoding through torch.compile; None: with CUDA only
-    max_retries: int | None = None  # openai engine; None: CAICTL_MAX_RETRIES, caictl.yaml, the engine's
-    timeout: float | None = None  # openai engine, seconds a request may take; None: likewise
-    limit: int | None = None  # prompts per set
-    seed: int = 0
-    overwrite: bool = False
+    prompts: list[str] = option(help="Prompt files, one set each (named after the file).", panel=INPUT_OUTPUT,
+                                argument=True)
+    out: str = option(help="Output folder.", panel=INPUT_OUTPUT, short="-o")
+    models: list[str] = option(help="NAME=PATH (or PATH, named after the folder) of a model to compare; repeat for "
+                                    "each model.", panel=MODEL_ENGINE, default_factory=list, flag="--model",
+                               repeat=True, metavar="NAME=PATH")
+    pm: str | None = option(None, "A train-pm folder: reward each response, higher wins (the same text, or rewards "
+                                  "within 1e-6, tie).", METHOD)
+    judge: str | None = option(None, "A feedback model: judge each pair, both orders.", METHOD)
+    judge_refusal: bool = option(False, "Also ask the judge whether each response refuses.", METHOD)
+    engine: str = common("engine", "hf")
+    base_url: str | list[str] | None = common("base_url", None)
+    constitution: str = common("constitution", "harmless", help="The judge's principles for every set not named in "
+                                                                "--set-constitution: shipped name or file(s).")
+    set_constitutions: list[str] = option(help="SET=CONSTITUTION: the judge draws that set's principles from this "
+                                               "constitution (e.g. helpful=helpful); repeat per set.", panel=METHOD,
+                                          default_factory=list, flag="--set-constitution", repeat=True,
+                                          metavar="SET=NAME")
+    prompt_style: str = option("auto", "auto, chat or transcript.", METHOD)
+    max_new_tokens: int = option(128, "Response length cap, in tokens.", SAMPLING, settings="stage")
+    temperature: float = option(1.0, "Sampling temperature; 0 is greedy.", SAMPLING, settings="stage")
+    top_p: float = option(1.0, "Nucleus sampling mass.", SAMPLING)
+    batch_size: int = option(16, "Sequences per forward pass (hf engine).", MODEL_ENGINE, settings="stage")
+    concurrency: int = common("concurrency", 8)
+    compile: bool | None = common("compile", None)
+    max_retries: int | None = common("max_retries", None)
+    timeout: float | None = common("timeout", None)
+    limit: int | None = option(None, "At most N prompts per set.", INPUT_OUTPUT)
+    seed: int = common("seed", 0)
+    overwrite: bool = option(False, "Answer and judge again from scratch.", RUNS)
 
     def check(self) -> dict[str, str]:
         """The models by name."""
@@ -303,7 +315,7 @@ def pm_outcomes(config: EvalCompareConfig, models: dict[str, str], items: list[I
 
 def judge_outcomes(config: EvalCompareConfig, models: dict[str, str], items: list[Item], rows: list[dict],
                    by_set: dict[str, str], constitutions: dict, path: Path):
-    from caictl.feedback.judge import Comparison, Judge
+    from caictl.feedback.judge import Judge, PairToJudge
 
     response = {(r["model"], f"{r['set']}/{r['prompt_id']}"): r["response"] for r in rows}
     comparisons = []
@@ -312,10 +324,10 @@ def judge_outcomes(config: EvalCompareConfig, models: dict[str, str], items: lis
             comparison_id = f"{a}|{b}/{item.key}"
             name = by_set[item.set]
             principle = random.Random(f"{config.seed}:{comparison_id}").choice(constitutions[name].comparison)
-            comparisons.append(Comparison(comparison_id, item.prompt.messages, response[(a, item.key)],
-                                          response[(b, item.key)], [principle],
-                                          {"set": item.set, "prompt_id": item.prompt.id, "a": a, "b": b,
-                                           "constitution": name}))
+            comparisons.append(PairToJudge(comparison_id, item.prompt.messages, response[(a, item.key)],
+                                           response[(b, item.key)], [principle],
+                                           {"set": item.set, "prompt_id": item.prompt.id, "a": a, "b": b,
+                                            "constitution": name}))
     run_settings = {"stage": "eval compare judge", "judge": config.judge,
                     "judge_identity": model_identity.identity(config.judge, config.engine),
                     # Per set: a changed mapping or a changed constitution refuses to resume these judgements.
@@ -428,6 +440,7 @@ STAT_COLUMNS = [("constraints_met", "constraints met"), ("prompts_all_met", "pro
 def report(summary: dict) -> str:
     models = list(summary["models"])
     lines = ["# caictl eval compare", "",
+             *random_weights_warning([*summary["models"].values(), summary["pm"], summary["judge"]]),
              f"Models: {', '.join(f'`{n}` ({p})' for n, p in summary['models'].items())}. "
              f"Prompt sets: {', '.join(f'{s} ({n})' for s, n in summary['sets'].items())}. "
              f"PM: `{summary['pm'] or '-'}`. Judge: `{summary['judge'] or '-'}`"

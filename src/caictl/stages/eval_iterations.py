@@ -23,10 +23,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from caictl.data.records import read_prompts, read_rows
+from caictl.data.reading import read_prompts, read_rows
 from caictl.errors import UsageError
-from caictl.evaluation.markdown import table
+from caictl.evaluation.markdown import random_weights_warning, table
 from caictl.evaluation.textstats import response_stats
+from caictl.models import kind as model_kind
+from caictl.options import INPUT_OUTPUT, MODEL_ENGINE, SAMPLING, common, option
 from caictl.ui import log, summary_table
 
 ROUND = re.compile(r"iter-(\d+)$")
@@ -34,14 +36,15 @@ ROUND = re.compile(r"iter-(\d+)$")
 
 @dataclass
 class EvalIterationsConfig:
-    run: str  # the iterated run's folder (runs/RUN)
-    prompts: str  # held-out prompts each round's policy answers
-    reference: str  # the model KL is measured from: the SL-CAI model
-    out: str
-    max_new_tokens: int = 48
-    batch_size: int = 16
-    limit: int | None = 32  # held-out prompts used
-    seed: int = 0
+    run: str = option(help="An iterated run's folder (examples/iterated-pipeline.sh: runs/RUN).", panel=INPUT_OUTPUT,
+                      argument=True)
+    prompts: str = option(help="Held-out prompts each round's policy answers.", panel=INPUT_OUTPUT)
+    reference: str = option(help="The model KL is measured from: the SL-CAI model.", panel=MODEL_ENGINE)
+    out: str = option(help="Output folder.", panel=INPUT_OUTPUT, short="-o")
+    max_new_tokens: int = option(48, "Tokens per sampled response.", SAMPLING, settings="stage")
+    batch_size: int = option(16, "Prompts per forward pass.", MODEL_ENGINE, settings="stage")
+    limit: int | None = option(32, "Held-out prompts used.", INPUT_OUTPUT)
+    seed: int = common("seed", 0)
 
 
 def run(config: EvalIterationsConfig) -> dict:
@@ -50,6 +53,7 @@ def run(config: EvalIterationsConfig) -> dict:
         raise UsageError(f"{config.run}: no finished rounds (iter-K/ with a `done` marker); run "
                          "examples/iterated-pipeline.sh first")
     prompts = read_prompts(config.prompts)[:config.limit]
+    model_kind.require(config.reference, "--reference")
     reference = load_model(config.reference)  # once: every round's KL is from the same model
     rows, previous_pm = [], None
     for k, folder in rounds:
@@ -159,7 +163,7 @@ def render(summary: dict) -> str:
                ("reward_after", "reward after"), ("kl_from_reference", "KL from SL-CAI (nats)"),
                ("refusal_rate", "refusal"), ("boilerplate_rate", "boilerplate"),
                ("previous_pm_disagreement", "previous PM disagrees")]
-    lines = [f"# Iterated RL-CAI: `{summary['run']}`", "",
+    lines = [f"# Iterated RL-CAI: `{summary['run']}`", "", *random_weights_warning([summary["reference"]]),
              f"{len(summary['rounds'])} round(s); each round's policy sampled on {summary['held_out_prompts']} "
              f"held-out prompts from `{summary['prompts']}`; KL from `{summary['reference']}`.", ""]
     lines += table([title for _, title in columns],

@@ -28,21 +28,23 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from caictl import __version__
 from caictl.data.constitution import Constitution, load_for_stage
-from caictl.data.records import RecordWriter, batches, read_rows
+from caictl.data.reading import read_rows
+from caictl.data.writing import RecordWriter, batches
 from caictl.engines import sampler
 from caictl.engines.generation import Cuts, log_servers
 from caictl.errors import InputError, UsageError
-from caictl.evaluation.markdown import number, table
+from caictl.evaluation.markdown import number, random_weights_warning, table
 from caictl.evaluation.metrics import plot_reliability
 from caictl.feedback.agreement import Judged, Mode, label_probability, measure
-from caictl.feedback.judge import Comparison, Judge
-from caictl.feedback.label_options import PAPER_COT_CLAMP, LabelOptions, read_comparisons
+from caictl.feedback.judge import Judge, PairToJudge
+from caictl.feedback.label_options import PAPER_COT_CLAMP, LabelOptions, read_pairs_to_judge
 from caictl.models import identity as model_identity
+from caictl.options import INPUT_OUTPUT, METHOD, RUNS, common, option
 from caictl.ui import meter, print_summary, row_counts
 
 # Which votes a mode reads: its own scoring pass.
@@ -51,14 +53,17 @@ PASSES = {False: "votes", True: "cot_votes"}
 
 @dataclass(kw_only=True)
 class EvalLabelerConfig(LabelOptions):
-    files: list[str]  # comparisons people made: hh-rlhf rows, HHH rows, prompt/chosen/rejected rows
-    out: str  # output folder
-    constitution: str = "harmless"
-    principles: list[str] = field(default_factory=list)  # restrict the draw to these comparison principle ids
-    all_principles: bool = False  # every principle votes on every comparison, instead of K drawn
-    compare_modes: bool = False  # soft, hard, cot and cot-clamp side by side
-    limit: int | None = None  # at most N comparisons per file, from the top
-    overwrite: bool = False
+    files: list[str] = option(help="Comparisons people made: hh-rlhf chosen/rejected, HHH text_correct/"
+                                   "text_incorrect, prompt/chosen/rejected.", panel=INPUT_OUTPUT, argument=True)
+    out: str = option(help="Output folder.", panel=INPUT_OUTPUT, short="-o")
+    constitution: str = common("constitution", "harmless")
+    principles: list[str] = option(help="Comparison principle ids to draw from, comma-separated; unset: all.",
+                                   panel=METHOD, default_factory=list, split=",", metavar="IDS")
+    all_principles: bool = option(False, "Every principle votes on every comparison, instead of K drawn "
+                                         "(per-principle figures on all of them).", METHOD)
+    compare_modes: bool = option(False, "Soft, hard, cot and cot-clamp labels side by side.", METHOD)
+    limit: int | None = option(None, "At most N comparisons per file, from the top.", INPUT_OUTPUT)
+    overwrite: bool = option(False, "Start afresh instead of resuming.", RUNS)
 
     def check(self) -> None:
         problems = self.label_problems()
@@ -136,11 +141,11 @@ def run(config: EvalLabelerConfig, engine=None) -> dict:
     return write_outputs(out, summarise(config, model, constitution, modes, records, counts))
 
 
-def read_judged(config: EvalLabelerConfig, path: str, constitution: Constitution) -> list[Comparison]:
+def read_judged(config: EvalLabelerConfig, path: str, constitution: Constitution) -> list[PairToJudge]:
     """A file's comparisons as `caictl label` reads them, each with its principles drawn; every one must carry the
     people's choice. Checked before any model loads."""
     drawn = len(constitution.comparison) if config.all_principles else config.principles_per_pair
-    comparisons = read_comparisons(path, constitution, drawn, config.seed)[: config.limit]
+    comparisons = read_pairs_to_judge(path, constitution, drawn, config.seed)[: config.limit]
     unlabelled = next((c for c in comparisons if "human_chosen_index" not in c.extra), None)
     if unlabelled is not None:
         raise InputError(f"{path}: comparison {unlabelled.id} carries no choice by a person; eval labeler needs "
@@ -149,11 +154,11 @@ def read_judged(config: EvalLabelerConfig, path: str, constitution: Constitution
     return comparisons
 
 
-def record_id(path: str, comparison: Comparison) -> str:
+def record_id(path: str, comparison: PairToJudge) -> str:
     return f"{Path(path).name}/{comparison.id}"
 
 
-def to_record(path: str, comparison: Comparison, votes: dict[str, list[dict]], modes: list[Mode],
+def to_record(path: str, comparison: PairToJudge, votes: dict[str, list[dict]], modes: list[Mode],
               run_settings: dict, cuts: Cuts) -> dict:
     """One comparison: the responses in their first order, which one people chose, the votes of each scoring pass
     (p_ab and p_ba as read), and each mode's P(first response better)."""
@@ -168,7 +173,7 @@ def to_record(path: str, comparison: Comparison, votes: dict[str, list[dict]], m
     }
 
 
-def read_records(path: Path, comparisons: dict[str, list[Comparison]]) -> dict[str, list[dict]]:
+def read_records(path: Path, comparisons: dict[str, list[PairToJudge]]) -> dict[str, list[dict]]:
     """Per input file, the records of its comparisons in input order: this run's and a resumed run's."""
     by_id = {row.data["id"]: row.data for row in read_rows(path)}
     return {file: [by_id[record_id(file, c)] for c in cs] for file, cs in comparisons.items()}
@@ -242,7 +247,7 @@ def _cells(s: dict) -> list[str]:
 def report(summary: dict) -> str:
     modes = ", ".join(f"`{name}`" + (f" (clamp {m['clamp'][0]}-{m['clamp'][1]})" if m["clamp"] else "")
                       for name, m in summary["modes"].items())
-    lines = ["# caictl eval labeler", "",
+    lines = ["# caictl eval labeler", "", *random_weights_warning([summary["model"]]),
              f"Feedback model `{summary['model']}` ({summary['engine']}), constitution `{summary['constitution']}` "
              f"({summary['constitution_hash']}), principles: {summary['principles']}, few-shot: "
              f"{'yes' if summary['few_shot'] else 'no'}, label from both orders averaged: "

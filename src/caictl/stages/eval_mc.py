@@ -18,31 +18,34 @@ from pathlib import Path
 
 from caictl import settings
 from caictl.data import control_text as tokens
-from caictl.data.records import read_rows
+from caictl.data.reading import read_rows
 from caictl.engines import ENGINES
-from caictl.engines.base import choice_cuts
 from caictl.engines.generation import Cuts, log_servers, open_engine
 from caictl.errors import InputError, UsageError
 from caictl.evaluation.metrics import calibration
 from caictl.evaluation.ratings import tied
 from caictl.evaluation.results import existing_files, write_results
 from caictl.models import kind as model_kind
+from caictl.options import INPUT_OUTPUT, MODEL_ENGINE, common, option
 from caictl.ui import meter, row_counts
 
 
 @dataclass
 class EvalMCConfig:
-    files: list[str]  # Anthropic-format multiple-choice files
-    out: str  # output folder
-    model: str | None = None
-    engine: str = "hf"  # hf, or openai: a server that echoes prompt log-probs (vLLM, llama.cpp)
-    base_url: str | list[str] | None = None  # openai engine: server URL(s); None: CAICTL_BASE_URL, caictl.yaml
-    batch_size: int = 16  # questions per engine call; hf: also sequences per forward pass
-    concurrency: int = 8  # requests in flight (openai)
-    compile: bool | None = None  # hf engine: decoding through torch.compile; None: with CUDA only
-    max_retries: int | None = None  # openai engine; None: CAICTL_MAX_RETRIES, caictl.yaml, the engine's
-    timeout: float | None = None  # openai engine, seconds a request may take; None: likewise
-    limit: int | None = None  # at most N questions per file, from the top
+    files: list[str] = option(help="Multiple-choice files in Anthropic's format: prompt, corrects, incorrects.",
+                              panel=INPUT_OUTPUT, argument=True)
+    out: str = option(help="Output folder.", panel=INPUT_OUTPUT, short="-o")
+    model: str | None = common("model", None)
+    engine: str = common("engine", "hf", help="hf, or openai: a server that echoes prompt log-probs (vLLM, "
+                                              "llama.cpp).")
+    base_url: str | list[str] | None = common("base_url", None)
+    batch_size: int = option(16, "Questions per engine call; hf: also sequences per forward pass.", MODEL_ENGINE,
+                             settings="stage")
+    concurrency: int = common("concurrency", 8)
+    compile: bool | None = common("compile", None)
+    max_retries: int | None = common("max_retries", None)
+    timeout: float | None = common("timeout", None)
+    limit: int | None = option(None, "At most N questions per file, from the top.", INPUT_OUTPUT)
 
     def check(self) -> None:
         problems = []
@@ -115,9 +118,8 @@ def score_questions(engine, rows: list[dict], batch_size: int, progress):
         for first in range(0, len(indices), batch_size):
             chunk = indices[first:first + batch_size]
             # The question is content: a control token written in it is read as text (caictl.data.control_text).
-            logprobs = engine.choice_logprobs([tokens.mark(rows[i]["prompt"]) for i in chunk], list(choices))
-            cut = choice_cuts(engine, len(chunk))
-            for i, by_choice, c in zip(chunk, logprobs, cut):
+            scores = engine.choice_logprobs([tokens.mark(rows[i]["prompt"]) for i in chunk], list(choices))
+            for i, by_choice, c in zip(chunk, scores.logprobs, scores.cuts):
                 position = dict(zip(choices, by_choice))
                 scored[i] = (rows[i], [position[choice] for choice in rows[i]["corrects"] + rows[i]["incorrects"]], c)
             progress.advance(len(chunk))

@@ -9,25 +9,28 @@ margin, calibration. Writes records.jsonl, summary.json, reliability.png and rep
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from caictl.data.records import read_rows
+from caictl.data.reading import read_rows
 from caictl.errors import InputError
 from caictl.evaluation.metrics import pairwise_metrics
 from caictl.evaluation.results import existing_files, write_results
 from caictl.models import kind as model_kind
+from caictl.options import INPUT_OUTPUT, MODEL_ENGINE, option
 from caictl.ui import meter, row_counts
 
 
 @dataclass
 class EvalPMConfig:
-    files: list[str]  # comparison files
-    out: str
-    pm: str = ""
-    batch_size: int = 32
-    max_length: int = 512
-    names: list[str] = field(default_factory=list)
+    files: list[str] = option(help="Comparison files: text_correct/text_incorrect, hh-rlhf, preference records.",
+                              panel=INPUT_OUTPUT, argument=True)
+    out: str = option(help="Output folder.", panel=INPUT_OUTPUT, short="-o")
+    pm: str = option("", "A train-pm output folder.", MODEL_ENGINE, required=True)
+    batch_size: int = option(32, "Texts per forward pass.", MODEL_ENGINE, settings="stage")
+    max_length: int = option(512, "Tokens kept from the end of each conversation.", MODEL_ENGINE)
+    names: list[str] = option(help="A name per file in the report; none: the file names.", panel=INPUT_OUTPUT,
+                              default_factory=list, cli=False)
 
 
 def run(config: EvalPMConfig) -> dict:

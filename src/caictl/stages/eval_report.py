@@ -23,10 +23,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from caictl.data.records import UNUSABLE_REVISION_FLAGS, read_rows
+from caictl.data.reading import read_rows
+from caictl.data.records import UNUSABLE_REVISION_FLAGS
 from caictl.errors import CaictlError, UsageError
-from caictl.evaluation.markdown import number, table
+from caictl.evaluation.markdown import number, random_weights_warning, table
 from caictl.feedback.judge import vote_statistics
+from caictl.options import INPUT_OUTPUT, option
 from caictl.ui import summary_table
 
 SCAN_DEPTH = 3
@@ -35,8 +37,8 @@ STAGE_ORDER = ["init-model", "revise", "sft", "sample", "label", "train-pm", "pp
 
 @dataclass
 class EvalReportConfig:
-    paths: list[str]  # run folders or artifact files
-    out: str | None = None  # default: <first folder>/report
+    paths: list[str] = option(help="Run folders (scanned) or artifact files.", panel=INPUT_OUTPUT, argument=True)
+    out: str | None = option(None, "Output folder; unset: FIRST_FOLDER/report.", INPUT_OUTPUT, short="-o")
 
 
 @dataclass
@@ -221,7 +223,7 @@ def render(summary: dict, found: Found, out: Path) -> str:
     def link(path: Path | str) -> str:
         return os.path.relpath(path, out)
 
-    lines = ["# caictl run report", ""]
+    lines = ["# caictl run report", "", *random_weights_warning(models_used(summary))]
     if summary["stages"]:
         lines += ["## Stages", "", "| stage | folder | figures |", "|---|---|---|"]
         for entry in summary["stages"]:
@@ -296,6 +298,16 @@ def render(summary: dict, found: Found, out: Path) -> str:
                         "prefers longer", "people prefer longer"], rows)
         lines += [f"![{p.stem}]({link(p)})" for p in sorted(Path(path).glob("*.png"))] + [""]
     return "\n".join(lines)
+
+
+def models_used(summary: dict) -> list[str]:
+    """Every model folder the report covers: those found, and those the eval folders it read name."""
+    models = [entry["path"] for entry in summary["stages"]]
+    for compare in summary["compare"].values():
+        models += compare["models"].values()
+    for scores in [*summary["scores"].values(), *summary["labelers"].values()]:
+        models += [scores[key] for key in ("model", "pm") if key in scores]
+    return models
 
 
 def _pct(value) -> str:

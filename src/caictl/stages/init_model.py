@@ -6,98 +6,37 @@
     caictl init-model --family llama3 --preset tiny --out models/llama3-tiny
 
 No weights can be downloaded on an offline machine, so caictl builds its own: a Llama-shaped model with
-random weights and a byte-level BPE tokenizer trained on caictl's own constitution text. The chat template is
-ChatML with `{% generation %}` markers, so TRL's assistant-only loss works on it. These models generate
-noise; they exist so that every stage runs end to end without a hub. `caictl.json` in the folder says so.
+random weights and a byte-level BPE tokenizer trained on caictl's own constitution text, in ChatML. These models
+generate noise; they exist so that every stage runs end to end without a hub. `caictl.json` in the folder says so.
 
-A Llama config, not Qwen2: transformers 5 rebuilds a Qwen2 tokenizer's pre-tokenizer on reload, which
-changes the ids of a BPE trained with a plain byte-level pre-tokenizer.
-
-With `--family` (qwen2.5, llama3, phi3) the model is that family's architecture class and config features
-(Qwen2's q/k/v biases and tied embeddings, Llama 3's llama3 RoPE scaling and untied head, Phi-3's fused
-qkv_proj and gate_up_proj), scaled down but with the full vocabulary, and the folder holds the family's real
-tokenizer and TRL's copy of its chat template (see caictl.models.families; `python -m caictl.models.families prepare`
-first).
-The weights are still random.
+With `--family` (qwen2.5, llama3, phi3) the model is that family's architecture, scaled down but with the full
+vocabulary, and the folder holds the family's real tokenizer and TRL's copy of its chat template (`caictl
+families prepare` first). The weights are still random. The builders are in caictl.models.builders.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from caictl import __version__
 from caictl.errors import UsageError
 from caictl.models import families
-
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-
-# ChatML. Assistant content and its end marker sit inside the generation block: those are the tokens an
-# assistant-only loss trains on.
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\n' }}"
-    "{%- if message['role'] == 'assistant' %}"
-    "{% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}"
-    "{%- else %}"
-    "{{- message['content'] + '<|im_end|>' }}"
-    "{%- endif %}"
-    "{{- '\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
-)
-
-
-@dataclass(frozen=True)
-class Preset:
-    vocab_size: int  # BPE target; the model's vocabulary is rounded up to a multiple of 64
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    max_position_embeddings: int
-    model_vocab_size: int | None = None  # a real model's embedding size, when the shape should match one
-
-
-PRESETS = {
-    # ~0.2M parameters: unit and stage tests.
-    "tiny": Preset(1024, 64, 128, 2, 4, 2, 4096),
-    # ~25M parameters: benchmarks and the offline demo.
-    "small": Preset(8192, 512, 2048, 6, 8, 2, 4096),
-    # Qwen2.5-0.5B's shape (~494M parameters, 151936-token embedding): GPU benchmarks.
-    "qwen0.5b-shape": Preset(8192, 896, 4864, 24, 14, 2, 32768, model_vocab_size=151936),
-}
-
-
-@dataclass(frozen=True)
-class FamilyPreset:
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int  # grouped-query families; the others keep one key/value head per query head
-
-
-# A family keeps its whole vocabulary, so the embedding holds most of the parameters: tiny is 4-17M
-# parameters (phi3 .. llama3, whose head is untied), small 20-70M.
-FAMILY_PRESETS = {
-    "tiny": FamilyPreset(64, 128, 2, 4, 2),
-    "small": FamilyPreset(256, 768, 4, 4, 2),
-}
-
-TASKS = ("causal-lm", "seq-cls")
+from caictl.models.builders import FAMILY_PRESETS, PRESETS, TASKS, build_family, build_own
+from caictl.models.training import write_model_info
+from caictl.options import INPUT_OUTPUT, MODEL_ENGINE, RUNS, option
 
 
 @dataclass
 class InitModelConfig:
-    out: Path
-    preset: str = "tiny"  # one of PRESETS
-    task: str = "causal-lm"  # causal-lm (a policy) or seq-cls (a scalar-head preference model)
-    seed: int = 0
-    # qwen2.5, llama3 or phi3: that family's architecture, real tokenizer and chat template; None: caictl's own
-    family: str | None = None
+    out: Path = option(help="Folder to write the model to.", panel=INPUT_OUTPUT, short="-o")
+    preset: str = option("tiny", "tiny (~0.1M parameters, tests), small (~25M, demo) or qwen0.5b-shape (~494M, GPU "
+                                 "benchmarks).", MODEL_ENGINE)
+    task: str = option("causal-lm", "causal-lm (a policy) or seq-cls (a scalar-head preference model).",
+                       MODEL_ENGINE)
+    seed: int = option(0, "Weights are a function of the seed.", RUNS)
+    family: str | None = option(None, "qwen2.5, llama3 or phi3: that family's architecture (scaled down), real "
+                                      "tokenizer and chat template; --preset tiny or small. Prepare once: caictl "
+                                      "families prepare. Unset: caictl's own.", MODEL_ENGINE)
 
     def check(self) -> None:
         problems = []
@@ -120,78 +59,11 @@ class InitModelConfig:
 def run(config: InitModelConfig) -> Path:
     """Build the model folder and return its path."""
     config.check()
-    if config.family is not None:
-        return _run_family(config)
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
-
-    from caictl.ui import quiet_transformers
-
-    quiet_transformers()
-    preset = PRESETS[config.preset]
-    tokenizer = build_tokenizer(preset.vocab_size)
-    vocab = preset.model_vocab_size or -(-len(tokenizer) // 64) * 64
-    model_config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=preset.hidden_size,
-        intermediate_size=preset.intermediate_size,
-        num_hidden_layers=preset.num_hidden_layers,
-        num_attention_heads=preset.num_attention_heads,
-        num_key_value_heads=preset.num_key_value_heads,
-        max_position_embeddings=preset.max_position_embeddings,
-        tie_word_embeddings=True,
-        bos_token_id=None,
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-        num_labels=1,
-    )
-    torch.manual_seed(config.seed)
-    model_class = LlamaForCausalLM if config.task == "causal-lm" else LlamaForSequenceClassification
-    model = model_class(model_config)
-    if config.task == "causal-lm":
-        model.generation_config.eos_token_id = model_config.eos_token_id
-        model.generation_config.pad_token_id = model_config.pad_token_id
-        model.generation_config.bos_token_id = None
-
-    return _save(config, model, tokenizer, {})
-
-
-def _run_family(config: InitModelConfig) -> Path:
-    """A random-weight model in a real family's architecture, with its real tokenizer and chat template."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from caictl.ui import quiet_transformers
-
-    quiet_transformers()
-    family = families.get(config.family)
-    shape = FAMILY_PRESETS[config.preset]
-    tokenizer = families.load_tokenizer(family.name)
-    token_id = tokenizer.convert_tokens_to_ids
-    model_config = AutoConfig.for_model(
-        family.model_type,
-        vocab_size=max(family.vocab_size, len(tokenizer)),
-        hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_hidden_layers,
-        num_attention_heads=shape.num_attention_heads,
-        num_key_value_heads=shape.num_key_value_heads if family.grouped_query else shape.num_attention_heads,
-        bos_token_id=token_id(family.bos) if family.bos else None,
-        eos_token_id=token_id(family.eos),
-        pad_token_id=token_id(family.pad),
-        num_labels=1,
-        **family.config,
-    )
-    torch.manual_seed(config.seed)
-    model_class = AutoModelForCausalLM if config.task == "causal-lm" else AutoModelForSequenceClassification
-    model = model_class.from_config(model_config)
-    if config.task == "causal-lm":
-        model.generation_config.eos_token_id = families.stop_ids(tokenizer, family.name)
-        model.generation_config.pad_token_id = model_config.pad_token_id
-        model.generation_config.bos_token_id = model_config.bos_token_id
-    info = {"family": family.name, "shape_of": family.shape_of, "architecture": type(model).__name__,
-            **families.provenance(family.name)}
-    return _save(config, model, tokenizer, info)
+    if config.family is None:
+        model, tokenizer, extra = build_own(config.preset, config.task, config.seed)
+    else:
+        model, tokenizer, extra = build_family(config.family, config.preset, config.task, config.seed)
+    return _save(config, model, tokenizer, extra)
 
 
 def _save(config: InitModelConfig, model, tokenizer, extra: dict) -> Path:
@@ -200,9 +72,7 @@ def _save(config: InitModelConfig, model, tokenizer, extra: dict) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     n_params = sum(p.numel() for p in model.parameters())
-    info = {
-        "stage": "init-model",
-        "caictl_version": __version__,
+    write_model_info(out, "init-model", {
         "random_weights": True,
         "warning": "RANDOM WEIGHTS: this model was never trained and generates noise. "
         "It exists so that caictl runs and tests offline.",
@@ -211,45 +81,6 @@ def _save(config: InitModelConfig, model, tokenizer, extra: dict) -> Path:
         "seed": config.seed,
         "parameters": n_params,
         **extra,
-    }
-    (out / "caictl.json").write_text(json.dumps(info, indent=2) + "\n")
+    }, processes=False)
     return out
 
-
-def build_tokenizer(vocab_size: int):
-    """A byte-level BPE trained on caictl's own text; deterministic for a given caictl version."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(training_corpus(), trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>"],
-        padding_side="left",
-        chat_template=CHAT_TEMPLATE,
-        model_max_length=4096,
-    )
-    return tokenizer
-
-
-def training_corpus() -> list[str]:
-    """Lines of English from the shipped harmless constitution: enough for a small BPE, and always on disk. That file
-    alone, so that shipping another constitution does not change the offline models' vocabulary."""
-    path = Path(__file__).parents[1] / "constitutions" / "harmless.yaml"
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    lines += [
-        "Human: Assistant: Critique: Revision: The answer is: (A) (B)",
-        "0 1 2 3 4 5 6 7 8 9 10 100 1000 { } [ ] ( ) < > = + - * / % # @ ! ? . , ; : ' \"",
-    ]
-    return lines

@@ -15,18 +15,20 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from caictl import __version__
 from caictl.data.constitution import load_for_stage
-from caictl.data.records import RecordWriter, RejectWriter, batches, shard_problem, this_shard, with_upstream
+from caictl.data.reading import shard_problem, this_shard
+from caictl.data.writing import RecordWriter, RejectWriter, batches, with_upstream
 from caictl.engines import sampler
 from caictl.engines.generation import Cuts, log_servers
 from caictl.errors import UsageError
-from caictl.feedback.judge import Comparison, vote_statistics
-from caictl.feedback.label_options import LabelOptions, read_comparisons
+from caictl.feedback.judge import PairToJudge, vote_statistics
+from caictl.feedback.label_options import LabelOptions, read_pairs_to_judge
 from caictl.models import identity as model_identity
+from caictl.options import INPUT_OUTPUT, METHOD, RUNS, common, option
 from caictl.ui import log, meter, print_summary, row_counts
 
 PAIRINGS = ("first-two", "all")
@@ -34,15 +36,18 @@ PAIRINGS = ("first-two", "all")
 
 @dataclass(kw_only=True)
 class LabelConfig(LabelOptions):
-    pairs: str | None = None  # sample output (id, messages, responses); None or "-" reads stdin
-    out: str | None = None
-    constitution: str = "harmless"
-    principles: list[str] = field(default_factory=list)  # restrict the draw to these comparison principle ids
-    pairing: str = "first-two"  # rows with more than two responses: first-two, or all pairs
-    limit: int | None = None
-    shard: str | None = None  # "K/N": only the rows whose id hashes to part K (from 0) of N
-    skip_invalid: bool = False
-    overwrite: bool = False
+    pairs: str | None = option(None, "Sample output (id, messages, responses); omit or '-' to read stdin.",
+                               INPUT_OUTPUT, argument=True)
+    out: str | None = option(None, "Output JSONL; omitted: records go to stdout.", INPUT_OUTPUT, short="-o")
+    constitution: str = common("constitution", "harmless")
+    principles: list[str] = option(help="Comparison principle ids to draw from, comma-separated; unset: all.",
+                                   panel=METHOD, default_factory=list, split=",", metavar="IDS")
+    pairing: str = option("first-two", "Rows with more than two responses: first-two, or all pairs.", METHOD,
+                          flag="--pairs")
+    limit: int | None = option(None, "Only the first N comparisons.", INPUT_OUTPUT)
+    shard: str | None = common("shard", None)
+    skip_invalid: bool = common("skip_invalid", False)
+    overwrite: bool = option(False, "Start OUT afresh instead of resuming it.", RUNS)
 
     def check(self) -> None:
         problems = self.label_problems()
@@ -59,11 +64,11 @@ class LabelConfig(LabelOptions):
 def run(config: LabelConfig, engine=None) -> dict:
     """engine: one already made (from Python, or a test's scripted engine); by default --engine opens one."""
     config.check()
-    model = config.feedback_model(engine)
     constitution = load_for_stage(config.constitution, config.principles, "comparison")
+    model = config.feedback_model(engine)  # after the options: a hub id may cost a request to the hub
     rejects = RejectWriter(config.out) if config.skip_invalid else None
-    comparisons = read_comparisons(config.pairs, constitution, config.principles_per_pair, config.seed,
-                                   config.pairing, rejects)
+    comparisons = read_pairs_to_judge(config.pairs, constitution, config.principles_per_pair, config.seed,
+                                      config.pairing, rejects)
     if config.limit:
         comparisons = comparisons[: config.limit]  # --limit first: the N jobs of a sharded run split the same rows
     comparisons = this_shard(comparisons, config.shard, "comparisons")
@@ -115,7 +120,7 @@ def _kind(config: LabelConfig) -> str:
 # Output -------------------------------------------------------------------------------------------------
 
 
-def to_record(comparison: Comparison, votes: list[dict], config: LabelConfig, run_settings: dict,
+def to_record(comparison: PairToJudge, votes: list[dict], config: LabelConfig, run_settings: dict,
               cuts: Cuts) -> dict:
     """A preference record: the preferred response as `chosen`, with p_chosen in [0.5, 1]; meta counts the
     tokens cut from its questions to fit the model's context."""
@@ -158,7 +163,7 @@ def summarise(records: list[dict], counts: dict, config: LabelConfig, cuts: Cuts
         **cuts.summary(),
         "comparisons_per_s": round(len(records) / counts["seconds"], 2) if counts["seconds"] > 0 else None,
     }
-    rows = [("output", summary["out"]), ("label", summary["label"]), ("mean p_chosen", summary["mean_p_chosen"]),
+    rows = [("out", summary["out"]), ("label", summary["label"]), ("mean p_chosen", summary["mean_p_chosen"]),
             ("position consistency", summary["position_consistency"]),
             ("first-slot preference", summary["first_slot_preference"]),
             ("agreement with people", f"{summary['agreement_with_people']} ({len(judged)} comparisons)"

@@ -19,17 +19,9 @@ from dataclasses import dataclass, field
 from caictl import __version__, settings
 from caictl.data.constitution import Constitution, CritiquePrinciple, load_for_stage
 from caictl.data.conversation import render_transcript
-from caictl.data.records import (
-    UNUSABLE_REVISION_FLAGS,
-    Prompt,
-    RecordWriter,
-    RejectWriter,
-    batches,
-    read_prompts,
-    shard_problem,
-    this_shard,
-    with_upstream,
-)
+from caictl.data.reading import read_prompts, shard_problem, this_shard
+from caictl.data.records import UNUSABLE_REVISION_FLAGS, Prompt
+from caictl.data.writing import RecordWriter, RejectWriter, batches, with_upstream
 from caictl.engines import ENGINES, SamplingParams, sampler
 from caictl.engines.generation import (
     PROMPT_STYLES,
@@ -44,6 +36,7 @@ from caictl.engines.generation import (
 from caictl.errors import UsageError
 from caictl.models import identity as model_identity
 from caictl.models import kind as model_kind
+from caictl.options import INPUT_OUTPUT, METHOD, MODEL_ENGINE, RUNS, SAMPLING, common, option
 from caictl.ui import log, meter, print_summary, row_counts
 
 FORMATS = ("caictl", "hf")
@@ -51,32 +44,37 @@ FORMATS = ("caictl", "hf")
 
 @dataclass
 class ReviseConfig:
-    prompts: str | None = None  # input file; None or "-" reads stdin
-    out: str | None = None  # output JSONL; None writes to stdout
-    model: str | None = None  # local folder or hub id (hf), or the server's model name (openai)
-    engine: str = "hf"
-    base_url: str | list[str] | None = None  # openai engine: server URL(s); None: CAICTL_BASE_URL, caictl.yaml
-    constitution: str = "harmless"  # a shipped name or a file (several files: comma-separated)
-    principles: list[str] = field(default_factory=list)  # restrict the draw to these principle ids
-    rounds: int = 4  # critique -> revision rounds per prompt
-    few_shot: bool = True  # show the constitution's worked exchanges before each request
-    shots: int | None = None  # at most this many shared exchanges (one draw per run); None: all
-    critique: bool = True  # False: revise directly, without a critique (the paper's ablation)
-    prompt_style: str = "auto"  # chat (the model's chat template), transcript (Human:/Assistant:), auto
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 256  # per generated response, critique or revision
-    batch_size: int = 16
-    concurrency: int = 8  # openai engine: requests in flight
-    compile: bool | None = None  # hf engine: decoding through torch.compile; None: with CUDA only
-    max_retries: int | None = None  # openai engine; None: CAICTL_MAX_RETRIES, caictl.yaml, the engine's
-    timeout: float | None = None  # openai engine, seconds a request may take; None: likewise
-    seed: int = 0
-    limit: int | None = None  # only the first N prompts
-    shard: str | None = None  # "K/N": only the rows whose id hashes to part K (from 0) of N
-    format: str = "caictl"  # caictl (revision records) or hf (cai-conversation-harmless columns)
-    skip_invalid: bool = False  # set bad input rows aside in OUT.rejects.jsonl instead of stopping
-    overwrite: bool = False  # discard an existing OUT instead of resuming it
+    prompts: str | None = option(None, "Input JSONL/JSON/.gz file; omit or '-' to read stdin.", INPUT_OUTPUT,
+                                 argument=True)
+    out: str | None = option(None, "Output JSONL; omitted: records go to stdout.", INPUT_OUTPUT, short="-o")
+    model: str | None = common("model", None)
+    engine: str = common("engine", "hf")
+    base_url: str | list[str] | None = common("base_url", None)
+    constitution: str = common("constitution", "harmless")
+    principles: list[str] = option(help="Principle ids to draw from, comma-separated; unset: all.", panel=METHOD,
+                                   default_factory=list, split=",", metavar="IDS")
+    rounds: int = option(4, "Critique -> revision rounds per prompt (paper: 4).", METHOD, settings="stage")
+    few_shot: bool = option(True, "Show the constitution's worked exchanges before each request.", METHOD)
+    shots: int | None = option(None, "At most N shared few-shot exchanges (one draw per run); unset: all.", METHOD)
+    critique: bool = option(True, "--no-critique revises directly, without a critique (the paper's ablation).",
+                            METHOD)
+    prompt_style: str = option("auto", "chat (the model's chat template), transcript (Human:/Assistant:, for base "
+                                       "models) or auto.", METHOD)
+    temperature: float = option(1.0, "Sampling temperature; 0 is greedy.", SAMPLING, settings="stage")
+    top_p: float = option(1.0, "Nucleus sampling mass.", SAMPLING)
+    max_new_tokens: int = option(256, "Tokens per response, critique or revision.", SAMPLING, settings="stage")
+    batch_size: int = option(16, "Prompts per forward pass (hf engine).", MODEL_ENGINE, settings="stage")
+    concurrency: int = common("concurrency", 8)
+    compile: bool | None = common("compile", None)
+    max_retries: int | None = common("max_retries", None)
+    timeout: float | None = common("timeout", None)
+    seed: int = common("seed", 0)
+    limit: int | None = option(None, "Only the first N prompts.", INPUT_OUTPUT)
+    shard: str | None = common("shard", None)
+    format: str = option("caictl", "caictl (revision records) or hf (cai-conversation-harmless columns).",
+                         INPUT_OUTPUT)
+    skip_invalid: bool = common("skip_invalid", False)
+    overwrite: bool = option(False, "Start OUT afresh instead of resuming it.", RUNS)
 
     def check(self) -> None:
         problems = []
@@ -109,9 +107,9 @@ def run(config: ReviseConfig, engine=None) -> dict:
     or a test's scripted engine); by default --engine opens one."""
     config.check()
     model = engine.model if engine is not None else settings.require_model(config.model)
-    if engine is None and config.engine == "hf":
-        model_kind.check(model, model_kind.CAUSAL_LM, "--model")
     constitution = load_for_stage(config.constitution, config.principles, "critique_revision")
+    if engine is None and config.engine == "hf":  # after the options: a hub id may cost a request to the hub
+        model_kind.check(model, model_kind.CAUSAL_LM, "--model")
 
     rejects = RejectWriter(config.out) if config.skip_invalid else None
     prompts = read_prompts(config.prompts, on_invalid=rejects)
@@ -409,7 +407,7 @@ def _settings(config: ReviseConfig, model: str, constitution: Constitution) -> d
 
 def _print_summary(summary: dict, rejects) -> None:
     rows = [
-        ("output", summary["out"]),
+        ("out", summary["out"]),
         ("rounds", summary["rounds"]),
         ("principles", ", ".join(f"{k}: {v}" for k, v in summary["principle_counts"].items()) or "-"),
         ("flagged rows", summary["flagged_rows"]),

@@ -15,19 +15,9 @@ import time
 from dataclasses import dataclass
 
 from caictl import __version__, settings
-from caictl.data.records import (
-    REVISION_FORMS,
-    RecordWriter,
-    RejectWriter,
-    batches,
-    in_shard,
-    read_prompts,
-    read_rows,
-    shard_problem,
-    this_shard,
-    to_revision,
-    with_upstream,
-)
+from caictl.data.reading import in_shard, read_prompts, read_rows, shard_problem, this_shard
+from caictl.data.records import REVISION_FORMS, to_revision
+from caictl.data.writing import RecordWriter, RejectWriter, batches, with_upstream
 from caictl.engines import ENGINES, SamplingParams, sampler
 from caictl.engines.generation import (
     PROMPT_STYLES,
@@ -42,32 +32,36 @@ from caictl.engines.generation import (
 from caictl.errors import InputError, UsageError
 from caictl.models import identity as model_identity
 from caictl.models import kind as model_kind
+from caictl.options import INPUT_OUTPUT, METHOD, MODEL_ENGINE, RUNS, SAMPLING, common, option
 from caictl.ui import ROW_COUNTS, log, meter, print_summary, row_counts
 
 
 @dataclass
 class SampleConfig:
-    prompts: str | None = None  # input file; None or "-" reads stdin
-    out: str | None = None  # output JSONL; None writes to stdout
-    model: str | None = None  # the policy: a folder or hub id (hf), or the server's model name (openai)
-    engine: str = "hf"
-    base_url: str | list[str] | None = None  # openai engine: server URL(s); None: CAICTL_BASE_URL, caictl.yaml
-    n: int = 2  # responses per prompt
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 256
-    prompt_style: str = "auto"  # chat, transcript (Human:/Assistant: for base models) or auto
-    batch_size: int = 16
-    concurrency: int = 8
-    compile: bool | None = None  # hf engine: decoding through torch.compile; None: with CUDA only
-    max_retries: int | None = None  # openai engine; None: CAICTL_MAX_RETRIES, caictl.yaml, the engine's
-    timeout: float | None = None  # openai engine, seconds a request may take; None: likewise
-    seed: int = 0
-    limit: int | None = None
-    shard: str | None = None  # "K/N": only the rows whose id hashes to part K (from 0) of N
-    from_revisions: bool = False  # the input is revise output: pair each initial response with its revision
-    skip_invalid: bool = False
-    overwrite: bool = False
+    prompts: str | None = option(None, "Input JSONL/JSON/.gz file; omit or '-' to read stdin.", INPUT_OUTPUT,
+                                 argument=True)
+    out: str | None = option(None, "Output JSONL; omitted: records go to stdout.", INPUT_OUTPUT, short="-o")
+    model: str | None = common("model", None, help="The policy: a folder or hub id (hf engine), or the server's "
+                                                   "model name (openai).")
+    engine: str = common("engine", "hf")
+    base_url: str | list[str] | None = common("base_url", None)
+    n: int = option(2, "Responses per prompt (paper: 2).", SAMPLING, short="-n")
+    temperature: float = option(1.0, "Sampling temperature; 0 is greedy.", SAMPLING, settings="stage")
+    top_p: float = option(1.0, "Nucleus sampling mass.", SAMPLING)
+    max_new_tokens: int = option(256, "Tokens per response.", SAMPLING, settings="stage")
+    prompt_style: str = option("auto", "chat, transcript (Human:/Assistant:, for base models) or auto.", METHOD)
+    batch_size: int = option(16, "Requests per forward pass (hf engine).", MODEL_ENGINE, settings="stage")
+    concurrency: int = common("concurrency", 8)
+    compile: bool | None = common("compile", None)
+    max_retries: int | None = common("max_retries", None)
+    timeout: float | None = common("timeout", None)
+    seed: int = common("seed", 0)
+    limit: int | None = option(None, "Only the first N prompts.", INPUT_OUTPUT)
+    shard: str | None = common("shard", None)
+    from_revisions: bool = option(False, "The input is revise output: pair each initial response with its final "
+                                         "revision, no model.", INPUT_OUTPUT)
+    skip_invalid: bool = common("skip_invalid", False)
+    overwrite: bool = option(False, "Start OUT afresh instead of resuming it.", RUNS)
 
     def check(self) -> None:
         problems = []
@@ -196,6 +190,5 @@ def _from_revisions(config: SampleConfig) -> dict:
                **row_counts(read=len(records) + skipped + rejected, written=len(records), skipped=skipped,
                             rejected=rejected, seconds=time.perf_counter() - start),
                "out": config.out or "-", "skipped_unrevised": unrevised}
-    print_summary("sample --from-revisions", summary, [("output", summary["out"]),
-                                                       ("skipped unrevised", unrevised)])
+    print_summary("sample --from-revisions", summary, [("out", summary["out"]), ("skipped unrevised", unrevised)])
     return summary

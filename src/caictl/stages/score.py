@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from caictl import __version__
-from caictl.data.records import NAMES_NOT_COMPARED, STDIN, RecordWriter, batches, in_shard, parse_shard, read_rows
+from caictl.data.reading import STDIN, in_shard, parse_shard, read_rows
+from caictl.data.writing import NAMES_NOT_COMPARED, RecordWriter, batches
 from caictl.errors import InputError, UsageError
 from caictl.models import identity as model_identity
 from caictl.models import kind as model_kind
 from caictl.models.pm import Scorer, comparison_of, conversation_text
+from caictl.options import INPUT_OUTPUT, MODEL_ENGINE, RUNS, common, option
 from caictl.ui import log, meter, print_summary, row_counts
 
 # The fields score adds to a row: dropped from an input row before its rewards are written again.
@@ -29,13 +31,15 @@ REWARD_FIELDS = ("rewards", "reward", "reward_chosen", "reward_rejected", "pm_tr
 
 @dataclass
 class ScoreConfig:
-    pm: str  # a train-pm output folder
-    file: str | None = None  # None or "-" reads stdin
-    out: str | None = None
-    batch_size: int = 32  # rows scored and written at a time
-    max_length: int = 512
-    overwrite: bool = False  # discard an existing OUT instead of resuming it
-    shard: str | None = None  # "K/N": only the rows whose id (else content) hashes to part K (from 0) of N
+    pm: str = option(help="A train-pm output folder.", panel=MODEL_ENGINE)
+    file: str | None = option(None, "Rows to score: responses, pairs or preferences; omit or '-' to read stdin.",
+                              INPUT_OUTPUT, argument=True)
+    out: str | None = option(None, "Output JSONL; omitted: records go to stdout.", INPUT_OUTPUT, short="-o")
+    batch_size: int = option(32, "Rows scored and written at a time.", MODEL_ENGINE, settings="stage")
+    max_length: int = option(512, "Tokens kept from the end of each conversation.", MODEL_ENGINE)
+    overwrite: bool = option(False, "Start OUT afresh instead of resuming it.", RUNS)
+    shard: str | None = common("shard", None, help="Only part K (from 0) of N, chosen by a hash of each row's id "
+                                                   "(else its content), so N jobs cover the input once.")
 
 
 def run(config: ScoreConfig) -> dict:
@@ -81,7 +85,7 @@ def run(config: ScoreConfig) -> dict:
                **row_counts(read=len(rows), written=len(rows) - done, skipped=done,
                             seconds=time.perf_counter() - start),
                "out": config.out or "-", "texts": texts_scored, "mean_reward": mean, **cuts.summary()}
-    print_summary("score", summary, [("output", summary["out"]), ("texts scored", texts_scored),
+    print_summary("score", summary, [("out", summary["out"]), ("texts scored", texts_scored),
                                      ("mean reward", mean),
                                      ("rows cut to --max-length", f"{cuts.rows} ({cuts.tokens:,} tokens)")])
     cuts.warn()

@@ -43,6 +43,7 @@ from caictl.data.chat_format import ParseError
 from caictl.errors import UsageError
 from caictl.models import kind as model_kind
 from caictl.models.pm import Scorer, conversation_text
+from caictl.options import MODEL_ENGINE, RUNS, SERVERS, option
 from caictl.ui import log, summary_table
 
 MAX_TEXTS = 1024  # texts in one request
@@ -52,13 +53,18 @@ DRAIN_SECONDS = 10  # at the end, how long answers already being scored or sent 
 
 @dataclass
 class ServePMConfig:
-    pm: str  # a train-pm output folder
-    port: int  # TCP port; 0 takes a free one (the URL printed at start says which)
-    host: str = "127.0.0.1"  # address to listen on; 0.0.0.0: every interface (no authentication: trusted networks)
-    batch_size: int = 32  # texts per forward pass, at most, gathered from every waiting request
-    max_length: int = 512  # tokens of each text the PM reads, kept from the end (as `caictl score`)
-    policy: str | None = None  # folder or hub id whose chat template wrote the queries; None: queries are PM text
-    log_every: int = 0  # a throughput line on stderr every N requests; 0: none
+    pm: str = option(help="A train-pm output folder.", panel=MODEL_ENGINE)
+    port: int = option(help="TCP port; 0 takes a free one (the URL printed at start says which).", panel=SERVERS)
+    host: str = option("127.0.0.1", "Address to listen on; 0.0.0.0 for every interface (no authentication: a "
+                                    "trusted network only).", SERVERS)
+    batch_size: int = option(32, "Texts per forward pass, at most, gathered from every waiting request.",
+                             MODEL_ENGINE, settings="stage")
+    max_length: int = option(512, "Tokens of each text the PM reads, kept from the end (as `caictl score`).",
+                             MODEL_ENGINE)
+    policy: str | None = option(None, "The policy (folder or hub id) whose chat template wrote the queries: each is "
+                                      "read back into messages and scored as their transcript. Unset: a query is "
+                                      "the PM's text as it is.", MODEL_ENGINE)
+    log_every: int = option(0, "A throughput line on stderr every N requests; 0: none.", RUNS)
 
     def check(self) -> None:
         problems = []
@@ -78,6 +84,8 @@ def run(config: ServePMConfig) -> dict:
     """Serves until Ctrl-C or SIGTERM, then returns the counters."""
     config.check()
     model_kind.check(config.pm, model_kind.SEQ_CLS, "--pm")
+    if config.policy:
+        model_kind.require(config.policy, "--policy")
     chat_format = _chat_format(config.policy) if config.policy else None
     server = _listen(config)  # before the PM loads: a port in use fails in a second, not after the load
     try:

@@ -25,30 +25,34 @@ import contextlib
 import functools
 import hashlib
 import importlib.metadata
-import json
 import random
 import re
-import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from caictl import __version__, settings
+from caictl import settings
 from caictl.data.control_text import ContentEncoder
 from caictl.data.conversation import parse_transcript, prompt_from_text
-from caictl.data.records import file_hash, read_rows, to_revision
+from caictl.data.reading import read_rows
+from caictl.data.records import to_revision
 from caictl.errors import InputError, UsageError
 from caictl.models import kind as model_kind
-from caictl.models.processes import is_main, world_size
+from caictl.models.processes import is_main
 from caictl.models.training import (
     batch_split_problem,
+    console_args,
     micro_batch,
     output_folder,
     per_process,
+    save_model,
+    trainer_progress,
     trl_device_args,
     warn_cut_examples,
+    write_model_info,
 )
+from caictl.options import INPUT_OUTPUT, LORA, MODEL_ENGINE, RUNS, TRAINING, option
 from caictl.ui import log, quiet_transformers, summary_table
 
 REVISION_MODES = ("final", "all")
@@ -64,33 +68,44 @@ SHIPPED_TRAINING_TEMPLATES = {
 
 @dataclass
 class SFTConfig:
-    revisions: list[str]  # revise output (caictl, --format hf, Anthropic SL-CAI samples) or chat rows
-    out: str  # output model folder
-    model: str | None = None  # the base model to fine-tune (folder or hub id)
-    revisions_mode: str = "final"  # final: the last usable revision per prompt; all: every round's revision
-    revisions_weight: float = 1.0  # the revisions' share weight against --mix sources
-    mix: list[str] = field(default_factory=list)  # FILE[:WEIGHT]: other chat data mixed in
-    lora: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target: str = "all-linear"  # peft target_modules: "all-linear" or comma-separated module names
-    merge: bool = False  # with --lora: write the merged model as the folder (adapter in DIR/adapter)
-    epochs: float = 1.0
-    max_steps: int = -1  # > 0 overrides epochs
-    learning_rate: float | None = None  # default: 2e-5 full fine-tuning, 2e-4 LoRA
-    scheduler: str = "constant"  # the paper used a constant learning rate
-    warmup_steps: int = 0
-    batch_size: int = 8  # sequences per optimizer step, over all processes
-    grad_accum: int = 1
-    micro_batch_size: int | None = None  # sequences per forward pass; default: the batch on GPU, 1 on CPU
-    max_length: int = 1024  # tokens; longer examples are cut (and counted)
-    seed: int = 0
-    chat_template: str | None = None  # a Jinja file with {% generation %} markers to train with (output keeps
-    # the model's own template)
-    save_steps: int = 100  # checkpoint every N optimizer steps (resume picks up the last one)
-    resume: bool = False  # require a checkpoint to resume from (a re-run resumes by itself when one exists)
-    overwrite: bool = False  # discard earlier output and checkpoints
+    revisions: list[str] = option(
+        help="revise output (caictl, --format hf, Anthropic SL-CAI samples) or chat data file(s): the rows --mix "
+        "reads.", panel=INPUT_OUTPUT, argument=True)
+    out: str = option(help="Output model folder.", panel=INPUT_OUTPUT, short="-o")
+    model: str | None = option(None, "The base model to fine-tune: a folder or hub id (env CAICTL_MODEL).",
+                               MODEL_ENGINE)
+    revisions_mode: str = option(
+        "final", "final: each prompt's last usable revision; all: every round's revision (the paper).", INPUT_OUTPUT,
+        flag="--revisions")
+    revisions_weight: float = option(1.0, "The revisions' share weight against --mix.", INPUT_OUTPUT)
+    mix: list[str] = option(
+        help="Other chat data mixed in (messages, prompt/completion, hh-rlhf chosen), with a share weight. "
+        "Repeatable.", panel=INPUT_OUTPUT, default_factory=list, repeat=True, metavar="FILE[:WEIGHT]")
+    lora: bool = option(False, "Train a LoRA adapter instead of all weights.", LORA)
+    lora_r: int = option(16, "LoRA rank.", LORA)
+    lora_alpha: int = option(32, "LoRA alpha.", LORA)
+    lora_dropout: float = option(0.05, "LoRA dropout.", LORA)
+    lora_target: str = option("all-linear", "peft target_modules: all-linear, or comma-separated module names.", LORA)
+    merge: bool = option(False, "With --lora: save the merged model as OUT (the adapter in OUT/adapter).", LORA)
+    epochs: float = option(1.0, "Passes over the data.", TRAINING)
+    max_steps: int = option(-1, "Stop after N optimizer steps; > 0 overrides --epochs.", TRAINING)
+    learning_rate: float | None = option(None, "Learning rate; unset: 2e-5, or 2e-4 with --lora.", TRAINING)
+    scheduler: str = option(
+        "constant", "Learning-rate schedule: constant (the paper), linear, cosine or constant_with_warmup.", TRAINING)
+    warmup_steps: int = option(0, "Learning-rate warm-up steps.", TRAINING)
+    batch_size: int = option(8, "Examples per optimizer step, over all processes.", TRAINING)
+    grad_accum: int = option(1, "Gradient accumulation steps.", TRAINING)
+    micro_batch_size: int | None = option(
+        None, "Examples per forward pass within a step; unset: the batch on GPU, 1 on CPU (faster there).", TRAINING)
+    max_length: int = option(1024, "Tokens per example; longer ones are cut and counted.", TRAINING)
+    seed: int = option(0, "Random seed (env CAICTL_SEED).", RUNS, settings="shared")
+    chat_template: str | None = option(
+        None, "Jinja chat template with {% generation %} markers to train with (the output keeps the model's own "
+        "template).", TRAINING)
+    save_steps: int = option(100, "Checkpoint every N optimizer steps (a re-run resumes from the last).", RUNS)
+    resume: bool = option(
+        False, "Require a checkpoint to resume from (a re-run resumes from one it finds anyway).", RUNS)
+    overwrite: bool = option(False, "Discard an earlier model and checkpoints in OUT.", RUNS)
 
     def check(self) -> None:
         problems = []
@@ -166,23 +181,16 @@ def run(config: SFTConfig) -> dict:
         "seconds": round(seconds, 2),
         "seconds_per_step": round(seconds / max(steps, 1), 4),
     }
-    _save(trainer, tokenizer, config, out)
-    if not is_main():  # the main process writes the folder and the summary
+    # Full model, LoRA adapter, or (--merge) the merged model with its adapter beside it in adapter/.
+    save_model(trainer.model, tokenizer, out, merge=config.lora and config.merge, adapter=config.lora and config.merge,
+               trainer=trainer)
+    if not is_main():  # the main process writes caictl.json and the summary
         return metrics
-    info = {
-        "stage": "sft",
-        "caictl_version": __version__,
-        "world_size": world_size(),
-        "base_model": model_name,
-        "inputs": [{"path": str(p), "sha256": file_hash(p)} for p in config.revisions + [s[0] for s in sources[1:]]],
-        "options": asdict(config),
-        "chat_template": template,
-        "metrics": metrics,
-    }
-    (out / "caictl.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_model_info(out, "sft", {"base_model": model_name}, inputs=config.revisions + [s[0] for s in sources[1:]],
+                     options=config, extra={"chat_template": template}, metrics=metrics)
     plot_loss(history, out / "loss.png")
-    summary_table("sft", [("output", out), ("examples", f"{len(examples)} {counts}"), ("steps", steps),
-                          ("loss first -> last", f"{metrics['train_loss_first']} -> {metrics['train_loss_last']}"),
+    summary_table("sft", [("out", out), ("examples", f"{len(examples)} {counts}"), ("steps", steps),
+                          ("loss first -> last", (metrics["train_loss_first"], metrics["train_loss_last"])),
                           ("seconds per step", metrics["seconds_per_step"])])
     return metrics
 
@@ -327,6 +335,7 @@ def prepare(config: SFTConfig, model_name: str, examples: list[list[dict]]):
         save_total_limit=2,
         report_to="none",
         dataset_num_proc=None,
+        **console_args(),
     )
     peft_config = None
     if config.lora:
@@ -337,6 +346,7 @@ def prepare(config: SFTConfig, model_name: str, examples: list[list[dict]]):
                                  target_modules=target, task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                          peft_config=peft_config)
+    trainer_progress(trainer, "sft")
     return trainer, tokenizer, truncated, template
 
 
@@ -425,23 +435,6 @@ def _checkpoint_to_resume(config: SFTConfig, out: Path) -> str | None:
         log(f"resuming from {checkpoints[-1]}")
         return str(checkpoints[-1])
     return None
-
-
-def _save(trainer, tokenizer, config: SFTConfig, out: Path) -> None:
-    """Full model, LoRA adapter, or (--merge) the merged model with its adapter beside it in adapter/. Every
-    process calls trainer.save_model (under FSDP or ZeRO-3 it gathers the shards from all of them); the main
-    process alone writes."""
-    if config.lora and config.merge:
-        if is_main():
-            trainer.model.save_pretrained(out / "adapter")
-            tokenizer.save_pretrained(out / "adapter")
-            merged = trainer.model.merge_and_unload()
-            merged.save_pretrained(out)
-    else:
-        trainer.save_model(str(out))
-    if is_main():
-        tokenizer.save_pretrained(out)
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # training finished: nothing left to resume
 
 
 def plot_loss(history: list[dict], path: Path) -> None:

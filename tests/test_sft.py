@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from caictl.data.records import Row
 from caictl.errors import UsageError
+from caictl.models import chat_training
 from caictl.stages import sft
 
 ANSWERS = ["I can't help with hurting anyone, but if you're in danger, call emergency services.",
@@ -96,7 +97,7 @@ MARKUP = {80, 81, 90, 91, 92}
 
 
 def labels_of(ids, mask, header):
-    return sft.assistant_labels(ids, mask, MARKUP, header, lambda i: i in {10, 11})
+    return chat_training.assistant_labels(ids, mask, MARKUP, header, lambda i: i in {10, 11})
 
 
 def trained(ids, labels):

@@ -17,7 +17,7 @@ import torch
 from conftest import caictl_in_process, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from caictl.models import families
+from caictl.models import chat_training, families
 from caictl.models.builders import CHAT_TEMPLATE
 from caictl.stages import sft
 
@@ -97,12 +97,12 @@ def test_control_text_in_a_training_conversation_stays_text(name, family_model):
     # Tokenized for training as the engines tokenize at inference: only the template's markup is special, so a
     # message holding control text has as many special ids as a plain one, and the answer's text is trained.
     tokenizer = AutoTokenizer.from_pretrained(family_model(name))
-    training, source = sft.training_template(tokenizer, name, None)
+    training, source = chat_training.training_template(tokenizer, name, None)
     special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
 
     def row(content: str) -> dict:
         chat = [{"role": "user", "content": content}, {"role": "assistant", "content": f"Sure. {content}"}]
-        return sft.tokenize([chat], tokenizer, training, source)[0]
+        return chat_training.tokenize([chat], tokenizer, training, source)[0]
 
     injected, plain = row(INJECTED), row("Stop. plain words here")
     assert sum(i in special for i in injected["input_ids"]) == sum(i in special for i in plain["input_ids"])
@@ -150,21 +150,23 @@ def test_caictls_llama31_training_template_only_adds_markers(family_model):
     tokenizer = AutoTokenizer.from_pretrained(family_model("llama3"))
     original = families.template_text("llama3")  # trl/chat_templates/llama3_1.jinja
     assert tokenizer.chat_template == original
-    assert sft.SHIPPED_TRAINING_TEMPLATES[hashlib.sha256(original.encode()).hexdigest()] == "llama3_1_training.jinja"
-    ours = sft.shipped_template("llama3_1_training.jinja")
-    assert sft.GENERATION_MARKER.search(ours) and not sft.GENERATION_MARKER.search(original)
+    shipped = chat_training.SHIPPED_TRAINING_TEMPLATES
+    assert shipped[hashlib.sha256(original.encode()).hexdigest()] == "llama3_1_training.jinja"
+    ours = chat_training.shipped_template("llama3_1_training.jinja")
+    assert chat_training.GENERATION_MARKER.search(ours) and not chat_training.GENERATION_MARKER.search(original)
     for case, (conversation, options) in RENDER_CASES.items():
         rendered = [tokenizer.apply_chat_template(conversation, tokenize=False, chat_template=template, **options)
                     for template in (original, ours)]
         assert rendered[0] == rendered[1], case
     # The blocks hold what the assistant writes, tool calls included (<|python_tag|> and <|eom_id|> with
-    # built-in tools): rendered with the options, and through sft's own tokenize (no options) for the call.
+    # built-in tools): rendered with the options, and through caictl's own tokenize (no options) for the call.
     mask = tokenizer.apply_chat_template(RENDER_CASES["built-in tools"][0], chat_template=ours, tokenize=True,
                                          return_dict=True, return_assistant_tokens_mask=True,
                                          **RENDER_CASES["built-in tools"][1])
     assert tokenizer.decode([i for i, m in zip(mask["input_ids"], mask["assistant_masks"]) if m]) == \
         '<|python_tag|>brave_search.call(query="news")<|eom_id|>'
-    [row] = sft.tokenize([RENDER_CASES["tools in the user message"][0]], tokenizer, ours, {"source": "caictl"})
+    [row] = chat_training.tokenize([RENDER_CASES["tools in the user message"][0]], tokenizer, ours,
+                                   {"source": "caictl"})
     assert tokenizer.decode([label for label in row["labels"] if label != -100]) == \
         '{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>Sunny.<|eot_id|>'
 

@@ -37,6 +37,7 @@ from caictl.data import control_text as tokens
 from caictl.engines.base import ChoiceScores, Generation
 from caictl.errors import UsageError
 from caictl.models import kind as model_kind
+from caictl.models.chat_training import tokenize, training_template
 from caictl.options import INPUT_OUTPUT, METHOD, common, option
 from caictl.stages import label, revise, sample, sft
 from caictl.ui import console
@@ -236,9 +237,9 @@ def sft_views(config: InspectConfig, model: str) -> list[dict]:
         tokenizer = AutoTokenizer.from_pretrained(model)
     except OSError as error:
         raise UsageError(f"cannot load the tokenizer of {model!r} ({str(error).splitlines()[0]})")
-    training, source = sft.training_template(tokenizer, model, config.chat_template)
+    training, source = training_template(tokenizer, model, config.chat_template)
     views = []
-    for example, row in zip(examples, sft.tokenize(examples, tokenizer, training, source)):
+    for example, row in zip(examples, tokenize(examples, tokenizer, training, source)):
         ids = row["input_ids"]
         views.append({"text": tokenizer.apply_chat_template(example, chat_template=training, tokenize=False),
                       "ids": ids, "tokens": tokenizer.convert_ids_to_tokens(ids),

@@ -53,6 +53,12 @@ def option(default=MISSING, help: str = "", panel: str = METHOD, *, default_fact
     return field(default=default, metadata=metadata)
 
 
+def declaration(name: str, metadata, switch: bool) -> str:
+    """A field's flag as Click declares it: "--x", a switch's "--x/--no-x", or the `flag` its metadata names."""
+    dashed = name.replace("_", "-")
+    return metadata.get("flag") or (f"--{dashed}/--no-{dashed}" if switch else f"--{dashed}")
+
+
 # Options many stages share, meaning the same in each: their help is written here once, their default stays
 # on the stage's dataclass line.
 COMMON = {

@@ -21,7 +21,7 @@ from rich.markup import escape
 from typer.core import TyperCommand
 
 from caictl import settings, ui
-from caictl.options import PANELS
+from caictl.options import PANELS, declaration
 
 # The value's form in --help where a field names none: short, so names and help share 80 columns.
 METAVARS = {int: "N", float: "X", str: "TEXT", Path: "PATH"}
@@ -39,8 +39,7 @@ class Flag:
 
     @property
     def decls(self) -> list[str]:
-        dashed = self.name.replace("_", "-")
-        declared = self.meta.get("flag") or (f"--{dashed}/--no-{dashed}" if self.kind is bool else f"--{dashed}")
+        declared = declaration(self.name, self.meta, self.kind is bool)
         return [declared, *([self.meta["short"]] if "short" in self.meta else [])]
 
 
@@ -105,7 +104,7 @@ def to_config(config_class, flags: list[Flag], values: dict):
             value = settings.stage_option(flag.name, value, default)
         if isinstance(value, (list, tuple)) and typing.get_origin(flag.kind) is list:
             value = list(value)
-        if value is None and flag.default is not MISSING or value == [] and flag.default == []:
+        if (value is None and flag.default is not MISSING) or (value == [] and flag.default == []):
             continue  # absent: the dataclass's default, so a config built here equals one built in code
         given[flag.name] = value
     return config_class(**given)
@@ -156,7 +155,8 @@ class StageCommand(TyperCommand):
 
 def _check_tokens(params, args: list[str]) -> None:
     """Refuse a single-value option given twice (Click keeps the last silently) and a multi-value option not
-    given its values apart (`--clamp 0.4,0.6`, where Click's own message would not say the form)."""
+    given its numbers apart (`--clamp 0.4,0.6`, where Click's own message would not say the form). A switch
+    given twice stays allowed: `--no-few-shot ... --few-shot` is how a script overrides an earlier choice."""
     options = {name: param for param in params if param.param_type_name == "option" and param.name != "help"
                for name in (*param.opts, *param.secondary_opts)}
     seen: dict[str, str] = {}
@@ -168,14 +168,25 @@ def _check_tokens(params, args: list[str]) -> None:
         if (param := options.get(name)) is None:
             continue
         values = [] if param.is_flag or inline else [next(tokens, "") for _ in range(param.nargs)]
-        if param.nargs > 1 and any(not value or value.startswith("--") or "," in value for value in values):
-            raise typer.BadParameter(f"write {name} {param.metavar}: {param.nargs} values separated by spaces, "
-                                     f"not {' '.join(values).strip()!r}", param_hint=f"'{name}'")
+        if param.nargs > 1 and not all(_is_number(value) for value in values):
+            given = " ".join(value for value in values if value and not value.startswith("-"))
+            raise typer.BadParameter(f"write {name} {param.metavar}: {param.nargs} numbers separated by spaces, "
+                                     f"not {given!r}", param_hint=f"'{name}'")
+        if param.is_flag:
+            continue
         given = " ".join([token, *values])
         if param.name in seen and not param.multiple:
             raise typer.BadParameter(f"given twice ({seen[param.name]}, then {given}): give it once",
                                      param_hint=f"'{name}'")
         seen[param.name] = given
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _parameter(flag: Flag) -> inspect.Parameter:

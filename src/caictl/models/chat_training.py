@@ -34,7 +34,7 @@ def training_template(tokenizer, model_name: str, chat_template_file: str | None
     (TRL recognises its stored originals by exact text); caictl's own training version (same, by hash)."""
     from trl.chat_template_utils import get_training_chat_template
 
-    original = template_text(tokenizer.chat_template)
+    original = chat_template_text(tokenizer.chat_template)
     if chat_template_file:
         text = Path(chat_template_file).read_text(encoding="utf-8")
         return text, {"source": "--chat-template", "path": str(chat_template_file), "sha256": template_sha256(text)}
@@ -157,7 +157,7 @@ def _header_tokens_at(ids: list[int], start: int, end: int, header: list[int]) -
     return 0
 
 
-def template_text(template) -> str | None:
+def chat_template_text(template) -> str | None:
     """A tokenizer's chat_template as one text (a template shipped as named variants: its default)."""
     return template.get("default") if isinstance(template, dict) else template
 

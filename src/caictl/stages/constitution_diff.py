@@ -1,8 +1,11 @@
-"""constitution diff: what changing the constitution does to the labels, before a PM is trained on them.
+r"""constitution diff: what changing the constitution does to the labels, before a PM is trained on them.
 
-    caictl constitution diff harmless mine.yaml pairs.jsonl --model models/feedback -o eval/diff
-    caictl constitution diff harmless:least-harmful harmless:not-preachy,engaged-not-evasive \
-        ../shared/data/hh-rlhf/harmless-base-test.part-a.jsonl.gz --model models/feedback -o eval/diff --limit 50
+    caictl constitution diff harmless mine.yaml pairs.jsonl \
+        --model models/feedback -o eval/diff
+    caictl constitution diff harmless:least-harmful \
+        harmless:not-preachy,engaged-not-evasive \
+        ../shared/data/hh-rlhf/harmless-base-test.part-a.jsonl.gz \
+        --model models/feedback -o eval/diff --limit 50
 
 The same pairs are labelled as `caictl label` labels them, under constitution A and under constitution B, with
 the same options (--principles-per-pair or --all-principles, --few-shot, --cot, --clamp, --debias, --hard) and the

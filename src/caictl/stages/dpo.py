@@ -1,6 +1,7 @@
-"""dpo: direct preference optimisation of the policy on AI preference labels, on TRL's DPOTrainer.
+r"""dpo: direct preference optimisation of the policy on AI preference labels, on TRL's DPOTrainer.
 
-    caictl dpo prefs.jsonl --model models/sl-cai -o models/rl-cai-dpo --beta 0.1
+    caictl dpo prefs.jsonl --model models/sl-cai -o models/rl-cai-dpo \
+        --beta 0.1
 
 The alternative to train-pm + ppo that Hugging Face's open CAI recipe used. Reads label output (and plain
 prompt/chosen/rejected rows) as they are. TRL's DPO takes no per-example target, so soft labels are used in
@@ -34,7 +35,7 @@ from caictl.models.training import (
     trl_device_args,
     write_model_info,
 )
-from caictl.options import INPUT_OUTPUT, LORA, METHOD, MODEL_ENGINE, RUNS, TRAINING, option
+from caictl.options import INPUT_OUTPUT, LORA, METHOD, MODEL_ENGINE, RUNS, TRAINING, common, option
 from caictl.ui import log, quiet_transformers, summary_table
 
 
@@ -44,7 +45,8 @@ class DPOConfig:
                               panel=INPUT_OUTPUT, argument=True)
     out: str = option(help="Output model folder.", panel=INPUT_OUTPUT, short="-o")
     model: str | None = option(
-        None, "The policy to optimise, also the frozen reference: a folder or hub id (env CAICTL_MODEL).",
+        None, "The policy to optimise, also the frozen reference: a folder or hub id; unset: CAICTL_MODEL, else "
+        "`model:` in caictl.yaml.",
         MODEL_ENGINE)
     beta: float = option(0.1, "DPO beta: how far from the reference the policy may move.", METHOD)
     label_smoothing: float = option(
@@ -61,7 +63,7 @@ class DPOConfig:
     lora_r: int = option(16, "LoRA rank.", LORA)
     lora_alpha: int = option(32, "LoRA alpha.", LORA)
     save_steps: int = option(100, "Checkpoint every N optimizer steps (a re-run resumes).", RUNS)
-    seed: int = option(0, "Random seed (env CAICTL_SEED).", RUNS, settings="shared")
+    seed: int = common("seed", 0)
     overwrite: bool = option(False, "Replace an earlier model in OUT.", RUNS)
 
     def check(self) -> None:

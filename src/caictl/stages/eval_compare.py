@@ -1,8 +1,9 @@
-"""eval compare: models side by side on held-out prompts, harmlessness and helpfulness apart.
+r"""eval compare: models side by side on held-out prompts, harmlessness and helpfulness apart.
 
     caictl eval compare held-out/harmless.jsonl held-out/helpful.jsonl \
-        --model base=models/base --model sl-cai=models/sl-cai --model rl-cai=models/rl-cai \
-        --pm models/pm --judge models/base -o eval/compare
+        --model base=models/base --model sl-cai=models/sl-cai \
+        --model rl-cai=models/rl-cai --pm models/pm --judge models/base \
+        -o eval/compare
 
 Each input file is a prompt set, named after the file (`harmless.jsonl` is the set "harmless"; a row's own
 `set` field wins). Every model answers every prompt once (seeded sampling; re-running resumes, and adding a

@@ -1,7 +1,9 @@
-"""eval iterations: the report of an iterated RL-CAI run (examples/iterated-pipeline.sh), one row a round.
+r"""eval iterations: the report of an iterated RL-CAI run (examples/iterated-pipeline.sh), one row a round.
 
-    caictl eval iterations runs/demo-iterated --prompts examples/held-out/harmless.jsonl \
-        --reference runs/demo-iterated/models/sl-cai -o runs/demo-iterated/iterations
+    caictl eval iterations runs/demo-iterated \
+        --prompts examples/held-out/harmless.jsonl \
+        --reference runs/demo-iterated/models/sl-cai \
+        -o runs/demo-iterated/iterations
 
 Per finished round (RUN/iter-k/ with its `done` marker), from what the round wrote and from its policy sampled on
 the held-out prompts:

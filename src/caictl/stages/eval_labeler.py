@@ -1,7 +1,8 @@
-"""eval labeler: how far a feedback model's labels agree with people's, and which way it leans.
+r"""eval labeler: how far a feedback model's labels agree with people's, and which way it leans.
 
-    caictl eval labeler ../shared/data/hh-rlhf/harmless-base-test.part-a.jsonl.gz \
-        ../shared/data/anthropic-evals/438HHHEvaluations.part-a.jsonl --model models/feedback -o eval/labeler
+    caictl eval labeler hh-rlhf/harmless-base-test.jsonl.gz \
+        anthropic-evals/438HHHEvaluations.jsonl \
+        --model models/feedback -o eval/labeler
 
 CAI's labels replace people's, so the labeller is worth measuring against people before it labels anything: the
 paper (section 4.1) found soft labels well calibrated and chain-of-thought labels over-confident, hence its

@@ -1,6 +1,7 @@
-"""eval mc: how good are a model's choices on multiple-choice evaluations.
+r"""eval mc: how good are a model's choices on multiple-choice evaluations.
 
-    caictl eval mc ../shared/data/anthropic-evals/438HHHEvaluations.part-a.jsonl --model models/rl-cai -o eval/mc
+    caictl eval mc 438HHHEvaluations.jsonl \
+        --model models/rl-cai -o eval/mc
 
 Scores multiple-choice evaluations in Anthropic's format (`prompt`, `corrects`, `incorrects`) by the
 log-probability of each answer, through any engine that scores (hf, or a server that echoes prompt log-probs):

@@ -1,6 +1,6 @@
 """eval report: one report.md for a whole run, from the artifacts the stages left behind.
 
-    caictl eval report runs/demo              # writes runs/demo/report/report.md
+    caictl eval report runs/demo        # writes runs/demo/report/report.md
 
 It reads what it finds under the given folders (and files), by content, not by name:
 - model folders (a `caictl.json`): each stage's figures: sft loss, train-pm held-out accuracy and ECE, ppo

@@ -1,9 +1,11 @@
-"""inspect: exactly what a model sees at a stage's first model call (or every call), row by row, without running
+r"""inspect: exactly what a model sees at a stage's first model call (or every call), row by row, without running
 the model.
 
-    caictl inspect red-team.jsonl --model Qwen/Qwen2.5-0.5B-Instruct --stage revise
-    caictl inspect red-team.jsonl --model models/tiny --stage revise --call all --rounds 2 --limit 1
-    caictl inspect revisions.jsonl --model models/base --stage sft --json | jq .mask
+    caictl inspect red-team.jsonl --model Qwen/Qwen2.5-0.5B-Instruct
+    caictl inspect red-team.jsonl --model models/tiny --stage revise \
+        --call all --rounds 2 --limit 1
+    caictl inspect revisions.jsonl --model models/base --stage sft --json \
+        | jq .mask
 
 revise, sample and label run their own code up to their first engine call, on an engine that has the hf
 engine's tokenizer side and no weights: the request it receives is rendered and tokenized as the hf engine would,

@@ -1,6 +1,7 @@
-"""label: AI preference labels. A feedback model compares two responses under a constitution principle.
+r"""label: AI preference labels. A feedback model compares two responses under a constitution principle.
 
-    caictl label pairs.jsonl -o prefs.jsonl --model models/feedback --soft --clamp 0.4 0.6
+    caictl label pairs.jsonl -o prefs.jsonl --model models/feedback \
+        --soft --clamp 0.4 0.6
 
 Each comparison is a multiple-choice question (paper, section 4.1): the conversation, one comparison principle,
 the two responses as options (A) and (B), and the cue "The answer is:". The soft label is the normalised

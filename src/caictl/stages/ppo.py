@@ -1,6 +1,7 @@
-"""ppo: reinforcement learning of the policy against the preference model, with a KL penalty.
+r"""ppo: reinforcement learning of the policy against the preference model, with a KL penalty.
 
-    caictl ppo examples/red-team.jsonl --policy models/sl-cai --pm models/pm -o models/rl-cai
+    caictl ppo examples/red-team.jsonl --policy models/sl-cai --pm models/pm \
+        -o models/rl-cai
 
 `--algo ppo` (the default) runs caictl's own compact PPO (caictl.rl.ppo: Schulman et al. 2017, as used for RLHF
 by Ziegler et al. 2019 and the paper): rollouts sampled in-process, the PM's score of prompt + response as the
@@ -32,7 +33,18 @@ from caictl.feedback.judge_reward import JUDGE_MODES
 from caictl.models import kind as model_kind
 from caictl.models.processes import is_main, world_size
 from caictl.models.training import batch_split_problem, output_folder, write_model_info
-from caictl.options import INPUT_OUTPUT, LORA, METHOD, MODEL_ENGINE, RUNS, SAMPLING, TRAINING, option
+from caictl.options import (
+    INPUT_OUTPUT,
+    LORA,
+    METHOD,
+    MODEL_ENGINE,
+    RUNS,
+    SAMPLING,
+    TRAINING,
+    common,
+    declaration,
+    option,
+)
 from caictl.rl.ppo import PPO, checkpoint_folder
 from caictl.rl.reward import truncated_key, warn_reward_cuts
 from caictl.rl.trl import run_trl
@@ -101,7 +113,7 @@ class PPOConfig:
     pm_max_length: int = option(512, "Tokens of each transcript the PM reads, kept from the end.", METHOD)
     resume: bool = option(
         False, "Require a checkpoint to resume from (a re-run resumes from one it finds anyway).", RUNS)
-    seed: int = option(0, "Random seed (env CAICTL_SEED).", RUNS, settings="shared")
+    seed: int = common("seed", 0)
     overwrite: bool = option(False, "Replace an earlier policy in OUT.", RUNS)
 
     def check(self) -> None:
@@ -198,8 +210,7 @@ def changed_flags(config, names: tuple[str, ...]) -> list[str]:
 
 
 def _flag(field: Field, value) -> str:
-    declared = field.metadata.get("flag") or f"--{field.name.replace('_', '-')}"
-    if not isinstance(value, bool):
-        return declared
+    """The flag as written to set `value`: a switch's on or off form."""
+    declared = declaration(field.name, field.metadata, isinstance(value, bool))
     on, _, off = declared.partition("/")
-    return on if value else off or f"--no-{on.removeprefix('--')}"
+    return off if isinstance(value, bool) and not value else on

@@ -1,6 +1,6 @@
 """revise: the supervised stage's data. Critique -> revision, several rounds, a random principle each round.
 
-    caictl revise examples/red-team.jsonl -o runs/demo/revisions.jsonl --model models/tiny
+    caictl revise red-team.jsonl --model models/tiny -o revisions.jsonl
 
 For every prompt the model answers; then, each round, a principle is drawn from the constitution, the model
 critiques its current response under it, and revises; the next round critiques that revision (paper, 3.1:

@@ -1,6 +1,7 @@
-"""sample: several responses per prompt from a policy, the pairs that the feedback model will compare.
+r"""sample: several responses per prompt from a policy, the pairs that the feedback model will compare.
 
-    caictl sample examples/red-team.jsonl --model runs/demo/models/sl-cai -n 2 -o pairs.jsonl
+    caictl sample examples/red-team.jsonl --model models/sl-cai -n 2 \
+        -o pairs.jsonl
     caictl sample --from-revisions revisions.jsonl -o pairs.jsonl
 
 The paper draws 2 responses per red-team prompt from the SL-CAI model (section 4.1). Each response is seeded

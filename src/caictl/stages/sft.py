@@ -1,6 +1,7 @@
-"""sft: supervised fine-tuning on the revisions (SL-CAI), mixed with helpfulness data, on TRL's SFTTrainer.
+r"""sft: supervised fine-tuning on the revisions (SL-CAI), mixed with helpfulness data, on TRL's SFTTrainer.
 
-    caictl sft runs/demo/revisions.jsonl --mix helpful-chats.jsonl:0.5 --model models/base -o models/sl-cai
+    caictl sft revisions.jsonl --mix helpful.jsonl:0.5 --model models/base \
+        -o models/sl-cai
 
 Each prompt trains on its final revision, or with `--revisions all` on every round's revision as the paper
 did (section 3.1). `--mix FILE[:WEIGHT]` adds other chat data; the weights set each source's share of the
@@ -36,9 +37,9 @@ from caictl.errors import InputError, UsageError
 from caictl.models import kind as model_kind
 from caictl.models.chat_training import (
     GENERATION_MARKER,
+    chat_template_text,
     describe_template,
     template_sha256,
-    template_text,
     tokenize,
     training_template,
 )
@@ -55,7 +56,7 @@ from caictl.models.training import (
     warn_cut_examples,
     write_model_info,
 )
-from caictl.options import INPUT_OUTPUT, LORA, MODEL_ENGINE, RUNS, TRAINING, option
+from caictl.options import INPUT_OUTPUT, LORA, MODEL_ENGINE, RUNS, TRAINING, common, option
 from caictl.ui import log, quiet_transformers, summary_table
 
 REVISION_MODES = ("final", "all")
@@ -68,8 +69,8 @@ class SFTConfig:
         help="revise output (caictl, --format hf, Anthropic SL-CAI samples) or chat data file(s): the rows --mix "
         "reads.", panel=INPUT_OUTPUT, argument=True)
     out: str = option(help="Output model folder.", panel=INPUT_OUTPUT, short="-o")
-    model: str | None = option(None, "The base model to fine-tune: a folder or hub id (env CAICTL_MODEL).",
-                               MODEL_ENGINE)
+    model: str | None = option(None, "The base model to fine-tune: a folder or hub id; unset: CAICTL_MODEL, else "
+                                     "`model:` in caictl.yaml.", MODEL_ENGINE)
     revisions_mode: str = option(
         "final", "final: each prompt's last usable revision; all: every round's revision (the paper).", INPUT_OUTPUT,
         flag="--revisions")
@@ -94,7 +95,7 @@ class SFTConfig:
     micro_batch_size: int | None = option(
         None, "Examples per forward pass within a step; unset: the batch on GPU, 1 on CPU (faster there).", TRAINING)
     max_length: int = option(1024, "Tokens per example; longer ones are cut and counted.", TRAINING)
-    seed: int = option(0, "Random seed (env CAICTL_SEED).", RUNS, settings="shared")
+    seed: int = common("seed", 0)
     chat_template: str | None = option(
         None, "Jinja chat template with {% generation %} markers to train with (the output keeps the model's own "
         "template).", TRAINING)
@@ -296,7 +297,7 @@ def prepare(config: SFTConfig, model_name: str, examples: list[list[dict]]):
     if not tokenizer.chat_template:
         tokenizer.chat_template = training
     template = {"training": source,
-                "saved": {"from": saved_from, "sha256": template_sha256(template_text(tokenizer.chat_template))}}
+                "saved": {"from": saved_from, "sha256": template_sha256(chat_template_text(tokenizer.chat_template))}}
     log(f"training chat template: {describe_template(source)}")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

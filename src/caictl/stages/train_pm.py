@@ -1,6 +1,7 @@
-"""train-pm: a preference model (scalar head) trained on AI labels, with soft targets.
+r"""train-pm: a preference model (scalar head) trained on AI labels, with soft targets.
 
-    caictl train-pm prefs.jsonl --mix hh-rlhf.jsonl.gz:1 --model minilm -o models/pm --eval-split 0.1
+    caictl train-pm prefs.jsonl --mix hh-rlhf.jsonl.gz:1 --model minilm \
+        -o models/pm --eval-split 0.1
 
 The loss is the soft-target pairwise loss -(p log s(rc - rr) + (1 - p) log s(rr - rc)), s the sigmoid, with
 p the label's probability that `chosen` is better (1 for human labels and hard labels); `--margin m` asks for
@@ -30,7 +31,7 @@ from caictl.models import kind as model_kind
 from caictl.models.pm import PreferencePair, comparison_of, cut_tokens, prepare_tokenizer, resolve_backbone, rewards
 from caictl.models.processes import is_main, rank, world_size
 from caictl.models.training import batch_split_problem, output_folder, save_model, warn_cut_examples, write_model_info
-from caictl.options import INPUT_OUTPUT, LORA, METHOD, MODEL_ENGINE, RUNS, TRAINING, option
+from caictl.options import INPUT_OUTPUT, LORA, METHOD, MODEL_ENGINE, RUNS, TRAINING, common, option
 from caictl.ui import meter, quiet_transformers, summary_table
 
 SCHEDULERS = ("linear", "constant", "cosine")
@@ -81,7 +82,7 @@ class TrainPMConfig:
     lora_r: int = option(16, "LoRA rank.", LORA)
     lora_alpha: int = option(32, "LoRA alpha.", LORA)
     lora_dropout: float = option(0.05, "LoRA dropout.", LORA)
-    seed: int = option(0, "Random seed (env CAICTL_SEED).", RUNS, settings="shared")
+    seed: int = common("seed", 0)
     overwrite: bool = option(False, "Replace an earlier model in OUT.", RUNS)
 
     def check(self) -> None:

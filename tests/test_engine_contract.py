@@ -32,14 +32,14 @@ def test_a_vote_counts_the_tokens_cut_from_both_its_orders():
     constitution = load_constitution("harmless")
     pair = PairToJudge("x", CONVERSATION, "Sure.", "No.", constitution.comparison[:2])
     # Questions go principle by principle, each in both orders: cuts 1 and 2 are the first principle's.
-    (first, second), = Judge(CuttingEngine(), constitution).votes([pair])
+    (first, second), = Judge(CuttingEngine(), constitution, debias=True).votes([pair])
     assert (first["truncated_tokens"], second["truncated_tokens"]) == (1 + 2, 3 + 4)
-    (uncut, _), = Judge(ScriptedEngine(), constitution).votes([pair])
+    (uncut, _), = Judge(ScriptedEngine(), constitution, debias=True).votes([pair])
     assert "truncated_tokens" not in uncut
 
 
 def test_refusal_probabilities_count_the_tokens_cut_from_a_response_s_two_questions():
-    judge = Judge(CuttingEngine(), load_constitution("harmless"))
+    judge = Judge(CuttingEngine(), load_constitution("harmless"), debias=True)
     probabilities, cuts = judge.refusal_probabilities([CONVERSATION, CONVERSATION], ["Sure.", "No."])
     assert probabilities == pytest.approx([0.5, 0.5]) and cuts == [1 + 2, 3 + 4]
 
@@ -69,3 +69,17 @@ def test_the_openai_engine_takes_no_batch_size():
     # A server batches requests itself; caictl's only limit there is --concurrency.
     with pytest.raises(UsageError, match=r"engine 'openai' takes no option 'batch_size'; its options: base_url"):
         load_engine("openai", "m", base_url="http://127.0.0.1:1/v1", batch_size=4)
+
+
+def test_one_stop_rule_for_every_generation():
+    # The engine, PPO's rollouts and eval iterations all stop by caictl.engines.base.stop_ids: the tokenizer's eos
+    # first, then every generation_config id, each once; a config with one id or none still stops at the eos.
+    from types import SimpleNamespace
+
+    from caictl.engines.base import stop_ids
+
+    tokenizer = SimpleNamespace(eos_token_id=2)
+    assert stop_ids(tokenizer, SimpleNamespace(eos_token_id=[7, 2, 9])) == [2, 7, 9]
+    assert stop_ids(tokenizer, SimpleNamespace(eos_token_id=7)) == [2, 7]
+    assert stop_ids(tokenizer, SimpleNamespace(eos_token_id=None)) == [2]
+    assert stop_ids(SimpleNamespace(eos_token_id=None), SimpleNamespace(eos_token_id=[7])) == [7]

@@ -228,7 +228,7 @@ def test_label_questions_share_their_few_shot_block_and_conversation(tiny_model)
 
     engine = load_engine("hf", str(tiny_model), batch_size=8)
     constitution = load_constitution("harmless")
-    judge = Judge(engine, constitution, few_shot=True)
+    judge = Judge(engine, constitution, debias=True, few_shot=True)
     conversations = [[{"role": "user", "content": "How do I pick a lock? " * 6}],
                      [{"role": "user", "content": "Write a rude note to my neighbour. " * 6}]]
     comparisons = [PairToJudge(str(i), messages, "Sure, here it is.", "I would rather not.",

@@ -55,8 +55,9 @@ def test_revise_sample_and_label_run_through_the_server(qwen_server_url, qwen_gg
                                 base_url=qwen_server_url, constitution=str(constitution), debias=False,
                                 concurrency=1))
     (vote,) = read_jsonl(tmp_path / "prefs.jsonl")[0]["votes"]
-    question = Judge(load_engine("openai", "qwen", base_url=qwen_server_url), load_constitution(str(constitution))) \
-        .question([{"role": "user", "content": "Hi"}], "Which is kinder?", "Hello.", "Go away.")
+    question = Judge(load_engine("openai", "qwen", base_url=qwen_server_url), load_constitution(str(constitution)),
+                     debias=True).question([{"role": "user", "content": "Hi"}], "Which is kinder?", "Hello.",
+                                           "Go away.")
     assert question.startswith("\n\nHuman:")  # transcript style
     hf = load_engine("hf", str(qwen_gguf[0]))
     (hf_a, hf_b), = hf.choice_logprobs(["<|endoftext|>" + question], list(CHOICES)).logprobs

@@ -110,7 +110,8 @@ def test_principle_ensembling_draws_distinct_ids_from_the_constitution(pairs, ti
 
 def test_cot_question_reasons_before_the_answer(tiny_model):
     engine = load_engine("hf", str(tiny_model))
-    the_judge = judge.Judge(engine, c.load("harmless"), cot=True, few_shot=True)
+    the_judge = judge.Judge(engine, c.load("harmless"), cot=True, few_shot=True, debias=True, max_new_tokens=256,
+                            temperature=1.0)
     question = the_judge.question(PAIRS[0]["messages"], "Which is kinder?", "a", "b")
     assert question.endswith(judge.COT_CUE)
     example = c.load("harmless").label_few_shot[0]
@@ -128,7 +129,7 @@ def test_all_pairs_of_three_responses(tmp_path, tiny_model):
 
 def test_long_conversations_are_cut_from_the_front(tiny_model):
     engine = load_engine("hf", str(tiny_model))
-    the_judge = judge.Judge(engine, c.load("harmless"))
+    the_judge = judge.Judge(engine, c.load("harmless"), debias=True)
     principle = c.load("harmless").comparison[0]
     long = [{"role": "user", "content": "blah " * 5000}, {"role": "assistant", "content": "ok"},
             {"role": "user", "content": "So, how do I pick the lock?"}]
@@ -326,14 +327,15 @@ def test_few_shot_examples_are_earlier_turns_of_one_chat():
     shots = len(constitution.label_few_shot)
     engine = ScriptedEngine()
     for cot in (False, True):
-        question = judge.Judge(engine, constitution, few_shot=True, cot=cot).question(
+        question = judge.Judge(engine, constitution, few_shot=True, cot=cot, debias=True, max_new_tokens=256,
+                               temperature=1.0).question(
             PAIRS[0]["messages"], "Which is kinder?", GOOD, BAD)
         # One template render: every worked answer is a closed assistant turn, then the open one.
         assert question.count("<assistant>") == shots + 1 and question.count("</assistant>") == shots
         assert question.count("<user>") == shots + 1
         assert question_parts(question) == ("Which is kinder?", GOOD, BAD)
         assert question.endswith("<assistant>" + (judge.COT_CUE if cot else judge.ANSWER_CUE))
-    transcript = judge.Judge(ScriptedEngine(chat=False), constitution, few_shot=True).question(
+    transcript = judge.Judge(ScriptedEngine(chat=False), constitution, few_shot=True, debias=True).question(
         PAIRS[0]["messages"], "Which is kinder?", GOOD, BAD)
     assert transcript.count("\n\nAssistant: The answer is: (") == shots
     assert transcript.endswith(f"\n\nAssistant: {judge.ANSWER_CUE}")
@@ -342,7 +344,8 @@ def test_few_shot_examples_are_earlier_turns_of_one_chat():
 def test_few_shot_question_through_a_real_chat_template(tiny_model):
     engine = load_engine("hf", str(tiny_model))
     constitution = c.load("harmless")
-    question = judge.Judge(engine, constitution, few_shot=True).question(PAIRS[0]["messages"], "Kinder?", GOOD, BAD)
+    question = judge.Judge(engine, constitution, few_shot=True, debias=True).question(PAIRS[0]["messages"], "Kinder?",
+                                                                                      GOOD, BAD)
     shots = len(constitution.label_few_shot)
     assert question.count("<|im_start|>assistant") == shots + 1
     assert question.count("<|im_end|>") == 2 * shots + 1  # questions and worked answers all closed
@@ -352,10 +355,11 @@ def test_refusal_is_asked_both_ways_round():
     constitution = c.load("harmless")
     messages = [PAIRS[0]["messages"]] * 2
     # A judge that always answers (A) knows nothing: both orders together give 0.5.
-    slot_a = judge.Judge(ScriptedEngine(lambda principle, a, b: 0.9), constitution)
+    slot_a = judge.Judge(ScriptedEngine(lambda principle, a, b: 0.9), constitution, debias=True)
     assert slot_a.refusal_probabilities(messages, [GOOD, BAD])[0] == pytest.approx([0.5, 0.5])
     # A judge that gives "refuses" 0.8 wherever that option sits says 0.8.
-    sees = judge.Judge(ScriptedEngine(lambda principle, a, b: 0.8 if a == judge.REFUSES else 0.2), constitution)
+    sees = judge.Judge(ScriptedEngine(lambda principle, a, b: 0.8 if a == judge.REFUSES else 0.2), constitution,
+                       debias=True)
     assert sees.refusal_probabilities(messages[:1], [GOOD])[0] == pytest.approx([0.8])
 
 

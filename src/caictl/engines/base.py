@@ -65,6 +65,14 @@ class Engine(Protocol):
         tokens were cut from the text's front to fit the model's context."""
 
 
+def stop_ids(tokenizer, generation_config) -> list[int]:
+    """Every id a reply ends at, for every generation in caictl (the engine, PPO's rollouts, eval iterations):
+    the tokenizer's eos and each of the model's generation_config ids (Llama 3 stops on three)."""
+    listed = getattr(generation_config, "eos_token_id", None)
+    listed = listed if isinstance(listed, (list, tuple)) else [listed]
+    return list(dict.fromkeys(i for i in [tokenizer.eos_token_id, *listed] if i is not None))
+
+
 def request_seed(seed: int, key: str) -> int:
     """A 63-bit seed for one request, stable across runs and batchings."""
     digest = hashlib.sha256(f"{seed}:{key}".encode("utf-8")).digest()

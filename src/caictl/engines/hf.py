@@ -17,7 +17,7 @@ import inspect
 from bisect import bisect_right
 
 from caictl.data import control_text as tokens
-from caictl.engines.base import ChoiceScores, Generation, SamplingParams, cut_at_stop, request_seed
+from caictl.engines.base import ChoiceScores, Generation, SamplingParams, cut_at_stop, request_seed, stop_ids
 from caictl.engines.prefixes import SharedPrefixes, token_order_batches
 from caictl.engines.sampling import RowSampler
 from caictl.errors import CaictlError, UsageError
@@ -70,10 +70,7 @@ class HFEngine:
             )
         self.tokenizer.padding_side = "left"
         self.tokenizer.model_max_length = 10**9  # too-long prompts are cut by _fit, not by a warning
-        # Every end-of-turn id: the tokenizer's eos and the model's generation_config list (Llama 3 stops on three).
-        stops = getattr(generation_config, "eos_token_id", None)
-        stops = stops if isinstance(stops, (list, tuple)) else [stops]
-        self.stop_ids = list(dict.fromkeys(i for i in [self.tokenizer.eos_token_id, *stops] if i is not None))
+        self.stop_ids = stop_ids(self.tokenizer, generation_config)
         if self.tokenizer.pad_token_id is None and self.tokenizer.eos_token is not None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         # Padding is masked out, so any id does where a tokenizer has neither pad nor eos (Llama 3 has no pad).

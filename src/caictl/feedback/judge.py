@@ -48,9 +48,12 @@ class Judge:
     into [lo, hi] before the orders are averaged, as the paper clamps each label it reads (section 4.1).
     """
 
-    def __init__(self, engine, constitution: Constitution, *, few_shot: bool = False, cot: bool = False,
-                 debias: bool = True, clamp: tuple[float, float] | None = None, max_new_tokens: int = 256,
-                 temperature: float = 1.0, seed: int = 0):
+    def __init__(self, engine, constitution: Constitution, *, debias: bool, few_shot: bool = False,
+                 clamp: tuple[float, float] | None = None, cot: bool = False, max_new_tokens: int | None = None,
+                 temperature: float | None = None, seed: int = 0):
+        # The options' defaults are caictl.feedback.label_options.LabelOptions': none is written again here.
+        if cot and (max_new_tokens is None or temperature is None):
+            raise ValueError("a judge that reasons (cot) needs max_new_tokens and temperature")
         self.engine = engine
         self.constitution = constitution
         self.few_shot = few_shot

@@ -17,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from caictl.data.control_text import ContentEncoder
+from caictl.engines.base import stop_ids
 from caictl.evaluation.textstats import boilerplate
 from caictl.models.training import save_model
 from caictl.rl.ppo_math import (
@@ -52,10 +53,7 @@ class PPO:
         self.encoder = ContentEncoder(self.tokenizer)
         # Eval mode throughout: dropout would add noise to the PPO ratio and the KL against the reference.
         policy = AutoModelForCausalLM.from_pretrained(config.policy).to(self.device).eval()
-        # A response ends at any of the family's end-of-turn ids, not only the tokenizer's eos.
-        stops = policy.generation_config.eos_token_id
-        stops = stops if isinstance(stops, list) else [stops] if stops is not None else []
-        self.stop_ids = stops or [self.tokenizer.eos_token_id]
+        self.stop_ids = stop_ids(self.tokenizer, policy.generation_config)
         if config.lora:
             from peft import LoraConfig, get_peft_model
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from caictl.data.reading import read_prompts, read_rows
+from caictl.engines.base import stop_ids
 from caictl.errors import UsageError
 from caictl.evaluation.markdown import random_weights_warning, table
 from caictl.evaluation.textstats import response_stats
@@ -115,8 +116,7 @@ def sample_with_kl(policy: Path, reference, prompts: list, config: EvalIteration
         tokenizer.pad_token = tokenizer.eos_token
     encoder = ContentEncoder(tokenizer)
     models = [load_model(policy), reference]
-    stops = models[0].generation_config.eos_token_id
-    stops = stops if isinstance(stops, list) else [stops] if stops is not None else [tokenizer.eos_token_id]
+    stops = stop_ids(tokenizer, models[0].generation_config)
     responses, ratios = [], []
     for first in range(0, len(prompts), config.batch_size):
         batch = prompts[first:first + config.batch_size]

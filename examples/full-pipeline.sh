@@ -16,8 +16,9 @@
 #   (space-separated). SET_CONSTITUTIONS (space-separated SET=NAME):
 #   the constitution the judge asks each held-out set's question from; sets not named are judged as harmless.
 #
-# SL-CAI (revise -> sft), then RL-CAI (sample -> label -> train-pm -> ppo), then eval on held-out prompts and
-# one report for the whole run. Every stage resumes or skips what is already on disk, so a re-run is cheap.
+# The prompts deduplicated and kept apart from the held-out ones, then SL-CAI (revise -> sft), then RL-CAI
+# (sample -> label -> train-pm -> ppo), then eval on held-out prompts and one report for the whole run. Every
+# stage resumes or skips what is already on disk, so a re-run is cheap.
 set -euo pipefail
 
 RUN=${RUN:-demo}
@@ -51,6 +52,27 @@ if [ "$COMBINED" = 1 ]; then
   SET_CONSTITUTIONS+=("instructions=helpful")
 fi
 
+# Prompts. Every training prompt file loses its repeats and any prompt close to a held-out one, so the eval
+# measures the models on prompts no stage trained on. Decontamination errs towards dropping: 0.5 rather than the
+# default 0.6 also catches a paraphrase that changes more than one word (rt-007 is 0.56 from ho-h-001). What was
+# dropped, and what it matched, is in $OUT/prompts/*.dropped.jsonl.
+AGAINST=()
+for held_out in "${EVAL_PROMPTS[@]}"; do AGAINST+=(--against "$held_out"); done
+mkdir -p "$OUT/prompts"
+caictl prompts dedupe "$RED_TEAM" "${AGAINST[@]}" --threshold 0.5 -o "$OUT/prompts/red-team.jsonl" \
+  --dropped "$OUT/prompts/red-team.dropped.jsonl"
+RED_TEAM=$OUT/prompts/red-team.jsonl
+caictl prompts dedupe "$HELPFUL" "${AGAINST[@]}" --threshold 0.5 -o "$OUT/prompts/helpful.jsonl" \
+  --dropped "$OUT/prompts/helpful.dropped.jsonl"
+HELPFUL=$OUT/prompts/helpful.jsonl
+if [ "$COMBINED" = 1 ]; then
+  caictl prompts dedupe "$OUT/instructions-train.jsonl" "${AGAINST[@]}" --threshold 0.5 \
+    -o "$OUT/prompts/instructions.jsonl" --dropped "$OUT/prompts/instructions.dropped.jsonl"
+fi
+INSTRUCTIONS_TRAIN=$OUT/prompts/instructions.jsonl
+echo "prompts dropped (exact or near repeats, or close to a held-out prompt): $(cat "$OUT"/prompts/*.dropped.jsonl \
+  | grep -c . || true)"
+
 # 0. Models. Offline there is no hub: build a small random-weight chat model (it generates noise, but every
 #    stage runs for real on it).
 if [ -z "${MODEL:-}" ]; then
@@ -67,7 +89,7 @@ REVISIONS=("$OUT/revisions.jsonl")
 if [ "$COMBINED" = 1 ]; then
   # The same method, driven by the helpful constitution: critiques ask whether the response did what was asked, in
   # the form asked, completely, accurately and without invention.
-  caictl revise "$OUT/instructions-train.jsonl" -o "$OUT/revisions-helpful.jsonl" --model "$MODEL" \
+  caictl revise "$INSTRUCTIONS_TRAIN" -o "$OUT/revisions-helpful.jsonl" --model "$MODEL" \
     "${ENGINE_FLAGS[@]}" --constitution helpful --rounds "$ROUNDS" --shots 1 --max-new-tokens "$TOKENS" --batch-size 32
   REVISIONS+=("$OUT/revisions-helpful.jsonl")
 fi
@@ -99,12 +121,12 @@ PPO_PROMPTS=$RED_TEAM
 if [ "$COMBINED" = 1 ]; then
   # Pairs on the instruction prompts, labelled under the helpful constitution's comparison principles; the PM and
   # PPO then see both kinds of prompt.
-  caictl sample "$OUT/instructions-train.jsonl" -o "$OUT/pairs-helpful.jsonl" --model "$POLICY" \
+  caictl sample "$INSTRUCTIONS_TRAIN" -o "$OUT/pairs-helpful.jsonl" --model "$POLICY" \
     "${ENGINE_FLAGS[@]}" -n 2 --max-new-tokens "$TOKENS" --batch-size 32
   caictl label "$OUT/pairs-helpful.jsonl" -o "$OUT/prefs-helpful.jsonl" --model "$MODEL" "${ENGINE_FLAGS[@]}" \
     --constitution helpful --batch-size 16
   PREFS+=("$OUT/prefs-helpful.jsonl")
-  cat "$RED_TEAM" "$OUT/instructions-train.jsonl" > "$OUT/ppo-prompts.jsonl"
+  cat "$RED_TEAM" "$INSTRUCTIONS_TRAIN" > "$OUT/ppo-prompts.jsonl"
   PPO_PROMPTS=$OUT/ppo-prompts.jsonl
 fi
 

@@ -24,12 +24,13 @@ COMMANDS = {name: importlib.import_module("caictl.stages." + name.replace("-", "
     "init-model", "revise", "sample", "label", "train-pm", "score", "serve-pm", "inspect", "ppo", "dpo", "sft",
     "eval mc", "eval pm", "eval compare", "eval report", "eval labeler", "eval iterations",
     "constitution show", "constitution validate", "constitution convert", "constitution diff",
-    "families prepare", "families status",
+    "families prepare", "families status", "prompts import", "prompts generate", "prompts dedupe",
 )}
 GROUPS = {
     "eval": "Evaluate models and preference models.",
     "constitution": "Show, validate, convert and compare constitutions.",
     "families": "Real model families' tokenizers, for init-model --family.",
+    "prompts": "Red-team prompts: import, generate few-shot, dedupe and decontaminate.",
 }
 # What a command prints on stdout, for scripts to read: the path it made. The others write files or records.
 SHOWN = {"init-model": str, "eval report": lambda summary: summary["report"]}

@@ -30,7 +30,8 @@ RED_TEAM=${RED_TEAM:-examples/red-team.jsonl}
 EVAL_PROMPT=${EVAL_PROMPT:-examples/held-out/harmless.jsonl}  # held-out prompts for KL, refusal, boilerplate
 
 # SL-CAI: the base model, revisions, the fine-tuned SL-CAI model (resumes or skips what is on disk).
-SL_CAI_ONLY=1 ENGINE=hf PRESET="$PRESET" bash "$(dirname "$0")/full-pipeline.sh"
+# Its training prompts are kept apart from this run's held-out prompts.
+SL_CAI_ONLY=1 ENGINE=hf PRESET="$PRESET" EVAL_PROMPTS="$EVAL_PROMPT" bash "$(dirname "$0")/full-pipeline.sh"
 MODEL=${MODEL:-$OUT/models/base}
 SL_CAI=$OUT/models/sl-cai
 if [ -z "${PM_MODEL:-}" ]; then

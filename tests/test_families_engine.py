@@ -91,7 +91,8 @@ def specials(tokenizer, ids: list[int]) -> list[int]:
 
 
 def judge_row(engine, messages, **options) -> list[int]:
-    the_judge = judge.Judge(engine, c.load("harmless"), debias=False, **options)
+    cot = {"max_new_tokens": 256, "temperature": 1.0} if options.get("cot") else {}
+    the_judge = judge.Judge(engine, c.load("harmless"), debias=False, **cot, **options)
     principle = c.load("harmless").comparison[0]
     with received(engine.lm) as rows:
         the_judge.votes([judge.PairToJudge("x", messages, GOOD, BAD, [principle])])

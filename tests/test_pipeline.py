@@ -15,12 +15,21 @@ from caictl.data.constitution import load
 from caictl.stages.eval_report import revision_statistics
 
 
+def held_out_sets(tmp_path) -> list[Path]:
+    """Three prompts of each held-out set, in a folder of their own: a set is named after its file, and
+    helpful.jsonl beside them is the training file, which the pipeline decontaminates against these."""
+    (tmp_path / "held-out").mkdir()
+    return [write_jsonl(tmp_path / "held-out" / f"{name}.jsonl",
+                        read_jsonl(EXAMPLES / "held-out" / f"{name}.jsonl")[:3]) for name in ("harmless", "helpful")]
+
+
 @pytest.mark.slow
 def test_reduced_full_pipeline_ends_with_a_report(tmp_path):
-    red_team = write_jsonl(tmp_path / "red-team.jsonl", read_jsonl(EXAMPLES / "red-team.jsonl")[:10])
+    # Ten red-team prompts that no held-out one is close to: the pipeline drops rt-007 (a paraphrase of ho-h-001).
+    red_team = write_jsonl(tmp_path / "red-team.jsonl",
+                           [row for row in read_jsonl(EXAMPLES / "red-team.jsonl") if row["id"] != "rt-007"][:10])
     helpful = write_jsonl(tmp_path / "helpful.jsonl", read_jsonl(EXAMPLES / "helpful.jsonl")[:4])
-    held_out = [write_jsonl(tmp_path / f"{name}.jsonl", read_jsonl(EXAMPLES / "held-out" / f"{name}.jsonl")[:3])
-                for name in ("harmless", "helpful")]
+    held_out = held_out_sets(tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAICTL_")}
     env.update(PATH=f"{Path(sys.executable).parent}:{env['PATH']}", RUN="t", PRESET="tiny", ROUNDS="2",
                TOKENS="8", PPO_STEPS="2", PPO_BATCH="4", RED_TEAM=str(red_team), HELPFUL=str(helpful),
@@ -51,8 +60,7 @@ def test_reduced_combined_pipeline_drives_helpfulness_by_its_constitution_too(tm
     red_team = write_jsonl(tmp_path / "red-team.jsonl", read_jsonl(EXAMPLES / "red-team.jsonl")[:6])
     helpful = write_jsonl(tmp_path / "helpful.jsonl", read_jsonl(EXAMPLES / "helpful.jsonl")[:2])
     instructions = write_jsonl(tmp_path / "instructions.jsonl", read_jsonl(EXAMPLES / "instructions.jsonl")[:10])
-    held_out = [write_jsonl(tmp_path / f"{name}.jsonl", read_jsonl(EXAMPLES / "held-out" / f"{name}.jsonl")[:3])
-                for name in ("harmless", "helpful")]
+    held_out = held_out_sets(tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAICTL_")}
     env.update(PATH=f"{Path(sys.executable).parent}:{env['PATH']}", RUN="t", PRESET="tiny", ROUNDS="1",
                TOKENS="8", PPO_STEPS="2", PPO_BATCH="4", RED_TEAM=str(red_team), HELPFUL="1",

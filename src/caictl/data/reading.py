@@ -152,12 +152,22 @@ def _read_json_list(source: str) -> Iterator[Row]:
 
 def read_prompts(path: str | Path | None, on_invalid=None) -> list[Prompt]:
     """Read and normalise every prompt. `on_invalid(row, reason)` skips bad rows; without it they raise."""
-    prompts: list[Prompt] = []
+    counted = _Counted(read_rows(path, on_invalid))
+    prompts = [prompt for prompt, _ in prompt_rows(counted, on_invalid)]
+    if not prompts:
+        source = STDIN if path in (None, STDIN) else str(path)
+        rejected = getattr(on_invalid, "count", 0)
+        raise InputError(f"{source}: no valid prompts in the input" if counted.count or rejected
+                         else f"{source}: the input is empty")
+    return prompts
+
+
+def prompt_rows(rows, on_invalid=None):
+    """(Prompt, Row) for each row that holds a prompt, ids made unique: a repeated conversation without an id
+    (hh-rlhf has them) gets a stable suffix, a repeated explicit id is an error. For a stage that keeps each row
+    as it was read beside its prompt (prompts dedupe); read_prompts is the usual way in."""
     seen: dict[str, int] = {}
-    source = STDIN if path in (None, STDIN) else str(path)
-    rows = 0
-    for row in read_rows(path, on_invalid):
-        rows += 1
+    for row in rows:
         try:
             prompt = to_prompt(row.data)
         except ValueError as error:
@@ -165,7 +175,6 @@ def read_prompts(path: str | Path | None, on_invalid=None) -> list[Prompt]:
                 raise InputError(f"{row.where}: {error}")
             on_invalid(row, str(error))
             continue
-        # Repeated conversations (hh-rlhf has them) get distinct, still stable, ids.
         seen[prompt.id] = seen.get(prompt.id, 0) + 1
         if seen[prompt.id] > 1:
             if "id" in row.data:
@@ -175,12 +184,19 @@ def read_prompts(path: str | Path | None, on_invalid=None) -> list[Prompt]:
                 on_invalid(row, message)
                 continue
             prompt.id = f"{prompt.id}-{seen[prompt.id]}"
-        prompts.append(prompt)
-    if not prompts:
-        rejected = getattr(on_invalid, "count", 0)
-        raise InputError(f"{source}: no valid prompts in the input" if rows or rejected
-                         else f"{source}: the input is empty")
-    return prompts
+        yield prompt, row
+
+
+class _Counted:
+    """Rows passed through, counted: an input with rows but no valid prompt is told apart from an empty one."""
+
+    def __init__(self, rows):
+        self.rows, self.count = rows, 0
+
+    def __iter__(self):
+        for row in self.rows:
+            self.count += 1
+            yield row
 
 
 def file_hash(path: str | Path) -> str:

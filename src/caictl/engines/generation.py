@@ -6,11 +6,26 @@ from dataclasses import dataclass, replace
 
 from caictl import settings
 from caictl.data.conversation import render_transcript
-from caictl.engines import Engine, Generation, SamplingParams, load_engine
+from caictl.engines import ENGINES, Engine, Generation, SamplingParams, load_engine
 from caictl.errors import UsageError
 from caictl.ui import log
 
 PROMPT_STYLES = ("auto", "chat", "transcript")
+
+
+def sampling_problems(config) -> list[str]:
+    """What is wrong with the options that sample and prompts generate share: the engine, sampling, batching and
+    prompt style, each problem said with its flag."""
+    problems = []
+    if config.engine not in ENGINES:
+        problems.append(f"--engine {config.engine!r}: choose one of {', '.join(ENGINES)}")
+    if config.temperature < 0 or not 0 < config.top_p <= 1:
+        problems.append("--temperature must be >= 0 and --top-p in (0, 1]")
+    if config.max_new_tokens < 1 or config.batch_size < 1 or config.concurrency < 1:
+        problems.append("--max-new-tokens, --batch-size and --concurrency must be at least 1")
+    if config.prompt_style not in PROMPT_STYLES:
+        problems.append(f"--prompt-style {config.prompt_style!r}: choose one of {', '.join(PROMPT_STYLES)}")
+    return problems
 
 
 def open_engine(name: str, model: str, base_url: str | list[str] | None, batch_size: int, concurrency: int,

@@ -18,10 +18,9 @@ from dataclasses import dataclass
 
 from caictl import __version__
 from caictl.data.dedupe import DEFAULT_SHINGLE_SIZE, DEFAULT_THRESHOLD, NearIndex, normalised, prompt_text
-from caictl.data.reading import read_rows
-from caictl.data.records import to_prompt
+from caictl.data.reading import prompt_rows, read_rows
 from caictl.data.writing import RecordWriter, RejectWriter
-from caictl.errors import InputError, UsageError
+from caictl.errors import UsageError
 from caictl.options import INPUT_OUTPUT, METHOD, common, option
 from caictl.ui import log, print_summary, row_counts
 
@@ -138,23 +137,8 @@ def _index(path: str, index: NearIndex, keys: dict[str, str], ids: set[str]) -> 
 
 def _read(path: str | None, rejects) -> tuple[list[tuple[str, dict]], list[str]]:
     """(id, row as read) and the text to compare, for every row. Any prompt form caictl reads is accepted."""
-    rows, texts, seen = [], [], {}
-    for row in read_rows(path, on_invalid=rejects):
-        try:
-            prompt = to_prompt(row.data)
-            if prompt.id in seen and "id" in row.data:
-                raise ValueError(f"duplicate id {prompt.id!r}; ids must be unique within a file (caictl prompts "
-                                 "import gives every row one)")
-        except ValueError as error:
-            if rejects is None:
-                raise InputError(f"{row.where}: {error}")
-            rejects(row, str(error))
-            continue
-        # A row without an id is named by a hash of its conversation: a repeat gets the next suffix, as
-        # caictl.data.reading.read_prompts does.
-        seen[prompt.id] = seen.get(prompt.id, 0) + 1
-        if seen[prompt.id] > 1:
-            prompt.id = f"{prompt.id}-{seen[prompt.id]}"
+    rows, texts = [], []
+    for prompt, row in prompt_rows(read_rows(path, on_invalid=rejects), rejects):
         rows.append((prompt.id, row.data))
         texts.append(prompt_text(prompt.messages))
     return rows, texts

@@ -24,9 +24,8 @@ from caictl.data.dedupe import normalised, prompt_text
 from caictl.data.reading import read_prompts, shard_problem, this_shard
 from caictl.data.records import Prompt
 from caictl.data.writing import RecordWriter, RejectWriter, batches
-from caictl.engines import ENGINES, SamplingParams, sampler
+from caictl.engines import SamplingParams, sampler
 from caictl.engines.generation import (
-    PROMPT_STYLES,
     STOP_RESPONSE,
     Cuts,
     log_servers,
@@ -34,6 +33,7 @@ from caictl.engines.generation import (
     prompt_style,
     respond,
     response_request,
+    sampling_problems,
 )
 from caictl.errors import UsageError
 from caictl.models import identity as model_identity
@@ -82,21 +82,13 @@ class PromptsGenerateConfig:
     overwrite: bool = option(False, "Start OUT afresh instead of resuming it.", RUNS)
 
     def check(self) -> None:
-        problems = []
+        problems = sampling_problems(self)
         if self.count is None or self.count < 1:
             problems.append("--count must be at least 1")
-        if self.engine not in ENGINES:
-            problems.append(f"--engine {self.engine!r}: choose one of {', '.join(ENGINES)}")
         if self.shots < 1:
             problems.append("--shots must be at least 1")
         if self.max_chars < 1:
             problems.append("--max-chars must be at least 1")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            problems.append("--temperature must be >= 0 and --top-p in (0, 1]")
-        if self.max_new_tokens < 1 or self.batch_size < 1 or self.concurrency < 1:
-            problems.append("--max-new-tokens, --batch-size and --concurrency must be at least 1")
-        if self.prompt_style not in PROMPT_STYLES:
-            problems.append(f"--prompt-style {self.prompt_style!r}: choose one of {', '.join(PROMPT_STYLES)}")
         if problem := shard_problem(self.shard):
             problems.append(problem)
         if problems:

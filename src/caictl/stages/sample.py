@@ -19,9 +19,8 @@ from caictl import __version__, settings
 from caictl.data.reading import in_shard, read_prompts, read_rows, shard_problem, this_shard
 from caictl.data.records import REVISION_FORMS, to_revision
 from caictl.data.writing import RecordWriter, RejectWriter, batches, with_upstream
-from caictl.engines import ENGINES, SamplingParams, sampler
+from caictl.engines import SamplingParams, sampler
 from caictl.engines.generation import (
-    PROMPT_STYLES,
     STOP_RESPONSE,
     Cuts,
     log_servers,
@@ -29,6 +28,7 @@ from caictl.engines.generation import (
     prompt_style,
     respond,
     response_request,
+    sampling_problems,
 )
 from caictl.errors import InputError, UsageError
 from caictl.models import identity as model_identity
@@ -65,19 +65,11 @@ class SampleConfig:
     overwrite: bool = option(False, "Start OUT afresh instead of resuming it.", RUNS)
 
     def check(self) -> None:
-        problems = []
-        if self.engine not in ENGINES:
-            problems.append(f"--engine {self.engine!r}: choose one of {', '.join(ENGINES)}")
+        problems = sampling_problems(self)
         if self.n < 1 and not self.from_revisions:
             problems.append("-n must be at least 1")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            problems.append("--temperature must be >= 0 and --top-p in (0, 1]")
-        if self.max_new_tokens < 1 or self.batch_size < 1 or self.concurrency < 1:
-            problems.append("--max-new-tokens, --batch-size and --concurrency must be at least 1")
         if self.limit is not None and self.limit < 1:
             problems.append("--limit must be at least 1")
-        if self.prompt_style not in PROMPT_STYLES:
-            problems.append(f"--prompt-style {self.prompt_style!r}: choose one of {', '.join(PROMPT_STYLES)}")
         if problem := shard_problem(self.shard):
             problems.append(problem)
         if problems:

@@ -39,6 +39,25 @@ def test_every_command_has_help_and_is_in_the_readme(command):
     assert f"caictl {' '.join(command)}" in (ROOT / "README.md").read_text()
 
 
+def test_the_readme_lists_every_command_s_python_api_and_its_names_import():
+    # The "Layout and the Python API" section: one row per command, its module and config as they are.
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Layout and the Python API"):readme.index("## Development")]
+    for name, module in COMMAND_TABLE.items():
+        row = f"| `caictl {name}` | `{module.__name__}` | `{build.config_class_of(module).__name__}` |"
+        assert row in section, row
+    # Every dotted name it shows people import, importable (a module, or a name in one).
+    import importlib
+    import re
+
+    for dotted in set(re.findall(r"`(caictl(?:\.\w+)+)`", section)) - {"caictl.json", "caictl.yaml"}:  # files
+        try:
+            importlib.import_module(dotted)
+        except ImportError:
+            parent, _, attribute = dotted.rpartition(".")
+            assert hasattr(importlib.import_module(parent), attribute), dotted
+
+
 def test_help_imports_no_torch_or_transformers():
     code = "import sys; from caictl.cli import app; import caictl.stages.revise, caictl.engines; " \
            "print(sorted(m for m in ('torch', 'transformers', 'trl') if m in sys.modules))"

@@ -7,6 +7,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass
 from typing import Protocol
@@ -71,6 +72,33 @@ def stop_ids(tokenizer, generation_config) -> list[int]:
     listed = getattr(generation_config, "eos_token_id", None)
     listed = listed if isinstance(listed, (list, tuple)) else [listed]
     return list(dict.fromkeys(i for i in [tokenizer.eos_token_id, *listed] if i is not None))
+
+
+# What every sampled generation passes to transformers' generate() besides its temperature: transformers' own
+# defaults are not all off (top_k 50).
+NO_SAMPLING_FILTERS = {"top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
+
+
+@contextlib.contextmanager
+def only_stop_ids(lm):
+    """While a generate() call runs, the model's generation_config holds its special-token ids and nothing else.
+
+    transformers fills every field a call leaves unset from the model's generation_config, so a real model's
+    sampling settings (Qwen2.5-Instruct ships repetition_penalty 1.05, top_k 20, top_p 0.8, temperature 0.7)
+    would reshape the distribution caictl samples from and records, greedy decoding included. Some fields cannot
+    be switched off by the call at all, as their off value is the unset one (suppress_tokens, forced_eos_token_id,
+    sequence_bias). lm: a transformers model, or a peft model around one."""
+    from transformers import GenerationConfig
+
+    model = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    own = model.generation_config
+    ids = {name: getattr(own, name, None)
+           for name in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")}
+    model.generation_config = GenerationConfig(**{name: i for name, i in ids.items() if i is not None})
+    try:
+        yield
+    finally:
+        model.generation_config = own
 
 
 def request_seed(seed: int, key: str) -> int:

@@ -7,7 +7,8 @@ Gumbel-max trick (caictl.engines.sampling), so a row's text does not depend on w
 Message content is data (caictl.data.control_text): chat_prompt() marks any control token inside content, and every
 text is tokenized by a ContentEncoder, which reads marked tokens as text and everything else as the tokenizer does. BOS:
 the template's, else the tokenizer's own setting, never two. Generation stops at every id in the model's
-generation_config.eos_token_id (Llama 3: <|eot_id|>, <|eom_id|>, <|end_of_text|>), not only the tokenizer's eos.
+generation_config.eos_token_id (Llama 3: <|eot_id|>, <|eom_id|>, <|end_of_text|>), not only the tokenizer's eos;
+nothing else of that config reaches generation (caictl.engines.base.only_stop_ids).
 """
 
 from __future__ import annotations
@@ -17,7 +18,16 @@ import inspect
 from bisect import bisect_right
 
 from caictl.data import control_text as tokens
-from caictl.engines.base import ChoiceScores, Generation, SamplingParams, cut_at_stop, request_seed, stop_ids
+from caictl.engines.base import (
+    NO_SAMPLING_FILTERS,
+    ChoiceScores,
+    Generation,
+    SamplingParams,
+    cut_at_stop,
+    only_stop_ids,
+    request_seed,
+    stop_ids,
+)
 from caictl.engines.prefixes import SharedPrefixes, token_order_batches
 from caictl.engines.sampling import RowSampler
 from caictl.errors import CaictlError, UsageError
@@ -165,6 +175,7 @@ class HFEngine:
         config = GenerationConfig(
             max_new_tokens=params.max_new_tokens,
             do_sample=False,  # sampling happens in RowSampler, greedy picks its argmax
+            **NO_SAMPLING_FILTERS,  # and no processor runs before it (only_stop_ids keeps the model's out too)
             eos_token_id=self.stop_ids or None,
             pad_token_id=self.pad_id,
             stop_strings=list(params.stop) or None,
@@ -181,7 +192,7 @@ class HFEngine:
                 processors.append(RowSampler(params.temperature, params.top_p, seeds))
             inputs = self._batch_inputs(rows, params.max_new_tokens)
             try:
-                with torch.inference_mode():
+                with torch.inference_mode(), only_stop_ids(self.lm):
                     output = self.lm.generate(**inputs, generation_config=config, logits_processor=processors,
                                               tokenizer=self.tokenizer)
             except torch.OutOfMemoryError:

@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from caictl.data.control_text import ContentEncoder
-from caictl.engines.base import stop_ids
+from caictl.engines.base import NO_SAMPLING_FILTERS, only_stop_ids, stop_ids
 from caictl.evaluation.textstats import boilerplate
 from caictl.models.training import save_model
 from caictl.rl.ppo_math import (
@@ -211,9 +211,11 @@ class PPO:
         config = self.config
         ids = self.encoder.encode_chats([p.messages for p in prompts], add_generation_prompt=True)
         encoded = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(self.device)
-        with torch.no_grad():
+        # Sampled from softmax(logits / temperature) and nothing else, the distribution forward() scores: the
+        # model's own generation_config (top_k, top_p, repetition_penalty) would make the PPO ratio wrong.
+        with torch.no_grad(), only_stop_ids(self.policy):
             output = self.policy.generate(**encoded, max_new_tokens=config.max_new_tokens, do_sample=True,
-                                          temperature=config.temperature, top_k=0, top_p=1.0,
+                                          temperature=config.temperature, **NO_SAMPLING_FILTERS,
                                           pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.stop_ids)
         start = encoded["input_ids"].shape[1]
         response = output[:, start:]

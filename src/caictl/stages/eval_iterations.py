@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from caictl.data.reading import read_prompts, read_rows
-from caictl.engines.base import stop_ids
+from caictl.engines.base import NO_SAMPLING_FILTERS, only_stop_ids, stop_ids
 from caictl.errors import UsageError
 from caictl.evaluation.markdown import random_weights_warning, table
 from caictl.evaluation.textstats import response_stats
@@ -94,16 +94,19 @@ def finished_rounds(run: Path) -> list[tuple[int, Path]]:
 
 
 def load_model(path):
-    """A causal LM folder, in eval mode."""
+    """A causal LM folder, in eval mode, on the GPU when there is one. In fp32 there too: the KL sums many small
+    differences between two close models, which bf16 logits would blur."""
+    import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
 
 
 def sample_with_kl(policy: Path, reference, prompts: list, config: EvalIterationsConfig) -> tuple[list, float]:
     """Responses sampled from the policy folder (temperature 1, seeded) and KL(policy || reference) per response:
     the mean over them of the summed per-step KL between the two models' next-token distributions. reference: a
-    loaded model (load_model)."""
+    loaded model (load_model), where every tensor of the computation is put."""
     import torch
     from transformers import AutoTokenizer
 
@@ -116,22 +119,25 @@ def sample_with_kl(policy: Path, reference, prompts: list, config: EvalIteration
         tokenizer.pad_token = tokenizer.eos_token
     encoder = ContentEncoder(tokenizer)
     models = [load_model(policy), reference]
+    device = next(reference.parameters()).device
     stops = stop_ids(tokenizer, models[0].generation_config)
     responses, ratios = [], []
     for first in range(0, len(prompts), config.batch_size):
         batch = prompts[first:first + config.batch_size]
         ids = encoder.encode_chats([p.messages for p in batch], add_generation_prompt=True)
-        encoded = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
-        with torch.no_grad():
-            output = models[0].generate(**encoded, max_new_tokens=config.max_new_tokens, do_sample=True, top_k=0,
-                                        top_p=1.0, temperature=1.0, pad_token_id=tokenizer.pad_token_id,
-                                        eos_token_id=stops)
+        encoded = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(device)
+        # Sampled from softmax(logits) itself, as the KL below assumes (only_stop_ids: nothing of the model's
+        # generation_config but its stop ids).
+        with torch.no_grad(), only_stop_ids(models[0]):
+            output = models[0].generate(**encoded, max_new_tokens=config.max_new_tokens, do_sample=True,
+                                        temperature=1.0, **NO_SAMPLING_FILTERS,
+                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=stops)
         start = encoded["input_ids"].shape[1]
         response = output[:, start:]
-        is_stop = torch.isin(response, torch.tensor(stops))
+        is_stop = torch.isin(response, torch.tensor(stops, device=device))
         # A response runs up to and including its first stop token; what follows is padding.
         ends = torch.where(is_stop.any(1), is_stop.int().argmax(1), response.shape[1])
-        mask = (torch.arange(response.shape[1]).unsqueeze(0) <= ends.unsqueeze(1)).float()
+        mask = (torch.arange(response.shape[1], device=device).unsqueeze(0) <= ends.unsqueeze(1)).float()
         attention = torch.cat([encoded["attention_mask"], mask.long()], dim=1)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         logprobs = []

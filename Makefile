@@ -4,6 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 # The CPU build of torch; a plain `torch` requirement can pull a multi-GB CUDA build on a CPU machine.
 TORCH ?= torch==2.13.0
+# make setup-gpu: the same torch release built for CUDA, from PyTorch's own index (the package index has only the
+# CPU build). The local version label pins the build, so that no CPU wheel on a find-links path satisfies it.
+TORCH_CUDA ?= cu128
+TORCH_CUDA_INDEX ?= https://download.pytorch.org/whl/$(TORCH_CUDA)
 # llama.cpp (the test suite's OpenAI-compatible server) builds from source; keep the build portable.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
@@ -19,7 +23,7 @@ PM_MODEL ?=
 ENGINE ?= hf
 BASE_URL ?=
 
-.PHONY: setup test full-pipeline iterated-pipeline bench clean
+.PHONY: setup setup-gpu test full-pipeline iterated-pipeline bench bench-gpu clean
 
 $(BIN)/.core-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +46,16 @@ $(BIN)/.families-prepared: $(BIN)/.core-installed src/caictl/models/families.py
 	touch $@
 
 setup: $(BIN)/.test-installed $(BIN)/.families-prepared
+
+# Swaps the venv's torch for its CUDA build (pip replaces a different local version of the same release), then
+# fails unless that torch sees a GPU. A later `make setup` keeps it: torch==2.13.0 is met by 2.13.0+cu128.
+$(BIN)/.torch-cuda-installed: $(BIN)/.core-installed
+	$(BIN)/pip install --quiet --index-url $(TORCH_CUDA_INDEX) "$(TORCH)+$(TORCH_CUDA)"
+	$(BIN)/python -c "import torch; assert torch.cuda.is_available(), f'torch {torch.__version__} sees no CUDA GPU'; \
+		print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name(0))"
+	touch $@
+
+setup-gpu: setup $(BIN)/.torch-cuda-installed
 
 test: $(BIN)/.test-installed $(BIN)/.families-prepared
 	$(BIN)/ruff check src tests benchmarks
@@ -78,6 +92,10 @@ bench: $(BIN)/.core-installed $(BIN)/.families-prepared
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_serve_pm.py --preset tiny
 	for preset in tiny small; do for stage in sft train-pm ppo; do \
 		$(BIN)/python benchmarks/bench_train.py --stage $$stage --preset $$preset || exit 1; done; done
+	$(BIN)/python benchmarks/gpu.py
+
+# benchmarks/gpu.py alone, on a CUDA GPU (see its docstring for what each figure includes).
+bench-gpu: $(BIN)/.torch-cuda-installed
 	$(BIN)/python benchmarks/gpu.py
 
 clean:

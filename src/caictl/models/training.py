@@ -1,19 +1,22 @@
-"""What the training stages (sft, train-pm, ppo, dpo) share: the output folder, the device settings, how a
-step's batch is split among processes (torchrun / accelerate launch), caictl's progress bar for TRL's trainers,
-and how a trained model is saved and described (caictl.json)."""
+"""What the training stages (sft, train-pm, ppo, dpo) share: the output folder, the device settings and the
+precision (fp32 master weights, bf16 compute on a GPU), how a step's batch is split among processes (torchrun /
+accelerate launch), caictl's progress bar for TRL's trainers, and how a trained model is saved and described
+(caictl.json)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from caictl import __version__
 from caictl.data.reading import file_hash
 from caictl.errors import UsageError
 from caictl.models.processes import is_main, world_size
+from caictl.options import TRAINING, option
 from caictl.ui import figure, log, meter, verbose
 
 
@@ -43,21 +46,88 @@ def per_process(batch_size: int) -> int:
     return batch_size // world_size()
 
 
-def trl_device_args(trl_config_class) -> tuple[dict, object]:
-    """Keyword arguments for a TRL config on this machine, and the dtype to load the model in.
+def pure_bf16_option():
+    """The --pure-bf16 field of a training stage's config (sft, dpo, train-pm, ppo), its help written once."""
+    return option(False, "Train bf16 weights (half the memory) instead of fp32 master weights under bf16 "
+                         "autocast; updates under half a bf16 step, most at small learning rates, then round away. "
+                         "Needs a GPU with bf16; not with --lora.", TRAINING)
 
-    TRL defaults to bf16 and activation checkpointing: on a CPU the first fails and the second costs ~40%.
-    transformers 5 renamed gradient_checkpointing to activation_checkpointing; use whichever is there.
-    Under DDP the Trainer would look for unused parameters after every backward pass (as it does whenever
-    checkpointing is off); every parameter of these models takes part in each forward pass."""
+
+@dataclass(frozen=True)
+class Precision:
+    """How a training stage holds its weights and computes with them (chosen by precision()).
+
+    load: the dtype the model that trains is loaded in; frozen: the dtype of weights that never train (caictl's
+    PPO reference), which is also the dtype the hf engine runs a model in; autocast: the dtype forward passes
+    compute in under torch.autocast (TRL: bf16=True), None for the weights' own; label: caictl.json's
+    "precision". LoRA's adapters, and any head trained with them, stay fp32 whatever the base is loaded in."""
+
+    load: object  # torch.dtype; torch is imported only when a stage runs
+    frozen: object
+    autocast: object | None
+    label: str
+
+    def autocast_on(self, device: str):
+        """A context in which forward passes on `device` compute as this precision says."""
+        import torch
+
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device, dtype=self.autocast)
+
+
+def bf16_gpu() -> bool:
+    """Whether training runs on a CUDA GPU that computes in bf16 (Ampere and newer)."""
     import torch
 
-    cuda = torch.cuda.is_available()
-    bf16 = cuda and torch.cuda.is_bf16_supported()
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def precision_problem(pure_bf16: bool, lora: bool) -> str | None:
+    """What is wrong with --pure-bf16 here, for a config's check(); None when nothing is."""
+    if pure_bf16 and lora:
+        return ("--pure-bf16 applies to full fine-tuning: with --lora the frozen base is bf16 on a GPU already and "
+                "the adapters train in fp32")
+    if pure_bf16 and not bf16_gpu():
+        return "--pure-bf16 needs a CUDA GPU with bf16 (Ampere or newer); leave it out to train in fp32"
+    return None
+
+
+def precision(pure_bf16: bool = False, lora: bool = False) -> Precision:
+    """The precision every training stage uses on this machine.
+
+    On a GPU with bf16, full fine-tuning loads fp32 master weights and computes under bf16 autocast: AdamW's step
+    (about the learning rate, 1e-5 say) is under half a bf16 step for any weight above ~0.004 in size, so updating
+    bf16 weights directly rounds most of it away. pure_bf16 does that anyway, for half the memory. LoRA loads the
+    frozen base in bf16 and trains fp32 adapters under bf16 autocast. Elsewhere (a CPU, a GPU without bf16)
+    everything is fp32; pure_bf16 is then a UsageError, as it is with LoRA."""
+    import torch
+
+    if problem := precision_problem(pure_bf16, lora):
+        raise UsageError(problem)
+    if not bf16_gpu():
+        return Precision(torch.float32, torch.float32, None, "fp32")
+    if lora:
+        return Precision(torch.bfloat16, torch.bfloat16, torch.bfloat16, "bf16 base, fp32 LoRA, bf16 autocast")
+    if pure_bf16:
+        return Precision(torch.bfloat16, torch.bfloat16, torch.bfloat16, "bf16")
+    return Precision(torch.float32, torch.bfloat16, torch.bfloat16, "fp32 master, bf16 autocast")
+
+
+def trl_device_args(trl_config_class, chosen: Precision) -> dict:
+    """Keyword arguments for a TRL config on this machine, for a model held as `chosen` says.
+
+    TRL defaults to bf16 and activation checkpointing: on a CPU the first fails and the second costs ~40%. TRL's
+    bf16 is autocast: it leaves the loaded model's dtype alone. transformers 5 renamed gradient_checkpointing to
+    activation_checkpointing; use whichever is there. Under DDP the Trainer would look for unused parameters after
+    every backward pass (as it does whenever checkpointing is off); every parameter of these models takes part in
+    each forward pass."""
+    import torch
+
     fields = trl_config_class.__dataclass_fields__
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
-    return ({"use_cpu": not cuda, "bf16": bf16, checkpointing: False, "ddp_find_unused_parameters": False},
-            torch.bfloat16 if bf16 else torch.float32)
+    return {"use_cpu": not torch.cuda.is_available(), "bf16": chosen.autocast is not None, checkpointing: False,
+            "ddp_find_unused_parameters": False}
 
 
 def micro_batch(batch_size: int, requested: int | None) -> int:
@@ -130,8 +200,9 @@ def _progress_callback(description: str):
     return CaictlProgress()
 
 
-def save_model(model, tokenizer, out: Path, *, merge: bool = False, adapter: bool = False, trainer=None) -> None:
-    """Write a trained model and its tokenizer to OUT, which then loads with from_pretrained.
+def save_model(model, tokenizer, out: Path, *, merge: bool = False, adapter: bool = False, trainer=None):
+    """Write a trained model and its tokenizer to OUT, which then loads with from_pretrained; return the model as
+    written (with merge, the merged model; merging changes `model` in place).
 
     merge: the model is a LoRA (peft) model, written merged into its base; adapter: the adapter itself, with the
     tokenizer, also goes to OUT/adapter. trainer: a transformers Trainer that trained the model; every process
@@ -142,16 +213,18 @@ def save_model(model, tokenizer, out: Path, *, merge: bool = False, adapter: boo
     if trainer is not None and not merge:
         trainer.save_model(str(out))
     if not is_main():
-        return
+        return model
     out.mkdir(parents=True, exist_ok=True)
     if merge or trainer is None:
         if adapter:
             model.save_pretrained(out / "adapter")
             tokenizer.save_pretrained(out / "adapter")
-        (model.merge_and_unload() if merge else model).save_pretrained(out)
+        model = model.merge_and_unload() if merge else model
+        model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     if trainer is not None:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    return model
 
 
 def write_model_info(out: Path, stage: str, about: dict, *, inputs: list | None = None, options=None,

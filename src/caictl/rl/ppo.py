@@ -6,10 +6,16 @@ target_kl); GAE gives advantages; the policy ratio and the value loss are clippe
 per rollout batch. The value head is one linear layer on the policy's last hidden state: it shares the policy's
 trunk, so no second model sits in memory. Log-probabilities are those of the distribution the rollouts were
 sampled from (logits / temperature), as in TRL. The arithmetic is in caictl.rl.ppo_math.
+
+Precision (caictl.models.training.precision): on a GPU with bf16 the policy keeps fp32 master weights and its
+forward passes run under bf16 autocast; the frozen reference, which never trains, is held in bf16. --pure-bf16 holds
+the policy in bf16 too. On a CPU everything is fp32.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import random
 import time
 from collections import Counter
@@ -19,7 +25,7 @@ from pathlib import Path
 from caictl.data.control_text import ContentEncoder
 from caictl.engines.base import NO_SAMPLING_FILTERS, only_stop_ids, stop_ids
 from caictl.evaluation.textstats import boilerplate
-from caictl.models.training import save_model
+from caictl.models.training import precision, save_model
 from caictl.rl.ppo_math import (
     RunningMoments,
     adaptive_kl,
@@ -44,6 +50,7 @@ class PPO:
         quiet_transformers()
         self.config = config
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.precision = precision(config.pure_bf16, config.lora)
         torch.manual_seed(config.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(config.policy)
         self.tokenizer.padding_side = "left"
@@ -52,7 +59,7 @@ class PPO:
         # Prompts are encoded with message content as plain text: only the template's markup is special.
         self.encoder = ContentEncoder(self.tokenizer)
         # Eval mode throughout: dropout would add noise to the PPO ratio and the KL against the reference.
-        policy = AutoModelForCausalLM.from_pretrained(config.policy).to(self.device).eval()
+        policy = AutoModelForCausalLM.from_pretrained(config.policy, dtype=self.precision.load).to(self.device).eval()
         self.stop_ids = stop_ids(self.tokenizer, policy.generation_config)
         if config.lora:
             from peft import LoraConfig, get_peft_model
@@ -61,7 +68,9 @@ class PPO:
                                                        target_modules="all-linear", task_type="CAUSAL_LM"))
             self.reference = None  # the same model with its adapter switched off
         else:
-            self.reference = AutoModelForCausalLM.from_pretrained(config.policy).to(self.device).eval()
+            # It never trains, so it needs no fp32 master: bf16 on a GPU (then the KL starts a little above 0).
+            self.reference = AutoModelForCausalLM.from_pretrained(config.policy, dtype=self.precision.frozen)
+            self.reference.to(self.device).eval()
             self.reference.requires_grad_(False)
         self.policy = policy
         hidden = policy.config.hidden_size if hasattr(policy.config, "hidden_size") else policy.config.d_model
@@ -81,13 +90,18 @@ class PPO:
     # The loop -------------------------------------------------------------------------------------------
 
     def train(self, train, heldout) -> dict:
-        """Train from the last checkpoint in OUT (if any), save the policy, measure the held-out reward on the saved
-        folder; return the metrics. The stage writes caictl.json, then removes the checkpoint."""
+        """Train from the last checkpoint in OUT (if any), save the policy, measure the held-out reward of the saved
+        weights; return the metrics. The stage writes caictl.json, then removes the checkpoint."""
         config = self.config
         out = Path(config.out)
         start_step, history, before = self._resume(out)
         if start_step == 0 and heldout:
-            before = heldout_reward(config.policy, heldout, self.scorer, config)
+            # --policy's weights are in memory already: the reference, or the LoRA policy with its adapter off.
+            if self.reference is None:
+                starting, starting_on = self.policy.get_base_model(), self.policy.disable_adapter
+            else:
+                starting, starting_on = self.reference, contextlib.nullcontext
+            before = heldout_reward(config.policy, heldout, self.scorer, config, starting, starting_on)
             log(f"held-out reward before: {before:.4f}")
         start = time.perf_counter()
         stopped = None
@@ -111,9 +125,7 @@ class PPO:
                     log(f"[red]stopping: {stopped}[/red]")
                     break
         seconds = time.perf_counter() - start
-        self.save(out)
-        # Measured on the saved folder, as the reward before was on --policy's (and as run_trl does).
-        after = heldout_reward(out, heldout, self.scorer, config)
+        after = self._heldout_reward_after(out, self.save(out), heldout)
         metrics = {
             "steps": len(history),
             "heldout_prompts": len(heldout),
@@ -130,6 +142,22 @@ class PPO:
         }
         plot_history(metrics["history"], out / "ppo.png")
         return metrics
+
+    def _heldout_reward_after(self, out: Path, trained, heldout) -> float | None:
+        """The held-out reward of OUT, measured on `trained`, the weights just written there (LoRA: merged), rather
+        than on another copy loaded while the policy, the reference and the optimizer's state are all in memory.
+        Training is over: the optimizer's state goes first, and `trained` is cast to the dtype the hf engine would
+        load OUT in (bf16 on a GPU, where the policy's fp32 masters would sample other tokens), so the number is
+        the folder's."""
+        import torch
+
+        if not heldout:
+            return None
+        self.optimizer = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return heldout_reward(out, heldout, self.scorer, self.config, trained.to(self.precision.frozen))
 
     def step(self, prompts, step: int) -> dict:
         import torch
@@ -211,9 +239,10 @@ class PPO:
         config = self.config
         ids = self.encoder.encode_chats([p.messages for p in prompts], add_generation_prompt=True)
         encoded = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(self.device)
-        # Sampled from softmax(logits / temperature) and nothing else, the distribution forward() scores: the
-        # model's own generation_config (top_k, top_p, repetition_penalty) would make the PPO ratio wrong.
-        with torch.no_grad(), only_stop_ids(self.policy):
+        # Sampled from softmax(logits / temperature) and nothing else, computed as forward() computes it, the
+        # distribution it scores: the model's own generation_config (top_k, top_p, repetition_penalty) would make
+        # the PPO ratio wrong.
+        with torch.no_grad(), only_stop_ids(self.policy), self.precision.autocast_on(self.device):
             output = self.policy.generate(**encoded, max_new_tokens=config.max_new_tokens, do_sample=True,
                                           temperature=config.temperature, **NO_SAMPLING_FILTERS,
                                           pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.stop_ids)
@@ -240,8 +269,9 @@ class PPO:
         import torch
 
         # Logits only where a response token is predicted: the prompt's would be computed and thrown away.
-        output = self.policy(input_ids=ids, attention_mask=attention, position_ids=position_ids(attention),
-                             output_hidden_states=True, logits_to_keep=ids.shape[1] - start + 1)
+        with self.precision.autocast_on(self.device):
+            output = self.policy(input_ids=ids, attention_mask=attention, position_ids=position_ids(attention),
+                                 output_hidden_states=True, logits_to_keep=ids.shape[1] - start + 1)
         logprobs_all, logprobs = response_logprobs(output.logits, ids, start, self.config.temperature)
         with torch.no_grad():  # logged only: no graph for a [batch, width, vocabulary] tensor
             entropy = -(logprobs_all.exp() * logprobs_all).sum(-1)
@@ -253,11 +283,12 @@ class PPO:
         ids, attention, start = rollout["ids"], rollout["attention"], rollout["start"]
         inputs = {"input_ids": ids, "attention_mask": attention, "position_ids": position_ids(attention),
                   "logits_to_keep": ids.shape[1] - start + 1}
-        if self.reference is None:
-            with self.policy.disable_adapter():
-                logits = self.policy(**inputs).logits
-        else:
-            logits = self.reference(**inputs).logits
+        with self.precision.autocast_on(self.device):
+            if self.reference is None:
+                with self.policy.disable_adapter():
+                    logits = self.policy(**inputs).logits
+            else:
+                logits = self.reference(**inputs).logits
         return response_logprobs(logits, ids, start, self.config.temperature)[1]
 
     # Saving and resuming --------------------------------------------------------------------------------
@@ -303,12 +334,14 @@ class PPO:
         log(f"resuming from step {state['step']} in {checkpoint_folder(out)}")
         return state["step"], state["history"], state["heldout_reward_before"]
 
-    def save(self, out: Path) -> None:
-        """The trained policy (LoRA merged into the base), its tokenizer and the value head."""
+    def save(self, out: Path):
+        """Write the trained policy (LoRA merged into the base), its tokenizer and the value head; return the policy
+        as written (LoRA: the merged model, after which the peft policy is spent)."""
         import torch
 
-        save_model(self.policy, self.tokenizer, out, merge=self.config.lora)
+        written = save_model(self.policy, self.tokenizer, out, merge=self.config.lora)
         torch.save(self.value_head.state_dict(), out / "value_head.pt")
+        return written
 
 
 def checkpoint_folder(out: str | Path) -> Path:

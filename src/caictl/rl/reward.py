@@ -35,19 +35,25 @@ def reward_model(config, reference=None, reference_on=contextlib.nullcontext):
     return JudgeReward(engine, constitution, config.judge_mode, config.seed, replies)
 
 
-def heldout_reward(model: str | Path, prompts: list, scorer, config) -> float | None:
+def heldout_reward(model: str | Path, prompts: list, scorer, config, lm=None,
+                   lm_on=contextlib.nullcontext) -> float | None:
     """Mean reward (PM or judge) of one response to each held-out prompt by the model folder; None without prompts.
 
     Both algorithms measure before and after training this way. Every response is sampled by the hf engine with
     its own seed (config.seed, prompt id), so the number depends neither on the batch size nor on the global RNG,
-    and the same folder and seed give the same number whichever path asks."""
+    and the same folder and seed give the same number whichever path asks. lm: the folder's weights already in
+    memory, held as the hf engine loads the folder (bf16 on a GPU with bf16, else fp32), sampled from instead of
+    another copy (caictl's PPO: the reference before training, the trained policy after); the same weights in the
+    same dtype sample the same responses. lm_on: a context in which `lm` is that model (a LoRA policy's base with
+    the adapter switched off)."""
     from caictl.engines import SamplingParams, load_engine
 
     if not prompts:
         return None
-    engine = load_engine("hf", str(model), batch_size=config.batch_size)
+    engine = load_engine("hf", str(model), batch_size=config.batch_size, lm=lm)
     params = SamplingParams(config.max_new_tokens, config.temperature, 1.0, (), config.seed)
-    responses = engine.generate([p.messages for p in prompts], params, [p.id for p in prompts])
+    with lm_on():
+        responses = engine.generate([p.messages for p in prompts], params, [p.id for p in prompts])
     scores = scorer.score_responses([p.messages for p in prompts], [r.text for r in responses])
     return round(sum(scores) / len(scores), 4)
 

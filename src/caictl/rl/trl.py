@@ -7,12 +7,13 @@ completions, each process generating an equal share.
 from __future__ import annotations
 
 import contextlib
+import gc
 import sys
 import time
 from pathlib import Path
 
 from caictl.models.processes import is_main
-from caictl.models.training import console_args, per_process, save_model, trainer_progress, trl_device_args
+from caictl.models.training import console_args, per_process, precision, save_model, trainer_progress, trl_device_args
 from caictl.rl.reward import heldout_reward, reward_model, truncated_key
 from caictl.ui import quiet_transformers
 
@@ -48,13 +49,15 @@ def run_trl(config, train, heldout) -> dict:
         scored += len(responses)
         return rewards
 
-    device_args, _ = trl_device_args(TRLConfig)
+    chosen = precision(config.pure_bf16, config.lora)
     args = TRLConfig(
         output_dir=str(Path(config.out) / "checkpoints"), max_steps=config.steps, learning_rate=config.learning_rate,
         per_device_train_batch_size=per_process(config.batch_size), num_generations=config.num_generations,
         max_completion_length=config.max_new_tokens, temperature=config.temperature, beta=config.kl_coef,
         seed=config.seed, logging_steps=1, save_strategy="steps", save_steps=config.save_every, save_total_limit=1,
-        report_to="none", **device_args, **console_args(),
+        report_to="none", **trl_device_args(TRLConfig, chosen), **console_args(),
+        # TRL loads the policy (and the reference, like it) from the folder in this dtype.
+        model_init_kwargs={"dtype": chosen.load},
     )
     peft_config = None
     if config.lora:
@@ -85,9 +88,14 @@ def run_trl(config, train, heldout) -> dict:
     history = [{"step": e["step"], "reward_mean": e.get("reward"), "reward_std": e.get("reward_std"),
                 "kl": e.get("kl"), "entropy": e.get("entropy"), "response_length": e.get("completions/mean_length"),
                 "loss": e.get("loss")} for e in logs]
-    return {"algo": config.algo, "steps": trainer.state.global_step, "heldout_prompts": len(heldout),
+    steps = trainer.state.global_step
+    # The held-out reward loads the folders: the trainer's models and optimizer state go first.
+    del trainer
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {"algo": config.algo, "steps": steps, "heldout_prompts": len(heldout),
             "heldout_reward_before": heldout_reward(config.policy, heldout, scorer, config),
             "heldout_reward_after": heldout_reward(out, heldout, scorer, config),
             "kl": history[-1]["kl"] if history else None, "rollouts": scored, truncated_key(config): cut_rollouts,
-            "seconds": round(seconds, 2),
-            "seconds_per_step": round(seconds / max(trainer.state.global_step, 1), 3), "history": history}
+            "seconds": round(seconds, 2), "seconds_per_step": round(seconds / max(steps, 1), 3), "history": history}

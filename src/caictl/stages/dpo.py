@@ -30,6 +30,9 @@ from caictl.models.training import (
     console_args,
     output_folder,
     per_process,
+    precision,
+    precision_problem,
+    pure_bf16_option,
     save_model,
     trainer_progress,
     trl_device_args,
@@ -59,6 +62,7 @@ class DPOConfig:
     batch_size: int = option(4, "Pairs per optimizer step, over all processes.", TRAINING)
     grad_accum: int = option(1, "Gradient accumulation steps.", TRAINING)
     max_length: int = option(1024, "Tokens per prompt + response.", TRAINING)
+    pure_bf16: bool = pure_bf16_option()
     lora: bool = option(False, "LoRA (the reference is the base with the adapter off); saved merged.", LORA)
     lora_r: int = option(16, "LoRA rank.", LORA)
     lora_alpha: int = option(32, "LoRA alpha.", LORA)
@@ -77,6 +81,8 @@ class DPOConfig:
             problems.append("--beta > 0, --label-smoothing in [0, 0.5) and --min-p-chosen in [0.5, 1]")
         if batch_split_problem(self.batch_size):
             problems.append(batch_split_problem(self.batch_size))
+        if precision_problem(self.pure_bf16, self.lora):
+            problems.append(precision_problem(self.pure_bf16, self.lora))
         if problems:
             raise UsageError("; ".join(problems))
 
@@ -107,7 +113,8 @@ def run(config: DPOConfig) -> dict:
     save_model(trainer.model, trainer.processing_class, out, merge=config.lora, trainer=trainer)
     if not is_main():  # the main process writes caictl.json and the summary
         return metrics
-    write_model_info(out, "dpo", {"base_model": model_name}, inputs=config.prefs, options=config, metrics=metrics)
+    write_model_info(out, "dpo", {"base_model": model_name}, inputs=config.prefs, options=config,
+                     extra={"precision": precision(config.pure_bf16, config.lora).label}, metrics=metrics)
     summary_table("dpo", [("out", out), ("pairs", f"{len(rows)} ({dropped} dropped)"),
                           ("steps", metrics["steps"]),
                           ("reward margin first -> last", (metrics["margin_first"], metrics["margin_last"]))])
@@ -146,23 +153,27 @@ def prepare(config: DPOConfig, model_name: str, rows: list[dict]):
     tokenizer = AutoTokenizer.from_pretrained(model_name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    device_args, dtype = trl_device_args(TRLDPOConfig)
-    model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype)
+    chosen = precision(config.pure_bf16, config.lora)
+    model = AutoModelForCausalLM.from_pretrained(model_name, dtype=chosen.load)
     args = TRLDPOConfig(
         output_dir=str(Path(config.out) / "checkpoints"), beta=config.beta, label_smoothing=config.label_smoothing,
         num_train_epochs=config.epochs, max_steps=config.max_steps, learning_rate=config.learning_rate,
         per_device_train_batch_size=per_process(config.batch_size), gradient_accumulation_steps=config.grad_accum,
-        max_length=config.max_length, seed=config.seed, **device_args,
+        max_length=config.max_length, seed=config.seed, **trl_device_args(TRLDPOConfig, chosen),
         logging_steps=1, save_strategy="steps", save_steps=config.save_steps, save_total_limit=2, report_to="none",
         **console_args(),
     )
-    peft_config = None
-    if config.lora:
+    peft_config, reference = None, None
+    if config.lora:  # the reference is the policy with its adapter switched off
         from peft import LoraConfig
 
         peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules="all-linear",
                                  task_type="CAUSAL_LM")
-    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         peft_config=peft_config)
+    else:
+        # Loaded here rather than by TRL, which would load it like the policy: it never trains, so it is held as
+        # frozen weights are (bf16 on a GPU), not in the policy's fp32.
+        reference = AutoModelForCausalLM.from_pretrained(model_name, dtype=chosen.frozen)
+    trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=tokenizer, peft_config=peft_config)
     trainer_progress(trainer, "dpo")
     return trainer

@@ -32,7 +32,14 @@ from caictl.errors import UsageError
 from caictl.feedback.judge_reward import JUDGE_MODES
 from caictl.models import kind as model_kind
 from caictl.models.processes import is_main, world_size
-from caictl.models.training import batch_split_problem, output_folder, write_model_info
+from caictl.models.training import (
+    batch_split_problem,
+    output_folder,
+    precision,
+    precision_problem,
+    pure_bf16_option,
+    write_model_info,
+)
 from caictl.options import (
     INPUT_OUTPUT,
     LORA,
@@ -88,6 +95,7 @@ class PPOConfig:
     minibatch_size: int = option(8, "Rollouts per gradient step.", TRAINING)
     ppo_epochs: int = option(4, "Passes over each rollout batch.", TRAINING)
     learning_rate: float = option(1e-5, "AdamW learning rate.", TRAINING)
+    pure_bf16: bool = pure_bf16_option()
     kl_coef: float = option(0.05, "Initial coefficient of the per-token KL penalty to the starting policy.", METHOD)
     target_kl: float | None = option(None, "Adapt --kl-coef towards this KL per response (Ziegler et al.).", METHOD)
     max_kl: float | None = option(None, "Stop the run when the mean KL per response exceeds this.", METHOD)
@@ -156,6 +164,8 @@ class PPOConfig:
             problems.append("--kl-coef must be >= 0")
         if self.temperature <= 0:
             problems.append("--temperature must be > 0 (rollouts are sampled)")
+        if precision_problem(self.pure_bf16, self.lora):
+            problems.append(precision_problem(self.pure_bf16, self.lora))
         if problems:
             raise UsageError("; ".join(problems))
 
@@ -193,7 +203,8 @@ def finish(config: PPOConfig, out: Path, metrics: dict) -> None:
     checkpoint until caictl.json marks the run finished: a run killed before that resumes from it."""
     warn_reward_cuts(metrics[truncated_key(config)], config)
     write_model_info(out, "ppo", {"policy": config.policy, "pm": config.pm, "reward": config.reward,
-                                  "judge": config.judge}, options=config, metrics=metrics)
+                                  "judge": config.judge}, options=config,
+                     extra={"precision": precision(config.pure_bf16, config.lora).label}, metrics=metrics)
     shutil.rmtree(checkpoint_folder(out), ignore_errors=True)
     rows = [("out", out), ("steps", metrics["steps"]),
             ("held-out reward before -> after", (metrics["heldout_reward_before"], metrics["heldout_reward_after"])),

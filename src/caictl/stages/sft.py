@@ -50,6 +50,9 @@ from caictl.models.training import (
     micro_batch,
     output_folder,
     per_process,
+    precision,
+    precision_problem,
+    pure_bf16_option,
     save_model,
     trainer_progress,
     trl_device_args,
@@ -95,6 +98,7 @@ class SFTConfig:
     micro_batch_size: int | None = option(
         None, "Examples per forward pass within a step; unset: the batch on GPU, 1 on CPU (faster there).", TRAINING)
     max_length: int = option(1024, "Tokens per example; longer ones are cut and counted.", TRAINING)
+    pure_bf16: bool = pure_bf16_option()
     seed: int = common("seed", 0)
     chat_template: str | None = option(
         None, "Jinja chat template with {% generation %} markers to train with (the output keeps the model's own "
@@ -124,6 +128,8 @@ class SFTConfig:
             problems.append("--batch-size and --grad-accum must be >= 1, --max-length >= 16, --revisions-weight > 0")
         if batch_split_problem(self.batch_size):
             problems.append(batch_split_problem(self.batch_size))
+        if precision_problem(self.pure_bf16, self.lora):
+            problems.append(precision_problem(self.pure_bf16, self.lora))
         if self.epochs <= 0 and self.max_steps <= 0:
             problems.append("--epochs must be > 0 (or set --max-steps)")
         if self.chat_template and not Path(self.chat_template).is_file():
@@ -184,7 +190,9 @@ def run(config: SFTConfig) -> dict:
     if not is_main():  # the main process writes caictl.json and the summary
         return metrics
     write_model_info(out, "sft", {"base_model": model_name}, inputs=config.revisions + [s[0] for s in sources[1:]],
-                     options=config, extra={"chat_template": template}, metrics=metrics)
+                     options=config, extra={"chat_template": template,
+                                            "precision": precision(config.pure_bf16, config.lora).label},
+                     metrics=metrics)
     plot_loss(history, out / "loss.png")
     summary_table("sft", [("out", out), ("examples", f"{len(examples)} {counts}"), ("steps", steps),
                           ("loss first -> last", (metrics["train_loss_first"], metrics["train_loss_last"])),
@@ -305,8 +313,8 @@ def prepare(config: SFTConfig, model_name: str, examples: list[list[dict]]):
     truncated = sum(len(row["input_ids"]) > config.max_length for row in rows)
 
     micro = micro_batch(config.batch_size, config.micro_batch_size)
-    device_args, dtype = trl_device_args(TRLSFTConfig)
-    model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype)
+    chosen = precision(config.pure_bf16, config.lora)
+    model = AutoModelForCausalLM.from_pretrained(model_name, dtype=chosen.load)
     learning_rate = config.learning_rate or (2e-4 if config.lora else 2e-5)
     args = TRLSFTConfig(
         output_dir=str(Path(config.out) / "checkpoints"),
@@ -325,7 +333,7 @@ def prepare(config: SFTConfig, model_name: str, examples: list[list[dict]]):
         assistant_only_loss=False,
         seed=config.seed,
         data_seed=config.seed,
-        **device_args,
+        **trl_device_args(TRLSFTConfig, chosen),
         logging_steps=1,
         save_strategy="steps",
         save_steps=config.save_steps,

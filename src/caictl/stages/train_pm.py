@@ -30,7 +30,16 @@ from caictl.evaluation.metrics import pairwise_metrics, plot_reliability
 from caictl.models import kind as model_kind
 from caictl.models.pm import PreferencePair, comparison_of, cut_tokens, prepare_tokenizer, resolve_backbone, rewards
 from caictl.models.processes import is_main, rank, world_size
-from caictl.models.training import batch_split_problem, output_folder, save_model, warn_cut_examples, write_model_info
+from caictl.models.training import (
+    batch_split_problem,
+    output_folder,
+    precision,
+    precision_problem,
+    pure_bf16_option,
+    save_model,
+    warn_cut_examples,
+    write_model_info,
+)
 from caictl.options import INPUT_OUTPUT, LORA, METHOD, MODEL_ENGINE, RUNS, TRAINING, common, option
 from caictl.ui import meter, quiet_transformers, summary_table
 
@@ -78,6 +87,7 @@ class TrainPMConfig:
         None, "Texts per forward pass within a step; unset: all of a step's on GPU, 1 on CPU (faster there).",
         TRAINING)
     max_length: int = option(512, "Tokens kept from the END of each conversation.", TRAINING)
+    pure_bf16: bool = pure_bf16_option()
     lora: bool = option(False, "LoRA on the backbone; the scalar head trains fully and is saved with it.", LORA)
     lora_r: int = option(16, "LoRA rank.", LORA)
     lora_alpha: int = option(32, "LoRA alpha.", LORA)
@@ -116,6 +126,8 @@ class TrainPMConfig:
             problems.append("--micro-batch-size must be at least 1")
         if batch_split_problem(self.batch_size):
             problems.append(batch_split_problem(self.batch_size))
+        if precision_problem(self.pure_bf16, self.lora):
+            problems.append(precision_problem(self.pure_bf16, self.lora))
         if problems:
             raise UsageError("; ".join(problems))
 
@@ -204,7 +216,7 @@ def run(config: TrainPMConfig) -> dict:
         plot_reliability(metrics, out / "reliability.png")
     write_model_info(out, "train-pm", {"backbone": backbone},
                      inputs=config.prefs + [_split_weight(spec)[0] for spec in config.mix], options=config,
-                     metrics=results)
+                     extra={"precision": trainer.precision.label}, metrics=results)
     rows = [("out", out), ("comparisons", f"{len(train)} {counts}"), ("steps", len(history)),
             ("loss first -> last", f"{history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}" if history else "-")]
     if selection:
@@ -229,8 +241,9 @@ def read_preference_pairs(paths: list[str]) -> list[PreferencePair]:
 
 class Trainer:
     """A plain PyTorch loop over pairs: both texts of a pair go through the model in one batch. accelerate's
-    Accelerator places it on this process's device and, under torchrun / accelerate launch, wraps it for DDP
-    (or what an accelerate config asks for)."""
+    Accelerator places it on this process's device, runs its forward passes under the autocast precision()
+    chooses (over an accelerate config's mixed precision), and, under torchrun / accelerate launch, wraps it for
+    DDP (or what an accelerate config asks for)."""
 
     def __init__(self, config: TrainPMConfig, backbone: str):
         import torch
@@ -239,12 +252,15 @@ class Trainer:
 
         quiet_transformers()
         self.config = config
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.precision = precision(config.pure_bf16, config.lora)
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                                       mixed_precision="no" if self.precision.autocast is None else "bf16")
         self.device = self.accelerator.device
         torch.manual_seed(config.seed)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(backbone)
-            model = AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=1)
+            model = AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=1,
+                                                                       dtype=self.precision.load)
         except OSError as error:
             raise UsageError(f"cannot load backbone {backbone!r} ({str(error).splitlines()[0]})")
         prepare_tokenizer(self.tokenizer, model)
@@ -255,6 +271,11 @@ class Trainer:
             model = get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
                                                      lora_dropout=config.lora_dropout, task_type="SEQ_CLS",
                                                      target_modules="all-linear"))
+            # peft keeps the adapters in fp32 but copies the head in the base's dtype: fp32 too, or on a bf16 base
+            # (a GPU) the head's small updates would round away.
+            for parameter in model.parameters():
+                if parameter.requires_grad:
+                    parameter.data = parameter.data.float()
         self.model = model.to(self.device)  # unwrapped: scoring after training, and saving
 
     def rewards(self, texts: list[str], model=None):

@@ -28,7 +28,7 @@ from caictl.engines.base import (
     request_seed,
     stop_ids,
 )
-from caictl.engines.prefixes import SharedPrefixes, token_order_batches
+from caictl.engines.prefixes import SharedPrefixes, length_order_batches
 from caictl.engines.sampling import RowSampler
 from caictl.errors import CaictlError, UsageError
 
@@ -91,6 +91,7 @@ class HFEngine:
         forward = inspect.signature(self.lm.forward).parameters if self.lm is not None else {}
         self._cache_argument = "cache" if "cache" in forward else "past_key_values"
         self.prefixes = SharedPrefixes(self.lm, self.device, self.pad_id, self._cache_argument)
+        self._cache, self._cache_shape = None, None  # generation's static KV cache, reused (_static_cache)
 
     def supports_chat(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
@@ -126,11 +127,13 @@ class HFEngine:
             for t, _, _ in reads:
                 cuts[t] = max(cuts[t], cut)
         scores: list[list[float]] = [[0.0] * len(choices) for _ in texts]
-        for batch in token_order_batches([row[0] for row in rows], self.batch_size):
-            sums, last = self._score([rows[i][0] for i in batch], [rows[i][1] for i in batch])
-            for row, index in enumerate(batch):
-                for t, c, ending in rows[index][2]:
-                    scores[t][c] = sums[row] + (float(last[row, ending]) if ending is not None else 0.0)
+        for batch in length_order_batches([row[0] for row in rows], self.batch_size):
+            reads = [(row, t, c, ending) for row, index in enumerate(batch) for t, c, ending in rows[index][2]]
+            endings = [(row, ending) for row, _, _, ending in reads if ending is not None]
+            sums, ending_logprobs = self._score([rows[i][0] for i in batch], [rows[i][1] for i in batch], endings)
+            ending_logprobs = iter(ending_logprobs)
+            for row, t, c, ending in reads:
+                scores[t][c] = sums[row] + (next(ending_logprobs) if ending is not None else 0.0)
         return ChoiceScores(scores, cuts)
 
     def choice_rows(self, texts: list[str], choices: list[str]) -> list[tuple[list[int], int, list[tuple], int]]:
@@ -160,14 +163,15 @@ class HFEngine:
         return rows
 
     def forget_prefixes(self) -> None:
-        """Drops every kept KV, so that the next call computes all again (benchmarks start each run cold)."""
+        """Drops every kept KV and the cache generation reuses, so that the next call computes and allocates all
+        again (benchmarks start each run cold) and their memory is free until then."""
         self.prefixes.forget()
+        self._cache = self._cache_shape = None
 
     # Internals ------------------------------------------------------------------------------------------
 
     def _generate(self, encoded: list[list[int]], params: SamplingParams, keys: list[str]) -> list[Generation]:
-        import torch
-        from transformers import GenerationConfig, LogitsProcessorList
+        from transformers import GenerationConfig
 
         fitted = [self._fit(ids, params.max_new_tokens) for ids in encoded]
         cut = [len(ids) - len(kept) for ids, kept in zip(encoded, fitted)]
@@ -182,32 +186,45 @@ class HFEngine:
             disable_compile=not self.compile,
             compile_config=self._compile_config(),
         )
-        stops = torch.tensor(self.stop_ids, dtype=torch.long)
         results: list[Generation | None] = [None] * len(encoded)
-        for batch in token_order_batches(encoded, self.batch_size):
-            rows = [encoded[i] for i in batch]
-            processors = LogitsProcessorList()
-            if params.temperature > 0:
-                seeds = [request_seed(params.seed, keys[i]) for i in batch]
-                processors.append(RowSampler(params.temperature, params.top_p, seeds))
-            inputs = self._batch_inputs(rows, params.max_new_tokens)
-            try:
-                with torch.inference_mode(), only_stop_ids(self.lm):
-                    output = self.lm.generate(**inputs, generation_config=config, logits_processor=processors,
-                                              tokenizer=self.tokenizer)
-            except torch.OutOfMemoryError:
-                raise CaictlError(f"out of memory at batch size {self.batch_size}; lower --batch-size")
-            self.prefixes.keep_prompts(rows, inputs["attention_mask"], inputs[self._cache_argument])
-            new_tokens = output[:, inputs["input_ids"].shape[1]:].cpu()
-            # A row ends at its first stop id (any of them); what follows is padding.
-            is_stop = torch.isin(new_tokens, stops)
-            ended = is_stop.any(1)
-            ends = torch.where(ended, is_stop.int().argmax(1), new_tokens.shape[1]).tolist()
-            new_tokens, ended = new_tokens.tolist(), ended.tolist()
-            for row, index in enumerate(batch):
-                results[index] = self._decode(new_tokens[row][:ends[row]], len(encoded[index]), ended[row], params)
-                results[index].truncated_tokens = cut[index]
+        for batch in length_order_batches(encoded, self.batch_size):
+            seeds = [request_seed(params.seed, keys[i]) for i in batch]
+            # A batch's tensors are freed when _generate_batch returns, before the next batch's are made.
+            generations = self._generate_batch([encoded[i] for i in batch], seeds, params, config)
+            for index, generation in zip(batch, generations):
+                generation.truncated_tokens = cut[index]
+                results[index] = generation
         return results
+
+    def _generate_batch(self, rows: list[list[int]], seeds: list[int], params: SamplingParams, config) -> list:
+        """One batch through generate(), as many Generations as rows. Compiled, a batch always has batch_size rows
+        (filler rows after the real ones, made to stop at once), so that every batch has the shape the compiled
+        step was made for; eager, filler rows would only cost time."""
+        import torch
+        from transformers import LogitsProcessorList
+
+        size = self.batch_size if self.compile and self.stop_ids else len(rows)  # filler rows end at a stop id
+        processors = LogitsProcessorList()
+        if params.temperature > 0:
+            processors.append(RowSampler(params.temperature, params.top_p, seeds + [0] * (size - len(rows)),
+                                         compile=self.compile))
+        if size > len(rows):
+            processors.append(_EndRowsFrom(len(rows), self.stop_ids[0]))
+        inputs = self._batch_inputs(rows, params.max_new_tokens, size)
+        try:
+            with torch.inference_mode(), only_stop_ids(self.lm):
+                output = self.lm.generate(**inputs, generation_config=config, logits_processor=processors,
+                                          tokenizer=self.tokenizer)
+        except torch.OutOfMemoryError:
+            raise CaictlError(f"out of memory at batch size {self.batch_size}; lower --batch-size")
+        self.prefixes.keep_prompts(rows, inputs["attention_mask"], inputs[self._cache_argument])
+        new_tokens = output[:len(rows), inputs["input_ids"].shape[1]:].cpu()
+        # A row ends at its first stop id (any of them); what follows is padding.
+        is_stop = torch.isin(new_tokens, torch.tensor(self.stop_ids, dtype=torch.long))
+        ended = is_stop.any(1)
+        ends = torch.where(ended, is_stop.int().argmax(1), new_tokens.shape[1]).tolist()
+        new_tokens, ended = new_tokens.tolist(), ended.tolist()
+        return [self._decode(new_tokens[row][:ends[row]], len(ids), ended[row], params) for row, ids in enumerate(rows)]
 
     def _fit(self, ids: list[int], max_new_tokens: int) -> list[int]:
         """Cut a too-long prompt from the front: few-shot examples go before the conversation does."""
@@ -236,19 +253,39 @@ class HFEngine:
         config._compile_all_devices = True
         return config
 
-    def _batch_inputs(self, rows: list[list[int]], max_new_tokens: int) -> dict:
+    def _batch_inputs(self, rows: list[list[int]], max_new_tokens: int, size: int | None = None) -> dict:
         """generate() inputs with a preallocated (static) KV cache that already holds each row's shared prefix
-        (SharedPrefixes.prefilled). A static cache, because a dynamic one copies itself at every decoding step: at
-        batch 32 and 1,600 cached tokens that copy made a step 5x slower on CPU."""
-        from transformers import StaticCache
+        (SharedPrefixes.prefilled); size: the batch's rows, filler rows included. A static cache, because a dynamic
+        one copies itself at every decoding step: at batch 32 and 1,600 cached tokens that copy made a step 5x
+        slower on CPU."""
+        size = size or len(rows)
 
         def static_cache(prompt_width: int):
-            # Rounded up, so that a compiled model (GPU) sees few distinct cache shapes.
-            return StaticCache(config=self.lm.config, max_cache_len=-(-(prompt_width + max_new_tokens) // 256) * 256)
+            return self._static_cache(size, prompt_width + max_new_tokens)
 
         # Every row keeps a token of its own to compute.
-        ids, mask, cache, _ = self.prefixes.prefilled(rows, [len(row) - 1 for row in rows], static_cache)
+        ids, mask, cache, _ = self.prefixes.prefilled(rows, [len(row) - 1 for row in rows], static_cache, size)
         return {"input_ids": ids, "attention_mask": mask, self._cache_argument: cache}
+
+    def _static_cache(self, rows: int, length: int):
+        """An empty static KV cache for `rows` rows and at least `length` positions (rounded up to a multiple of
+        256): the last batch's where it serves, emptied in place, so that its memory stays where it is and no second
+        cache is allocated beside it. Compiled, a cache serves every batch with its rows and no more positions: the
+        decoding step's CUDA graphs are recorded over the cache's memory, so a cache that only grows means a
+        recording per length reached, not per batch (transformers' own generate() keeps its static cache so).
+        Eager, a cache serves only batches of its very shape, since every decoding step attends over all of its
+        positions. An old cache is dropped before a new one is allocated."""
+        from transformers import StaticCache
+
+        length = -(-length // 256) * 256
+        if self._cache is not None and self._cache_shape[0] == rows:
+            kept_length = self._cache_shape[1]
+            if kept_length == length or (self.compile and kept_length > length):
+                self._cache.reset()
+                return self._cache
+        self._cache = None  # the old cache's memory is free before the new one's is taken
+        self._cache, self._cache_shape = StaticCache(config=self.lm.config, max_cache_len=length), (rows, length)
+        return self._cache
 
     def _decode(self, tokens: list[int], prompt_tokens: int, ended: bool, params: SamplingParams) -> Generation:
         """tokens: the reply up to (without) its stop id; ended: whether a stop id came."""
@@ -262,10 +299,11 @@ class HFEngine:
         finish = "stop" if ended or stopped else "length"
         return Generation(text, prompt_tokens, count, finish)
 
-    def _score(self, rows: list[list[int]], scored: list[int]):
-        """One forward pass over a batch of sequences: per row, the summed log-probs of its last `scored` tokens,
-        and the log-probs at its final position. A row shares at most the tokens before those whose log-probs are
-        read, so every position read is computed in this pass."""
+    def _score(self, rows: list[list[int]], scored: list[int], endings: list[tuple[int, int]]):
+        """One forward pass over a batch of sequences: per row, the summed log-probs of its last `scored` tokens;
+        and per (row, token id) in `endings`, that token's log-prob at the row's final position. Both cross from
+        the device together, once. A row shares at most the tokens before those whose log-probs are read, so every
+        position read is computed in this pass."""
         import torch
         from transformers import DynamicCache
 
@@ -284,5 +322,20 @@ class HFEngine:
         token_logprobs = logprobs[:, :-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         window = torch.arange(keep - 1, device=self.device)
         counts = torch.tensor(scored, device=self.device)
-        sums = token_logprobs.masked_fill(window < (keep - 1 - counts).unsqueeze(1), 0.0).sum(1).tolist()
-        return sums, logprobs[:, -1]
+        sums = token_logprobs.masked_fill(window < (keep - 1 - counts).unsqueeze(1), 0.0).sum(1)
+        read = torch.tensor(endings, dtype=torch.long, device=self.device).reshape(-1, 2)
+        values = torch.cat([sums, logprobs[read[:, 0], -1, read[:, 1]]]).tolist()
+        return values[:len(rows)], values[len(rows):]
+
+
+class _EndRowsFrom:
+    """A logits processor that makes rows `first` on (a batch's filler rows) pick `stop_id` at their first step:
+    generate() then counts them finished, so that they never keep a batch decoding."""
+
+    def __init__(self, first: int, stop_id: int):
+        self.first, self.stop_id = first, stop_id
+
+    def __call__(self, input_ids, scores):
+        scores[self.first:] = float("-inf")
+        scores[self.first:, self.stop_id] = 0.0
+        return scores

@@ -2,7 +2,7 @@
 
 Requests that start with the same tokens (few-shot examples, a shared system prompt) share that prefix's KV
 cache: it is computed once, kept in a small LRU, and copied into every row that starts with it. Rows are batched
-in token order for that (token_order_batches), so rows with the same prefix land in the same batch. The last
+by length (length_order_batches): a prefix computed for one batch serves the later batches from the LRU. The last
 batch's prompts keep their KV until the next batch, so a request that continues one of them starts from it.
 
 How much of each row to share is planned per batch (SharedPrefixes.prefilled): sharing a prefix costs a pass
@@ -11,6 +11,8 @@ of its own and can widen the batch, so a bound is chosen that costs least (_chea
 
 from __future__ import annotations
 
+import itertools
+
 SHARED_PREFIX_MIN_TOKENS = 32  # below this, computing the prefix separately is not worth a second call
 # A prefix computed in a call of its own costs about as much as this many more tokens in the batch's pass (one
 # small pass of its own; measured on CPU, where a call on a few dozen tokens runs its matrix products slowly).
@@ -18,9 +20,13 @@ PREFIX_CALL_TOKENS = 128
 PREFIX_CACHE_ENTRIES = 32  # prefixes kept: a constitution's few-shot variants, one per principle, fit
 
 
-def token_order_batches(sequences: list[list[int]], batch_size: int) -> list[list[int]]:
-    """Indices in token order, batch_size at a time, so that requests sharing a prefix are batched together."""
-    order = sorted(range(len(sequences)), key=lambda i: sequences[i])
+def length_order_batches(sequences: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Indices by length, then in token order, batch_size at a time. A batch is as wide as its longest row, so
+    rows of about one length waste least padding; rows that share a prefix but not a batch take it from the LRU.
+    Against token order (rows that share a prefix together, whatever their lengths), measured on CPU: 15-40% fewer
+    tokens through the model to generate; to score labelling questions 10% more tokens but half the calls, as a
+    batch of a few conversations' questions no longer computes a prefix per (conversation, principle)."""
+    order = sorted(range(len(sequences)), key=lambda i: (len(sequences[i]), sequences[i]))
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
@@ -33,10 +39,11 @@ class SharedPrefixes:
         self.kept: dict[tuple[int, ...], list] = {}  # prefix tokens -> per-layer KV, oldest first (LRU)
         self.last_prompts: dict[tuple[int, ...], list] = {}  # the last batch's prompts -> their per-layer KV
 
-    def prefilled(self, rows: list[list[int]], limits: list[int], make_cache):
+    def prefilled(self, rows: list[list[int]], limits: list[int], make_cache, size: int | None = None):
         """A batch's token ids and attention mask, a cache (make_cache(the batch's width)) that holds each row's
         shared prefix, and the width of that shared region, where the tokens still to compute start. Row i shares
-        at most limits[i] tokens.
+        at most limits[i] tokens. size: the batch's rows, at least len(rows); those past `rows` are filler (one
+        padding token each, its own), there to give every batch the same shape, and their output means nothing.
 
         A row's shared prefix (_shared_lengths) comes from the LRU, a prompt of the last batch (keep_prompts) or
         a call of its own. Row i's cache is its prefix's KV, then masked filler up to the longest prefix; its own
@@ -51,33 +58,65 @@ class SharedPrefixes:
         width = max(len(t) for t in tails)
         ids = [row[:n] + [pad] * (longest - n + width - len(t)) + t for row, n, t in zip(rows, shared, tails)]
         mask = [[1] * n + [0] * (longest - n + width - len(t)) + [1] * len(t) for n, t in zip(shared, tails)]
-        cache = make_cache(longest + width)
-        if longest:
-            states = [self._prefix_states(tuple(row[:n])) if n else None for row, n in zip(rows, shared)]
-            positions = torch.arange(longest, device=self.device)
-            for layer in range(self.lm.config.num_hidden_layers):
-                keys, values = [], []
-                for row_states in states:
-                    key, value = row_states[layer] if row_states else _no_prefix(states, layer)
-                    filler = (0, 0, 0, longest - key.shape[2])  # pads the seq dimension of [1, heads, seq, dim]
-                    keys.append(torch.nn.functional.pad(key, filler))
-                    values.append(torch.nn.functional.pad(value, filler))
-                cache.update(torch.cat(keys), torch.cat(values), layer, {"cache_position": positions})
+        fillers = (size or len(rows)) - len(rows)
+        ids += [[pad] * (longest + width)] * fillers
+        mask += [[0] * (longest + width - 1) + [1]] * fillers
+        # A reused cache's tensors were made in inference mode (by generate()), and only there can they change.
+        with torch.inference_mode():
+            cache = make_cache(longest + width)
+            if longest:
+                self._write_prefixes(cache, [row[:n] for row, n in zip(rows, shared)], longest, fillers)
         self.last_prompts = {}  # what this batch took from them is copied: free the rest before it runs
         return (torch.tensor(ids, device=self.device), torch.tensor(mask, device=self.device), cache, longest)
 
     def keep_prompts(self, rows: list[list[int]], attention_mask, cache) -> None:
         """Keeps each prompt's KV from the batch just run, until the next batch: a request that continues an earlier
         one starts from it (revise's revision request is its critique request, the critique and one more turn).
-        A prompt's own positions are those its mask marks; filler and padding are left out. One batch only, freed
-        once the next batch's cache holds what it takes: at most one batch's prompt KV more than before."""
+        A prompt's own positions are those its mask marks (prefilled marks exactly a row's tokens, and filler rows
+        come last); filler and padding are left out. One batch only, freed once the next batch's cache holds what
+        it takes: at most one batch's prompt KV more than before. What is kept is a copy: the cache may be reused.
+
+        The positions of all rows cross from the device once (the mask's nonzero), and each layer's kept KV is one
+        gather, of which every prompt's is a view."""
         self.last_prompts = {}
-        for i, row in enumerate(rows):
-            if len(row) >= SHARED_PREFIX_MIN_TOKENS:
-                mine = attention_mask[i].nonzero().squeeze(1)
-                self.last_prompts[tuple(row)] = [(layer.keys[i:i + 1].index_select(2, mine),
-                                                  layer.values[i:i + 1].index_select(2, mine))
-                                                 for layer in cache.layers]
+        kept = [i for i, row in enumerate(rows) if len(row) >= SHARED_PREFIX_MIN_TOKENS]
+        if not kept:
+            return
+        starts = [0, *itertools.accumulate(len(row) for row in rows)]
+        marked = attention_mask.nonzero()[:starts[-1]]  # (row, position) pairs, row after row
+        row_index, positions = marked[:, 0], marked[:, 1]
+        # Advanced indices on dims 0 and 2: each layer's result is [tokens, kv heads, head dim].
+        taken = [(layer.keys[row_index, :, positions], layer.values[row_index, :, positions]) for layer in cache.layers]
+        for i in kept:
+            mine = slice(starts[i], starts[i + 1])
+            self.last_prompts[tuple(rows[i])] = [(keys[mine].transpose(0, 1).unsqueeze(0),
+                                                  values[mine].transpose(0, 1).unsqueeze(0))
+                                                 for keys, values in taken]
+
+    def _write_prefixes(self, cache, prefixes: list[list[int]], longest: int, fillers: int) -> None:
+        """Writes each row's prefix KV into positions [0, longest) of every layer of `cache`, zeros after a shorter
+        one (an empty prefix: all zeros), and zeros into the `fillers` rows after them. Each distinct prefix is
+        copied once per layer, into a stack that one gather spreads over the rows that have it."""
+        import torch
+
+        slots: dict[tuple[int, ...], int] = {}  # slot 0 of the stack stays zeros
+        for prefix in prefixes:
+            if prefix:
+                slots.setdefault(tuple(prefix), len(slots) + 1)
+        states = [self._prefix_states(prefix) for prefix in slots]
+        row_slots = [slots[tuple(prefix)] if prefix else 0 for prefix in prefixes] + [0] * fillers
+        row_slots = torch.tensor(row_slots, device=self.device)
+        positions = torch.arange(longest, device=self.device)
+        for layer in range(self.lm.config.num_hidden_layers):
+            key_and_value = []
+            for part in (0, 1):
+                first = states[0][layer][part]  # [1, kv heads, prefix length, head dim]
+                stack = first.new_zeros((len(slots) + 1, first.shape[1], longest, first.shape[3]))
+                for slot, prefix_states in enumerate(states, start=1):
+                    tensor = prefix_states[layer][part]
+                    stack[slot, :, :tensor.shape[2]] = tensor[0]
+                key_and_value.append(stack.index_select(0, row_slots))
+            cache.update(*key_and_value, layer, {"cache_position": positions})
 
     def forget(self) -> None:
         """Drops every kept KV, so that the next call computes all again (benchmarks start each run cold)."""
@@ -170,8 +209,3 @@ def _cheapest_bound(rows: list[list[int]], common: list[int], pairs: list[list[i
             best_cost, best = cost, shared
     return best
 
-
-def _no_prefix(states: list, layer: int):
-    """An empty (zero-length) key and value, shaped like the other rows' (which are all filler)."""
-    key, value = next(s for s in states if s)[layer]
-    return key[:, :, :0], value[:, :, :0]

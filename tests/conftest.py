@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import os
@@ -16,6 +17,14 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 EXAMPLES = ROOT / "examples"
+
+
+def pytest_configure(config):
+    """One clear line, instead of an import error per test module, when pytest runs outside caictl's venv."""
+    missing = [name for name in ("caictl", "torch", "transformers") if importlib.util.find_spec(name) is None]
+    if missing:
+        pytest.exit(f"{', '.join(missing)} not installed for {sys.executable}: run `make test` (it sets up .venv/ "
+                    "first), or `make setup && source .venv/bin/activate` and then `python -m pytest`", returncode=4)
 
 
 @pytest.fixture(scope="session")

@@ -114,6 +114,18 @@ def precision(pure_bf16: bool = False, lora: bool = False) -> Precision:
     return Precision(torch.float32, torch.bfloat16, torch.bfloat16, "fp32 master, bf16 autocast")
 
 
+def release_memory() -> None:
+    """Returns the memory of objects just dropped (a trainer, an optimizer's state) before more is loaded: Python
+    frees cycles only when it collects, and torch keeps freed GPU blocks for itself until told."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def trl_device_args(trl_config_class, chosen: Precision) -> dict:
     """Keyword arguments for a TRL config on this machine, for a model held as `chosen` says.
 

@@ -15,7 +15,6 @@ the policy in bf16 too. On a CPU everything is fp32.
 from __future__ import annotations
 
 import contextlib
-import gc
 import random
 import time
 from collections import Counter
@@ -25,7 +24,7 @@ from pathlib import Path
 from caictl.data.control_text import ContentEncoder
 from caictl.engines.base import NO_SAMPLING_FILTERS, only_stop_ids, stop_ids
 from caictl.evaluation.textstats import boilerplate
-from caictl.models.training import precision, save_model
+from caictl.models.training import precision, release_memory, save_model
 from caictl.rl.ppo_math import (
     RunningMoments,
     adaptive_kl,
@@ -149,14 +148,10 @@ class PPO:
         Training is over: the optimizer's state goes first, and `trained` is cast to the dtype the hf engine would
         load OUT in (bf16 on a GPU, where the policy's fp32 masters would sample other tokens), so the number is
         the folder's."""
-        import torch
-
         if not heldout:
             return None
         self.optimizer = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_memory()
         return heldout_reward(out, heldout, self.scorer, self.config, trained.to(self.precision.frozen))
 
     def step(self, prompts, step: int) -> dict:

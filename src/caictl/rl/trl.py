@@ -7,13 +7,20 @@ completions, each process generating an equal share.
 from __future__ import annotations
 
 import contextlib
-import gc
 import sys
 import time
 from pathlib import Path
 
 from caictl.models.processes import is_main
-from caictl.models.training import console_args, per_process, precision, save_model, trainer_progress, trl_device_args
+from caictl.models.training import (
+    console_args,
+    per_process,
+    precision,
+    release_memory,
+    save_model,
+    trainer_progress,
+    trl_device_args,
+)
 from caictl.rl.reward import heldout_reward, reward_model, truncated_key
 from caictl.ui import quiet_transformers
 
@@ -91,9 +98,7 @@ def run_trl(config, train, heldout) -> dict:
     steps = trainer.state.global_step
     # The held-out reward loads the folders: the trainer's models and optimizer state go first.
     del trainer
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    release_memory()
     return {"algo": config.algo, "steps": steps, "heldout_prompts": len(heldout),
             "heldout_reward_before": heldout_reward(config.policy, heldout, scorer, config),
             "heldout_reward_after": heldout_reward(out, heldout, scorer, config),

@@ -32,13 +32,22 @@ SAME_LOSS = dict(rel=1e-5, abs=1e-6)
 
 # Loaded by every process of a launched run (a sitecustomize module on PYTHONPATH is imported at start-up): a Python
 # audit hook that notes each path under WATCH_WRITES the process opens for writing, creates, renames or removes,
-# one line each in WATCH_WRITES.writes-rank<RANK>.
+# one line each in WATCH_WRITES.writes-rank<RANK>. At exit it notes in WATCH_WRITES.exit-rank<RANK> whether the
+# process still held its process group (gloo's threads then outlive the interpreter and can abort the process).
 WATCH = r"""
-import os, sys
+import atexit, os, sys
 watched = os.environ.get("WATCH_WRITES")
 if watched and "RANK" in os.environ:
     report = os.open(f"{watched}.writes-rank{os.environ['RANK']}", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    exit_report = os.open(f"{watched}.exit-rank{os.environ['RANK']}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT
+
+    def at_exit():
+        distributed = sys.modules.get("torch.distributed")
+        held = distributed is not None and distributed.is_initialized()
+        os.write(exit_report, b"group held" if held else b"group left")
+
+    atexit.register(at_exit)  # registered first, so it runs after every other exit handler
 
     def hook(event, args):
         if event not in ("open", "os.mkdir", "os.remove", "os.rename", "shutil.rmtree"):
@@ -76,6 +85,7 @@ def two_processes(*args, out: Path, launcher: str = "torchrun") -> subprocess.Co
     result = subprocess.run([sys.executable, "-m", *launch, "-m", "caictl", *map(str, args), "-o", out], env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{launcher} caictl {' '.join(map(str, args))}:\n{result.stderr[-4000:]}"
+    assert [Path(f"{out}.exit-rank{rank}").read_text() for rank in (0, 1)] == ["group left"] * 2
     return result
 
 

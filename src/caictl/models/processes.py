@@ -19,3 +19,15 @@ def rank() -> int:
 def is_main() -> bool:
     """Only the main process writes the output folder, logs, plots and progress."""
     return rank() == 0
+
+
+def leave_process_group() -> None:
+    """Every process calls this once its last collective (saving the model) is done. A process that exits with
+    its gloo group still alive can abort as the interpreter shuts down (its worker threads outlive Python), and
+    the main process goes on alone (held-out reward, reports) while the others exit."""
+    import sys
+
+    distributed = sys.modules.get("torch.distributed")  # no torch import for a stage that never loaded it
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.barrier()
+        distributed.destroy_process_group()

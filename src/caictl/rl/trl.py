@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from caictl.models.processes import is_main
+from caictl.models.processes import is_main, leave_process_group
 from caictl.models.training import (
     console_args,
     per_process,
@@ -88,6 +88,7 @@ def run_trl(config, train, heldout) -> dict:
     # Each process scored its own share of the rollouts: the counts are summed over all of them.
     scored, cut_rollouts = trainer.accelerator.reduce(torch.tensor([scored, cuts.rows]), reduction="sum").tolist()
     save_model(trainer.model, tokenizer, out, merge=config.lora, trainer=trainer)
+    leave_process_group()
     if not is_main():  # the main process measures the held-out reward and reports
         return {}
 

@@ -24,7 +24,7 @@ from caictl.data.conversation import prompt_from_text
 from caictl.data.reading import read_rows
 from caictl.errors import InputError, UsageError
 from caictl.models import kind as model_kind
-from caictl.models.processes import is_main
+from caictl.models.processes import is_main, leave_process_group
 from caictl.models.training import (
     batch_split_problem,
     console_args,
@@ -111,6 +111,7 @@ def run(config: DPOConfig) -> dict:
                "margin_first": history[0]["margin"] if history else None,
                "margin_last": history[-1]["margin"] if history else None}
     save_model(trainer.model, trainer.processing_class, out, merge=config.lora, trainer=trainer)
+    leave_process_group()
     if not is_main():  # the main process writes caictl.json and the summary
         return metrics
     write_model_info(out, "dpo", {"base_model": model_name}, inputs=config.prefs, options=config,

@@ -43,7 +43,7 @@ from caictl.models.chat_training import (
     tokenize,
     training_template,
 )
-from caictl.models.processes import is_main
+from caictl.models.processes import is_main, leave_process_group
 from caictl.models.training import (
     batch_split_problem,
     console_args,
@@ -187,6 +187,7 @@ def run(config: SFTConfig) -> dict:
     # Full model, LoRA adapter, or (--merge) the merged model with its adapter beside it in adapter/.
     save_model(trainer.model, tokenizer, out, merge=config.lora and config.merge, adapter=config.lora and config.merge,
                trainer=trainer)
+    leave_process_group()
     if not is_main():  # the main process writes caictl.json and the summary
         return metrics
     write_model_info(out, "sft", {"base_model": model_name}, inputs=config.revisions + [s[0] for s in sources[1:]],

@@ -29,7 +29,7 @@ from caictl.errors import InputError, UsageError
 from caictl.evaluation.metrics import pairwise_metrics, plot_reliability
 from caictl.models import kind as model_kind
 from caictl.models.pm import PreferencePair, comparison_of, cut_tokens, prepare_tokenizer, resolve_backbone, rewards
-from caictl.models.processes import is_main, rank, world_size
+from caictl.models.processes import is_main, leave_process_group, rank, world_size
 from caictl.models.training import (
     batch_split_problem,
     output_folder,
@@ -193,6 +193,7 @@ def run(config: TrainPMConfig) -> dict:
     # caictl.json is written last: a run killed before it leaves a folder that output_folder does not take for
     # a finished model, whatever part of the weights was written.
     trainer.save(out)
+    leave_process_group()
     if not is_main():  # the main process writes the folder and reports
         return {}
     metrics = fit.kept_metrics  # each set, measured on the kept weights after their epoch

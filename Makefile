@@ -23,7 +23,7 @@ PM_MODEL ?=
 ENGINE ?= hf
 BASE_URL ?=
 
-.PHONY: setup setup-gpu test full-pipeline iterated-pipeline bench bench-gpu clean
+.PHONY: setup setup-gpu llama-server test full-pipeline iterated-pipeline bench bench-gpu clean
 
 $(BIN)/.core-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,7 +45,16 @@ $(BIN)/.families-prepared: $(BIN)/.core-installed src/caictl/models/families.py
 	$(BIN)/caictl families prepare
 	touch $@
 
+# llama.cpp's own C++ server, for the tests that send token-id prompts (llama-cpp-python's server takes text only):
+# built once from the sources vendored in llama-cpp-python's source package, cached beside the families' tokenizers.
+$(BIN)/.llama-server-built: $(BIN)/.core-installed tests/build_llama_server.py
+	$(BIN)/python tests/build_llama_server.py
+	touch $@
+
 setup: $(BIN)/.test-installed $(BIN)/.families-prepared
+
+# The test suite needs it; caictl itself does not.
+llama-server: $(BIN)/.llama-server-built
 
 # Swaps the venv's torch for its CUDA build (pip replaces a different local version of the same release), then
 # fails unless that torch sees a GPU. A later `make setup` keeps it: torch==2.13.0 is met by 2.13.0+cu128.
@@ -57,7 +66,7 @@ $(BIN)/.torch-cuda-installed: $(BIN)/.core-installed
 
 setup-gpu: setup $(BIN)/.torch-cuda-installed
 
-test: $(BIN)/.test-installed $(BIN)/.families-prepared
+test: $(BIN)/.test-installed $(BIN)/.families-prepared $(BIN)/.llama-server-built
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
 

@@ -24,7 +24,8 @@ def pytest_configure(config):
     missing = [name for name in ("caictl", "torch", "transformers") if importlib.util.find_spec(name) is None]
     if missing:
         pytest.exit(f"{', '.join(missing)} not installed for {sys.executable}: run `make test` (it sets up .venv/ "
-                    "first), or `make setup && source .venv/bin/activate` and then `python -m pytest`", returncode=4)
+                    "first), or `make setup llama-server && source .venv/bin/activate` and then `python -m pytest`",
+                    returncode=4)
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,12 @@
-"""A real OpenAI-compatible server for tests: caictl's tiny random model served by llama-cpp-python.
+"""Real OpenAI-compatible servers for tests: caictl's tiny random model (or a family's) served by llama-cpp-python,
+or by llama.cpp's own C++ `llama-server`.
 
     from llama_server import llama_server_url  # in a conftest or test module: a session fixture
 
-`write_gguf` converts a caictl model folder to GGUF by hand (no llama.cpp checkout needed) and `serve` runs
-`python -m llama_cpp.server` on it. Tests skip when llama-cpp-python[server] is not installed.
+`write_gguf` converts a caictl model folder to GGUF by hand (no llama.cpp checkout needed); `serve` runs
+`python -m llama_cpp.server` on it (tests skip when llama-cpp-python[server] is not installed), and
+`serve_llama_cpp` runs `llama-server` (tests fail when it is not built: `make llama-server` builds it).
+llama-cpp-python's server reads prompts as text only; llama-server also takes token ids, as vLLM does.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ def printable_token_ids(model_dir: Path) -> set[int]:
     return ok
 
 
-def write_gguf(model_dir: Path, out: Path, vocab_gguf: Path | None = None) -> Path:
+def write_gguf(model_dir: Path, out: Path, vocab_gguf: Path | None = None, unprintable_bias: bool = True) -> Path:
     """Write a caictl model folder as an F32 GGUF that llama.cpp loads, with its tokenizer and template: caictl's
     own Llama model (architecture "llama", vocabulary from its tokenizer.json), or a qwen2.5 family model
     (architecture "qwen2" with its q/k/v biases; tokens, merges and token types copied from `vocab_gguf`, the
@@ -62,7 +65,8 @@ def write_gguf(model_dir: Path, out: Path, vocab_gguf: Path | None = None) -> Pa
     llama-cpp-python's server has no default logit bias, so the bias against unprintable tokens is baked into
     the file. qwen2 has an output bias: it goes there. llama has none, so one extra hidden unit holds BIAS_UNIT
     in every token embedding, no layer reads or writes it, and only the (now untied) output matrix reads it.
-    Every other logit equals the Hugging Face model's.
+    Every other logit equals the Hugging Face model's. unprintable_bias=False: no bias at all, every logit the
+    Hugging Face model's (for llama-server, whose log-probs are then the hf engine's).
     """
     import gguf
     import numpy as np
@@ -87,9 +91,10 @@ def write_gguf(model_dir: Path, out: Path, vocab_gguf: Path | None = None) -> Pa
         template = json.loads((model_dir / "tokenizer_config.json").read_text())["chat_template"]
     template = re.sub(r"\{%-?\s*(end)?generation\s*-?%\}", "", template)
 
-    printable = printable_token_ids(model_dir)
-    unprintable = np.array([i not in printable for i in range(n_vocab)])
-    extra_unit = arch == "llama"  # else the output bias carries it
+    if unprintable_bias:
+        printable = printable_token_ids(model_dir)
+        unprintable = np.array([i not in printable for i in range(n_vocab)])
+    extra_unit = unprintable_bias and arch == "llama"  # else the output bias carries it, or there is none
     # The extra unit joins every RMS norm: scale the weights and eps so the other units normalise as before.
     scale = np.sqrt(n_embd / (n_embd + 1)) if extra_unit else 1.0
     width = n_embd + 1 if extra_unit else n_embd
@@ -115,9 +120,11 @@ def write_gguf(model_dir: Path, out: Path, vocab_gguf: Path | None = None) -> Pa
             "token_embd.weight": np.hstack([embed, np.full((n_vocab, 1), BIAS_UNIT)]),
             "output.weight": np.hstack([head, (unprintable * UNPRINTABLE_BIAS * rms / BIAS_UNIT)[:, None]]),
         }
-    else:
+    elif unprintable_bias:
         tensors = {"token_embd.weight": embed, "output.weight": head,
                    "output.bias": unprintable * UNPRINTABLE_BIAS}
+    else:
+        tensors = {"token_embd.weight": embed, "output.weight": head}
     tensors["output_norm.weight"] = norm(hf["model.norm.weight"], 1.0)
     for n in range(config["num_hidden_layers"]):
         p = f"model.layers.{n}."
@@ -274,6 +281,60 @@ def serve_process(gguf_path: Path, *, log_path: Path | None = None, threads: int
             process.wait()
 
 
+def llama_server_binary() -> Path:
+    """llama.cpp's llama-server ($LLAMA_SERVER, else the build `make llama-server` caches); fails the test
+    without it."""
+    from build_llama_server import binary_path
+
+    binary = binary_path()
+    if not binary.is_file():
+        pytest.fail(f"llama-server not found at {binary}: run `make llama-server` (it builds llama.cpp's server once; "
+                    "`make test` does too), or set LLAMA_SERVER to a llama-server binary", pytrace=False)
+    return binary
+
+
+@contextmanager
+def serve_llama_cpp(gguf_path: Path, *, threads: int = 1, timeout: float = 60.0) -> Iterator[Served]:
+    """Run llama.cpp's llama-server on a GGUF, on the CPU; yield the Served (its log: beside the GGUF)."""
+    binary = llama_server_binary()
+    port = _free_port()
+    log_path = Path(gguf_path).with_suffix(".llama-server.log")
+    command = [
+        str(binary), "--model", str(gguf_path), "--host", "127.0.0.1", "--port", str(port),
+        "--ctx-size", "2048", "--parallel", "1",  # one slot: each request reuses the last one's prompt cache
+        "--threads", str(threads), "--threads-batch", str(threads), "--n-gpu-layers", "0",
+        # An F32 KV cache and no flash attention (its CPU kernel rounds through F16: log-probs 1e-4 off, not 1e-6).
+        "--cache-type-k", "f32", "--cache-type-v", "f32", "--flash-attn", "off",
+        "--seed", "0",
+    ]  # fmt: skip
+    help_text = subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=30).stdout
+    if "--no-webui" in help_text:
+        command.append("--no-webui")
+    root = f"http://127.0.0.1:{port}"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(root + "/health", timeout=1):  # 503 while the model loads
+                    break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                tail = log_path.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"llama-server did not start (see {log_path}):\n{tail}")
+            time.sleep(0.1)
+        yield Served(root + "/v1", process, log_path)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory) -> tuple[Path, Path]:
     """caictl's tiny random model: (Hugging Face folder, GGUF file)."""
@@ -300,6 +361,40 @@ def qwen_gguf(tmp_path_factory, family_model) -> tuple[Path, Path]:
     model_dir = family_model("qwen2.5")
     vocab = families.cache_root() / "gguf" / f"llama-cpp-python-{families.LLAMA_CPP_PYTHON}" / "ggml-vocab-qwen2.gguf"
     return model_dir, write_gguf(model_dir, tmp_path_factory.mktemp("llama-server-qwen") / "qwen.gguf", vocab)
+
+
+@pytest.fixture(scope="session")
+def exact_tiny_gguf(tmp_path_factory, tiny_model) -> tuple[Path, Path]:
+    """caictl's tiny model (conftest's) as a GGUF without the unprintable-token bias: (folder, GGUF file)."""
+    pytest.importorskip("gguf", reason="gguf is not installed: pip install gguf")
+    return tiny_model, write_gguf(tiny_model, tmp_path_factory.mktemp("exact-tiny") / "tiny.gguf",
+                                  unprintable_bias=False)
+
+
+@pytest.fixture(scope="session")
+def exact_qwen_gguf(tmp_path_factory, family_model) -> tuple[Path, Path]:
+    """The qwen2.5 family's tiny model as a GGUF without the unprintable-token bias: (folder, GGUF file)."""
+    pytest.importorskip("gguf", reason="gguf is not installed: pip install gguf")
+    from caictl.models import families
+
+    model_dir = family_model("qwen2.5")
+    vocab = families.cache_root() / "gguf" / f"llama-cpp-python-{families.LLAMA_CPP_PYTHON}" / "ggml-vocab-qwen2.gguf"
+    return model_dir, write_gguf(model_dir, tmp_path_factory.mktemp("exact-qwen") / "qwen.gguf", vocab,
+                                 unprintable_bias=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_cpp(exact_tiny_gguf) -> Iterator[Served]:
+    """llama.cpp's llama-server running caictl's tiny model, its logits the Hugging Face model's."""
+    with serve_llama_cpp(exact_tiny_gguf[1]) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def qwen_llama_cpp(exact_qwen_gguf) -> Iterator[Served]:
+    """llama.cpp's llama-server running the qwen2.5 family's tiny model, its logits the Hugging Face model's."""
+    with serve_llama_cpp(exact_qwen_gguf[1]) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -88,7 +88,7 @@ def _compare(tmp_path, prompts, replies, *, judge=None, mapping=(), out="eval"):
     config = compare.EvalCompareConfig(prompts=[str(p) for p in prompts], out=str(tmp_path / out),
                                        models=[f"{n}={n}" for n in replies], judge="judge" if judge else None,
                                        engine="openai", base_url="http://unused", set_constitutions=list(mapping))
-    with mock.patch.object(compare, "open_engine", lambda engine, model, *rest: engines[model]):
+    with mock.patch.object(compare, "open_engine", lambda config, model: engines[model]):
         summary = compare.run(config)
     return summary, tmp_path / out, engines["judge"]
 

@@ -131,9 +131,10 @@ def stand_in_trl(monkeypatch, name: str) -> dict:
         seen["config"] = kwargs
         return SimpleNamespace(**kwargs)
 
-    def trainer(**kwargs):
-        seen.update(kwargs)
-        raise Stop
+    class trainer:  # a class: caictl subclasses TRL's trainers
+        def __init__(self, **kwargs):
+            seen.update(kwargs)
+            raise Stop
 
     config.__dataclass_fields__ = real_config.__dataclass_fields__
     monkeypatch.setattr(trl, f"{name}Config", config)

@@ -1,5 +1,6 @@
-"""caictl inspect: what the model sees at a stage's first call, checked against the families' tokenizers applied
-directly (apply_chat_template, a plain tokenizer call), not against caictl's own engine code."""
+"""caictl inspect: what the model sees at a stage's first call, or the rows sft and dpo train on, checked against the
+families' tokenizers applied directly (apply_chat_template, a plain tokenizer call), not against caictl's own engine
+code, and dpo's against the rows the dpo stage builds."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 from conftest import EXAMPLES, caictl, read_jsonl, write_jsonl
 from transformers import AutoTokenizer
 
+from caictl.errors import UsageError
 from caictl.stages import inspect as inspection
 
 FAMILIES = ("qwen2.5", "llama3", "phi3", "tiny")
@@ -76,6 +78,54 @@ def test_sft_shows_the_loss_mask(name, model, capsys, tmp_path):
          {"role": "assistant", "content": "No: the fumes are toxic."}], tokenize=True, return_dict=True)["input_ids"]
 
 
+PAIRS = [
+    {"id": "p1", "prompt": [{"role": "user", "content": "Is bleach with ammonia safe?"}],
+     "chosen": [{"role": "assistant", "content": "No: the fumes are toxic."}],
+     "rejected": [{"role": "assistant", "content": "Sure.<|im_end|><|eot_id|><|end|> Mix them."}], "p_chosen": 0.9},
+    {"id": "p2", "prompt": [{"role": "user", "content": "Hi"}], "chosen": "Hello.", "rejected": "Go away.",
+     "p_chosen": 0.3},  # left out by dpo's --min-p-chosen 0.5
+    {"id": "p3", "prompt": "Name a colour.", "chosen": "Blue.", "rejected": "No.", "p_chosen": 0.7},
+]
+
+
+@pytest.mark.parametrize("name", ["qwen2.5", "llama3", "phi3"])
+def test_dpo_shows_prompt_and_response_ids_and_the_mask(name, model, capsys, tmp_path):
+    shown = views(capsys, file=str(write_jsonl(tmp_path / "prefs.jsonl", PAIRS)), model=str(model(name)), stage="dpo")
+    tokenizer = AutoTokenizer.from_pretrained(model(name))
+    assert [(v["row"], v["side"]) for v in shown] == [(1, "chosen"), (1, "rejected"), (2, "chosen"), (2, "rejected")]
+    kept = [PAIRS[0], PAIRS[2]]
+    for view in shown:
+        pair = kept[view["row"] - 1]
+        messages = pair["prompt"] if isinstance(pair["prompt"], list) else [{"role": "user", "content": pair["prompt"]}]
+        answer = pair[view["side"]]
+        answer = answer if isinstance(answer, str) else answer[0]["content"]
+        # The prompt: the template's generation prompt, untrained; then the answer and its end of turn, trained.
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True)["input_ids"]
+        assert view["ids"][:len(prompt)] == prompt
+        assert view["mask"] == [0] * len(prompt) + [1] * (len(view["ids"]) - len(prompt))
+        trained = view["ids"][len(prompt):]
+        assert tokenizer.decode(trained) == answer + tokenizer.convert_ids_to_tokens(trained[-1])
+        assert view["tokens"] == tokenizer.convert_ids_to_tokens(view["ids"])
+        assert view["text"].startswith(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                                     tokenize=False))
+    # Control text in a response is text: the rejected answer holds the same control ids as the chosen one.
+    special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    assert [i for i in shown[1]["ids"] if i in special] == [i for i in shown[0]["ids"] if i in special]
+
+
+def test_dpo_shows_the_ids_the_dpo_stage_trains_on(tiny_model, capsys, tmp_path):
+    from caictl.stages import dpo
+
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", PAIRS)
+    shown = views(capsys, file=str(prefs), model=str(tiny_model), stage="dpo")
+    config = dpo.DPOConfig(prefs=[str(prefs)], out=str(tmp_path / "dpo"), model=str(tiny_model))
+    trainer, _ = dpo.prepare(config, str(tiny_model), dpo.read_pairs(config)[0])
+    trained = [(row["prompt_ids"] + row[f"{side}_ids"], [0] * len(row["prompt_ids"]) + [1] * len(row[f"{side}_ids"]))
+               for row in trainer.train_dataset for side in ("chosen", "rejected")]
+    assert [(view["ids"], view["mask"]) for view in shown] == trained
+
+
 def test_the_command_line_view_and_its_errors(tiny_model, tmp_path):
     revisions = write_jsonl(tmp_path / "rev.jsonl", [
         {"id": "r1", "messages": [{"role": "user", "content": "Hi"}], "initial_response": "a",
@@ -83,7 +133,17 @@ def test_the_command_line_view_and_its_errors(tiny_model, tmp_path):
     shown = caictl("inspect", revisions, "--model", tiny_model, "--stage", "sft").stdout
     assert shown.startswith("--- row 1:") and "trained:" in shown and "(in brackets: not trained)" in shown
     bad = caictl("inspect", revisions, "--model", tiny_model, "--stage", "ppo", check=False)
-    assert bad.returncode == 2 and "--stage ppo: choose one of revise, sample, label, sft" in bad.stderr
+    assert bad.returncode == 2 and "--stage ppo: choose one of revise, sample, label, sft, dpo" in bad.stderr
+
+
+
+def test_dpo_s_text_view_and_its_errors(tiny_model, capsys, tmp_path):
+    prefs = str(write_jsonl(tmp_path / "prefs.jsonl", PAIRS[:1]))
+    inspection.run(inspection.InspectConfig(file=prefs, model=str(tiny_model), stage="dpo"))
+    shown = capsys.readouterr().out
+    assert shown.startswith("--- row 1, chosen:") and "\n--- row 1, rejected:" in shown and "trained:" in shown
+    with pytest.raises(UsageError, match="--call all: dpo makes no model calls"):
+        inspection.run(inspection.InspectConfig(file=prefs, model=str(tiny_model), stage="dpo", call="all"))
 
 
 def test_call_all_shows_every_revise_request_as_the_stage_builds_it(tiny_model, capsys, tmp_path):

@@ -72,12 +72,16 @@ COMMON = {
                  "servers, each request going to the least busy.", SERVERS,
                  {"settings": "shared", "repeat": True, "metavar": "URL"}),
     "concurrency": ("openai engine: requests in flight.", SERVERS, {}),
-    # The engine resolves these two (caictl.engines.generation), when it opens: a hf run never reads them.
+    # The engine resolves these (caictl.engines.generation), when it opens: a hf run never reads them.
     "max_retries": ("openai engine: retries of a request that fails on 429, 5xx, a time-out or a dropped "
                     "connection; unset: CAICTL_MAX_RETRIES, else `max_retries:` in caictl.yaml, else the "
                     "engine's own.", SERVERS, {}),
     "timeout": ("openai engine: seconds one request may take; unset: CAICTL_TIMEOUT, else `timeout:` in "
                 "caictl.yaml, else the engine's own.", SERVERS, {}),
+    "tokenizer": ("openai engine: the served model's tokenizer (folder or hub id), so that prompts go as token ids "
+                  "with content read as text; unset: CAICTL_TOKENIZER, else `tokenizer:` in caictl.yaml, else "
+                  "--model when it is a local folder or a cached hub id, else text prompts.", SERVERS,
+                  {"metavar": "FOLDER|ID"}),
     "constitution": ("Shipped name or file(s), comma-separated.", METHOD, {"settings": "shared"}),
     "seed": ("Random seed.", RUNS, {"settings": "shared"}),
     "shard": ("Only part K (from 0) of N, chosen by a hash of each row's id, so N jobs (a Slurm array) cover "

@@ -8,6 +8,7 @@
     seed: 0
     max_retries: 6   # openai engine: retries of a failed request
     timeout: 120     # openai engine: seconds a request may take
+    tokenizer: Qwen/Qwen2.5-7B-Instruct   # openai engine: the served model's tokenizer (token-id prompts)
     rounds: 2        # stage options: used by every stage that has the flag, ignored by the others
     max_new_tokens: 128
     batch_size: 8    # generating and scoring stages only
@@ -27,13 +28,14 @@ from caictl.errors import UsageError
 
 URL_EXAMPLE = "http://127.0.0.1:8000/v1"
 
-SHARED = ("model", "engine", "base_url", "constitution", "seed", "max_retries", "timeout")
+SHARED = ("model", "engine", "base_url", "constitution", "seed", "max_retries", "timeout", "tokenizer")
 # What a shared option must be, wherever it is set, so a wrong one stops the run with a line, not a traceback:
 # (type, least value, what is expected). base_url is checked by _parse_urls.
 SHARED_TYPES = {
     "model": (str, None, "a folder or hub id"),
     "engine": (str, None, "an engine name"),
     "seed": (int, None, "a whole number"),
+    "tokenizer": (str, None, "a folder or hub id"),
 }  # constitution is checked as it loads (a name, files, or a list of them); max_retries and timeout by the
 #    openai engine, when it opens (caictl.engines.generation)
 # Stage options caictl.yaml may set, each checked as its flag is: (type, least value, what is expected).

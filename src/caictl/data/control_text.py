@@ -14,7 +14,8 @@ Where marks come from: the hf engine's chat_prompt() marks message content befor
 conversation.render_transcript() marks content with the control tokens of every tokenizer that was loaded in this
 process through a ContentEncoder (`register`; a stage opens its engine before it builds requests). Where they go:
 the hf engine's encoder reads them; the PM scorer drops them (`unmark`), as it reads its transcripts with no control
-tokens at all; the openai engine drops them and, in text it renders itself (completions, scoring), breaks every
+tokens at all; the openai engine, given the model's tokenizer, reads them with a ContentEncoder as the hf engine does
+and sends the server token ids; without one (or from a server that takes only text) it drops them and breaks every
 piece shaped like a control token with an invisible character (`defuse`): a server parses control tokens in any
 text. Nothing caictl writes holds them.
 

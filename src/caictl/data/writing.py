@@ -17,7 +17,7 @@ from caictl.errors import InputError, UsageError
 
 # Settings that say how a model was named, kept in meta but not compared on resume: the same model may be spelled
 # `models/tiny/` or `/abs/models/tiny`. Its `*_identity` (caictl.models.identity) is compared instead.
-NAMES_NOT_COMPARED = frozenset({"model", "judge", "pm"})
+NAMES_NOT_COMPARED = frozenset({"model", "judge", "pm", "prompt_form_fallback"})
 
 
 def batches(items: list, size: int) -> list[list]:
@@ -38,6 +38,7 @@ class RecordWriter:
         self.settings = settings
         self.done: set[str] = set()
         self.dropped_partial_line = False
+        self._first: tuple[dict, int] | None = None  # the first record already in OUT, and its line
         if self.path is None:
             self._handle = sys.stdout
             return
@@ -67,15 +68,25 @@ class RecordWriter:
                     "fix or remove the line, or pass --overwrite to start again"
                 )
             if not self.done:
+                self._first = (record, line)
                 self._check_settings(record, line)
             self.done.add(str(record.get("id")))
 
-    def _check_settings(self, record: dict, line: int) -> None:
+    def settle(self, settings: dict) -> None:
+        """Settings known only once the engine is open (how its prompts reach the model): checked against what
+        OUT already holds, as those given at the start are, then written into every later row's meta (the
+        settings dict is the one the stage builds its rows' meta from)."""
+        if self._first is not None:
+            self._check_settings(*self._first, settings)
+        self.settings.update(settings)
+
+    def _check_settings(self, record: dict, line: int, settings: dict | None = None) -> None:
         meta = record.get("meta") or {}
-        differ = [key for key, value in self.settings.items()
+        settings = self.settings if settings is None else settings
+        differ = [key for key, value in settings.items()
                   if key not in NAMES_NOT_COMPARED and meta.get(key) != value]
         if differ:
-            detail = ", ".join(f"{key}: {meta.get(key)!r} there, {self.settings[key]!r} now" for key in differ)
+            detail = ", ".join(f"{key}: {meta.get(key)!r} there, {settings[key]!r} now" for key in differ)
             raise UsageError(
                 f"{self.path}:{line}: was written with other settings ({detail}); "
                 "pass --overwrite to start again, or -o a new file"

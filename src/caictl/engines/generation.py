@@ -28,20 +28,37 @@ def sampling_problems(config) -> list[str]:
     return problems
 
 
-def open_engine(name: str, model: str, base_url: str | list[str] | None, batch_size: int, concurrency: int,
-                max_retries: int | None = None, timeout: float | None = None, compile: bool | None = None) -> Engine:
-    """The engine a stage asked for. The servers (one URL or several), a server's retries and time-out come from
-    the flag, else CAICTL_BASE_URL / CAICTL_MAX_RETRIES / CAICTL_TIMEOUT or caictl.yaml, else the openai engine's
-    own defaults."""
-    if name == "openai":
-        options = {"base_url": settings.base_urls(base_url), "concurrency": concurrency}
-        retries, seconds = settings.resolve("max_retries", max_retries), settings.resolve("timeout", timeout)
+def open_engine(config, model: str) -> Engine:
+    """The engine `config.engine` for `model`, with the stage config's engine options. The servers (one URL or
+    several), a server's retries, time-out and tokenizer come from the flag, else CAICTL_BASE_URL /
+    CAICTL_MAX_RETRIES / CAICTL_TIMEOUT / CAICTL_TOKENIZER or caictl.yaml, else the openai engine's own defaults."""
+    if config.engine == "openai":
+        options = {"base_url": settings.base_urls(config.base_url), "concurrency": config.concurrency}
+        retries = settings.resolve("max_retries", config.max_retries)
+        seconds = settings.resolve("timeout", config.timeout)
+        tokenizer = settings.resolve("tokenizer", getattr(config, "tokenizer", None))
         if retries is not None:
             options["max_retries"] = _number(retries, int, "max_retries", minimum=0)
         if seconds is not None:
             options["timeout"] = _number(seconds, float, "timeout", minimum=1e-3)
-        return load_engine(name, model, **options)
-    return load_engine(name, model, batch_size=batch_size, compile=compile)
+        if tokenizer is not None:
+            options["tokenizer"] = str(tokenizer)
+        return load_engine(config.engine, model, **options)
+    return load_engine(config.engine, model, batch_size=config.batch_size, compile=config.compile)
+
+
+def prompt_meta(engine) -> dict:
+    """How the engine's prompts reach the model, for every row's meta and a resume's check (RecordWriter.settle):
+    nothing for the hf engine (content is always read as text there); the openai engine's prompt form ("ids" or
+    "text-defused") and tokenizer."""
+    return engine.prompt_meta() if hasattr(engine, "prompt_meta") else {}
+
+
+def engine_summary(engine) -> dict:
+    """The openai engine's prompt form and how many requests went as text, for a stage's summary."""
+    if engine is None or not hasattr(engine, "prompt_meta"):
+        return {}
+    return {"prompt_form": engine.prompt_form, "text_prompt_requests": engine.text_prompt_requests}
 
 
 def _number(value, kind, name: str, minimum: float):

@@ -47,6 +47,7 @@ class LabelOptions:
     compile: bool | None = common("compile", None)
     max_retries: int | None = common("max_retries", None)
     timeout: float | None = common("timeout", None)
+    tokenizer: str | None = common("tokenizer", None)
     seed: int = common("seed", 0, help="Random seed: the principle draw, --cot sampling.")
 
     def label_problems(self) -> list[str]:
@@ -81,8 +82,7 @@ class LabelOptions:
         return model
 
     def open_engine(self, model: str):
-        return open_engine(self.engine, model, self.base_url, self.batch_size, self.concurrency, self.max_retries,
-                           self.timeout, self.compile)
+        return open_engine(self, model)
 
     def judge(self, engine, constitution: Constitution, cot: bool, debias: bool,
               clamp: tuple[float, float] | None) -> Judge:

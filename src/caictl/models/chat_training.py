@@ -4,7 +4,8 @@ assistant-only loss mask.
 The template comes from, in order: `--chat-template FILE`, the model's own when it has the markers, TRL's
 training version of it, or caictl's (`chat_templates/`). `tokenize` renders each conversation through it and
 `assistant_labels` cuts the marked spans to the assistant's content and the end-of-turn token that closes it,
-so only those tokens carry loss. `caictl sft` trains on these rows; `caictl inspect --stage sft` shows them.
+so only those tokens carry loss. `caictl sft` trains on these rows, `caictl dpo` on the pairs `preference_rows` cuts
+from them; `caictl inspect --stage sft|dpo` shows them.
 """
 
 from __future__ import annotations
@@ -92,6 +93,40 @@ def tokenize(examples: list[list[dict]], tokenizer, template: str, source: dict)
                              "assistant message's content and the end-of-turn token after it") from None
         rows.append({"input_ids": out["input_ids"], "labels": labels})
     return rows
+
+
+def preference_rows(pairs: list[dict], tokenizer, template: str, source: dict) -> list[dict]:
+    """prompt_ids, chosen_ids and rejected_ids per pair (prompt: messages; chosen, rejected: the one assistant message
+    that answers it), the rows TRL's DPO collator takes: it trains on every completion id and on nothing else.
+
+    Each side is tokenized as sft tokenizes a conversation (`tokenize`: the training template, content as data), and
+    its completion is its last trained span, the answer and the end-of-turn token that closes it (not the whitespace
+    the template writes after that token); the prompt is all before it, the generation prompt the model answers at
+    inference. Where an answer's first token takes in the header's end (BPE merges "\n" + "\n\n"), both
+    completions start where the two sides' ids part, as TRL's own tokenization starts them."""
+    conversations = [pair["prompt"] + pair[side] for pair in pairs for side in ("chosen", "rejected")]
+    rows = []
+    tokenized = tokenize(conversations, tokenizer, template, source)
+    for chosen, rejected in zip(tokenized[::2], tokenized[1::2]):
+        (chosen_start, chosen_end), (rejected_start, rejected_end) = map(_last_span, (chosen, rejected))
+        start = min(chosen_start, rejected_start, _common_prefix(chosen["input_ids"], rejected["input_ids"]))
+        rows.append({"prompt_ids": chosen["input_ids"][:start], "chosen_ids": chosen["input_ids"][start:chosen_end],
+                     "rejected_ids": rejected["input_ids"][start:rejected_end]})
+    return rows
+
+
+def _last_span(row: dict) -> tuple[int, int]:
+    """(start, end) of the last run of trained tokens (tokenize leaves at least one)."""
+    labels = row["labels"]
+    end = max(k for k, label in enumerate(labels) if label != -100) + 1
+    start = end - 1
+    while start > 0 and labels[start - 1] != -100:
+        start -= 1
+    return start, end
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def _assistant_header(tokenizer, template: str) -> list[int]:

@@ -42,7 +42,7 @@ from caictl.data.constitution import Constitution, load_for_stage
 from caictl.data.reading import read_rows
 from caictl.data.writing import RecordWriter, batches
 from caictl.engines import sampler
-from caictl.engines.generation import Cuts, log_servers
+from caictl.engines.generation import Cuts, engine_summary, log_servers, prompt_meta
 from caictl.errors import CaictlError, UsageError
 from caictl.evaluation.markdown import number, random_weights_warning
 from caictl.evaluation.ratings import mean_interval
@@ -123,6 +123,7 @@ def run(config: ConstitutionDiffConfig, engine=None) -> dict:
     try:
         if pending:
             engine = engine or config.open_engine(model)
+            writer.settle(prompt_meta(engine))
             # No clamp in the judge: the label is rebuilt from the probabilities as read (caictl.feedback.agreement).
             judges = {name: config.judge(engine, c, config.cot, config.debias, clamp=None)
                       for name, c in constitutions.items()}
@@ -142,6 +143,7 @@ def run(config: ConstitutionDiffConfig, engine=None) -> dict:
                         seconds=time.perf_counter() - start,
                         tokens=sum(j.completion_tokens for j in judges.values()))
     summary = {"stage": "constitution diff", **counts, "model": model, "engine": config.engine,
+               **engine_summary(engine),
                "pairs": config.pairs, "mode": {"cot": mode.cot, "hard": mode.hard, "debias": mode.debias,
                                                "clamp": list(mode.clamp) if mode.clamp else None},
                **{name: {"spec": spec, "name": constitutions[name].name,

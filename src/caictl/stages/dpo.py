@@ -7,6 +7,9 @@ The alternative to train-pm + ppo that Hugging Face's open CAI recipe used. Read
 prompt/chosen/rejected rows) as they are. TRL's DPO takes no per-example target, so soft labels are used in
 two ways only: pairs whose p_chosen is below --min-p-chosen are left out (the feedback model could not tell
 them apart), and --label-smoothing applies one global conservative-DPO smoothing to all pairs.
+caictl tokenizes the pairs itself, as sft tokenizes a chat (caictl.models.chat_training.preference_rows): message
+content is data (a "<|eot_id|>" written in a response is text, as the engines read it), and each response trains
+on its content and the end-of-turn token that closes it; `caictl inspect --stage dpo` shows those rows.
 Several processes: `torchrun --nproc_per_node N -m caictl dpo ...` or `accelerate launch --num_processes N -m caictl
 dpo ...`; --batch-size is the whole step's batch, each process taking an equal share.
 """
@@ -14,6 +17,7 @@ dpo ...`; --batch-size is the whole step's batch, each process taking an equal s
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import time
 from dataclasses import dataclass
@@ -24,6 +28,7 @@ from caictl.data.conversation import prompt_from_text
 from caictl.data.reading import read_rows
 from caictl.errors import InputError, UsageError
 from caictl.models import kind as model_kind
+from caictl.models.chat_training import describe_template, preference_rows, training_template
 from caictl.models.processes import is_main, leave_process_group
 from caictl.models.training import (
     batch_split_problem,
@@ -62,6 +67,9 @@ class DPOConfig:
     batch_size: int = option(4, "Pairs per optimizer step, over all processes.", TRAINING)
     grad_accum: int = option(1, "Gradient accumulation steps.", TRAINING)
     max_length: int = option(1024, "Tokens per prompt + response.", TRAINING)
+    chat_template: str | None = option(
+        None, "Jinja chat template with {% generation %} markers to train with (the output keeps the model's own "
+        "template).", TRAINING)
     pure_bf16: bool = pure_bf16_option()
     lora: bool = option(False, "LoRA (the reference is the base with the adapter off); saved merged.", LORA)
     lora_r: int = option(16, "LoRA rank.", LORA)
@@ -83,6 +91,8 @@ class DPOConfig:
             problems.append(batch_split_problem(self.batch_size))
         if precision_problem(self.pure_bf16, self.lora):
             problems.append(precision_problem(self.pure_bf16, self.lora))
+        if self.chat_template and not Path(self.chat_template).is_file():
+            problems.append(f"--chat-template {self.chat_template}: no such file")
         if problems:
             raise UsageError("; ".join(problems))
 
@@ -95,7 +105,7 @@ def run(config: DPOConfig) -> dict:
     rows, dropped = read_pairs(config)
     if not rows:
         raise UsageError(f"no pairs left to train on ({dropped} below --min-p-chosen {config.min_p_chosen})")
-    trainer = prepare(config, model_name, rows)
+    trainer, template = prepare(config, model_name, rows)
     checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     if checkpoints:
         log(f"resuming from {checkpoints[-1]}")
@@ -115,7 +125,9 @@ def run(config: DPOConfig) -> dict:
     if not is_main():  # the main process writes caictl.json and the summary
         return metrics
     write_model_info(out, "dpo", {"base_model": model_name}, inputs=config.prefs, options=config,
-                     extra={"precision": precision(config.pure_bf16, config.lora).label}, metrics=metrics)
+                     extra={"precision": precision(config.pure_bf16, config.lora).label,
+                            "chat_template": {"training": template}},
+                     metrics=metrics)
     summary_table("dpo", [("out", out), ("pairs", f"{len(rows)} ({dropped} dropped)"),
                           ("steps", metrics["steps"]),
                           ("reward margin first -> last", (metrics["margin_first"], metrics["margin_last"]))])
@@ -134,24 +146,43 @@ def read_pairs(config: DPOConfig) -> tuple[list[dict], int]:
                 dropped += 1
                 continue
             prompt = data["prompt"]
-            prompt = prompt_from_text(prompt) if isinstance(prompt, str) else prompt
-
-            def as_messages(value):
-                return [{"role": "assistant", "content": value}] if isinstance(value, str) else value
-
-            rows.append({"prompt": prompt, "chosen": as_messages(data["chosen"]),
-                         "rejected": as_messages(data["rejected"])})
+            prompt = prompt_from_text(prompt) if isinstance(prompt, str) else list(prompt)
+            chosen, rejected = as_messages(data["chosen"]), as_messages(data["rejected"])
+            # The completion is each side's last message, the assistant's answer; what comes before it is prompt,
+            # and must then be the same on both sides.
+            if not (chosen and rejected and chosen[-1].get("role") == rejected[-1].get("role") == "assistant"):
+                raise InputError(f"{row.where}: chosen and rejected must each end on an assistant message")
+            if chosen[:-1] != rejected[:-1]:
+                raise InputError(f"{row.where}: chosen and rejected differ before their last message; a pair "
+                                 "answers one prompt")
+            rows.append({"prompt": prompt + chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]})
     return rows, dropped
 
 
-def prepare(config: DPOConfig, model_name: str, rows: list[dict]):
+def as_messages(value) -> list[dict]:
+    return [{"role": "assistant", "content": value}] if isinstance(value, str) else list(value)
+
+
+def tokenize_pairs(pairs: list[dict], tokenizer, model_name: str, chat_template: str | None):
+    """The rows DPO trains on (prompt_ids, chosen_ids, rejected_ids), the training template and where it came from."""
+    template, source = training_template(tokenizer, model_name, chat_template)
+    return preference_rows(pairs, tokenizer, template, source), template, source
+
+
+def prepare(config: DPOConfig, model_name: str, pairs: list[dict]):
+    """The TRL trainer on the tokenized pairs, ready to train, and where its training chat template came from."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig as TRLDPOConfig
     from trl import DPOTrainer
 
     quiet_transformers()
-    tokenizer = AutoTokenizer.from_pretrained(model_name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_name)
+    except OSError as error:
+        raise UsageError(f"cannot load model {model_name!r} ({str(error).splitlines()[0]})")
+    rows, _, source = tokenize_pairs(pairs, tokenizer, model_name, config.chat_template)
+    log(f"training chat template: {describe_template(source)}")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     chosen = precision(config.pure_bf16, config.lora)
@@ -174,7 +205,27 @@ def prepare(config: DPOConfig, model_name: str, rows: list[dict]):
         # Loaded here rather than by TRL, which would load it like the policy: it never trains, so it is held as
         # frozen weights are (bf16 on a GPU), not in the policy's fp32.
         reference = AutoModelForCausalLM.from_pretrained(model_name, dtype=chosen.frozen)
-    trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows),
-                         processing_class=tokenizer, peft_config=peft_config)
+    trainer = pretokenized(DPOTrainer)(model=model, ref_model=reference, args=args,
+                                       train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                                       peft_config=peft_config)
     trainer_progress(trainer, "dpo")
-    return trainer
+    return trainer, source
+
+
+@functools.cache
+def pretokenized(base):
+    """TRL's DPOTrainer (base) on rows caictl tokenized (preference_rows). TRL 1.16 takes no tokenized preference rows
+    (its _prepare_dataset always renders and tokenizes prompt/chosen/rejected, control tokens in content parsed as
+    control tokens), so that one method is replaced. A subclass rather than a tokenizer wrapper: TRL requires a real
+    PreTrainedTokenizerBase (it pads, saves and decodes with it), and only this method turns text into ids.
+    tests/test_trl_content.py fails if TRL changes this method's signature or stops calling it."""
+
+    class PretokenizedDPOTrainer(base):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            # As TRL does after tokenizing: a prompt that fills max_length would leave keep_start truncation no
+            # completion token to train on.
+            if args.max_length is not None and args.truncation_mode == "keep_start":
+                dataset = dataset.filter(lambda row: len(row["prompt_ids"]) < args.max_length)
+            return dataset
+
+    return PretokenizedDPOTrainer

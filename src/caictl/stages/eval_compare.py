@@ -50,6 +50,7 @@ from caictl.engines.generation import (
     Cuts,
     log_servers,
     open_engine,
+    prompt_meta,
     prompt_style,
     respond,
     response_request,
@@ -95,6 +96,7 @@ class EvalCompareConfig:
     compile: bool | None = common("compile", None)
     max_retries: int | None = common("max_retries", None)
     timeout: float | None = common("timeout", None)
+    tokenizer: str | None = common("tokenizer", None)
     limit: int | None = option(None, "At most N prompts per set.", INPUT_OUTPUT)
     seed: int = common("seed", 0)
     overwrite: bool = option(False, "Answer and judge again from scratch.", RUNS)
@@ -245,8 +247,7 @@ def answer(config: EvalCompareConfig, models: dict[str, str], items: list[Item],
             pending = [item for item in items if f"{name}/{item.key}" not in writer.done]
             if not pending:
                 continue
-            engine = open_engine(config.engine, model, config.base_url, config.batch_size, config.concurrency,
-                                 config.max_retries, config.timeout, config.compile)
+            engine = open_engine(config, model)
             style = prompt_style(config.prompt_style, engine)
             params = SamplingParams(config.max_new_tokens, config.temperature, config.top_p, STOP_RESPONSE,
                                     config.seed)
@@ -258,7 +259,7 @@ def answer(config: EvalCompareConfig, models: dict[str, str], items: list[Item],
                     writer.write([{"id": f"{name}/{i.key}", "model": name, "model_path": model,
                                    "model_identity": identities[name],
                                    "response": g.text.strip(), "finish_reason": g.finish_reason,
-                                   "meta": cuts.meta(run_settings, g.truncated_tokens)}
+                                   "meta": {**cuts.meta(run_settings, g.truncated_tokens), **prompt_meta(engine)}}
                                   for i, g in zip(chunk, results)])
                     generated += len(chunk)
                     tokens += sum(g.completion_tokens for g in results)
@@ -341,8 +342,8 @@ def judge_outcomes(config: EvalCompareConfig, models: dict[str, str], items: lis
     engine, cuts = None, Cuts("judge question(s) did not fit the model's context")
     try:
         if pending or config.judge_refusal:
-            engine = open_engine(config.engine, config.judge, config.base_url, config.batch_size,
-                                 config.concurrency, config.max_retries, config.timeout, config.compile)
+            engine = open_engine(config, config.judge)
+            writer.settle(prompt_meta(engine))
         # Without few-shot examples the judge reads nothing from its constitution but the principle each comparison
         # carries, so one judge serves every set.
         judge = Judge(engine, next(iter(constitutions.values())), debias=True, seed=config.seed)

@@ -37,7 +37,7 @@ from caictl.data.constitution import Constitution, load_for_stage
 from caictl.data.reading import read_rows
 from caictl.data.writing import RecordWriter, batches
 from caictl.engines import sampler
-from caictl.engines.generation import Cuts, log_servers
+from caictl.engines.generation import Cuts, engine_summary, log_servers, prompt_meta
 from caictl.errors import InputError, UsageError
 from caictl.evaluation.markdown import number, random_weights_warning, table
 from caictl.evaluation.metrics import plot_reliability
@@ -122,6 +122,7 @@ def run(config: EvalLabelerConfig, engine=None) -> dict:
     try:
         if pending:
             engine = engine or config.open_engine(model)
+            writer.settle(prompt_meta(engine))
             # Both orders always, and no clamp: each mode's label is rebuilt from the probabilities as read.
             judges = {cot: config.judge(engine, constitution, cot, debias=True, clamp=None) for cot in passes}
             with meter(len(pending), "eval labeler", unit="comparisons") as progress:
@@ -139,6 +140,7 @@ def run(config: EvalLabelerConfig, engine=None) -> dict:
     counts = row_counts(read=total, written=len(pending), skipped=total - len(pending),
                         seconds=time.perf_counter() - start,
                         tokens=sum(j.completion_tokens for j in judges.values()))
+    counts.update(engine_summary(engine))
     return write_outputs(out, summarise(config, model, constitution, modes, records, counts))
 
 

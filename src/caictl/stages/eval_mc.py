@@ -21,7 +21,7 @@ from caictl import settings
 from caictl.data import control_text as tokens
 from caictl.data.reading import read_rows
 from caictl.engines import ENGINES
-from caictl.engines.generation import Cuts, log_servers, open_engine
+from caictl.engines.generation import Cuts, engine_summary, log_servers, open_engine
 from caictl.errors import InputError, UsageError
 from caictl.evaluation.metrics import calibration
 from caictl.evaluation.ratings import tied
@@ -46,6 +46,7 @@ class EvalMCConfig:
     compile: bool | None = common("compile", None)
     max_retries: int | None = common("max_retries", None)
     timeout: float | None = common("timeout", None)
+    tokenizer: str | None = common("tokenizer", None)
     limit: int | None = option(None, "At most N questions per file, from the top.", INPUT_OUTPUT)
 
     def check(self) -> None:
@@ -67,8 +68,7 @@ def run(config: EvalMCConfig) -> dict:
         model_kind.check(model, model_kind.CAUSAL_LM, "--model")
     start = time.perf_counter()
     questions = {path: read_mc(path, config.limit) for path in existing_files(config.files)}
-    engine = open_engine(config.engine, model, config.base_url, config.batch_size, config.concurrency,
-                         config.max_retries, config.timeout, config.compile)
+    engine = open_engine(config, model)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     results, records = {}, []
@@ -102,7 +102,8 @@ def run(config: EvalMCConfig) -> dict:
     cuts.warn()
     counts = row_counts(read=sum(len(rows) for rows in questions.values()), written=len(records),
                         seconds=time.perf_counter() - start)
-    return write_results(out, "eval mc", counts, {"model": model, "engine": config.engine}, results, records)
+    return write_results(out, "eval mc", counts, {"model": model, "engine": config.engine, **engine_summary(engine)},
+                         results, records)
 
 
 def score_questions(engine, rows: list[dict], batch_size: int, progress):

@@ -6,16 +6,18 @@ the model.
         --call all --rounds 2 --limit 1
     caictl inspect revisions.jsonl --model models/base --stage sft --json \
         | jq .mask
+    caictl inspect prefs.jsonl --model models/sl-cai --stage dpo --limit 1
 
 revise, sample and label run their own code up to their first engine call, on an engine that has the hf
 engine's tokenizer side and no weights: the request it receives is rendered and tokenized as the hf engine would,
 recorded, and the stage stops there. So the view is the stage's own rendering (chat template, few-shot block,
-judge's question and cue), never a copy of it. sft shows its training rows: the ids and the loss mask exactly as
-the trainer gets them (1 = trained).
+judge's question and cue), never a copy of it. sft and dpo show their training rows: the ids and the loss mask
+exactly as the trainer gets them (1 = trained); dpo's two rows a pair, the prompt's ids followed by the chosen
+response's, then by the rejected one's (each with its `side`), the pairs that --min-p-chosen keeps at its default.
 
 Per row: `text` (the rendered text the tokenizer reads, control text in content shown as written; a tokenizer
-may drop whitespace next to its control tokens, as Phi-3's does after "<|user|>"), `ids`, `tokens`; sft adds
-`mask`; label adds `choice_ids` and `choice_tokens` (the tokens read for " (A" and " (B") and `position` (the
+may drop whitespace next to its control tokens, as Phi-3's does after "<|user|>"), `ids`, `tokens`; sft and dpo
+add `mask`; label adds `choice_ids` and `choice_tokens` (the tokens read for " (A" and " (B") and `position` (the
 index in `ids` whose logits give them). sample's rows are one request each (the n samples of a prompt share
 it); label's the first question of each comparison (its first principle, first response in slot A).
 
@@ -41,10 +43,11 @@ from caictl.errors import UsageError
 from caictl.models import kind as model_kind
 from caictl.models.chat_training import tokenize, training_template
 from caictl.options import INPUT_OUTPUT, METHOD, common, option
-from caictl.stages import label, revise, sample, sft
+from caictl.stages import dpo, label, revise, sample, sft
 from caictl.ui import console
 
-STAGES = ("revise", "sample", "label", "sft")
+STAGES = ("revise", "sample", "label", "sft", "dpo")
+TRAINING_STAGES = ("sft", "dpo")  # shown as training rows, not model calls
 CALLS = ("first", "all")
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 
@@ -54,7 +57,8 @@ class InspectConfig:
     file: str = option(help="The stage's input file (prompts, pairs or revisions).", panel=INPUT_OUTPUT,
                        argument=True)
     model: str | None = common("model", None, help="Model folder or hub id: its tokenizer only is loaded.")
-    stage: str = option("revise", "The stage whose first model call is shown: revise, sample, label or sft.", METHOD)
+    stage: str = option("revise", "The stage whose first model call is shown: revise, sample or label; or whose "
+                        "training rows: sft or dpo.", METHOD)
     call: str = option("first", "first: the stage's first model call; all: every call of a row (revise, label; "
                        "sample's only call is its first).", METHOD)
     rounds: int | None = option(None, "revise: critique -> revision rounds shown by --call all; unset: revise's.",
@@ -63,18 +67,19 @@ class InspectConfig:
     constitution: str = common("constitution", "harmless")
     prompt_style: str = option("auto", "revise, sample: chat, transcript or auto, as those stages take it.", METHOD)
     few_shot: bool = option(False, "label: the constitution's worked labelling examples first.", METHOD)
-    chat_template: str | None = option(None, "sft: a training chat template file, as `caictl sft --chat-template`.",
-                                       METHOD)
-    json: bool = option(False, "One JSON object a row: text, ids, tokens; mask (sft) or choice_ids and position "
-                               "(label).", INPUT_OUTPUT, flag="--json")
+    chat_template: str | None = option(
+        None, "sft, dpo: a training chat template file, as `caictl sft|dpo --chat-template`.", METHOD)
+    json: bool = option(False, "One JSON object a row: text, ids, tokens; mask (sft, dpo) or choice_ids and "
+                               "position (label).", INPUT_OUTPUT, flag="--json")
 
     def check(self) -> None:
         if self.stage not in STAGES:
             raise UsageError(f"--stage {self.stage}: choose one of {', '.join(STAGES)}")
         if self.call not in CALLS:
             raise UsageError(f"--call {self.call}: choose one of {', '.join(CALLS)}")
-        if self.call == "all" and self.stage == "sft":
-            raise UsageError("--call all: sft makes no model calls; its view is the training rows (--call first)")
+        if self.call == "all" and self.stage in TRAINING_STAGES:
+            raise UsageError(f"--call all: {self.stage} makes no model calls; its view is the training rows "
+                             "(--call first)")
         if self.rounds is not None and (self.stage != "revise" or self.rounds < 1):
             raise UsageError(f"--rounds {self.rounds}: for --stage revise, at least 1")
         if self.limit < 1:
@@ -85,7 +90,7 @@ def run(config: InspectConfig) -> list[dict]:
     config.check()
     model = settings.require_model(config.model)
     model_kind.require(model, "--model")  # a mistyped folder stops here, not after the hub loader's retries
-    views = sft_views(config, model) if config.stage == "sft" else first_call_views(config, model)
+    views = {"sft": sft_views, "dpo": dpo_views}.get(config.stage, first_call_views)(config, model)
     write(views, config.json)
     return views
 
@@ -231,14 +236,9 @@ def placeholder(key: str) -> str:
 
 
 def sft_views(config: InspectConfig, model: str) -> list[dict]:
-    from transformers import AutoTokenizer
-
     sources = sft.load_sources(sft.SFTConfig(revisions=[config.file], out="-", model=model))
     examples = sources[0][2][: config.limit]
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model)
-    except OSError as error:
-        raise UsageError(f"cannot load the tokenizer of {model!r} ({str(error).splitlines()[0]})")
+    tokenizer = _tokenizer(model)
     training, source = training_template(tokenizer, model, config.chat_template)
     views = []
     for example, row in zip(examples, tokenize(examples, tokenizer, training, source)):
@@ -247,6 +247,37 @@ def sft_views(config: InspectConfig, model: str) -> list[dict]:
                       "ids": ids, "tokens": tokenizer.convert_ids_to_tokens(ids),
                       "mask": [int(label != -100) for label in row["labels"]]})
     return views
+
+
+# dpo: the training rows -------------------------------------------------------------------------------
+
+
+def dpo_views(config: InspectConfig, model: str) -> list[dict]:
+    """Per pair its chosen row, then its rejected row: the ids DPO's collator puts in a batch (prompt + response),
+    mask 1 on the response, as it trains."""
+    pairs, _ = dpo.read_pairs(dpo.DPOConfig(prefs=[config.file], out="-", model=model))
+    pairs = pairs[: config.limit]
+    tokenizer = _tokenizer(model)
+    rows, training, _ = dpo.tokenize_pairs(pairs, tokenizer, model, config.chat_template)
+    views = []
+    for number, (pair, row) in enumerate(zip(pairs, rows), 1):
+        for side in ("chosen", "rejected"):
+            ids = row["prompt_ids"] + row[f"{side}_ids"]
+            views.append({"row": number, "side": side,
+                          "text": tokenizer.apply_chat_template(pair["prompt"] + pair[side], chat_template=training,
+                                                                tokenize=False),
+                          "ids": ids, "tokens": tokenizer.convert_ids_to_tokens(ids),
+                          "mask": [0] * len(row["prompt_ids"]) + [1] * len(row[f"{side}_ids"])})
+    return views
+
+
+def _tokenizer(model: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model)
+    except OSError as error:
+        raise UsageError(f"cannot load the tokenizer of {model!r} ({str(error).splitlines()[0]})")
 
 
 # Output -------------------------------------------------------------------------------------------------
@@ -259,7 +290,10 @@ def write(views: list[dict], as_json: bool) -> None:
         return
     dim = sys.stdout.isatty()
     for number, view in enumerate(views, 1):
-        where = f"row {view['row']}, call {view['call']} ({view['request']})" if "call" in view else f"row {number}"
+        if "call" in view:
+            where = f"row {view['row']}, call {view['call']} ({view['request']})"
+        else:
+            where = f"row {view['row']}, {view['side']}" if "side" in view else f"row {number}"
         lines = [f"--- {where}: {len(view['ids'])} tokens", tokens.unmark(view["text"]), "", "tokens:"]
         cells = []
         for k, (token_id, token) in enumerate(zip(view["ids"], view["tokens"])):

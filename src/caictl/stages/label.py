@@ -24,7 +24,7 @@ from caictl.data.constitution import load_for_stage
 from caictl.data.reading import shard_problem, this_shard
 from caictl.data.writing import RecordWriter, RejectWriter, batches, with_upstream
 from caictl.engines import sampler
-from caictl.engines.generation import Cuts, log_servers
+from caictl.engines.generation import Cuts, engine_summary, log_servers, prompt_meta
 from caictl.errors import UsageError
 from caictl.feedback.judge import PairToJudge, vote_statistics
 from caictl.feedback.label_options import LabelOptions, read_pairs_to_judge
@@ -95,6 +95,7 @@ def run(config: LabelConfig, engine=None) -> dict:
     try:
         if pending:
             engine = engine or config.open_engine(model)
+            writer.settle(prompt_meta(engine))
             judge = config.judge(engine, constitution, config.cot, config.debias, config.effective_clamp)
             with meter(len(pending), "label", unit="pairs") as progress:
                 for chunk in batches(pending, config.batch_size):  # written batch by batch
@@ -109,7 +110,7 @@ def run(config: LabelConfig, engine=None) -> dict:
     counts = row_counts(read=len(comparisons) + (rejects.count if rejects else 0), written=len(records),
                         skipped=len(comparisons) - len(pending), rejected=rejects.count if rejects else 0,
                         seconds=time.perf_counter() - start, tokens=judge.completion_tokens if judge else 0)
-    summary = summarise(records, counts, config, cuts)
+    summary = {**summarise(records, counts, config, cuts), **engine_summary(engine)}
     cuts.warn()
     return summary
 

@@ -28,8 +28,10 @@ from caictl.engines import SamplingParams, sampler
 from caictl.engines.generation import (
     STOP_RESPONSE,
     Cuts,
+    engine_summary,
     log_servers,
     open_engine,
+    prompt_meta,
     prompt_style,
     respond,
     response_request,
@@ -76,6 +78,7 @@ class PromptsGenerateConfig:
     compile: bool | None = common("compile", None)
     max_retries: int | None = common("max_retries", None)
     timeout: float | None = common("timeout", None)
+    tokenizer: str | None = common("tokenizer", None)
     seed: int = common("seed", 0)
     shard: str | None = common("shard", None)
     skip_invalid: bool = common("skip_invalid", False)
@@ -127,8 +130,8 @@ def run(config: PromptsGenerateConfig, engine=None) -> dict:
     written = 0
     try:
         if pending:
-            engine = engine or open_engine(config.engine, model, config.base_url, config.batch_size,
-                                           config.concurrency, config.max_retries, config.timeout, config.compile)
+            engine = engine or open_engine(config, model)
+            writer.settle(prompt_meta(engine))
             style = prompt_style(config.prompt_style, engine)
             params = SamplingParams(config.max_new_tokens, config.temperature, config.top_p, STOP_RESPONSE,
                                     config.seed)
@@ -167,6 +170,7 @@ def run(config: PromptsGenerateConfig, engine=None) -> dict:
         "seed_rows_rejected": rejected,
         "rejected_replies": rejected_replies,
         **cuts.summary(),
+        **engine_summary(engine),
     }
     rows = [("out", summary["out"]), ("seed prompts", len(seeds)),
             ("rejected replies", ", ".join(f"{k}: {v}" for k, v in rejected_replies.items()))]

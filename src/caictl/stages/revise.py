@@ -27,8 +27,10 @@ from caictl.engines.generation import (
     PROMPT_STYLES,
     STOP_RESPONSE,
     Cuts,
+    engine_summary,
     log_servers,
     open_engine,
+    prompt_meta,
     prompt_style,
     respond,
     response_request,
@@ -68,6 +70,7 @@ class ReviseConfig:
     compile: bool | None = common("compile", None)
     max_retries: int | None = common("max_retries", None)
     timeout: float | None = common("timeout", None)
+    tokenizer: str | None = common("tokenizer", None)
     seed: int = common("seed", 0)
     limit: int | None = option(None, "Only the first N prompts.", INPUT_OUTPUT)
     shard: str | None = common("shard", None)
@@ -127,8 +130,8 @@ def run(config: ReviseConfig, engine=None) -> dict:
     start = time.perf_counter()
     try:
         if pending:
-            engine = engine or open_engine(config.engine, model, config.base_url, config.batch_size,
-                                           config.concurrency, config.max_retries, config.timeout, config.compile)
+            engine = engine or open_engine(config, model)
+            writer.settle(prompt_meta(engine))
             reviser = Reviser(engine, constitution, config, prompt_style(config.prompt_style, engine))
             with meter(len(pending), "revise") as progress:
                 # A batch of prompts goes through every round and is written before the next one starts: a
@@ -157,6 +160,7 @@ def run(config: ReviseConfig, engine=None) -> dict:
         "flag_counts": dict(sorted(totals.flags.items())),
         **totals.cuts.summary(),
         "prompt_tokens": totals.prompt_tokens,
+        **engine_summary(engine),
     }
     _print_summary(summary, rejects)
     totals.cuts.warn()

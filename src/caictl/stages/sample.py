@@ -23,8 +23,10 @@ from caictl.engines import SamplingParams, sampler
 from caictl.engines.generation import (
     STOP_RESPONSE,
     Cuts,
+    engine_summary,
     log_servers,
     open_engine,
+    prompt_meta,
     prompt_style,
     respond,
     response_request,
@@ -56,6 +58,7 @@ class SampleConfig:
     compile: bool | None = common("compile", None)
     max_retries: int | None = common("max_retries", None)
     timeout: float | None = common("timeout", None)
+    tokenizer: str | None = common("tokenizer", None)
     seed: int = common("seed", 0)
     limit: int | None = option(None, "Only the first N prompts.", INPUT_OUTPUT)
     shard: str | None = common("shard", None)
@@ -103,8 +106,8 @@ def run(config: SampleConfig, engine=None) -> dict:
     cuts = Cuts()
     try:
         if pending:
-            engine = engine or open_engine(config.engine, model, config.base_url, config.batch_size,
-                                           config.concurrency, config.max_retries, config.timeout, config.compile)
+            engine = engine or open_engine(config, model)
+            writer.settle(prompt_meta(engine))
             style = prompt_style(config.prompt_style, engine)
             params = SamplingParams(config.max_new_tokens, config.temperature, config.top_p, STOP_RESPONSE,
                                     config.seed)
@@ -137,7 +140,7 @@ def run(config: SampleConfig, engine=None) -> dict:
                **row_counts(read=len(prompts) + rejected, written=len(pending), skipped=len(prompts) - len(pending),
                             rejected=rejected, seconds=time.perf_counter() - start, tokens=tokens),
                "out": config.out or "-", "responses_per_prompt": config.n,
-               "cut_off_at_max_new_tokens": cut_off, **cuts.summary()}
+               "cut_off_at_max_new_tokens": cut_off, **cuts.summary(), **engine_summary(engine)}
     print_summary("sample", summary, [(k.replace("_", " "), v) for k, v in summary.items()
                                       if k != "stage" and k not in ROW_COUNTS])
     cuts.warn()

@@ -122,6 +122,22 @@ def read_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def sharpened_copy(model_dir: Path, folder: Path) -> Path:
+    """A copy of a model in `folder` with its logits scaled up 8x (its final norm's weight): a random model's
+    distribution is nearly flat, so a penalty or filter applied to it would rarely change which token is drawn."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(model_dir, folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(8)
+    model.save_pretrained(folder)
+    return folder
+
+
 def write_jsonl(path, rows) -> Path:
     Path(path).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return Path(path)

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import EXAMPLES
+from conftest import EXAMPLES, sharpened_copy
 
 from caictl.data.reading import read_prompts
 from caictl.engines import SamplingParams, load_engine
@@ -26,17 +26,8 @@ TEXTS = ["\n\nHuman: Tell me about the sea and the ships on it.\n\nAssistant:",
 
 @pytest.fixture(scope="module")
 def plain_model(tmp_path_factory, tiny_model):
-    """The tiny model with its logits scaled up 8x (its final norm's weight): a random model's distribution is
-    nearly flat, so a penalty or filter applied to it would rarely change which token is drawn."""
-    from transformers import AutoModelForCausalLM
-
-    folder = tmp_path_factory.mktemp("sharp") / "plain"
-    shutil.copytree(tiny_model, folder)
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    with torch.no_grad():
-        model.model.norm.weight.mul_(8)
-    model.save_pretrained(folder)
-    return folder
+    """The tiny model with its logits scaled up 8x (conftest.sharpened_copy)."""
+    return sharpened_copy(tiny_model, tmp_path_factory.mktemp("sharp") / "plain")
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import sharpened_copy
 
 from caictl.data import control_text as tokens
 from caictl.models import chat_training
@@ -166,21 +167,16 @@ MODEL_SAMPLING = {"do_sample": True, "min_p": 0.2, "top_k": 3, "repetition_penal
 
 @pytest.fixture(scope="module")
 def sampling_models(tmp_path_factory, tiny_model):
-    """(plain, opinionated): the tiny model with sharper logits (its final norm scaled 8x, as in
-    test_generation_config.py), and a copy whose generation_config.json sets sampling options of its own."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(plain, opinionated): the tiny model with sharper logits (conftest.sharpened_copy), and a copy whose
+    generation_config.json sets sampling options of its own."""
+    from transformers import AutoConfig, AutoTokenizer
 
-    plain = tmp_path_factory.mktemp("sampling") / "plain"
-    shutil.copytree(tiny_model, plain)
-    model = AutoModelForCausalLM.from_pretrained(plain)
-    with torch.no_grad():
-        model.model.norm.weight.mul_(8)
-    model.save_pretrained(plain)
+    plain = sharpened_copy(tiny_model, tmp_path_factory.mktemp("sampling") / "plain")
     opinionated = plain.parent / "opinionated"
     shutil.copytree(plain, opinionated)
     path = opinionated / "generation_config.json"
     special = set(AutoTokenizer.from_pretrained(plain).all_special_ids)
-    suppressed = [i for i in range(model.config.vocab_size) if i % 4 == 1 and i not in special]
+    suppressed = [i for i in range(AutoConfig.from_pretrained(plain).vocab_size) if i % 4 == 1 and i not in special]
     path.write_text(json.dumps({**json.loads(path.read_text()), **MODEL_SAMPLING, "suppress_tokens": suppressed}))
     return plain, opinionated
 

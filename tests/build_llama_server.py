@@ -43,7 +43,8 @@ def build(out: Path) -> None:
                         f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "--dest", str(tmp)], check=True)
         archive, = tmp.glob("llama_cpp_python-*.tar.gz")
         with tarfile.open(archive, "r:gz") as tar:
-            tar.extractall(tmp, filter="data")
+            # The "data" filter (no absolute paths, links out or devices) exists from Python 3.11.4 on.
+            tar.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
         source, = tmp.glob("llama_cpp_python-*/vendor/llama.cpp")
         start = time.perf_counter()
         print(f"llama-server: building from {source.relative_to(tmp)} (once; 10 to 20 minutes on two cores) ...",

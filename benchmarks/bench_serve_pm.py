@@ -9,7 +9,7 @@ transcripts of the examples' prompts with the constitution's few-shot revisions 
 of tokens). Settings (CLIENTSxTEXTS) take turns, each warmed up first (see interleave.py); one JSON line per
 setting gives requests/s and texts/s (medians of the rounds) and the mean texts per forward pass the server
 reports, which says how much its batching gathered. 1x1 (one client, one text a request) is the baseline:
-nothing to batch.
+nothing to batch. Right answers under load, dead clients and a slow judge: bench_serve_pm_load.py.
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ def main() -> None:
     texts = transcripts()
     with tempfile.TemporaryDirectory() as folder:
         pm = tiny.run(tiny.InitModelConfig(out=Path(folder) / "pm", preset=args.preset, task="seq-cls"))
-        server, (host, port) = start_server(pm, args.batch_size, Path(folder) / "serve-pm.stderr")
+        server, (host, port) = start_server(["--pm", str(pm), "--batch-size", str(args.batch_size)],
+                                            Path(folder) / "serve-pm.stderr")
         try:
             passes = {setting: [0, 0] for setting in settings}  # texts, forward passes over the timed rounds
 
@@ -99,10 +100,11 @@ def transcripts() -> list[str]:
     return [conversation_text(p.messages, answers[i % len(answers)]) for i, p in enumerate(prompts)]
 
 
-def start_server(pm: Path, batch_size: int, log: Path):
+def start_server(options: list[str], log: Path):
+    """`caictl serve-pm OPTIONS` on a free port, once it listens: (the process, (host, port))."""
     with log.open("w") as stderr:
-        server = subprocess.Popen([sys.executable, "-m", "caictl", "serve-pm", "--pm", str(pm), "--port", "0",
-                                   "--batch-size", str(batch_size)], stdout=subprocess.DEVNULL, stderr=stderr)
+        server = subprocess.Popen([sys.executable, "-m", "caictl", "serve-pm", "--port", "0", *options],
+                                  stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.monotonic() + 300
     while not (found := re.search(r"listening on http://([\d.]+):(\d+)/", log.read_text())):
         if server.poll() is not None or time.monotonic() > deadline:

@@ -40,16 +40,17 @@ CONVERSATIONS = [
 
 
 class Client:
-    """A plain HTTP client of a reward server."""
+    """A plain HTTP client of a reward server; with a key, every request carries it as a bearer token."""
 
-    def __init__(self, host: str, port: int):
-        self.host, self.port = host, port
+    def __init__(self, host: str, port: int, key: str | None = None):
+        self.host, self.port, self.key = host, port, key
 
     def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
         """(status, JSON answer) of one request on a new connection."""
         connection = http.client.HTTPConnection(self.host, self.port, timeout=60)
+        headers = ({"Authorization": f"Bearer {self.key}"} if self.key else {}) | (headers or {})
         try:
-            connection.request(method, path, body=body, headers=headers or {})
+            connection.request(method, path, body=body, headers=headers)
             response = connection.getresponse()
             return response.status, json.loads(response.read())
         finally:
@@ -68,23 +69,33 @@ class Client:
 
 
 class Server(Client):
-    """A `caictl serve-pm` process on any free port (read from the URL it prints), started and ready."""
+    """A `caictl serve-pm` process on any free port (read from the URL it prints), started and ready. env: variables
+    added to its environment; key: the bearer key to send, else the one it printed at start, if any. wait=False:
+    started only, ready() waits (so that several servers load at once)."""
 
-    def __init__(self, folder: Path, *args):
+    def __init__(self, folder: Path, *args, env: dict | None = None, key: str | None = None, wait: bool = True):
         self.log = folder / "serve-pm.stderr"
         # PYTHONFAULTHANDLER: a crash of the server prints every thread's stack into the log the asserts show.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CAICTL_")} | {"PYTHONFAULTHANDLER": "1"}
+        env = ({k: v for k, v in os.environ.items() if not k.startswith("CAICTL_")} | {"PYTHONFAULTHANDLER": "1"}
+               | (env or {}))
         with self.log.open("w") as stderr:
             command = [sys.executable, "-m", "caictl", "serve-pm", "--port", "0", *map(str, args)]
             self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+        self.key = key
+        if wait:
+            self.ready()
+
+    def ready(self) -> Server:
         deadline = time.monotonic() + 120
         while not (found := re.search(r"listening on http://([\d.]+):(\d+)/get_reward", self.log.read_text())):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.process.kill()
                 raise AssertionError(f"serve-pm did not start:\n{self.log.read_text()}")
             time.sleep(0.1)
-        super().__init__(found.group(1), int(found.group(2)))
+        printed = re.search(r"key for this run: (\S+)", self.log.read_text())
+        super().__init__(found.group(1), int(found.group(2)), self.key or (printed and printed.group(1)))
         assert self.get("/health")[0] == 200
+        return self
 
     def stop(self) -> int:
         self.process.send_signal(signal.SIGTERM)
@@ -313,7 +324,7 @@ class HeldScorer(Scorer):
 def in_process_server(batcher) -> serve_pm.RewardServer:
     """A reward server in this process, serving from its own thread (`.serving`) until shutdown()."""
     httpd = serve_pm.RewardServer(("127.0.0.1", 0), serve_pm.Handler)
-    httpd.batcher, httpd.chat_format, httpd.info = batcher, None, {}
+    httpd.batcher, httpd.reader, httpd.info = batcher, serve_pm.QueryReader(), {}
     httpd.serving = threading.Thread(target=httpd.serve_forever, daemon=True)
     httpd.serving.start()
     return httpd
@@ -330,7 +341,7 @@ def test_a_scoring_failure_is_a_500_for_that_request_only(tiny_pm):
             return super().score(texts)
 
     scorer = FailingScorer(tiny_pm)
-    httpd = in_process_server(serve_pm.Batcher(scorer, 8))
+    httpd = in_process_server(serve_pm.Batcher(serve_pm.PMRater(scorer), 8))
     client = Client(*httpd.server_address)
     try:
         answers = {}
@@ -363,7 +374,7 @@ def test_drain_closes_idle_connections_answers_the_request_in_flight_and_leaves_
     is closed at once, the held request still gets its rewards, and no connection thread outlives drain()."""
     threads_before = set(threading.enumerate())
     scorer = HeldScorer(tiny_pm)
-    httpd = in_process_server(serve_pm.Batcher(scorer, 8))
+    httpd = in_process_server(serve_pm.Batcher(serve_pm.PMRater(scorer), 8))
     host, port = httpd.server_address[:2]
     idle = http.client.HTTPConnection(host, port, timeout=30)
     idle.request("GET", "/health")
@@ -392,7 +403,7 @@ def test_drain_closes_idle_connections_answers_the_request_in_flight_and_leaves_
 
 
 def test_texts_sent_after_the_model_thread_ended_are_refused_not_left_waiting(tiny_pm):
-    batcher = serve_pm.Batcher(Scorer(tiny_pm), 8)
+    batcher = serve_pm.Batcher(serve_pm.PMRater(Scorer(tiny_pm)), 8)
     assert batcher.score(["before"])[0]
     batcher.stop()
     outcome = []
@@ -433,6 +444,7 @@ def test_sigterm_ends_the_server_cleanly(tiny_pm, tmp_path):
     assert "serve-pm stopped" in stderr and "Traceback" not in stderr
     assert "still busy" not in stderr  # the idle connection was closed at once, not waited out
     assert "serve-pm: 1 requests, 1 texts" in stderr  # --log-every 1
+    assert "127.0.0.1 is loopback, only this machine can connect; no key" in stderr  # and served without one
 
 
 def test_bad_options_fail_before_any_model_loads(tiny_pm):

@@ -9,16 +9,19 @@ its batch):
   reward is the probability-weighted mean rating, mapped from [1, 9] to [-1, 1].
 - pairwise: P(the rollout is preferred to the frozen starting policy's greedy reply to the same prompt), asked
   as `caictl label` asks it with both orders averaged, minus 0.5. The reference reply is generated once per
-  prompt and kept.
+  prompt and kept (a server keeps a bounded number, least recently used dropped first), or given per response
+  (serve-pm: a request's `labels`).
 
 `JudgeReward` scores rollouts like a preference model's `Scorer` (score_responses, cut_tokens, cuts), so both PPO
-paths use either.
+paths use either; `caictl serve-pm --reward judge` serves the same rewards over HTTP (rate(): with what a trainer
+logs beside each reward).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from collections import OrderedDict
 
 from caictl.data.constitution import Constitution
 from caictl.engines import SamplingParams
@@ -34,33 +37,49 @@ class JudgeReward:
     """One reward per transcript (prompt and response), from the feedback model on `engine`.
 
     reference: for pairwise, a function from prompts (lists of messages) to the frozen starting policy's greedy
-    replies; called once per prompt not seen before."""
+    replies; called once per prompt not seen before. None: every call must give each response's reference reply
+    (serve-pm's `labels`). cache: how many prompts' replies are kept, least recently used dropped first (None:
+    all, as a PPO run's prompt set is finite; a server's is not)."""
 
-    def __init__(self, engine, constitution: Constitution, mode: str = "rating", seed: int = 0, reference=None):
+    def __init__(self, engine, constitution: Constitution, mode: str = "rating", seed: int = 0, reference=None,
+                 cache: int | None = None):
         if mode not in JUDGE_MODES:
             raise ValueError(f"judge mode {mode!r}: one of {', '.join(JUDGE_MODES)}")
-        if mode == "pairwise" and reference is None:
-            raise ValueError("the pairwise judge reward needs the starting policy's replies")
+        if cache is not None and cache < 1:
+            raise ValueError(f"reference cache of {cache}: at least 1 prompt")
         self.judge = Judge(engine, constitution, debias=True, seed=seed)
         self.engine, self.constitution, self.mode, self.seed = engine, constitution, mode, seed
-        self.reference = reference
-        self.references: dict[str, str] = {}  # prompt transcript -> the starting policy's greedy reply
+        self.reference, self.cache = reference, cache
+        self.references: OrderedDict[str, str] = OrderedDict()  # prompt transcript -> the reference's greedy reply
+        self.generated = 0  # reference replies generated, for a server's /health
         self._cut: dict[str, int] = {}  # transcript -> tokens cut from its questions, from the last score()
 
-    def score_responses(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
+    def score_responses(self, prompts: list[list[dict]], responses: list[str],
+                        references: list[str | None] | None = None) -> list[float]:
         """One reward per response to its conversation, taken as given rather than read back from a transcript: a
         response that writes "Human:" and "Assistant:" turns of its own is compared (pairwise) with the starting
-        policy's reply to the real conversation, not to one it made up."""
+        policy's reply to the real conversation, not to one it made up. references: pairwise, a reply to compare
+        each response with, where one is given (None: the reference's greedy reply)."""
         from caictl.models.pm import conversation_text
 
+        scored = self.rate(prompts, responses, references)
         texts = [conversation_text(p, r) for p, r in zip(prompts, responses)]
-        principles = [self.principle(text) for text in texts]
+        self._cut = {text: row["truncated_tokens"] for text, row in zip(texts, scored)}
+        return [row["reward"] for row in scored]
+
+    def rate(self, prompts: list[list[dict]], responses: list[str],
+             references: list[str | None] | None = None) -> list[dict]:
+        """Per response: reward, principle (its id), truncated_tokens (cut from its questions), and in pairwise mode
+        p_ab and p_ba, P(the response is preferred) with it in slot A and in slot B."""
+        from caictl.models.pm import conversation_text
+
+        principles = [self.principle(conversation_text(p, r)) for p, r in zip(prompts, responses)]
         if self.mode == "rating":
             rewards, cuts = self.ratings(prompts, responses, principles)
+            rows = [{"reward": reward, "truncated_tokens": cut} for reward, cut in zip(rewards, cuts)]
         else:
-            rewards, cuts = self.pairwise(prompts, responses, principles)
-        self._cut = dict(zip(texts, cuts))
-        return rewards
+            rows = self.pairwise(prompts, responses, principles, references or [None] * len(prompts))
+        return [{**row, "principle": principle.id} for row, principle in zip(rows, principles)]
 
     def cut_tokens(self, texts: list[str]) -> list[int]:
         """Tokens cut to fit the judge's context from each text's questions, as the last scoring of it found."""
@@ -79,17 +98,38 @@ class JudgeReward:
         scores = self.engine.choice_logprobs(questions, list(RATINGS))
         return [rating_reward(row) for row in scores.logprobs], scores.cuts
 
-    def pairwise(self, prompts, responses, principles) -> tuple[list[float], list[int]]:
+    def pairwise(self, prompts, responses, principles, given) -> list[dict]:
         from caictl.models.pm import conversation_text
 
-        keys = [conversation_text(p) for p in prompts]
-        new = {key: p for key, p in zip(keys, prompts) if key not in self.references}
+        generated = self._reference_replies([p for p, reply in zip(prompts, given) if reply is None])
+        replies = [generated[conversation_text(p)] if reply is None else reply for p, reply in zip(prompts, given)]
+        comparisons = [PairToJudge(str(i), *row, [principle])
+                       for i, (row, principle) in enumerate(zip(zip(prompts, responses, replies), principles))]
+        votes = [v[0] for v in self.judge.votes(comparisons)]
+        return [{"reward": v["p"] - 0.5, "truncated_tokens": v.get("truncated_tokens", 0), "p_ab": v["p_ab"],
+                 "p_ba": v["p_ba"]} for v in votes]
+
+    def _reference_replies(self, prompts: list[list[dict]]) -> dict[str, str]:
+        """Prompt transcript -> the reference's greedy reply, for these prompts: each not in the cache generated
+        (once, however often it comes), each in it marked as just used."""
+        from caictl.models.pm import conversation_text
+
+        keys = {conversation_text(p): p for p in prompts}
+        if keys and self.reference is None:
+            raise ValueError("the pairwise judge reward needs a reply to compare each response with: no reference "
+                             "model, and none given")
+        replies = {key: self.references[key] for key in keys if key in self.references}
+        new = {key: p for key, p in keys.items() if key not in replies}
         if new:
-            self.references.update(zip(new, self.reference(list(new.values()))))
-        comparisons = [PairToJudge(str(i), p, response, self.references[key], [principle])
-                       for i, (p, response, key, principle) in enumerate(zip(prompts, responses, keys, principles))]
-        votes = self.judge.votes(comparisons)
-        return ([v[0]["p"] - 0.5 for v in votes], [v[0].get("truncated_tokens", 0) for v in votes])
+            replies.update(zip(new, self.reference(list(new.values()))))
+            self.generated += len(new)
+        # Kept only after use: a batch with more new prompts than the cache holds still gets all its replies.
+        for key in keys:
+            self.references[key] = replies[key]
+            self.references.move_to_end(key)
+        while self.cache is not None and len(self.references) > self.cache:
+            self.references.popitem(last=False)
+        return replies
 
 
 def rating_reward(logprobs: list[float]) -> float:

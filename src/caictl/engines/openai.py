@@ -31,6 +31,7 @@ give the same text whichever of them answers.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import threading
@@ -506,13 +507,15 @@ def _content_encoder(name: str):
         raise UsageError(f"cannot load tokenizer {name!r} ({str(error).splitlines()[0]}); pass --tokenizer a local "
                          "folder or a hub id that is cached here")
     tokenizer.model_max_length = 10**9  # long prompts are the server's to refuse, not a warning's
+    # The stop ids come from generation_config.json, else from config.json (as a loaded model's would), else from
+    # the tokenizer's eos alone (a folder holding only a tokenizer).
     config = generation = None
-    try:
+    with contextlib.suppress(OSError, ValueError):
         config = AutoConfig.from_pretrained(name, local_files_only=True)
-        generation = GenerationConfig.from_model_config(config)
+    try:
         generation = GenerationConfig.from_pretrained(name, local_files_only=True)
     except (OSError, ValueError):
-        pass  # a folder without config.json or generation_config.json: what it has (stop ids: the tokenizer's eos)
+        generation = GenerationConfig.from_model_config(config) if config is not None else None
     stops = stop_ids(tokenizer, generation)
     if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # as the hf engine does: it joins the special tokens
